@@ -1,0 +1,314 @@
+"""The plain-Python API behind every command: ``train``, ``search``, ``finetune``, ``evaluate_run``.
+
+Each function builds what it needs (model, data, method), runs the shared engine
+and writes a run directory; it returns a summary dict (what ``--json`` prints).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import DataConfig, DatasetInfo, load_data
+from .engine import Reporter, TrainConfig, evaluate, fit, loss_probe, resolve_device, seed_everything
+from .errors import MpqError
+from .layers import LayerSelection, QuantizedLayer, quantizable_layers
+from .methods import Method, get_method
+from .models import ModelSpec, build_model, load_checkpoint
+from .models.zoo import BUILTIN
+from .quant.bits import canonicalize_codes
+from .report import markdown_report
+from .rundir import (default_run_dir, file_fingerprint, fingerprint, load_checkpoint_state, read_json,
+                     save_safetensors, versions, write_json, write_text_atomic)
+from .scheme import LayerEntry, Scheme
+
+_DEFAULT_INPUT = {"lenet5": (1, 28, 28)}
+
+
+@dataclass
+class ModelOptions:
+    """Which model, from where.
+
+    Args:
+        name: built-in, torchvision or ``package.module:factory`` / ``file.py:factory``.
+        weights: torchvision weights (``DEFAULT``, an enum name, ``none``).
+        checkpoint: a ``.safetensors``/``.pt``/``.pth`` state dict, or an ``mpq train`` run directory.
+    """
+
+    name: str = "lenet5"
+    weights: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class Context:
+    spec: ModelSpec
+    model: nn.Module
+    info: DatasetInfo
+    train: object
+    val: object
+    device: torch.device
+
+
+def _default_input(name: str) -> tuple[int, int, int]:
+    if name in BUILTIN:
+        return _DEFAULT_INPUT.get(name, (3, 32, 32))
+    if ":" in name:
+        return (3, 32, 32)
+    return (3, 224, 224)
+
+
+def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -> Context:
+    device = resolve_device(train_cfg.device)
+    weights = None if model_opts.weights in (None, "none") else model_opts.weights
+    channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
+    info, train_b, val_b = load_data(data, channels=channels, default_input=_default_input(model_opts.name),
+                                     seed=train_cfg.seed)
+    spec = ModelSpec(model_opts.name, weights, info.num_classes, info.in_channels, tuple(info.input_size))
+    seed_everything(train_cfg.seed)
+    model = build_model(spec)
+    if model_opts.checkpoint:
+        load_checkpoint(model, model_opts.checkpoint)
+    model.to(device)
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # NHWC convolutions are markedly faster on CPU (oneDNN) and with AMP on GPU
+        model.to(memory_format=torch.channels_last)
+        train_b.channels_last = val_b.channels_last = True
+    return Context(spec, model, info, train_b.to(device), val_b.to(device), device)
+
+
+def _run_dir(out: str | None, prefix: str, model: str, resume: bool) -> Path:
+    path = Path(out) if out else default_run_dir(prefix, model)
+    if path.exists() and any(path.iterdir()) and not resume:
+        raise MpqError(f"{path} already exists and is not empty; pass --resume to continue it or choose --out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _resume_state(run_dir: Path, resume: bool) -> dict | None:
+    if not resume:
+        return None
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.exists():
+        raise MpqError(f"--resume: {ckpt} does not exist")
+    return load_checkpoint_state(ckpt)
+
+
+# --------------------------------------------------------------------------------------- train
+def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, *, out: str | None = None,
+          resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Train the FP32 baseline and write ``RUN/model.safetensors`` (the reference for every search)."""
+    reporter = reporter or Reporter()
+    ctx = _setup(model, data, train_cfg)
+    run_dir = _run_dir(out, "train", model.name, resume)
+    config = {"command": "train", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
+              "data": data.to_dict(), "train": train_cfg.to_dict(), "versions": versions()}
+    config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k != "versions"})
+    write_json(run_dir / "config.json", config)
+    fit(ctx.model, ctx.train, ctx.val, train_cfg, run_dir=run_dir, stage="train", reporter=reporter,
+        resume=_resume_state(run_dir, resume), fingerprint=config["fingerprint"])
+    final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    metadata = {"mpq.model": json.dumps(ctx.spec.to_dict()), "mpq.data": data.name,
+                "mpq.top1": f"{final['top1']:.4f}", "mpq.version": versions()["mpq"]}
+    save_safetensors(run_dir / "model.safetensors", ctx.model.state_dict(), metadata)
+    summary = {"command": "train", "model": model.name, "data": data.name, "synthetic": ctx.info.synthetic,
+               "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
+               "params": sum(p.numel() for p in ctx.model.parameters()),
+               "checkpoint": str(run_dir / "model.safetensors"), "out": str(run_dir)}
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------- search & co.
+@dataclass
+class SearchOptions:
+    """Method-independent search settings.
+
+    Args:
+        method: registered method name.
+        method_config: fields of the method's config (``target_bits``, ``act_bits``, ...).
+        selection: FP layers and fixed bits.
+        probe_batches: training batches the loss-aware final steps measure.
+    """
+
+    method: str = "csq"
+    method_config: dict = field(default_factory=dict)
+    selection: LayerSelection = field(default_factory=LayerSelection)
+    probe_batches: int = 8
+
+
+def build_scheme(method: Method, model: nn.Module) -> Scheme:
+    """The bit table of a prepared model, with stored bits measured from the exact codes."""
+    entries = []
+    codes = method.layer_codes()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            _, _, magnitude = canonicalize_codes(codes[name].codes)
+            kind = "conv2d" if isinstance(module.layer, nn.Conv2d) else "linear"
+            entries.append(LayerEntry(name, kind, list(module.weight_shape), module.params, codes[name].nominal_bits,
+                                      magnitude + 1 if magnitude else 0))
+    for name, module in quantizable_layers(model).items():
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        entries.append(LayerEntry(name, kind, list(module.weight.shape), module.weight.numel(), None, None, 0))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    entries.sort(key=lambda e: order[e.name])
+    fp_weight_keys = {f"{e.name}.weight" for e in entries if e.is_fp}
+    quantizer_prefixes = tuple(f"{n}.weight_quantizer." for n in method.layers)
+    other = sum(t.numel() for k, t in model.state_dict().items()
+                if t.is_floating_point() and k not in fp_weight_keys and not k.startswith(quantizer_prefixes))
+    return Scheme(method=method.name, layers=entries, other_params=other)
+
+
+def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.Module, summary_base: dict,
+                        final: dict, finalize_info: dict, records: list[dict]) -> dict:
+    scheme = build_scheme(method, model)
+    save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
+    write_json(run_dir / "method.json", method.state_dict())
+    tensors = {}
+    for name, lc in method.layer_codes().items():
+        tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
+        tensors[f"{name}.step"] = lc.step.to(torch.float32)
+    save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1"})
+    scheme.save(run_dir / "scheme.json")
+    summary = {**summary_base, "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
+               **scheme.summary(), **{k: v for k, v in finalize_info.items() if k != "budget_changes"},
+               "out": str(run_dir)}
+    write_json(run_dir / "summary.json", {**summary, "budget_changes": finalize_info.get("budget_changes", [])})
+    notes = []
+    changes = finalize_info.get("budget_changes")
+    if changes:
+        lines = [f"- `{c['layer']}`: {c['bits_before']} -> {c['bits_after']} bits (probe loss change alone "
+                 f"{c['probe_loss_change_alone']:+.4f})" for c in changes]
+        notes.append("## Budget step\n\nThe search ended at "
+                     f"{finalize_info['avg_bits_before_budget_step']:.4f} average bits; the loss-aware budget "
+                     "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
+                     f" -> {changes[0]['probe_loss_after']:.4f}.")
+    if records:
+        notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
+    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "final", "top1": final["top1"], "avg_bits": scheme.avg_bits,
+                            "avg_stored_bits": scheme.avg_stored_bits}) + "\n")
+    return summary
+
+
+def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, options: SearchOptions, *,
+           out: str | None = None, resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Run a mixed-precision search and write its run directory.
+
+    Returns the summary (``top1``, ``avg_bits``, ``out``, ...).
+    """
+    reporter = reporter or Reporter()
+    method_cls = get_method(options.method)
+    method_cfg = method_cls.config_class.from_dict(options.method_config)
+    ctx = _setup(model, data, train_cfg)
+    run_dir = _run_dir(out, options.method, model.name, resume)
+    fp_top1 = None
+    if model.checkpoint:
+        fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
+    method = method_cls(method_cfg, options.selection)
+    method.prepare(ctx.model)
+    config = {"command": "search", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
+              "checkpoint_sha256": file_fingerprint(model.checkpoint), "data": data.to_dict(),
+              "train": train_cfg.to_dict(), "method": options.method, "method_config": method_cfg.to_dict(),
+              "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
+              "probe_batches": options.probe_batches, "fp_top1": fp_top1}
+    config["fingerprint"] = fingerprint(config)
+    config["versions"] = versions()
+    write_json(run_dir / "config.json", config)
+    started = time.time()
+    records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="search",
+                  reporter=reporter, resume=_resume_state(run_dir, resume), fingerprint=config["fingerprint"])
+    return _finish(run_dir, config, method, ctx, train_cfg, options.probe_batches, records, fp_top1, started,
+                   reporter, command="search")
+
+
+def _finish(run_dir, config, method, ctx, train_cfg, probe_batches, records, fp_top1, started, reporter, command):
+    ctx.train.set_epoch(train_cfg.epochs)
+    finalize_info = method.finalize(loss_probe(ctx.model, ctx.train, probe_batches))
+    final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    base = {"command": command, "method": method.name, "model": ctx.spec.name, "data": ctx.info.name,
+            "synthetic": ctx.info.synthetic, "target_bits": getattr(method.config, "target_bits", None),
+            "fp_top1": fp_top1, "seconds": round(time.time() - started, 1)}
+    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, finalize_info, records)
+
+
+def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None):
+    """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
+    config = read_json(run_dir / "config.json")
+    if "method" not in config:
+        raise MpqError(f"{run_dir} is an FP training run; `mpq search --checkpoint {run_dir}` quantizes it")
+    data = DataConfig(**{**config["data"], **(data_overrides or {})})
+    train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
+    spec = ModelSpec.from_dict(config["model"])
+    ctx = _setup(ModelOptions(spec.name, spec.weights, None), data, train_cfg)
+    if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
+        raise MpqError(f"the data does not fit the run's model ({spec.num_classes} classes, {spec.in_channels} channels)")
+    method_cls = get_method(config["method"])
+    selection = LayerSelection(**config["selection"])
+    method = method_cls(method_cls.config_class.from_dict(config["method_config"]), selection)
+    method.prepare(ctx.model)
+    from .models.loading import read_state_dict
+
+    state, _ = read_state_dict(run_dir / "model.safetensors")
+    try:
+        ctx.model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MpqError(f"{run_dir}/model.safetensors does not fit the run's config: {str(exc).splitlines()[0]}") from None
+    method.load_state_dict(read_json(run_dir / "method.json"))
+    return config, ctx, method, data, train_cfg
+
+
+def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None, *, out: str | None = None,
+             resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Train a finished search further under its fixed scheme; writes a new run directory."""
+    reporter = reporter or Reporter()
+    run = str(run).rstrip("/")
+    parent_config = read_json(Path(run) / "config.json") if Path(run, "config.json").is_file() else None
+    if parent_config is None:
+        raise MpqError(f"{run} is not an mpq run directory (no config.json)")
+    method_cls = get_method(parent_config.get("method", "?"))
+    defaults = {**method_cls.finetune_defaults}
+    config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides})
+    method.start_finetune()
+    run_dir = _run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume)
+    ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
+    ft_config.pop("versions", None)
+    ft_config.pop("fingerprint", None)
+    ft_config["fingerprint"] = fingerprint(ft_config)
+    ft_config["versions"] = versions()
+    write_json(run_dir / "config.json", ft_config)
+    started = time.time()
+    records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="finetune",
+                  reporter=reporter, resume=_resume_state(run_dir, resume), fingerprint=ft_config["fingerprint"])
+    return _finish(run_dir, ft_config, method, ctx, train_cfg, config.get("probe_batches", 8), records,
+                   config.get("fp_top1"), started, reporter, command="finetune")
+
+
+def evaluate_run(run: str, data_overrides: dict | None = None, *, device: str | None = None,
+                 reporter: Reporter | None = None) -> dict:
+    """Accuracy of a run's exactly quantized model (or of an ``mpq train`` run's FP model)."""
+    overrides = {"device": device} if device else {}
+    run_path = Path(run)
+    config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
+    if config is None:
+        raise MpqError(f"{run} is not an mpq run directory; packed files are evaluated by `mpq eval FILE` "
+                       "(not implemented yet)")
+    if "method" in config:
+        _, ctx, _, data, train_cfg = load_run(run, data_overrides, overrides)  # eval mode: exact weights
+    else:
+        data = DataConfig(**{**config["data"], **(data_overrides or {})})
+        train_cfg = TrainConfig(**{**config["train"], **overrides})
+        spec = ModelSpec.from_dict(config["model"])
+        ctx = _setup(ModelOptions(spec.name, spec.weights, str(run_path / "model.safetensors")), data, train_cfg)
+    result = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="eval")
+    return {"command": "eval", "run": str(run), "data": data.name, "synthetic": ctx.info.synthetic, **result,
+            "out": str(run)}

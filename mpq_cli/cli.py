@@ -1,0 +1,356 @@
+"""The ``mpq`` command line: parse options, call one API function, print the result.
+
+Results go to stdout (only the JSON object under ``--json``); progress, logs and
+errors go to stderr. Errors are one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import api
+from .data import DATASETS, DataConfig, default_data_dir
+from .engine import Reporter, TrainConfig
+from .errors import MpqError
+from .layers import LayerSelection
+from .methods import METHODS
+
+app = typer.Typer(
+    name="mpq",
+    help="Find mixed-precision weight quantization schemes for PyTorch vision models and ship them bit-packed.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+MethodName = enum.Enum("MethodName", {name: name for name in sorted(METHODS)}, type=str)
+
+
+class RichReporter(Reporter):
+    """Progress bars and log lines on stderr."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def start(self, description, total):
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err_console,
+                                 transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, info="")
+
+    def advance(self, steps=1, **fields):
+        if self.progress is None:
+            return
+        info = " ".join(f"{k} {v:.3f}" if k != "beta" else f"β {v:.1f}" for k, v in fields.items())
+        self.progress.update(self.task, advance=steps, info=info)
+
+    def stop(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def log(self, message):
+        if not self.quiet:
+            err_console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MpqError as exc:
+            err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # an unexpected failure still ends in one line; MPQ_DEBUG=1 shows the traceback
+            if os.environ.get("MPQ_DEBUG"):
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err_console.print(f"internal error: {exc.__class__.__name__}: {msg} (MPQ_DEBUG=1 shows the traceback)",
+                              highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise MpqError(f"--input-size expects C,H,W (or H,W / H), got {text!r}") from None
+    if len(parts) == 1:
+        parts = [3, parts[0], parts[0]]
+    elif len(parts) == 2:
+        parts = [3, *parts]
+    if len(parts) != 3 or min(parts) < 1:
+        raise MpqError(f"--input-size expects C,H,W (or H,W / H), got {text!r}")
+    return tuple(parts)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MpqError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _emit(summary: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=_json_safe) + "\n")
+        return
+    from .report import rich_summary_table
+
+    if "avg_bits" in summary:
+        out_console.print(rich_summary_table(summary))
+        out_console.print(f"run directory: {summary['out']}", highlight=False)
+        return
+    acc = f"top-1 {summary['top1']:.2f} %"
+    if summary.get("top5") is not None:
+        acc += f", top-5 {summary['top5']:.2f} %"
+    if summary.get("synthetic"):
+        acc += "  (synthetic data: for smoke tests only)"
+    out_console.print(f"{title}: {acc}", highlight=False)
+    out_console.print(f"written: {summary['out']}", highlight=False)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+# Shared option types -------------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in (lenet5, resnet20, ...), torchvision name "
+                                       "(resnet18, mobilenet_v2, ...), or package.module:factory / file.py:factory.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="torchvision weights: DEFAULT, an enum name "
+                                                  "(IMAGENET1K_V1), or none.")]
+CheckpointOpt = Annotated[Optional[str], typer.Option(help="State dict to start from: .safetensors, .pt/.pth "
+                                                      "(loaded with weights_only=True) or an `mpq train` run directory.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}.")]
+DataDirOpt = Annotated[Optional[str], typer.Option(help="Dataset root folder (default: $MPQ_DATA_DIR or ./data; "
+                                                   "Fashion-MNIST is also found in /usr/share/datasets).")]
+InputSizeOpt = Annotated[Optional[str], typer.Option(help="C,H,W of synthetic inputs (default: the model's).")]
+BatchOpt = Annotated[int, typer.Option(help="Batch size.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (default: the command's).")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the method's).")]
+OptimOpt = Annotated[Optional[str], typer.Option(help="sgd or adam (default: the method's).")]
+SchedOpt = Annotated[Optional[str], typer.Option(help="cosine, step or constant (default: the method's).")]
+WdOpt = Annotated[Optional[float], typer.Option(help="Weight decay (default: the method's).")]
+WarmupOpt = Annotated[float, typer.Option(help="Linear learning-rate warm-up epochs.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for parameters, data order and augmentation.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA.")]
+LimitTrainOpt = Annotated[Optional[int], typer.Option(help="Stop each training epoch after N batches.")]
+LimitValOpt = Annotated[Optional[int], typer.Option(help="Evaluate on at most N batches.")]
+NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+
+
+def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment) -> DataConfig:
+    return DataConfig(name=data, data_dir=data_dir or default_data_dir(), batch_size=batch_size,
+                      input_size=_parse_input_size(input_size), limit_train_batches=limit_train,
+                      limit_val_batches=limit_val, augment=not no_augment)
+
+
+def _train_cfg(defaults: dict, **given) -> TrainConfig:
+    values = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    return TrainConfig(**values)
+
+
+FP_DEFAULTS = {"epochs": 12, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "schedule": "cosine"}
+
+
+@app.command()
+@_handle_errors
+def train(
+    model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
+    data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
+    batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
+    schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
+    device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, out: OutOpt = None,
+    resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Train the FP32 baseline: the reference every search starts from and is measured against.
+
+    Defaults: 12 epochs of Adam (lr 2e-3, cosine). Writes RUN/model.safetensors.
+    """
+    cfg = _train_cfg(FP_DEFAULTS, epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
+                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp)
+    summary = api.train(api.ModelOptions(model, weights, checkpoint),
+                        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
+                                  no_augment), cfg, out=out, resume=resume, reporter=RichReporter(quiet or as_json))
+    _emit(summary, as_json, "FP32")
+
+
+@app.command()
+@_handle_errors
+def search(
+    method: Annotated[MethodName, typer.Option(help="Search method (see `mpq methods`).")] = "csq",
+    target_bits: Annotated[float, typer.Option(help="Average magnitude bits per weight, weighted by parameters.")] = 3.0,
+    model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
+    data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
+    batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
+    schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
+    device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False,
+    keep_fp: Annotated[Optional[list[str]], typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
+    fix_bits: Annotated[Optional[list[str]], typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
+    act_bits: Annotated[Optional[int], typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8). Default: FP activations.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable.")] = None,
+    probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
+    out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Search a mixed-precision scheme and write a run directory (state, scheme.json, report.md).
+
+    Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
+    """
+    method_name = method.value if isinstance(method, enum.Enum) else method
+    method_cls = METHODS[method_name]
+    cfg = _train_cfg({"epochs": 10, **method_cls.training_defaults}, epochs=epochs, lr=lr, optimizer=optimizer,
+                     schedule=schedule, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+                     device=device, amp=amp)
+    method_config = {"target_bits": target_bits, "act_bits": act_bits, **_parse_sets(set_ or [])}
+    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
+    options = api.SearchOptions(method_name, method_config, selection, probe_batches)
+    summary = api.search(api.ModelOptions(model, weights, checkpoint),
+                         _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
+                                   no_augment), cfg, options, out=out, resume=resume,
+                         reporter=RichReporter(quiet or as_json))
+    _emit(summary, as_json, "search")
+
+
+@app.command()
+@_handle_errors
+def finetune(
+    run: Annotated[Path, typer.Argument(help="A search run directory.")],
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
+    lr: LrOpt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None, weight_decay: WdOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (default: the run's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
+    data_dir: DataDirOpt = None, batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the run's).")] = None,
+    limit_train_batches: LimitTrainOpt = None, limit_val_batches: LimitValOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
+    resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage)."""
+    train_overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
+                                             weight_decay=weight_decay, seed=seed, device=device).items()
+                       if v is not None}
+    data_overrides = {k: v for k, v in dict(data_dir=data_dir, batch_size=batch_size,
+                                            limit_train_batches=limit_train_batches,
+                                            limit_val_batches=limit_val_batches).items() if v is not None}
+    summary = api.finetune(str(run), train_overrides, data_overrides, out=out, resume=resume,
+                           reporter=RichReporter(quiet or as_json))
+    _emit(summary, as_json, "finetune")
+
+
+@app.command("eval")
+@_handle_errors
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A run directory (packed files: next release).")],
+    data_dir: DataDirOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
+    limit_val_batches: LimitValOpt = None,
+    as_json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Measure top-1 (and top-5) of a run's exactly quantized model on its dataset."""
+    overrides = {k: v for k, v in dict(data_dir=data_dir, limit_val_batches=limit_val_batches).items()
+                 if v is not None}
+    summary = api.evaluate_run(str(target), overrides, device=device, reporter=RichReporter(quiet or as_json))
+    _emit(summary, as_json, "eval")
+
+
+@app.command()
+@_handle_errors
+def export(run: Annotated[Path, typer.Argument(help="A search or finetune run directory.")]):
+    """Write bit-packed safetensors and a per-layer precision report (not implemented yet)."""
+    raise MpqError("`mpq export` is not implemented yet")
+
+
+@app.command()
+@_handle_errors
+def inspect(target: Annotated[Path, typer.Argument(help="A packed file or a run directory.")]):
+    """Show the layer bit table of a packed file or a run (not implemented yet)."""
+    raise MpqError("`mpq inspect` is not implemented yet")
+
+
+@app.command()
+@_handle_errors
+def methods(as_json: JsonOpt = False):
+    """List the search methods and their configuration fields (settable with --set FIELD=VALUE)."""
+    import dataclasses
+
+    listing = {}
+    for name, cls in sorted(METHODS.items()):
+        listing[name] = {"summary": (cls.__doc__ or "").strip().splitlines()[0],
+                         "fields": {f.name: f.default for f in dataclasses.fields(cls.config_class)
+                                    if f.name != "version"},
+                         "training_defaults": cls.training_defaults}
+    if as_json:
+        sys.stdout.write(json.dumps(listing) + "\n")
+        return
+    for name, entry in listing.items():
+        out_console.print(f"[bold]{name}[/bold]: {entry['summary']}")
+        out_console.print("  fields: " + ", ".join(f"{k}={v}" for k, v in entry["fields"].items()), highlight=False)
+        out_console.print("  training: " + ", ".join(f"{k}={v}" for k, v in entry["training_defaults"].items()),
+                          highlight=False)
+
+
+@app.command()
+@_handle_errors
+def models(as_json: JsonOpt = False):
+    """List built-in and torchvision classification models."""
+    from .models import list_models
+
+    listing = list_models()
+    if as_json:
+        sys.stdout.write(json.dumps(listing) + "\n")
+        return
+    out_console.print("[bold]built-in[/bold] (small images): " + ", ".join(listing["builtin"]))
+    out_console.print("[bold]torchvision[/bold]: " + ", ".join(listing["torchvision"]), highlight=False)
+    out_console.print("user models: package.module:factory or path/to/file.py:factory "
+                      "(called with num_classes, in_channels, input_size when it accepts them)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

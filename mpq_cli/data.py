@@ -1,0 +1,330 @@
+"""Datasets, augmentation and batch iteration.
+
+Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live in memory as one
+``uint8``/float tensor and are batched, augmented and normalised with vectorised
+tensor ops on the training device: no per-image PIL work, deterministic for a seed.
+``imagefolder:PATH`` uses torchvision's ImageFolder and a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MpqError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# name -> (mean, std, classes, augmentation: (crop padding, horizontal flip))
+_TENSOR_DATASETS = {
+    "mnist": ((0.1307,), (0.3081,), 10, (0, False)),
+    "fashion-mnist": ((0.2860,), (0.3530,), 10, (2, True)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, (4, True)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, (4, True)),
+}
+DATASETS = [*_TENSOR_DATASETS, "synthetic", "imagefolder:PATH"]
+
+
+@dataclass
+class DataConfig:
+    """Which data, where, and how it is batched.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_dir: root folder for dataset files (downloads go here when online).
+        batch_size: training and evaluation batch size.
+        input_size: ``(C, H, W)`` for synthetic data (defaults to the model's).
+        limit_train_batches: stop each training epoch after this many batches.
+        limit_val_batches: evaluate on at most this many batches.
+        augment: standard training augmentation for the dataset.
+        workers: DataLoader workers (imagefolder only).
+    """
+
+    name: str = "fashion-mnist"
+    data_dir: str = "data"
+    batch_size: int = 128
+    input_size: tuple[int, int, int] | None = None
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
+    augment: bool = True
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in _TENSOR_DATASETS and self.name != "synthetic" and not self.name.startswith("imagefolder:"):
+            raise MpqError(f"unknown dataset {self.name!r}; choose from {', '.join(DATASETS)}")
+        if self.batch_size < 1:
+            raise MpqError("--batch-size must be >= 1")
+        if self.input_size is not None:
+            self.input_size = tuple(int(v) for v in self.input_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about its data."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    synthetic: bool = False
+
+
+class TensorBatches:
+    """Shuffled, augmented, normalised batches from in-memory tensors.
+
+    ``images`` is ``(N, C, H, W)`` ``uint8`` (scaled to [0, 1], then normalised) or
+    already-normalised float. Shuffling depends only on ``seed`` and the epoch set
+    with :meth:`set_epoch`, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, *, shuffle=False, crop_padding=0, flip=False,
+                 seed=0, limit=None, channels=None):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.crop_padding, self.flip = crop_padding, flip
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.seed, self.epoch, self.limit = seed, 0, limit
+        self.channels = channels or images.shape[1]
+        self.device = torch.device("cpu")
+        self.channels_last = False
+
+    def to(self, device) -> TensorBatches:
+        self.device = torch.device(device)
+        self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
+        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = -(-len(self.labels) // self.batch_size)
+        return min(n, self.limit) if self.limit else n
+
+    def __iter__(self):
+        n = len(self.labels)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            x = self.images[idx]
+            if x.dtype == torch.uint8:
+                x = (x.float() / 255.0 - self.mean) / self.std
+            if self.crop_padding:
+                x = _random_crop(x, self.crop_padding, gen)
+            if self.flip:
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).to(self.device).view(-1, 1, 1, 1)
+                x = torch.where(flip, x.flip(-1), x)
+            if x.shape[1] != self.channels:
+                x = x.expand(-1, self.channels, -1, -1)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+
+def _random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` (zero in normalised space) and crop back at a random offset per image."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(-1, x.shape[1], -1, w + 2 * padding)
+    cropped = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(-1, x.shape[1], h, -1)
+    return cropped.gather(3, cols)
+
+
+class LoaderBatches:
+    """A torch DataLoader with the same ``set_epoch``/limit/device interface as :class:`TensorBatches`."""
+
+    def __init__(self, dataset, batch_size, *, shuffle, workers, seed, limit=None):
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.workers, self.seed, self.limit, self.epoch = workers, seed, limit, 0
+        self.device = torch.device("cpu")
+        self.channels_last = False
+
+    def to(self, device) -> LoaderBatches:
+        self.device = torch.device(device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = -(-len(self.dataset) // self.batch_size)
+        return min(n, self.limit) if self.limit else n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, shuffle=self.shuffle, generator=gen,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        for i, (x, y) in enumerate(loader):
+            if i >= len(self):
+                break
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def load_data(cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32),
+              seed: int = 0) -> tuple[DatasetInfo, object, object]:
+    """Build ``(info, train_batches, val_batches)``.
+
+    Args:
+        cfg: the data configuration.
+        channels: channels the model takes; grayscale data is repeated to match.
+        default_input: ``(C, H, W)`` synthetic data takes unless ``cfg.input_size`` says otherwise.
+        seed: shuffling and synthetic-data seed.
+    """
+    if cfg.name == "synthetic":
+        return _synthetic(cfg, cfg.input_size or default_input, seed, channels)
+    if cfg.name.startswith("imagefolder:"):
+        return _imagefolder(cfg, seed)
+    mean, std, classes, (padding, flip) = _TENSOR_DATASETS[cfg.name]
+    (xtr, ytr), (xte, yte) = _read_tensor_dataset(cfg.name, Path(cfg.data_dir))
+    in_ch = xtr.shape[1]
+    channels = channels or in_ch
+    if channels not in (in_ch, 3) or (channels == 3 and in_ch not in (1, 3)):
+        raise MpqError(f"model takes {channels} input channels but {cfg.name} has {in_ch}")
+    info = DatasetInfo(cfg.name, classes, channels, tuple(xtr.shape[2:]), mean * (channels // in_ch),
+                       std * (channels // in_ch))
+    train = TensorBatches(xtr, ytr, cfg.batch_size, mean, std, shuffle=True, crop_padding=padding if cfg.augment else 0,
+                          flip=flip and cfg.augment, seed=seed, limit=cfg.limit_train_batches, channels=channels)
+    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels)
+    return info, train, val
+
+
+def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
+    """Random images with labels a fixed random linear map of the pixels decides (learnable, not real)."""
+    c, h, w = shape
+    if channels and channels != c:
+        c = channels
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    classes = 10
+    x = torch.randn(768, c, h, w, generator=gen)
+    proj = torch.randn(c * h * w, classes, generator=gen)
+    y = (x.flatten(1) @ proj).argmax(1)
+    mean, std = (0.0,) * c, (1.0,) * c
+    info = DatasetInfo("synthetic", classes, c, (h, w), mean, std, synthetic=True)
+    train = TensorBatches(x[:512], y[:512], cfg.batch_size, mean, std, shuffle=True, seed=seed,
+                          limit=cfg.limit_train_batches)
+    val = TensorBatches(x[512:], y[512:], cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
+    return info, train, val
+
+
+def _imagefolder(cfg: DataConfig, seed: int):
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.name.split(":", 1)[1])
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise MpqError(f"imagefolder:{root} needs train/ and val/ subfolders (one folder per class)")
+    size = cfg.input_size[1:] if cfg.input_size else (224, 224)
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm]) if cfg.augment else None
+    val_tf = transforms.Compose([transforms.Resize(int(size[0] * 256 / 224)), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), norm])
+    train_ds = datasets.ImageFolder(str(root / "train"), train_tf or val_tf)
+    val_ds = datasets.ImageFolder(str(root / "val"), val_tf)
+    if train_ds.classes != val_ds.classes:
+        raise MpqError(f"{root}: train/ and val/ have different class folders")
+    info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), IMAGENET_MEAN, IMAGENET_STD)
+    train = LoaderBatches(train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=seed,
+                          limit=cfg.limit_train_batches)
+    val = LoaderBatches(val_ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=seed,
+                        limit=cfg.limit_val_batches)
+    return info, train, val
+
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_tensor_dataset(name: str, root: Path):
+    if name in ("mnist", "fashion-mnist"):
+        folder = _find_idx_folder(name, root)
+        return tuple(_read_idx_pair(folder, *_IDX_FILES[split]) for split in ("train", "test"))
+    return _read_cifar(name, root)
+
+
+def _find_idx_folder(name: str, root: Path) -> Path:
+    tv_name = "MNIST" if name == "mnist" else "FashionMNIST"
+    candidates = [root / tv_name / "raw", root / name, root]
+    if name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    for folder in candidates:
+        if all(_idx_path(folder, f) for pair in _IDX_FILES.values() for f in pair):
+            return folder
+    try:  # online: let torchvision fetch the files into data_dir
+        from torchvision import datasets
+
+        getattr(datasets, tv_name)(str(root), train=True, download=True)
+        getattr(datasets, tv_name)(str(root), train=False, download=True)
+        return root / tv_name / "raw"
+    except Exception:  # no network: fall through to a message that says where the files go
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+        raise MpqError(f"{name} not found and could not be downloaded (offline?): put the four idx files "
+                       f"(train-images-idx3-ubyte.gz, ...) in {root / tv_name / 'raw'}{hint}") from None
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for p in (folder / stem, folder / f"{stem}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise MpqError(f"{path}: not an unsigned-byte idx file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise MpqError(f"{path}: truncated idx file")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _read_idx_pair(folder: Path, images: str, labels: str):
+    x = torch.from_numpy(_read_idx(_idx_path(folder, images)).copy()).unsqueeze(1)
+    y = torch.from_numpy(_read_idx(_idx_path(folder, labels)).astype(np.int64))
+    return x, y
+
+
+def _read_cifar(name: str, root: Path):
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(str(root), train=train, download=True)
+            except Exception:  # no network
+                folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+                raise MpqError(f"{name} not found and could not be downloaded (offline?): extract the python "
+                               f"version so that {root / folder} exists") from None
+        out.append((torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)))
+    return tuple(out)
+
+
+def default_data_dir() -> str:
+    return os.environ.get("MPQ_DATA_DIR", "data")

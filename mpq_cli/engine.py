@@ -1,0 +1,312 @@
+"""The one training and evaluation loop every command uses.
+
+The loop knows nothing about methods: a method plugs in through the
+:class:`TrainingHooks` it implements (extra loss, epoch/step hooks, progress
+numbers, optimizer groups). Devices, bf16 autocast, learning-rate schedules,
+metrics, per-epoch checkpoints and resuming live here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MpqError
+from .rundir import MetricsLog, save_checkpoint
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Args:
+        epochs: passes over the training data.
+        optimizer: ``sgd`` (momentum 0.9, Nesterov off) or ``adam``.
+        lr: peak learning rate.
+        weight_decay: L2 strength on the parameters the method marks for decay.
+        schedule: ``cosine`` (to 0 over the run), ``step`` (x``gamma`` every ``step_epochs``) or ``constant``.
+        warmup_epochs: linear warm-up before the schedule.
+        step_epochs: epochs between decays of the ``step`` schedule.
+        gamma: decay factor of the ``step`` schedule.
+        momentum: SGD momentum.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        amp: bf16 autocast on CUDA.
+        seed: seeds parameters, data order and augmentation.
+    """
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_epochs: int = 30
+    gamma: float = 0.1
+    momentum: float = 0.9
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise MpqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise MpqError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.epochs < 0:
+            raise MpqError("--epochs must be >= 0")
+        if self.lr <= 0:
+            raise MpqError("--lr must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainingHooks(Protocol):
+    """What the loop asks of a method (``mpq_cli.methods.base.Method`` implements it)."""
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
+    def regularizer(self) -> torch.Tensor | None: ...
+    def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None: ...
+    def on_step_end(self) -> None: ...
+    def progress(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class PlainTraining:
+    """Hooks for FP training: weight decay on weights (ndim > 1) only, nothing else."""
+
+    def param_groups(self, model, weight_decay):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+    def regularizer(self):
+        return None
+
+    def on_epoch_start(self, epoch, epochs, steps_per_epoch):
+        pass
+
+    def on_step_end(self):
+        pass
+
+    def progress(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class Reporter:
+    """Progress sink; library code reports here and never prints. The CLI renders it."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1, **fields: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MpqError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise MpqError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def lr_at(cfg: TrainConfig, epoch_progress: float) -> float:
+    """Learning rate at a fractional epoch."""
+    if cfg.warmup_epochs and epoch_progress < cfg.warmup_epochs:
+        return cfg.lr * (epoch_progress + 1e-3) / cfg.warmup_epochs
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** int(epoch_progress // max(cfg.step_epochs, 1))
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    t = min((epoch_progress - cfg.warmup_epochs) / span, 1.0)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, *, amp: bool = False, reporter: Reporter | None = None,
+             description: str = "eval") -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean loss of ``model`` in evaluation mode."""
+    reporter = reporter or Reporter()
+    model.eval()
+    device = next(model.parameters()).device
+    correct1 = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    reporter.start(description, len(batches))
+    try:
+        for x, y in batches:
+            with _autocast(device, amp):
+                out = model(x)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+            top = out.topk(min(5, out.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == y).sum()
+            correct5 += (top == y[:, None]).any(1).sum()
+            count += len(y)
+            reporter.advance()
+    finally:
+        reporter.stop()
+    if count == 0:
+        raise MpqError("the evaluation set is empty")
+    result = {"top1": 100.0 * float(correct1) / count, "loss": float(loss_sum) / count, "samples": count}
+    if out.shape[1] > 5:
+        result["top5"] = 100.0 * float(correct5) / count
+    return result
+
+
+def loss_probe(model: nn.Module, batches, max_batches: int):
+    """A callable measuring the mean loss of ``model`` (eval mode) on the first ``max_batches`` batches."""
+    fixed = []
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        fixed.append(batch)
+
+    @torch.no_grad()
+    def probe() -> float:
+        model.eval()
+        total, n = 0.0, 0
+        for x, y in fixed:
+            total += float(F.cross_entropy(model(x), y, reduction="sum"))
+            n += len(y)
+        return total / max(n, 1)
+
+    return probe
+
+
+def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks | None = None,
+        run_dir: Path | None = None, stage: str = "train", reporter: Reporter | None = None,
+        resume: dict | None = None, fingerprint: str | None = None) -> list[dict]:
+    """Train ``model`` for ``cfg.epochs``, evaluating and checkpointing after every epoch.
+
+    Args:
+        model: the model, already on its device.
+        train, val: batch iterables with ``set_epoch`` and ``len``.
+        cfg: training settings.
+        hooks: the method's hooks (default: plain FP training).
+        run_dir: where ``metrics.jsonl`` and ``checkpoint.pt`` go (nothing written if ``None``).
+        stage: label written into metrics and checkpoints (``train``, ``search``, ``finetune``).
+        reporter: progress sink.
+        resume: a checkpoint dict written by a previous call to continue from.
+        fingerprint: identifies the configuration; a checkpoint from another is refused.
+
+    Returns:
+        The per-epoch metric records.
+    """
+    hooks = hooks or PlainTraining()
+    reporter = reporter or Reporter()
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(hooks.param_groups(model, cfg.weight_decay), cfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if run_dir else None
+    start_epoch = 0
+    if resume is not None:
+        if resume.get("stage") != stage or (fingerprint and resume.get("fingerprint") != fingerprint):
+            raise MpqError("--resume: the checkpoint belongs to a different configuration or stage; start a new run")
+        model.load_state_dict(resume["model"])
+        hooks.load_state_dict(json.loads(resume["method"]))
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        start_epoch = int(resume["epoch"]) + 1
+        if metrics:
+            metrics.truncate_after(int(resume["epoch"]))
+    steps = len(train)
+    if steps == 0:
+        raise MpqError("the training set is empty")
+    records = []
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        train.set_epoch(epoch)
+        hooks.on_epoch_start(epoch, cfg.epochs, steps)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = reported = 0
+        reporter.start(f"{stage} {epoch + 1}/{cfg.epochs}", steps)
+        try:
+            for i, (x, y) in enumerate(train):
+                lr = lr_at(cfg, epoch + i / steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with _autocast(device, cfg.amp):
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                reg = hooks.regularizer()
+                total = loss if reg is None else loss + reg
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                hooks.on_step_end()
+                loss_sum += loss.detach() * len(y)
+                correct += (out.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if i % 10 == 9 or i == steps - 1:
+                    if not math.isfinite(float(loss.detach())):
+                        raise MpqError(f"training diverged at epoch {epoch + 1}; lower --lr")
+                    reporter.advance(i + 1 - reported, loss=float(loss_sum) / seen,
+                                     acc=100.0 * float(correct) / seen, **hooks.progress())
+                    reported = i + 1
+        finally:
+            reporter.stop()
+        train_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise MpqError(f"training diverged at epoch {epoch + 1} (loss is {train_loss}); lower --lr")
+        result = evaluate(model, val, amp=cfg.amp, reporter=reporter, description=f"eval {epoch + 1}/{cfg.epochs}")
+        record = {"stage": stage, "epoch": epoch, "train_loss": train_loss, "train_acc": 100.0 * float(correct) / seen,
+                  "val_top1": result["top1"], "val_loss": result["loss"], "lr": lr, **hooks.progress(),
+                  "seconds": round(time.time() - started, 2)}
+        if "top5" in result:
+            record["val_top5"] = result["top5"]
+        records.append(record)
+        reporter.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if run_dir:
+            metrics.append(record)
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "stage": stage, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "method": json.dumps(hooks.state_dict()), "rng": torch.get_rng_state(), "fingerprint": fingerprint,
+            })
+    return records

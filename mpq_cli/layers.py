@@ -1,0 +1,107 @@
+"""Which layers are quantized, and the wrapper that gives them a method's weight.
+
+Every ``nn.Conv2d`` and ``nn.Linear`` is quantized by default (first and last
+included, as CSQ does); BatchNorm and biases stay FP32. A :class:`LayerSelection`
+keeps layers in FP (``--keep-fp PATTERN``) or fixes their bits (``--fix-bits NAME=BITS``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MpqError
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LayerSelection:
+    """Per-layer overrides shared by every method.
+
+    Args:
+        keep_fp: glob patterns (``fnmatch``) of layer names kept in FP32.
+        fix_bits: glob pattern -> bits; the first matching pattern wins.
+    """
+
+    keep_fp: list[str] = field(default_factory=list)
+    fix_bits: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for pattern, bits in self.fix_bits.items():
+            if not 0 <= int(bits) <= 16:
+                raise MpqError(f"--fix-bits {pattern}={bits}: bits must be in 0..16")
+
+    def is_fp(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp)
+
+    def fixed_bits(self, name: str) -> int | None:
+        for pattern, bits in self.fix_bits.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return int(bits)
+        return None
+
+    def check_patterns(self, names: list[str]) -> None:
+        """A pattern that matches no layer is a typo: say so instead of ignoring it."""
+        for pattern in [*self.keep_fp, *self.fix_bits]:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise MpqError(f"layer pattern {pattern!r} matches no Conv2d/Linear layer (see `mpq models --layers`)")
+
+    @staticmethod
+    def parse_fix_bits(items: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in items:
+            m = re.fullmatch(r"\s*([^=]+?)\s*=\s*(\d+)\s*", item)
+            if not m:
+                raise MpqError(f"--fix-bits expects NAME=BITS, got {item!r}")
+            out[m.group(1)] = int(m.group(2))
+        return out
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """All Conv2d/Linear layers in module order that still own an FP weight (not yet wrapped)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor)}
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv2d or Linear whose weight is produced by a method's weight quantizer.
+
+    The original module is kept as ``self.layer`` (for its bias and convolution
+    arguments) with its FP weight removed, so a quantized model holds no shadow FP
+    weight unless the method itself keeps one (e.g. the uniform baseline's latent weight).
+    """
+
+    def __init__(self, layer: nn.Module, weight_quantizer: nn.Module, act_quantizer: nn.Module | None = None):
+        super().__init__()
+        self.weight_shape = tuple(layer.weight.shape)
+        layer.register_parameter("weight", None)
+        self.layer = layer
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer if act_quantizer is not None else nn.Identity()
+
+    @property
+    def params(self) -> int:
+        return int(torch.Size(self.weight_shape).numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act_quantizer(x)
+        weight = self.weight_quantizer()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}

@@ -1,0 +1,223 @@
+"""The method interface, the registry, and what every method shares.
+
+A method's lifecycle inside the shared training loop (``engine.fit``):
+
+1. ``prepare(model)`` wraps every selected Conv2d/Linear in a
+   :class:`~mpq_cli.layers.QuantizedLayer` whose weight comes from the method's
+   :class:`WeightQuantizer`;
+2. per epoch ``on_epoch_start``, per step ``regularizer`` (added to the loss) and
+   ``on_step_end``; ``progress`` feeds the progress bar and the metrics file;
+3. ``finalize`` makes the model exact (and meets the bit budget);
+4. ``start_finetune`` fixes the scheme for ``mpq finetune``.
+
+In evaluation mode every weight quantizer returns its exact weight,
+``dequantize(codes, step)``, so every accuracy mpq reports is that of the exactly
+quantized model whose codes the run saves.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MpqError
+from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
+from ..quant.act import PACT
+from ..quant.primitives import dequantize
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method available as ``--method NAME``."""
+
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise MpqError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+class Phase(enum.Enum):
+    SEARCH = "search"  # the method chooses bits
+    FINETUNE = "finetune"  # the scheme is fixed, values train
+    FINAL = "final"  # exact integer model, nothing trains
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses add their paper's hyperparameters.
+
+    Args:
+        target_bits: average magnitude bits per weight to reach, weighted by parameters.
+        act_bits: quantize each quantized layer's input to this many bits (PACT); ``None`` = FP.
+        first_act_bits: bits of the first quantized layer's input (the papers use 8).
+    """
+
+    version: int = 1
+    target_bits: float = 3.0
+    act_bits: int | None = None
+    first_act_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_bits <= 16:
+            raise MpqError(f"--target-bits must be in [0, 16], got {self.target_bits}")
+        if self.act_bits is not None and not 1 <= self.act_bits <= 16:
+            raise MpqError(f"--act-bits must be in 1..16, got {self.act_bits}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MethodConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise MpqError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class WeightQuantizer(nn.Module, ABC):
+    """Produces one layer's weight; exact (``codes * step``) in evaluation mode."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    @abstractmethod
+    def train_weight(self) -> torch.Tensor:
+        """The weight used in training steps (relaxed or straight-through)."""
+
+    @abstractmethod
+    def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, step)``: integer codes (int32, the weight's shape) and a float32 scalar step."""
+
+    @abstractmethod
+    def nominal_bits(self) -> int:
+        """Bits as the method's paper counts them (magnitude bits, sign excluded)."""
+
+    def forward(self) -> torch.Tensor:
+        if self.training:
+            return self.train_weight()
+        codes, step = self.exact_codes()
+        return dequantize(codes, step)
+
+
+@dataclass
+class LayerCodes:
+    """The exact integer form of one quantized layer: ``weight == codes * step``."""
+
+    codes: torch.Tensor
+    step: torch.Tensor
+    nominal_bits: int
+
+
+class Method(ABC):
+    """One mixed-precision method. Subclasses are registered with :func:`register`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Training defaults from the method's paper; the command line overrides them.
+    training_defaults: ClassVar[dict] = {}
+    finetune_defaults: ClassVar[dict] = {}
+
+    def __init__(self, config: MethodConfig, selection: LayerSelection | None = None):
+        self.config = config
+        self.selection = selection or LayerSelection()
+        self.phase = Phase.SEARCH
+        self.layers: dict[str, QuantizedLayer] = {}
+
+    # -- building -------------------------------------------------------------------------
+    @abstractmethod
+    def make_weight_quantizer(self, name: str, layer: nn.Module, fixed_bits: int | None) -> WeightQuantizer:
+        """A quantizer for ``layer``, initialised from its current weight."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Wrap the selected layers of ``model`` in place."""
+        candidates = quantizable_layers(model)
+        self.selection.check_patterns(list(candidates))
+        first = True
+        for name, layer in candidates.items():
+            if self.selection.is_fp(name):
+                first = False
+                continue
+            quantizer = self.make_weight_quantizer(name, layer, self.selection.fixed_bits(name))
+            quantizer.to(layer.weight.device)
+            act = None
+            if self.config.act_bits is not None:
+                act = PACT(self.config.first_act_bits if first else self.config.act_bits).to(layer.weight.device)
+            replace_module(model, name, QuantizedLayer(layer, quantizer, act))
+            first = False
+        self.layers = quantized_layers(model)
+        if not self.layers:
+            raise MpqError("no layer left to quantize (every Conv2d/Linear is kept in FP)")
+
+    # -- training hooks ---------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Optimizer groups; by default decay everything with more than one dimension."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def regularizer(self) -> torch.Tensor | None:
+        return None
+
+    def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        pass
+
+    def on_step_end(self) -> None:
+        pass
+
+    def progress(self) -> dict[str, float]:
+        return {"avg_bits": self.average_bits()}
+
+    # -- results ----------------------------------------------------------------------------
+    def finalize(self, loss_probe: Callable[[], float]) -> dict:
+        """Make the model exact; returns facts for the report (e.g. budget adjustments)."""
+        self.phase = Phase.FINAL
+        return {}
+
+    def start_finetune(self) -> None:
+        raise MpqError(f"method {self.name} has no fine-tuning phase")
+
+    def quantizers(self) -> dict[str, WeightQuantizer]:
+        return {name: layer.weight_quantizer for name, layer in self.layers.items()}
+
+    def layer_bits(self) -> dict[str, int]:
+        return {name: q.nominal_bits() for name, q in self.quantizers().items()}
+
+    def average_bits(self) -> float:
+        """Nominal bits averaged over quantized weights, weighted by each layer's parameters."""
+        total = sum(layer.params for layer in self.layers.values())
+        bits = self.layer_bits()
+        return sum(bits[n] * layer.params for n, layer in self.layers.items()) / max(total, 1)
+
+    @torch.no_grad()
+    def layer_codes(self) -> dict[str, LayerCodes]:
+        out = {}
+        for name, q in self.quantizers().items():
+            codes, step = q.exact_codes()
+            out[name] = LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), q.nominal_bits())
+        return out
+
+    def state_dict(self) -> dict:
+        """JSON-able state beyond the model's tensors."""
+        return {"phase": self.phase.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase = Phase(state["phase"])

@@ -1,0 +1,5 @@
+"""Model construction: built-in small-image models, torchvision, user factories, checkpoints."""
+
+from .loading import ModelSpec, build_model, list_models, load_checkpoint
+
+__all__ = ["ModelSpec", "build_model", "list_models", "load_checkpoint"]

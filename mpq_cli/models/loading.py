@@ -1,0 +1,206 @@
+"""Build a model from a spec and load checkpoints without unpickling code."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MpqError
+from .zoo import BUILTIN
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model's architecture.
+
+    Args:
+        name: a built-in name (``lenet5``), a torchvision classification model
+            (``resnet18``), or a user factory ``package.module:fn`` / ``path/file.py:fn``.
+        weights: torchvision weights (``DEFAULT`` or an enum name), or ``None``.
+        num_classes: classifier outputs.
+        in_channels: input channels the model takes.
+        input_size: ``(height, width)`` of its input.
+    """
+
+    name: str
+    weights: str | None = None
+    num_classes: int = 10
+    in_channels: int = 3
+    input_size: tuple[int, int] = (32, 32)
+
+    @property
+    def kind(self) -> str:
+        if self.name in BUILTIN:
+            return "builtin"
+        if ":" in self.name:
+            return "user"
+        return "torchvision"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        d = dict(d)
+        d["input_size"] = tuple(d["input_size"])
+        return cls(**d)
+
+
+def torchvision_models() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def list_models() -> dict[str, list[str]]:
+    return {"builtin": sorted(BUILTIN), "torchvision": torchvision_models()}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Construct the model; raises :class:`MpqError` with a clear message on failure."""
+    if spec.kind == "builtin":
+        if spec.weights not in (None, "none"):
+            raise MpqError(f"built-in model {spec.name} has no pretrained weights; use --checkpoint")
+        return BUILTIN[spec.name](spec.num_classes, spec.in_channels, tuple(spec.input_size))
+    if spec.kind == "user":
+        return _build_user(spec)
+    return _build_torchvision(spec)
+
+
+def _build_torchvision(spec: ModelSpec) -> nn.Module:
+    import torchvision.models as tvm
+
+    if spec.name not in torchvision_models():
+        raise MpqError(f"unknown model {spec.name!r}: see `mpq models` (or give package.module:factory)")
+    weights = None
+    if spec.weights not in (None, "none"):
+        try:
+            enum = tvm.get_model_weights(spec.name)
+            weights = enum.DEFAULT if spec.weights == "DEFAULT" else enum[spec.weights]
+        except KeyError:
+            names = ", ".join(w.name for w in tvm.get_model_weights(spec.name))
+            raise MpqError(f"--weights {spec.weights}: {spec.name} has DEFAULT, {names}") from None
+    if weights is None:
+        return tvm.get_model(spec.name, weights=None, num_classes=spec.num_classes)
+    try:
+        model = tvm.get_model(spec.name, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise MpqError(
+            f"could not fetch {spec.name} weights {weights.name} ({exc.__class__.__name__}); offline, put the file "
+            f"in $TORCH_HOME/hub/checkpoints or pass --weights none --checkpoint FILE"
+        ) from None
+    if len(weights.meta.get("categories", [])) != spec.num_classes:
+        _replace_classifier(model, spec.num_classes)
+    return model
+
+
+def _replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear for a fresh one with ``num_classes`` outputs (fine-tuning a pretrained body)."""
+    from ..layers import replace_module
+
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    replace_module(model, name, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+
+
+def _build_user(spec: ModelSpec) -> nn.Module:
+    target, _, fn_name = spec.name.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise MpqError(f"model file {target} not found")
+            mod_name = f"mpq_user_model_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except MpqError:
+        raise
+    except Exception as exc:  # a user's module can fail in any way; report it on one line
+        raise MpqError(f"could not import {target}: {exc.__class__.__name__}: {exc}") from None
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise MpqError(f"{target} has no callable {fn_name!r}")
+    offered = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "input_size": tuple(spec.input_size)}
+    params = inspect.signature(factory).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_kwargs or k in params}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise MpqError(f"{spec.name} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of a checkpoint (``.safetensors``, ``.pt``, ``.pth``).
+
+    ``.pt`` files are read with ``weights_only=True``: no code is ever unpickled.
+    A wrapping ``state_dict``/``model`` key and ``module.`` prefixes are removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise MpqError(f"checkpoint {path} not found")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for a bad file
+            raise MpqError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors, unsafe globals, truncated zips
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise MpqError(f"{path}: cannot be loaded safely as a state dict ({first})") from None
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MpqError(f"{path}: expected a dict of tensors (a state_dict)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, metadata
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a checkpoint into ``model`` strictly, with one clear error for any mismatch.
+
+    Returns the file's metadata (e.g. the FP accuracy ``mpq train`` recorded).
+    """
+    state, metadata = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch {_first(shapes)}")
+    if problems:
+        raise MpqError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return metadata
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

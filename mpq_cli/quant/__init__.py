@@ -1,0 +1,1 @@
+"""Quantization primitives: pure tensor functions shared by every method."""

@@ -1,0 +1,73 @@
+"""Bit-plane representation of integer codes, shared by the bit-level methods (CSQ, BSQ).
+
+Layout: a code tensor of shape ``S`` becomes positive and negative planes of shape
+``(*S, n_bits)``; index ``b`` of the last axis is the bit of value ``2**b`` (LSB
+first, so the index *is* the exponent). A code is ``sum_b (pos_b - neg_b) * 2**b``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bit_values(n_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[1, 2, 4, ..., 2**(n_bits-1)]``, shape ``(n_bits,)``."""
+    return torch.pow(2.0, torch.arange(n_bits, device=device, dtype=torch.float64)).to(dtype)
+
+
+def to_bit_planes(codes: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split integer ``codes`` into positive and negative magnitude bit planes.
+
+    Args:
+        codes: integer tensor with ``|codes| <= 2**n_bits - 1``.
+        n_bits: number of planes.
+
+    Returns:
+        ``(pos, neg)``, each ``bool`` of shape ``(*codes.shape, n_bits)``; at most one
+        of them is non-zero for each weight.
+    """
+    codes = codes.to(torch.int64)
+    if codes.numel() and int(codes.abs().max()) > (1 << n_bits) - 1:
+        raise ValueError(f"codes exceed {n_bits} magnitude bits")
+    shifts = torch.arange(n_bits, device=codes.device)
+    pos = (codes.clamp(min=0).unsqueeze(-1) >> shifts) & 1
+    neg = ((-codes).clamp(min=0).unsqueeze(-1) >> shifts) & 1
+    return pos.bool(), neg.bool()
+
+
+def from_bit_planes(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes ``sum_b (pos_b - neg_b) * mask_b * 2**b`` (``int64``).
+
+    ``pos``/``neg`` are 0/1 (bool or integer) planes of shape ``(*S, n_bits)``;
+    ``mask`` is an optional 0/1 selection of shape ``(n_bits,)``.
+    """
+    n_bits = pos.shape[-1]
+    weights = torch.ones(n_bits, dtype=torch.int64, device=pos.device) << torch.arange(n_bits, device=pos.device)
+    if mask is not None:
+        weights = weights * mask.to(torch.int64)
+    digits = pos.to(torch.int64) - neg.to(torch.int64)
+    return (digits * weights).sum(-1)
+
+
+def canonicalize_codes(codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Remove the power-of-two factor all codes share and count the bits left.
+
+    A layer whose selected bits are ``{5, 6, 7}`` holds codes that are multiples of
+    32; dividing them out gives the same weights with ``step * 32`` and 3 magnitude
+    bits. Non-contiguous selections (e.g. bits ``{0, 3}``) keep their true cost:
+    ``ceil(log2(max|code| + 1))`` magnitude bits.
+
+    Returns:
+        ``(codes // 2**shift, shift, magnitude_bits)``; an all-zero tensor gives
+        ``(codes, 0, 0)``.
+    """
+    codes = codes.to(torch.int64)
+    nonzero = codes[codes != 0].abs()
+    if nonzero.numel() == 0:
+        return codes, 0, 0
+    lowest_set = nonzero & -nonzero  # the lowest set bit of each code
+    shift = int(lowest_set.min()).bit_length() - 1
+    reduced = codes >> shift if shift else codes
+    # arithmetic shift of negatives is exact here because every code is a multiple of 2**shift
+    magnitude_bits = int(reduced.abs().max()).bit_length()
+    return reduced, shift, magnitude_bits

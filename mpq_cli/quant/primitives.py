@@ -1,0 +1,58 @@
+"""Symmetric linear quantization, written once for every method.
+
+Conventions used across mpq: an ``n``-bit layer stores integer ``codes`` in
+``[-(2**n - 1), 2**n - 1]`` (``n`` magnitude bits plus a sign, as BSQ and CSQ count
+bits) and one float ``step``; the weight is exactly ``codes.to(float32) * step``.
+For a layer whose scale is ``s`` (the largest representable magnitude),
+``step = s / (2**n - 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_code(bits: int) -> int:
+    """Largest code magnitude of an ``bits``-bit sign-magnitude layer (``2**bits - 1``)."""
+    if bits < 0:
+        raise ValueError(f"bits must be >= 0, got {bits}")
+    return (1 << bits) - 1
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass (STE)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Integer codes of ``weight`` on the ``bits``-bit grid spanning ``[-scale, scale]``.
+
+    Returns an ``int32`` tensor; values beyond ``scale`` are clipped.
+    """
+    levels = max_code(bits)
+    if levels == 0:
+        return torch.zeros_like(weight, dtype=torch.int32)
+    scaled = weight / scale * levels
+    return torch.clamp(torch.round(scaled), -levels, levels).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:
+    """The exact float weight of integer ``codes``: ``codes * step`` in float32.
+
+    Every quantized forward pass and every decoder goes through this one product, so
+    the evaluated model and the exported model are bit-for-bit the same.
+    """
+    return codes.to(torch.float32) * step
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through round and a learnable ``scale``.
+
+    Gradients reach ``weight`` inside the clip range (zero outside) and reach
+    ``scale`` through both the normalisation and the step (as in LSQ/PACT).
+    """
+    levels = max_code(bits)
+    if levels == 0:
+        return torch.zeros_like(weight)
+    normalised = torch.clamp(weight / scale, -1.0, 1.0) * levels
+    return ste_round(normalised) * (scale / levels)

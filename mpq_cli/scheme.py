@@ -1,0 +1,150 @@
+"""The bit table: which layer has how many bits, and the size statistics every report uses.
+
+Two counts per layer, always reported side by side:
+
+- ``bits``: nominal magnitude bits as the method's paper counts them (sign excluded);
+- ``stored_bits``: bits per weight the exact integer codes need as sign-magnitude
+  numbers after removing a common power-of-two factor (magnitude bits + 1 sign bit,
+  0 for an all-zero layer). CSQ codes whose selected bits are not contiguous cost
+  more than their nominal count; this number says so.
+
+Sizes here are computed from the codes (``estimated``); the packed file of
+``mpq export`` gives the sizes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import MpqError
+
+FP32_BITS = 32
+
+
+@dataclass
+class LayerEntry:
+    """One Conv2d/Linear layer of a scheme.
+
+    Args:
+        name: module name in the model.
+        kind: ``conv2d`` or ``linear``.
+        shape: weight shape.
+        params: weights in the layer.
+        bits: nominal magnitude bits (``None``: kept in FP32).
+        stored_bits: bits per weight of the exact codes, sign included (``None``: FP32).
+        scales: float32 scales stored with the layer.
+    """
+
+    name: str
+    kind: str
+    shape: list[int]
+    params: int
+    bits: int | None
+    stored_bits: int | None = None
+    scales: int = 1
+
+    @property
+    def is_fp(self) -> bool:
+        return self.bits is None
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of this layer's weights as stored: packed codes plus FP32 scales."""
+        if self.is_fp:
+            return self.params * 4
+        return self.params * self.stored_bits / 8 + (4 * self.scales if self.stored_bits else 0)
+
+
+@dataclass
+class Scheme:
+    """A mixed-precision scheme with its size statistics.
+
+    Args:
+        method: the method that produced it.
+        layers: one entry per Conv2d/Linear, in module order.
+        other_params: values kept in FP32 outside the layers' weights (biases, BatchNorm
+            parameters and buffers, activation clips).
+    """
+
+    method: str
+    layers: list[LayerEntry] = field(default_factory=list)
+    other_params: int = 0
+    version: int = 1
+
+    @property
+    def quantized(self) -> list[LayerEntry]:
+        return [entry for entry in self.layers if not entry.is_fp]
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(entry.params for entry in self.quantized)
+
+    @property
+    def avg_bits(self) -> float:
+        """Nominal bits averaged over quantized weights, weighted by parameters (the papers' number)."""
+        n = self.quantized_params
+        return sum(e.bits * e.params for e in self.quantized) / n if n else 0.0
+
+    @property
+    def avg_stored_bits(self) -> float:
+        """Stored bits (sign included) averaged over quantized weights, weighted by parameters."""
+        n = self.quantized_params
+        return sum(e.stored_bits * e.params for e in self.quantized) / n if n else 0.0
+
+    @property
+    def weight_compression(self) -> float:
+        """FP32 bits over nominal bits of the quantized weights (the papers' Comp(x))."""
+        return FP32_BITS / self.avg_bits if self.avg_bits else float("inf")
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * (sum(e.params for e in self.layers) + self.other_params)
+
+    @property
+    def model_bytes(self) -> float:
+        """Whole model: stored weight codes and scales, FP32 layers, FP32 everything else."""
+        return sum(e.weight_bytes for e in self.layers) + 4 * self.other_params
+
+    @property
+    def model_compression(self) -> float:
+        return self.fp32_bytes / self.model_bytes if self.model_bytes else float("inf")
+
+    def bits_by_layer(self) -> dict[str, int | None]:
+        return {e.name: e.bits for e in self.layers}
+
+    def summary(self) -> dict:
+        return {
+            "avg_bits": self.avg_bits,
+            "avg_stored_bits": self.avg_stored_bits,
+            "weight_compression": self.weight_compression,
+            "model_bytes_estimated": self.model_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "model_compression_estimated": self.model_compression,
+            "quantized_params": self.quantized_params,
+        }
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "method": self.method, "other_params": self.other_params,
+                "layers": [asdict(e) for e in self.layers], "summary": self.summary()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scheme:
+        try:
+            return cls(method=d["method"], layers=[LayerEntry(**e) for e in d["layers"]],
+                       other_params=int(d.get("other_params", 0)), version=int(d.get("version", 1)))
+        except (KeyError, TypeError) as exc:
+            raise MpqError(f"malformed scheme: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        from .rundir import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Scheme:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MpqError(f"cannot read scheme {path}: {exc}") from None

@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class TinyNet(nn.Module):
+    """Conv + BN + Linear: every kind of layer mpq handles, in milliseconds."""
+
+    def __init__(self, num_classes=10, in_channels=1, input_size=(8, 8)):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+def tiny_net(num_classes=10, in_channels=1, input_size=(8, 8)):
+    return TinyNet(num_classes, in_channels, input_size)
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def tiny_factory_file(tmp_path):
+    """A user model file for `--model path.py:factory`."""
+    src = Path(__file__).read_text()
+    path = tmp_path / "usernet.py"
+    path.write_text(src.split("REAL_FMNIST")[0] + src[src.index("class TinyNet"):src.index("@pytest.fixture")])
+    return f"{path}:tiny_net"
+
+
+@pytest.fixture
+def real_fmnist():
+    if not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("MPQ_REQUIRE_REALDATA"):
+            pytest.fail("real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return REAL_FMNIST

@@ -1,0 +1,187 @@
+"""Every command end to end on synthetic data with a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mpq_cli.cli import app
+
+runner = CliRunner()
+SMALL = ["--data", "synthetic", "--input-size", "1,16,16", "--batch-size", "32", "--limit-train-batches", "3",
+         "--device", "cpu"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def run_json(*args):
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    summary = run_json("train", "--model", "lenet5", *SMALL, "--epochs", "2", "--out", out)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def csq_run(fp_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "csq"
+    summary = run_json("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
+                       fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.01", "--out", out)
+    return out, summary
+
+
+def test_train_writes_checkpoint(fp_run):
+    out, summary = fp_run
+    assert summary["out"] == str(out)
+    assert 0 <= summary["top1"] <= 100
+    assert (out / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+def test_search_run_directory(csq_run):
+    out, summary = csq_run
+    for name in ("config.json", "model.safetensors", "method.json", "codes.safetensors", "scheme.json",
+                 "metrics.jsonl", "report.md", "summary.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert 1.9 - 1e-9 <= summary["avg_bits"] <= 2.0 + 1e-9
+    assert summary["fp_top1"] is not None and "top1" in summary
+    scheme = json.loads((out / "scheme.json").read_text())
+    assert [layer["name"] for layer in scheme["layers"]] == ["features.0", "features.3", "classifier.1",
+                                                               "classifier.3"]
+    report = (out / "report.md").read_text()
+    assert "synthetic data" in report and "classifier.1" in report
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["seed"] == 0 and config["method_config"]["target_bits"] == 2
+    assert set(config["versions"]) == {"mpq", "torch", "torchvision"}
+
+
+def test_codes_reproduce_the_evaluated_weights(csq_run):
+    """The saved integer codes times the step are exactly the weights the run evaluated."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mpq_cli.api import load_run
+
+    out, _ = csq_run
+    _, ctx, method, _, _ = load_run(out)
+    codes = load_file(str(out / "codes.safetensors"))
+    ctx.model.eval()
+    for name, layer in method.layers.items():
+        expected = codes[f"{name}.codes"].float() * codes[f"{name}.step"]
+        assert torch.equal(layer.weight_quantizer(), expected)
+
+
+def test_eval_matches_the_run(csq_run):
+    out, summary = csq_run
+    result = run_json("eval", out, "--device", "cpu")
+    assert result["top1"] == pytest.approx(summary["top1"])
+
+
+def test_finetune_keeps_the_scheme(csq_run, tmp_path):
+    out, summary = csq_run
+    ft = run_json("finetune", out, "--epochs", "1", "--lr", "0.01", "--out", tmp_path / "ft")
+    assert ft["avg_bits"] == pytest.approx(summary["avg_bits"])
+    before = json.loads((out / "scheme.json").read_text())
+    after = json.loads((tmp_path / "ft" / "scheme.json").read_text())
+    assert [e["bits"] for e in before["layers"]] == [e["bits"] for e in after["layers"]]
+
+
+def test_uniform_baseline(tmp_path):
+    summary = run_json("search", "--method", "uniform", "--target-bits", "3", "--model", "lenet5", *SMALL,
+                       "--epochs", "1", "--keep-fp", "features.0", "--fix-bits", "classifier.3=8",
+                       "--out", tmp_path / "u")
+    scheme = json.loads((tmp_path / "u" / "scheme.json").read_text())
+    bits = {e["name"]: e["bits"] for e in scheme["layers"]}
+    assert bits == {"features.0": None, "features.3": 3, "classifier.1": 3, "classifier.3": 8}
+    quantized = [e for e in scheme["layers"] if e["bits"] is not None]
+    expected = sum(e["bits"] * e["params"] for e in quantized) / sum(e["params"] for e in quantized)
+    assert summary["avg_bits"] == pytest.approx(expected)
+    assert 3 < summary["avg_bits"] < 8
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
+    args = ["train", "--model", "lenet5", *SMALL, "--seed", "3"]
+    run_json(*args, "--epochs", "1", "--out", tmp_path / "part")
+    refused = invoke(*args, "--epochs", "1", "--out", tmp_path / "part")
+    assert refused.exit_code == 2 and "already exists" in refused.output
+    mismatch = invoke(*args, "--epochs", "1", "--lr", "0.5", "--out", tmp_path / "part", "--resume")
+    assert mismatch.exit_code == 2 and "different configuration" in mismatch.output
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    """Kill a run after its first epoch; --resume finishes it with the same result as an uninterrupted run."""
+    import mpq_cli.engine as engine
+
+    args = ["search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", *SMALL, "--epochs", "2",
+            "--lr", "0.01", "--seed", "5"]
+    full = run_json(*args, "--out", tmp_path / "full")
+    real_evaluate = engine.evaluate
+    calls = {"n": 0}
+
+    def failing_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", failing_evaluate)
+    interrupted = invoke(*args, "--out", tmp_path / "cut")
+    assert interrupted.exit_code == 130
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    resumed = run_json(*args, "--out", tmp_path / "cut", "--resume")
+    assert resumed["top1"] == pytest.approx(full["top1"])
+    assert resumed["avg_bits"] == pytest.approx(full["avg_bits"])
+
+
+@pytest.mark.parametrize("command", ["export", "inspect"])
+def test_not_implemented_commands_exit_2(command, tmp_path):
+    result = invoke(command, tmp_path)
+    assert result.exit_code == 2
+    assert "not implemented yet" in result.output
+
+
+def test_methods_and_models_listing():
+    methods = run_json("methods")
+    assert {"csq", "uniform"} <= set(methods)
+    assert methods["csq"]["fields"]["reg_strength"] == 0.01
+    models = run_json("models")
+    assert "lenet5" in models["builtin"] and "resnet18" in models["torchvision"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["search", "--model", "no_such_net", *SMALL], "unknown model"),
+    (["search", "--fix-bits", "oops", *SMALL], "NAME=BITS"),
+    (["search", "--keep-fp", "nothing.matches", *SMALL], "matches no"),
+    (["search", "--checkpoint", "/nonexistent.pt", *SMALL], "not found"),
+    (["search", "--target-bits", "12", *SMALL], "exceeds"),
+    (["search", "--set", "bogus=1", *SMALL], "unknown fields"),
+    (["train", "--data", "nope"], "unknown dataset"),
+    (["train", "--data", "mnist", "--data-dir", "/nonexistent"], "could not be downloaded"),
+    (["finetune", "/nonexistent"], "not an mpq run"),
+    (["train", "--optimizer", "lbfgs", *SMALL], "--optimizer"),
+], ids=["model", "fix-bits", "keep-fp", "checkpoint", "bits", "set", "dataset", "offline", "finetune", "optim"])
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args, "--quiet") if args[0] != "finetune" else invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not any(Path(tmp_path).rglob("*.safetensors"))
+
+
+def test_help_documents_defaults():
+    result = invoke("search", "--help")
+    assert result.exit_code == 0
+    for option in ("--target-bits", "--keep-fp", "--fix-bits", "--act-bits", "--resume", "--json"):
+        assert option in result.output

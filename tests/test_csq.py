@@ -1,0 +1,182 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpq_cli.methods import get_method
+from mpq_cli.methods.base import Phase
+from mpq_cli.methods.csq import CSQConfig, CSQWeight
+from mpq_cli.quant.primitives import dequantize, quantize_codes
+
+
+def _csq(model, **cfg):
+    method = get_method("csq")(CSQConfig(**cfg))
+    method.prepare(model)
+    return method
+
+
+def test_reconstruction_matches_eq5_bit_by_bit():
+    torch.manual_seed(0)
+    q = CSQWeight(torch.randn(4, 3), CSQConfig(), None)
+    with torch.no_grad():
+        q.bit_logits_pos.normal_()
+        q.bit_logits_neg.normal_()
+        q.mask_logits.normal_()
+    q.temperature = 3.0
+    f = lambda m: torch.sigmoid(3.0 * m)  # noqa: E731
+    expected = sum((f(q.bit_logits_pos[..., b]) - f(q.bit_logits_neg[..., b])) * 2 ** b * f(q.mask_logits[b])
+                   for b in range(8)) * q.scale / 255
+    assert torch.allclose(q.train_weight(), expected, atol=1e-6)
+
+
+def test_hard_gate_weights_are_scale_over_levels_times_integer(tiny):
+    method = _csq(tiny, target_bits=2)
+    with torch.no_grad():
+        for q in method.quantizers().values():
+            q.bit_logits_pos.normal_()
+            q.bit_logits_neg.normal_()
+            q.mask_logits.copy_(torch.tensor([-1.0, 1, -1, 1, 1, -1, -1, 1]))
+    tiny.eval()
+    for layer in method.layers.values():
+        q = layer.weight_quantizer
+        w = q()
+        integer = w / (q.scale / 255)
+        assert torch.allclose(integer, torch.round(integer), atol=1e-4)
+        digits = (q.bit_logits_pos >= 0).int() - (q.bit_logits_neg >= 0).int()
+        expected_codes = (digits * torch.tensor([0, 2, 0, 8, 16, 0, 0, 128])).sum(-1)
+        assert torch.equal(w, expected_codes.float() * (q.scale / 255))
+        assert q.nominal_bits() == 4
+
+
+def test_initial_relaxed_model_equals_8bit_model(tiny):
+    weight = tiny.conv.weight.detach().clone()
+    method = _csq(tiny)
+    q = method.quantizers()["conv"]
+    max_abs = weight.abs().max()
+    expected = dequantize(quantize_codes(weight, max_abs, 8), max_abs / 255)
+    assert torch.allclose(q.train_weight(), expected, atol=1e-6)
+    codes, step = q.exact_codes()  # hard gates give the 8-bit codes too
+    assert torch.equal(codes, quantize_codes(weight, max_abs, 8))
+
+
+def test_regulariser_sign_follows_budget(tiny):
+    method = _csq(tiny, target_bits=2)  # 8 bits selected > 2: positive, pushes masks down
+    assert method.regularizer().item() > 0
+    method.regularizer().backward()
+    assert all((q.mask_logits.grad > 0).all() for q in method.quantizers().values())
+    method = _csq(tiny.__class__(), target_bits=8)
+    for q in method.quantizers().values():
+        with torch.no_grad():
+            q.mask_logits[:4] = -1.0  # 4 bits < 8: negative, grows bits
+    assert method.regularizer().item() < 0
+
+
+def test_average_bits_weighted_by_parameters(tiny):
+    method = _csq(tiny)
+    qs = method.quantizers()
+    with torch.no_grad():
+        qs["conv"].mask_logits.fill_(1.0)  # 8 bits, 54 weights
+        qs["fc"].mask_logits.fill_(-1.0)
+        qs["fc"].mask_logits[0] = 1.0  # 1 bit, 240 weights
+    assert method.average_bits() == pytest.approx((8 * 54 + 1 * 240) / 294)
+
+
+def test_temperature_schedule_reaches_beta_max(tiny):
+    method = _csq(tiny)
+    method.on_epoch_start(0, 2, 5)
+    assert method.beta == pytest.approx(1.0)
+    for epoch in range(2):
+        method.on_epoch_start(epoch, 2, 5)
+        for _ in range(5):
+            method.on_step_end()
+    assert method.beta == pytest.approx(200.0)
+    assert all(q.temperature == pytest.approx(200.0) for q in method.quantizers().values())
+
+
+def _loss_probe(model, x, y):
+    def probe():
+        model.eval()
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+    return probe
+
+
+@pytest.mark.parametrize("start_bits,target", [(8, 2.0), (1, 5.0), (3, 3.0)], ids=["drop", "add", "already-in"])
+def test_budget_guarantee(start_bits, target):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    method = _csq(model, target_bits=target)
+    with torch.no_grad():
+        for q in method.quantizers().values():
+            q.mask_logits.copy_(torch.linspace(-1, 1, 8))
+            q.mask_logits[: 8 - start_bits] = -torch.rand(8 - start_bits) - 0.1
+            q.mask_logits[8 - start_bits:] = torch.rand(start_bits) + 0.1
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    info = method.finalize(_loss_probe(model, x, y))
+    assert info["budget_met"]
+    assert target - 0.1 <= method.average_bits() <= target + 1e-9
+    assert method.phase is Phase.FINAL
+    if start_bits == 3:
+        assert info["budget_changes"] == []
+
+
+def test_budget_step_is_loss_aware():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    method = _csq(model, target_bits=7.5)
+
+    def probe():  # only layer "0" matters to this loss: the budget step must take the bit from layer "1"
+        return 1.0 + (8 - method.layer_bits()["0"])
+
+    info = method.finalize(probe)
+    assert info["budget_met"]
+    assert [(c["layer"], c["bits_before"], c["bits_after"]) for c in info["budget_changes"]] == [("1", 8, 7)]
+    assert method.layer_bits() == {"0": 8, "1": 7}
+
+
+def test_finetune_fixes_the_scheme(tiny):
+    method = _csq(tiny, target_bits=2)
+    with torch.no_grad():
+        for q in method.quantizers().values():
+            q.mask_logits.copy_(torch.tensor([-1.0, -1, -1, -1, -1, -1, 1, 1]))
+    before = method.layer_bits()
+    method.start_finetune()
+    assert method.phase is Phase.FINETUNE and method.beta == pytest.approx(1.0)
+    assert method.regularizer() is None
+    tiny.train()
+    opt = torch.optim.SGD([p for p in tiny.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(3):
+        loss = tiny(torch.randn(4, 1, 8, 8)).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert method.layer_bits() == before
+    q = method.quantizers()["fc"]
+    assert not q.mask_logits.requires_grad
+    assert torch.equal(q.soft_mask(), torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1]))
+
+
+def test_fix_bits_keeps_top_bits(tiny):
+    from mpq_cli.layers import LayerSelection
+
+    method = get_method("csq")(CSQConfig(target_bits=2), LayerSelection(fix_bits={"conv": 3}))
+    method.prepare(tiny)
+    q = method.quantizers()["conv"]
+    assert q.nominal_bits() == 3 and bool(q.mask_is_fixed)
+    assert "conv" not in method.searchable()
+    codes, _ = q.exact_codes()
+    assert (codes % 32 == 0).all()
+
+
+def test_config_round_trip_and_validation():
+    cfg = CSQConfig(target_bits=2.5, reg_strength=0.02)
+    assert CSQConfig.from_dict(cfg.to_dict()) == cfg
+    from mpq_cli.errors import MpqError
+
+    with pytest.raises(MpqError):
+        CSQConfig(target_bits=9)
+    with pytest.raises(MpqError):
+        CSQConfig.from_dict({"bogus": 1})
+    assert math.isclose(CSQConfig().reg_strength, 0.01)

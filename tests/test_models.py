@@ -1,0 +1,119 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpq_cli.errors import MpqError
+from mpq_cli.models import ModelSpec, build_model, load_checkpoint
+from mpq_cli.models.loading import read_state_dict
+
+
+@pytest.mark.parametrize("in_channels,size", [(1, (28, 28)), (3, (32, 32))], ids=["mnist", "cifar"])
+def test_lenet5_adapts_to_input(in_channels, size):
+    model = build_model(ModelSpec("lenet5", None, 10, in_channels, size))
+    assert model(torch.zeros(2, in_channels, *size)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [20, 50]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [l.out_features for l in linears] == [500, 10]  # noqa: E741
+
+
+def test_lenet5_is_the_deep_compression_lenet():
+    model = build_model(ModelSpec("lenet5", None, 10, 1, (28, 28)))
+    assert sum(p.numel() for p in model.parameters()) == 431080
+
+
+def test_resnet20_has_the_paper_size():
+    model = build_model(ModelSpec("resnet20", None, 100, 1, (28, 28)))
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 100)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert 0.26e6 < weights < 0.28e6  # He et al.: 0.27M
+
+
+def test_torchvision_model_without_weights():
+    model = build_model(ModelSpec("resnet18", None, 7, 3, (64, 64)))
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(MpqError, match="unknown model"):
+        build_model(ModelSpec("no_such_net"))
+
+
+def test_user_factory_from_file(tiny_factory_file):
+    model = build_model(ModelSpec(tiny_factory_file, None, 5, 1, (8, 8)))
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 5)
+
+
+def test_user_factory_missing_function(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("x = 1\n")
+    with pytest.raises(MpqError, match="no callable"):
+        build_model(ModelSpec(f"{f}:make"))
+
+
+@pytest.fixture
+def state(tiny):
+    return {k: v.clone() for k, v in tiny.state_dict().items()}
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module-prefix"])
+def test_pt_checkpoint_variants_load(tiny, state, tmp_path, wrap):
+    obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
+           "module-prefix": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    path = tmp_path / "ck.pt"
+    torch.save(obj, path)
+    fresh = type(tiny)()
+    load_checkpoint(fresh, path)
+    assert torch.equal(fresh.conv.weight, tiny.conv.weight)
+
+
+def test_safetensors_checkpoint_loads(tiny, state, tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_file(state, str(path), metadata={"mpq.top1": "90.0"})
+    fresh = type(tiny)()
+    assert load_checkpoint(fresh, path)["mpq.top1"] == "90.0"
+    assert torch.equal(fresh.fc.weight, tiny.fc.weight)
+
+
+def test_missing_and_unexpected_keys(tiny, state, tmp_path):
+    state.pop("fc.bias")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "ck.pt"
+    torch.save(state, path)
+    with pytest.raises(MpqError, match=r"missing keys fc\.bias.*unexpected keys extra\.weight"):
+        load_checkpoint(type(tiny)(), path)
+
+
+def test_shape_mismatch(tiny, state, tmp_path):
+    state["fc.weight"] = torch.zeros(3, 24)
+    path = tmp_path / "ck.pt"
+    torch.save(state, path)
+    with pytest.raises(MpqError, match=r"shape mismatch fc\.weight \(3, 24\)"):
+        load_checkpoint(type(tiny)(), path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_with_code_is_refused(tiny, tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(MpqError, match="cannot be loaded safely"):
+        read_state_dict(path)
+    torch.save({"w": torch.zeros(1), "evil": Evil()}, tmp_path / "evil2.pt")
+    with pytest.raises(MpqError, match="cannot be loaded safely"):
+        read_state_dict(tmp_path / "evil2.pt")
+
+
+def test_garbage_safetensors_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(MpqError, match="not a readable safetensors"):
+        read_state_dict(bad)
+    with pytest.raises(MpqError, match="not found"):
+        read_state_dict(tmp_path / "nope.pt")

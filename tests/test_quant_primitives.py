@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from mpq_cli.quant.primitives import dequantize, fake_quantize, max_code, quantize_codes, ste_round
+
+
+@pytest.mark.parametrize("bits,expected", [(0, 0), (1, 1), (2, 3), (8, 255), (16, 65535)])
+def test_max_code(bits, expected):
+    assert max_code(bits) == expected
+
+
+def test_quantize_codes_grid_and_clip():
+    w = torch.tensor([-2.0, -1.0, -0.49, 0.0, 0.26, 0.5, 1.0, 3.0])
+    codes = quantize_codes(w, 1.0, 2)  # grid step 1/3
+    assert codes.tolist() == [-3, -3, -1, 0, 1, 2, 3, 3]
+    assert codes.dtype == torch.int32
+
+
+def test_zero_bits_is_all_zero():
+    assert quantize_codes(torch.randn(10), 1.0, 0).abs().sum() == 0
+    assert fake_quantize(torch.randn(10), torch.tensor(1.0), 0).abs().sum() == 0
+
+
+def test_dequantize_is_exact_product():
+    codes = torch.randint(-255, 256, (100,), dtype=torch.int32)
+    step = torch.tensor(0.123456789, dtype=torch.float32)
+    w = dequantize(codes, step)
+    assert torch.equal(w, codes.float() * step)
+    assert torch.equal(torch.round(w / step).to(torch.int32), codes)
+
+
+def test_fake_quantize_matches_codes_and_passes_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(50, requires_grad=True)
+    s = torch.tensor(1.5, requires_grad=True)
+    q = fake_quantize(w, s, 3)
+    expected = dequantize(quantize_codes(w.detach(), s.detach(), 3), s.detach() / 7)
+    assert torch.allclose(q, expected, atol=1e-6)
+    q.sum().backward()
+    inside = (w.detach().abs() <= 1.5).float()
+    assert torch.equal(w.grad, inside)  # straight-through inside the clip range, zero outside
+    assert s.grad is not None and torch.isfinite(s.grad)
+
+
+def test_ste_round_gradient_is_identity():
+    x = torch.tensor([0.2, 1.7, -2.4], requires_grad=True)
+    y = ste_round(x)
+    assert y.tolist() == [0.0, 2.0, -2.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]
