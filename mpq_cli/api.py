@@ -213,6 +213,7 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, option
         fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
     method = method_cls(method_cfg, options.selection)
     method.prepare(ctx.model)
+    method.loss_probe = _probe(ctx, options.probe_batches)
     config = {"command": "search", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
               "checkpoint_sha256": file_fingerprint(model.checkpoint), "data": data.to_dict(),
               "train": train_cfg.to_dict(), "method": options.method, "method_config": method_cfg.to_dict(),
@@ -228,9 +229,16 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, option
                    reporter, command="search")
 
 
+def _probe(ctx: Context, batches: int):
+    """Loss on a fixed set of training batches (never the evaluation set)."""
+    ctx.train.set_epoch(10**6)
+    probe = loss_probe(ctx.model, ctx.train, batches)
+    ctx.train.set_epoch(0)
+    return probe
+
+
 def _finish(run_dir, config, method, ctx, train_cfg, probe_batches, records, fp_top1, started, reporter, command):
-    ctx.train.set_epoch(train_cfg.epochs)
-    finalize_info = method.finalize(loss_probe(ctx.model, ctx.train, probe_batches))
+    finalize_info = method.finalize(method.loss_probe or _probe(ctx, probe_batches))
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     base = {"command": command, "method": method.name, "model": ctx.spec.name, "data": ctx.info.name,
             "synthetic": ctx.info.synthetic, "target_bits": getattr(method.config, "target_bits", None),
@@ -279,6 +287,7 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
     defaults = {**method_cls.finetune_defaults}
     config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides})
     method.start_finetune()
+    method.loss_probe = _probe(ctx, config.get("probe_batches", 8))
     run_dir = _run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume)
     ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
     ft_config.pop("versions", None)

@@ -80,6 +80,7 @@ class TrainingHooks(Protocol):
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None: ...
     def on_step_end(self) -> None: ...
     def progress(self) -> dict[str, float]: ...
+    def wants_optimizer_reset(self) -> bool: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -103,6 +104,9 @@ class PlainTraining:
 
     def progress(self):
         return {}
+
+    def wants_optimizer_reset(self):
+        return False
 
     def state_dict(self):
         return {}
@@ -209,11 +213,13 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
 
     @torch.no_grad()
     def probe() -> float:
+        was_training = model.training
         model.eval()
         total, n = 0.0, 0
         for x, y in fixed:
             total += float(F.cross_entropy(model(x), y, reduction="sum"))
             n += len(y)
+        model.train(was_training)
         return total / max(n, 1)
 
     return probe
@@ -281,6 +287,8 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
                 total.backward()
                 optimizer.step()
                 hooks.on_step_end()
+                if hooks.wants_optimizer_reset():
+                    optimizer.state.clear()
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)

@@ -83,7 +83,7 @@ def test_average_bits_weighted_by_parameters(tiny):
 
 
 def test_temperature_schedule_reaches_beta_max(tiny):
-    method = _csq(tiny)
+    method = _csq(tiny, project_at=1.0)
     method.on_epoch_start(0, 2, 5)
     assert method.beta == pytest.approx(1.0)
     for epoch in range(2):
@@ -134,6 +134,27 @@ def test_budget_step_is_loss_aware():
     assert info["budget_met"]
     assert [(c["layer"], c["bits_before"], c["bits_after"]) for c in info["budget_changes"]] == [("1", 8, 7)]
     assert method.layer_bits() == {"0": 8, "1": 7}
+
+
+def test_projection_meets_budget_then_fixes_scheme(tiny):
+    method = _csq(tiny, target_bits=3, project_at=0.5)
+    from mpq_cli.engine import loss_probe
+
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    method.loss_probe = loss_probe(tiny, batches, 1)
+    tiny.train()
+    method.on_epoch_start(0, 1, 10)
+    for _ in range(4):
+        method.on_step_end()
+    assert method.phase is Phase.SEARCH and method.average_bits() == 8
+    method.on_step_end()  # step 5 of 10: project
+    assert method.phase is Phase.FINETUNE
+    assert tiny.training, "the probe must leave the model in training mode"
+    assert 2.9 - 1e-9 <= method.average_bits() <= 3 + 1e-9
+    assert method.regularizer() is None
+    assert all(bool(q.mask_is_fixed) and not q.mask_logits.requires_grad for q in method.quantizers().values())
+    info = method.finalize(method.loss_probe)
+    assert info["budget_met"] and info["avg_bits_before_budget_step"] == 8 and info["budget_changes"]
 
 
 def test_finetune_fixes_the_scheme(tiny):

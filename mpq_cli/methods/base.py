@@ -139,6 +139,8 @@ class Method(ABC):
         self.selection = selection or LayerSelection()
         self.phase = Phase.SEARCH
         self.layers: dict[str, QuantizedLayer] = {}
+        # measures the model's loss on a few fixed training batches; set by the API before training
+        self.loss_probe: Callable[[], float] | None = None
 
     # -- building -------------------------------------------------------------------------
     @abstractmethod
@@ -185,6 +187,10 @@ class Method(ABC):
 
     def progress(self) -> dict[str, float]:
         return {"avg_bits": self.average_bits()}
+
+    def wants_optimizer_reset(self) -> bool:
+        """True when the method re-initialised parameters and their optimizer state is stale."""
+        return False
 
     # -- results ----------------------------------------------------------------------------
     def finalize(self, loss_probe: Callable[[], float]) -> dict:

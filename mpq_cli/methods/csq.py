@@ -21,17 +21,20 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   model equals the 8-bit model at step 0.
 - Evaluation always uses unit-step gates (exact integer codes), so every reported
   accuracy is that of an exactly quantized model, and the run keeps the codes.
-- Budget guarantee: if the hard scheme ends outside ``[target - tol, target]``, a
-  loss-aware step measures, layer by layer, the loss of dropping its lowest-logit
-  selected bits (or adding its highest-logit unselected ones) on a few training
-  batches, and an exact integer program picks the per-layer changes with the least
-  summed loss that land in the window (see :mod:`mpq_cli.budget`).
+- Budget guarantee: at ``project_at`` of the search, if the hard scheme lies outside
+  ``[target - tol, target]``, a loss-aware step measures, layer by layer, the probe loss
+  of re-quantizing the layer's current codes to 0..n contiguous bits (rounding to the
+  coarser grid), and an exact integer program picks the per-layer bit counts with the
+  least summed loss that land in the window (see :mod:`mpq_cli.budget`). The scheme is
+  then fixed and the rest of the search is Alg. 1's fine-tuning stage: logits restart
+  from the exact codes, beta rewinds and rises to beta_max again.
 - Weight decay on bit logits and the rest of the model as in the paper; none on
   ``m_B`` (the budget term alone drives it) or on ``s``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +59,13 @@ class CSQConfig(MethodConfig):
         init_bit_logit: *ours*: |logit| a 0/1 bit of the initial 8-bit codes maps to.
         init_mask_logit: *ours*: initial m_B (positive: every bit selected).
         budget_tolerance: *ours*: the final average bits lands in [target - tol, target].
+        reg_weighting: ``paper``: Eq. 7's plain sum of R(m_B) over layers; ``size`` (*ours*):
+            each layer's R weighted by its share of the parameters (times the number of
+            layers, so lambda keeps its scale), i.e. by what its bits cost in the average.
+        project_at: *ours*: fraction of the search after which the scheme is projected into
+            the budget window and fixed; the remaining steps train the bits under it (as
+            Alg. 1's fine-tuning does), so the budget step's damage is trained away.
+            1.0 projects only at the very end.
     """
 
     version: int = 1
@@ -67,9 +77,15 @@ class CSQConfig(MethodConfig):
     init_bit_logit: float = 2.0
     init_mask_logit: float = 0.5
     budget_tolerance: float = 0.1
+    reg_weighting: str = "paper"
+    project_at: float = 0.75
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 < self.project_at <= 1.0:
+            raise MpqError("project_at must be in (0, 1]")
+        if self.reg_weighting not in ("paper", "size"):
+            raise MpqError("reg_weighting must be 'paper' or 'size'")
         if not 1 <= self.max_bits <= 16:
             raise MpqError(f"max_bits must be in 1..16, got {self.max_bits}")
         if self.target_bits > self.max_bits:
@@ -87,31 +103,24 @@ class CSQWeight(WeightQuantizer):
 
     def __init__(self, weight: torch.Tensor, cfg: CSQConfig, fixed_bits: int | None):
         super().__init__(weight.shape)
-        n = cfg.max_bits
-        self.n_bits = n
+        n = self.n_bits = cfg.max_bits
+        self.init_bit_logit, self.init_mask_logit = cfg.init_bit_logit, cfg.init_mask_logit
+        device = weight.device
+        self.bit_logits_pos = nn.Parameter(torch.zeros(*weight.shape, n, device=device))  # m_p, (*shape, n)
+        self.bit_logits_neg = nn.Parameter(torch.zeros(*weight.shape, n, device=device))  # m_n, (*shape, n)
+        self.mask_logits = nn.Parameter(torch.zeros(n, device=device))  # m_B, (n,)
+        self.scale = nn.Parameter(torch.ones((), device=device))  # s
+        self.register_buffer("bit_values", bit_values(n, device))  # 2^b
+        self.register_buffer("fixed_mask", torch.ones(n, device=device))  # q_B once the scheme is fixed
+        self.register_buffer("mask_is_fixed", torch.tensor(False, device=device))
+        self.temperature = cfg.beta_start  # beta, set by the method every step
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
-        pos, neg = to_bit_planes(quantize_codes(weight.detach(), max_abs, n), n)
-        c = cfg.init_bit_logit
-        self.bit_logits_pos = nn.Parameter((pos.float() * 2 - 1) * c)  # m_p, (*shape, n)
-        self.bit_logits_neg = nn.Parameter((neg.float() * 2 - 1) * c)  # m_n, (*shape, n)
-        self.mask_logits = nn.Parameter(torch.full((n,), float(cfg.init_mask_logit), device=weight.device))  # m_B
-        self.register_buffer("bit_values", bit_values(n, weight.device))  # 2^b
-        self.register_buffer("fixed_mask", torch.ones(n, device=weight.device))  # q_B once the scheme is fixed
-        self.register_buffer("mask_is_fixed", torch.tensor(False, device=weight.device))
+        codes = quantize_codes(weight.detach(), max_abs, n)
+        self.load_codes(codes, (max_abs / self.levels).float(), torch.ones(n, device=device), fixed=False)
         if fixed_bits is not None:
             if fixed_bits > n:
                 raise MpqError(f"--fix-bits {fixed_bits} exceeds CSQ's {n} bit planes")
-            # keep the top bits: the fixed layer's codes are the 8-bit codes truncated to them
-            self.fixed_mask.copy_((torch.arange(n, device=weight.device) >= n - fixed_bits).float())
-            self.mask_is_fixed.fill_(True)
-            with torch.no_grad():
-                self.mask_logits.copy_((self.fixed_mask * 2 - 1) * abs(cfg.init_mask_logit))
-        beta = cfg.beta_start
-        gain = torch.sigmoid(torch.tensor(beta * c)) - torch.sigmoid(torch.tensor(-beta * c))
-        if fixed_bits is None:
-            gain = gain * torch.sigmoid(torch.tensor(beta * cfg.init_mask_logit))
-        self.scale = nn.Parameter((max_abs / gain).reshape(()))  # s
-        self.temperature = beta  # beta, set by the method every step
+            self.load_codes(*self.requantized(fixed_bits), fixed=True)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, n_bits={self.n_bits}"
@@ -145,11 +154,48 @@ class CSQWeight(WeightQuantizer):
     def nominal_bits(self) -> int:
         return int(self.hard_mask().sum())
 
-    def set_bit(self, bit: int, selected: bool) -> None:
-        """Select or drop one bit by moving its mask logit across zero (budget step)."""
-        with torch.no_grad():
-            magnitude = max(abs(float(self.mask_logits[bit])), 1e-3)
-            self.mask_logits[bit] = magnitude if selected else -magnitude
+    @torch.no_grad()
+    def load_codes(self, codes: torch.Tensor, step: torch.Tensor, mask: torch.Tensor, fixed: bool) -> None:
+        """Re-initialise the logits so that the layer holds exactly ``codes * step`` with ``mask``.
+
+        Bits map to logits ``+-c``; ``s`` is divided by the gates' gain at the current
+        temperature so that the relaxed weight equals the exact one right now.
+        """
+        pos, neg = to_bit_planes(codes, self.n_bits)
+        c, beta = self.init_bit_logit, self.temperature
+        self.bit_logits_pos.copy_((pos.float() * 2 - 1) * c)
+        self.bit_logits_neg.copy_((neg.float() * 2 - 1) * c)
+        gain = math.tanh(beta * c / 2)  # sigmoid(beta c) - sigmoid(-beta c)
+        self.fixed_mask.copy_(mask.float())
+        self.mask_is_fixed.fill_(fixed)
+        if fixed:
+            self.mask_logits.copy_((mask.float() * 2 - 1) * abs(self.init_mask_logit))
+        else:
+            self.mask_logits.copy_(torch.where(mask.bool(), 1.0, -1.0) * self.init_mask_logit)
+            gain *= 1 / (1 + math.exp(-beta * self.init_mask_logit))
+        self.mask_logits.requires_grad_(not fixed)
+        self.scale.copy_(step.reshape(()) * self.levels / gain)
+
+    @torch.no_grad()
+    def requantized(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, step, mask)`` of the current exact weight rounded onto ``bits`` contiguous bits.
+
+        The block of bits sits under the highest bit the codes use, so large weights
+        keep their range and the dropped low bits are rounded, not truncated. With more
+        bits than the codes use, the codes are unchanged and the block extends downward.
+        """
+        codes, step = self.exact_codes()
+        n = self.n_bits
+        mask = torch.zeros(n, device=codes.device)
+        top = int(codes.abs().max()).bit_length() - 1
+        if bits == 0:
+            return torch.zeros_like(codes), step, mask
+        top = max(top, bits - 1)
+        shift = min(max(top - bits + 1, 0), n - bits)
+        limit = 2 ** bits - 1
+        reduced = torch.clamp(torch.round(codes.double() / 2 ** shift), -limit, limit)
+        mask[shift:shift + bits] = 1
+        return (reduced * 2 ** shift).to(torch.int32), step, mask
 
 
 @register("csq")
@@ -165,6 +211,10 @@ class CSQ(Method):
         super().__init__(config, selection)
         self._step = 0
         self._total_steps = 1
+        self._ramp_start = 0  # step at which the current beta ramp began (0, or the projection step)
+        self._reset_optimizer = False
+        self.budget_changes: list[dict] = []
+        self.avg_bits_before_projection: float | None = None
 
     def make_weight_quantizer(self, name, layer, fixed_bits):
         return CSQWeight(layer.weight, self.config, fixed_bits)
@@ -175,7 +225,7 @@ class CSQ(Method):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         no_decay = {id(q.mask_logits) for q in self.quantizers().values()}
         no_decay |= {id(q.scale) for q in self.quantizers().values()}
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = list(model.parameters())  # frozen masks included: they thaw on --resume of a search
         return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
                 {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
 
@@ -183,7 +233,8 @@ class CSQ(Method):
     @property
     def beta(self) -> float:
         cfg = self.config
-        progress = min(self._step / max(self._total_steps - 1, 1), 1.0)
+        span = max(self._total_steps - 1 - self._ramp_start, 1)
+        progress = min(max(self._step - self._ramp_start, 0) / span, 1.0)
         return cfg.beta_start * (cfg.beta_max / cfg.beta_start) ** progress
 
     def _apply_beta(self) -> None:
@@ -198,7 +249,33 @@ class CSQ(Method):
 
     def on_step_end(self) -> None:
         self._step += 1
+        if (self.phase is Phase.SEARCH and self.config.project_at < 1.0
+                and self._step >= self.config.project_at * self._total_steps):
+            self.project()
         self._apply_beta()
+
+    def wants_optimizer_reset(self) -> bool:
+        """True once after the logits were re-initialised (their momentum is stale)."""
+        reset, self._reset_optimizer = self._reset_optimizer, False
+        return reset
+
+    def project(self) -> None:
+        """Meet the budget now, fix the scheme, and restart the bits from the exact codes (Alg. 1 stage 2)."""
+        if self.loss_probe is None:
+            raise MpqError("CSQ needs a loss probe to project its scheme into the budget")
+        self.avg_bits_before_projection = self.average_bits()
+        self.budget_changes = self._meet_budget(self.loss_probe)
+        self._ramp_start = self._step
+        self._restart_fixed()
+        self.phase = Phase.FINETUNE
+
+    def _restart_fixed(self) -> None:
+        """Fix every layer's scheme and map its exact codes back to logits at the ramp's first beta."""
+        self._apply_beta()
+        for q in self.quantizers().values():
+            codes, step = q.exact_codes()
+            q.load_codes(codes, step, q.hard_mask(), fixed=True)
+        self._reset_optimizer = True
 
     def progress(self) -> dict[str, float]:
         return {"avg_bits": self.average_bits(), "beta": self.beta}
@@ -216,27 +293,32 @@ class CSQ(Method):
         if not searchable:
             return None
         delta_s = (self._average_bits_tensor() - self.config.target_bits).detach()  # Delta_S
-        gates = torch.stack([torch.sigmoid(q.temperature * q.mask_logits).sum() for q in searchable]).sum()
-        return self.config.reg_strength * delta_s * gates
+        gates = torch.stack([torch.sigmoid(q.temperature * q.mask_logits).sum() for q in searchable])  # R(m_B)
+        if self.config.reg_weighting == "size":
+            sizes = torch.tensor([float(torch.Size(q.shape).numel()) for q in searchable], device=gates.device)
+            gates = gates * sizes * (len(sizes) / sizes.sum())
+        return self.config.reg_strength * delta_s * gates.sum()
 
     # -- end of search ---------------------------------------------------------------------------
     def finalize(self, loss_probe) -> dict:
-        """Harden every gate and meet the budget; returns what the budget step did."""
+        """Harden every gate and make sure the budget is met; returns what the budget step did."""
+        if self.phase is Phase.SEARCH:  # not projected during training (project_at = 1.0 or a short run)
+            self.avg_bits_before_projection = self.average_bits()
+            self.budget_changes = self._meet_budget(loss_probe)
         self.phase = Phase.FINAL
-        before = self.average_bits()
-        changes = self._meet_budget(loss_probe)
         after = self.average_bits()
         target, tol = self.config.target_bits, self.config.budget_tolerance
         met = target - tol - 1e-9 <= after <= target + 1e-9
-        return {"avg_bits_before_budget_step": before, "budget_changes": changes, "budget_met": met}
+        before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
+        return {"avg_bits_before_budget_step": before, "budget_changes": self.budget_changes, "budget_met": met}
 
     @torch.no_grad()
     def _meet_budget(self, loss_probe) -> list[dict]:
         """Move the hard scheme into ``[target - tol, target]`` at the least measured loss.
 
-        For every searchable layer alone we measure the probe loss after dropping its
-        1, 2, ... lowest-logit selected bits and after adding its 1, 2, ...
-        highest-logit unselected bits; an exact integer program then picks one option
+        Options per searchable layer: its current codes, or those codes re-quantized to
+        any other number of contiguous bits (0..n); each option's probe loss is measured
+        with the other layers unchanged, and an exact integer program picks one option
         per layer, assuming the layers' loss changes add up.
         """
         target, tol = self.config.target_bits, self.config.budget_tolerance
@@ -246,29 +328,20 @@ class CSQ(Method):
         base_loss = loss_probe()
         searchable = self.searchable()
         names = list(self.layers)
-        options, bit_sets = [], []
+        options: list[list[tuple[int, float]]] = []
         for name in names:
             q = self.layers[name].weight_quantizer
             current = q.nominal_bits()
-            if name not in searchable:
-                options.append([(current, 0.0)])
-                bit_sets.append([None])
-                continue
-            saved = q.mask_logits.detach().clone()
-            selected = (saved >= 0).nonzero().flatten()
-            unselected = (saved < 0).nonzero().flatten()
-            drop_order = selected[saved[selected].argsort()].tolist()
-            add_order = unselected[saved[unselected].argsort(descending=True)].tolist()
-            layer_options, layer_sets = [(current, 0.0)], [None]
-            for order, selecting in ((drop_order, False), (add_order, True)):
-                for k in range(1, len(order) + 1):
-                    for bit in order[:k]:
-                        q.set_bit(bit, selecting)
-                    layer_options.append((q.nominal_bits(), loss_probe() - base_loss))
-                    layer_sets.append(q.mask_logits.detach().clone())
-                    q.mask_logits.copy_(saved)
+            layer_options = [(current, 0.0)]
+            if name in searchable:
+                saved = {k: v.clone() for k, v in q.state_dict().items()}
+                for bits in range(q.n_bits + 1):
+                    if bits != current:
+                        q.load_codes(*q.requantized(bits), fixed=True)
+                        layer_options.append((bits, loss_probe() - base_loss))
+                        q.load_state_dict(saved)
+                q.mask_logits.requires_grad_(True)
             options.append(layer_options)
-            bit_sets.append(layer_sets)
         params = [self.layers[n].params for n in names]
         picks = None
         for low in (target - tol, 0.0):  # if the window cannot be met, at least stay under the target
@@ -280,12 +353,12 @@ class CSQ(Method):
         if picks is None:
             return []
         changes = []
-        for name, pick, opts, sets in zip(names, picks, options, bit_sets):
-            if sets[pick] is None:
+        for name, pick, opts in zip(names, picks, options):
+            if pick == 0:
                 continue
             q = self.layers[name].weight_quantizer
             before = q.nominal_bits()
-            q.mask_logits.copy_(sets[pick])
+            q.load_codes(*q.requantized(opts[pick][0]), fixed=True)
             changes.append({"layer": name, "bits_before": before, "bits_after": q.nominal_bits(),
                             "probe_loss_change_alone": opts[pick][1]})
         final_loss = loss_probe()
@@ -295,23 +368,24 @@ class CSQ(Method):
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:
-        """Fix q_B = I(m_B >= 0), rewind beta, train only s, m_p, m_n."""
-        for q in self.quantizers().values():
-            q.fixed_mask.copy_(q.hard_mask())
-            q.mask_is_fixed.fill_(True)
-            q.mask_logits.requires_grad_(False)
+        """Fix q_B = I(m_B >= 0), rewind beta, train only s, m_p, m_n (from the exact codes)."""
+        self._step = self._ramp_start = 0
+        self._restart_fixed()
         self.phase = Phase.FINETUNE
-        self._step = 0
+        self.budget_changes, self.avg_bits_before_projection = [], None
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase.value, "step": self._step, "total_steps": self._total_steps}
+        return {"phase": self.phase.value, "step": self._step, "total_steps": self._total_steps,
+                "ramp_start": self._ramp_start, "budget_changes": self.budget_changes,
+                "avg_bits_before_projection": self.avg_bits_before_projection}
 
     def load_state_dict(self, state: dict) -> None:
         self.phase = Phase(state["phase"])
         self._step = int(state.get("step", 0))
         self._total_steps = int(state.get("total_steps", 1))
-        if self.phase is not Phase.SEARCH:
-            for q in self.quantizers().values():
-                if bool(q.mask_is_fixed):
-                    q.mask_logits.requires_grad_(False)
+        self._ramp_start = int(state.get("ramp_start", 0))
+        self.budget_changes = state.get("budget_changes", [])
+        self.avg_bits_before_projection = state.get("avg_bits_before_projection")
+        for q in self.quantizers().values():
+            q.mask_logits.requires_grad_(not bool(q.mask_is_fixed))
         self._apply_beta()
