@@ -20,11 +20,21 @@ from .errors import MpqError
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
 from .methods import Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint
+from .models.loading import read_state_dict
 from .models.zoo import BUILTIN
 from .quant.bits import canonicalize_codes
 from .report import markdown_report
-from .rundir import (default_run_dir, file_fingerprint, fingerprint, load_checkpoint_state, read_json,
-                     save_safetensors, versions, write_json, write_text_atomic)
+from .rundir import (
+    default_run_dir,
+    file_fingerprint,
+    fingerprint,
+    load_checkpoint_state,
+    read_json,
+    save_safetensors,
+    versions,
+    write_json,
+    write_text_atomic,
+)
 from .scheme import LayerEntry, Scheme
 
 _DEFAULT_INPUT = {"lenet5": (1, 28, 28)}
@@ -259,18 +269,18 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
     spec = ModelSpec.from_dict(config["model"])
     ctx = _setup(ModelOptions(spec.name, spec.weights, None), data, train_cfg)
     if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
-        raise MpqError(f"the data does not fit the run's model ({spec.num_classes} classes, {spec.in_channels} channels)")
+        raise MpqError(f"the data does not fit the run's model "
+                       f"({spec.num_classes} classes, {spec.in_channels} channels)")
     method_cls = get_method(config["method"])
     selection = LayerSelection(**config["selection"])
     method = method_cls(method_cls.config_class.from_dict(config["method_config"]), selection)
     method.prepare(ctx.model)
-    from .models.loading import read_state_dict
-
     state, _ = read_state_dict(run_dir / "model.safetensors")
     try:
         ctx.model.load_state_dict(state)
     except RuntimeError as exc:
-        raise MpqError(f"{run_dir}/model.safetensors does not fit the run's config: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        raise MpqError(f"{run_dir}/model.safetensors does not fit the run's config: {first}") from None
     method.load_state_dict(read_json(run_dir / "method.json"))
     return config, ctx, method, data, train_cfg
 

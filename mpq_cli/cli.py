@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -154,28 +154,28 @@ def _json_safe(obj):
 # Shared option types -------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in (lenet5, resnet20, ...), torchvision name "
                                        "(resnet18, mobilenet_v2, ...), or package.module:factory / file.py:factory.")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="torchvision weights: DEFAULT, an enum name "
+WeightsOpt = Annotated[str | None, typer.Option(help="torchvision weights: DEFAULT, an enum name "
                                                   "(IMAGENET1K_V1), or none.")]
-CheckpointOpt = Annotated[Optional[str], typer.Option(help="State dict to start from: .safetensors, .pt/.pth "
+CheckpointOpt = Annotated[str | None, typer.Option(help="State dict to start from: .safetensors, .pt/.pth "
                                                       "(loaded with weights_only=True) or an `mpq train` run directory.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}.")]
-DataDirOpt = Annotated[Optional[str], typer.Option(help="Dataset root folder (default: $MPQ_DATA_DIR or ./data; "
+DataDirOpt = Annotated[str | None, typer.Option(help="Dataset root folder (default: $MPQ_DATA_DIR or ./data; "
                                                    "Fashion-MNIST is also found in /usr/share/datasets).")]
-InputSizeOpt = Annotated[Optional[str], typer.Option(help="C,H,W of synthetic inputs (default: the model's).")]
+InputSizeOpt = Annotated[str | None, typer.Option(help="C,H,W of synthetic inputs (default: the model's).")]
 BatchOpt = Annotated[int, typer.Option(help="Batch size.")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (default: the command's).")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the method's).")]
-OptimOpt = Annotated[Optional[str], typer.Option(help="sgd or adam (default: the method's).")]
-SchedOpt = Annotated[Optional[str], typer.Option(help="cosine, step or constant (default: the method's).")]
-WdOpt = Annotated[Optional[float], typer.Option(help="Weight decay (default: the method's).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Epochs (default: the command's).")]
+LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: the method's).")]
+OptimOpt = Annotated[str | None, typer.Option(help="sgd or adam (default: the method's).")]
+SchedOpt = Annotated[str | None, typer.Option(help="cosine, step or constant (default: the method's).")]
+WdOpt = Annotated[float | None, typer.Option(help="Weight decay (default: the method's).")]
 WarmupOpt = Annotated[float, typer.Option(help="Linear learning-rate warm-up epochs.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for parameters, data order and augmentation.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA.")]
-LimitTrainOpt = Annotated[Optional[int], typer.Option(help="Stop each training epoch after N batches.")]
-LimitValOpt = Annotated[Optional[int], typer.Option(help="Evaluate on at most N batches.")]
+LimitTrainOpt = Annotated[int | None, typer.Option(help="Stop each training epoch after N batches.")]
+LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on at most N batches.")]
 NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
-OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write.")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
@@ -229,10 +229,10 @@ def search(
     schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
     device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
     limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False,
-    keep_fp: Annotated[Optional[list[str]], typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
-    fix_bits: Annotated[Optional[list[str]], typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
-    act_bits: Annotated[Optional[int], typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8). Default: FP activations.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable.")] = None,
+    keep_fp: Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
+    fix_bits: Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
+    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8). Default: FP activations.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable.")] = None,
     probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
     out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
@@ -261,11 +261,11 @@ def finetune(
     run: Annotated[Path, typer.Argument(help="A search run directory.")],
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
     lr: LrOpt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None, weight_decay: WdOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed (default: the run's).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
-    data_dir: DataDirOpt = None, batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the run's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the run's).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
+    data_dir: DataDirOpt = None, batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the run's).")] = None,
     limit_train_batches: LimitTrainOpt = None, limit_val_batches: LimitValOpt = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
     resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage)."""
@@ -285,7 +285,7 @@ def finetune(
 def eval_(
     target: Annotated[Path, typer.Argument(help="A run directory (packed files: next release).")],
     data_dir: DataDirOpt = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
     limit_val_batches: LimitValOpt = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):

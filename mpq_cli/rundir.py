@@ -134,6 +134,6 @@ class MetricsLog:
         """On resume, drop records of epochs that the checkpoint does not hold."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", -1) <= epoch and json.loads(line).get("stage") != "final"]
+        records = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line, r in records if r.get("epoch", -1) <= epoch and r.get("stage") != "final"]
         write_text_atomic(self.path, "".join(line + "\n" for line in keep))

@@ -26,7 +26,7 @@ def test_reconstruction_matches_eq5_bit_by_bit():
     q.temperature = 3.0
     f = lambda m: torch.sigmoid(3.0 * m)  # noqa: E731
     expected = sum((f(q.bit_logits_pos[..., b]) - f(q.bit_logits_neg[..., b])) * 2 ** b * f(q.mask_logits[b])
-                   for b in range(8)) * q.scale / 255
+                   for b in range(8)) * q.scale / 255 / q.gate_gain()
     assert torch.allclose(q.train_weight(), expected, atol=1e-6)
 
 
@@ -55,9 +55,12 @@ def test_initial_relaxed_model_equals_8bit_model(tiny):
     q = method.quantizers()["conv"]
     max_abs = weight.abs().max()
     expected = dequantize(quantize_codes(weight, max_abs, 8), max_abs / 255)
-    assert torch.allclose(q.train_weight(), expected, atol=1e-6)
-    codes, step = q.exact_codes()  # hard gates give the 8-bit codes too
+    for beta in (1.0, 7.0, 200.0):  # the gate-gain normalisation keeps relaxed == exact until logits move
+        method.quantizers()["conv"].temperature = beta
+        assert torch.allclose(q.train_weight(), expected, atol=1e-6)
+    codes, step = q.exact_codes()  # hard gates give the 8-bit codes and the same step
     assert torch.equal(codes, quantize_codes(weight, max_abs, 8))
+    assert torch.equal(dequantize(codes, step), expected)
 
 
 def test_regulariser_sign_follows_budget(tiny):

@@ -17,8 +17,12 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
 
 - Start from the checkpoint's 8-bit quantization: bits map to logits ``+-c`` (the
   public code's 0/1 logits never harden), ``m_B`` starts at ``+c_B`` (all bits
-  selected), and ``s`` is divided by the gate gain at ``beta_start`` so the relaxed
-  model equals the 8-bit model at step 0.
+  selected), ``s = max|W|``.
+- Gate-gain normalisation: Eq. (5)'s relaxed weight is divided by ``g(beta)``, the
+  value the gates give an unmoved bit (``tanh(beta c / 2) * sigmoid(beta c_B)``), which
+  tends to 1 as beta grows. This only reparametrises ``s`` by a known factor, and it
+  makes the relaxed and the exact (unit-step) model agree whenever the logits have not
+  moved: at the start, after the projection and at the start of fine-tuning.
 - Evaluation always uses unit-step gates (exact integer codes), so every reported
   accuracy is that of an exactly quantized model, and the run keeps the codes.
 - Budget guarantee: at ``project_at`` of the search, if the hard scheme lies outside
@@ -139,10 +143,23 @@ class CSQWeight(WeightQuantizer):
             return self.fixed_mask
         return (self.mask_logits >= 0).to(self.fixed_mask.dtype)
 
+    def gate_gain(self) -> float:
+        """What the gates multiply an unmoved bit by at the current temperature.
+
+        ``sigmoid(beta c) - sigmoid(-beta c) = tanh(beta c / 2)`` for a bit at its initial
+        logit ``+-c``, times ``sigmoid(beta m_B0)`` for a mask still being searched. It
+        tends to 1 as beta grows.
+        """
+        beta = self.temperature
+        gain = math.tanh(beta * self.init_bit_logit / 2)
+        if not bool(self.mask_is_fixed):
+            gain /= 1 + math.exp(-beta * self.init_mask_logit)
+        return gain
+
     def train_weight(self) -> torch.Tensor:
         beta = self.temperature
         digits = torch.sigmoid(beta * self.bit_logits_pos) - torch.sigmoid(beta * self.bit_logits_neg)
-        return torch.matmul(digits, self.bit_values * self.soft_mask()) * (self.scale / self.levels)
+        return torch.matmul(digits, self.bit_values * self.soft_mask()) * (self.scale / (self.levels * self.gate_gain()))
 
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         digits = (self.bit_logits_pos >= 0).to(torch.int32) - (self.bit_logits_neg >= 0).to(torch.int32)
@@ -158,23 +175,20 @@ class CSQWeight(WeightQuantizer):
     def load_codes(self, codes: torch.Tensor, step: torch.Tensor, mask: torch.Tensor, fixed: bool) -> None:
         """Re-initialise the logits so that the layer holds exactly ``codes * step`` with ``mask``.
 
-        Bits map to logits ``+-c``; ``s`` is divided by the gates' gain at the current
-        temperature so that the relaxed weight equals the exact one right now.
+        Bits map to logits ``+-c`` and ``s = step * (2^n - 1)``; with the gate-gain
+        normalisation of :meth:`train_weight` the relaxed weight then equals the exact
+        one at every temperature until the logits move.
         """
         pos, neg = to_bit_planes(codes, self.n_bits)
-        c, beta = self.init_bit_logit, self.temperature
+        c = self.init_bit_logit
         self.bit_logits_pos.copy_((pos.float() * 2 - 1) * c)
         self.bit_logits_neg.copy_((neg.float() * 2 - 1) * c)
-        gain = math.tanh(beta * c / 2)  # sigmoid(beta c) - sigmoid(-beta c)
         self.fixed_mask.copy_(mask.float())
         self.mask_is_fixed.fill_(fixed)
-        if fixed:
-            self.mask_logits.copy_((mask.float() * 2 - 1) * abs(self.init_mask_logit))
-        else:
-            self.mask_logits.copy_(torch.where(mask.bool(), 1.0, -1.0) * self.init_mask_logit)
-            gain *= 1 / (1 + math.exp(-beta * self.init_mask_logit))
+        sign = torch.where(mask.bool(), 1.0, -1.0).to(self.mask_logits.device)
+        self.mask_logits.copy_(sign * abs(self.init_mask_logit))
         self.mask_logits.requires_grad_(not fixed)
-        self.scale.copy_(step.reshape(()) * self.levels / gain)
+        self.scale.copy_(step.reshape(()) * self.levels)
 
     @torch.no_grad()
     def requantized(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,7 +367,7 @@ class CSQ(Method):
         if picks is None:
             return []
         changes = []
-        for name, pick, opts in zip(names, picks, options):
+        for name, pick, opts in zip(names, picks, options, strict=True):
             if pick == 0:
                 continue
             q = self.layers[name].weight_quantizer

@@ -1,0 +1,34 @@
+import torch
+
+from mpq_cli.data import DataConfig, TensorBatches, _random_crop, load_data
+
+
+def test_synthetic_is_shaped_for_the_model_and_learnable():
+    info, train, val = load_data(DataConfig("synthetic", batch_size=64), default_input=(1, 28, 28), seed=0)
+    x, y = next(iter(train))
+    assert x.shape == (64, 1, 28, 28) and info.synthetic and info.num_classes == 10
+    assert len(torch.unique(train.labels)) > 5  # labels come from a fixed projection, not one class
+
+
+def test_shuffling_is_seeded_by_epoch():
+    imgs = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    batches = TensorBatches(imgs, torch.arange(10), 10, (0.0,), (1.0,), shuffle=True, seed=1)
+    first = next(iter(batches))[1].tolist()
+    assert next(iter(batches))[1].tolist() == first
+    batches.set_epoch(1)
+    assert next(iter(batches))[1].tolist() != first
+    assert sorted(first) == list(range(10))
+
+
+def test_random_crop_keeps_shape_and_content_window():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1)
+    out = _random_crop(x, 1, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for img in out:  # each crop is a shifted window of the zero-padded image
+        nonzero = img[img != 0]
+        assert set(nonzero.tolist()) <= set(range(16))
+
+
+def test_limit_batches():
+    _, train, _ = load_data(DataConfig("synthetic", batch_size=16, limit_train_batches=3), default_input=(1, 8, 8))
+    assert len(train) == 3 and sum(1 for _ in train) == 3
