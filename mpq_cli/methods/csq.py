@@ -27,8 +27,7 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   accuracy is that of an exactly quantized model, and the run keeps the codes.
 - Budget guarantee: at ``project_at`` of the search, if the hard scheme lies outside
   ``[target - tol, target]``, a loss-aware step measures, layer by layer, the probe loss
-  of re-quantizing the layer's current codes to 0..n contiguous bits (rounding to the
-  coarser grid), and an exact integer program picks the per-layer bit counts with the
+  of rounding the layer's relaxed weight onto 0..n contiguous bits, and an exact integer program picks the per-layer bit counts with the
   least summed loss that land in the window (see :mod:`mpq_cli.budget`). The scheme is
   then fixed and the rest of the search is Alg. 1's fine-tuning stage: logits restart
   from the exact codes, beta rewinds and rises to beta_max again.
@@ -78,11 +77,11 @@ class CSQConfig(MethodConfig):
     reg_strength: float = 0.01
     beta_start: float = 1.0
     beta_max: float = 200.0
-    init_bit_logit: float = 2.0
+    init_bit_logit: float = 0.25
     init_mask_logit: float = 0.5
     budget_tolerance: float = 0.1
     reg_weighting: str = "paper"
-    project_at: float = 0.75
+    project_at: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,25 +190,34 @@ class CSQWeight(WeightQuantizer):
         self.scale.copy_(step.reshape(()) * self.levels)
 
     @torch.no_grad()
-    def requantized(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(codes, step, mask)`` of the current exact weight rounded onto ``bits`` contiguous bits.
+    def requantized(self, bits: int, relaxed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, step, mask)``: the layer rounded onto ``bits`` contiguous bits of its lattice.
 
-        The block of bits sits under the highest bit the codes use, so large weights
-        keep their range and the dropped low bits are rounded, not truncated. With more
-        bits than the codes use, the codes are unchanged and the block extends downward.
+        The source is the exact weight, or with ``relaxed`` the relaxed weight of Eq. 5 at
+        the current temperature (which carries what the soft bits learned). The block of
+        bits is placed where the rounding error (squared, clipping included) is least, at
+        or below the highest bit the codes use; dropped low bits are rounded, not truncated.
         """
         codes, step = self.exact_codes()
+        if relaxed:
+            limit = self.levels
+            codes = torch.clamp(torch.round(self.train_weight() / step), -limit, limit).to(torch.int32)
         n = self.n_bits
         mask = torch.zeros(n, device=codes.device)
-        top = int(codes.abs().max()).bit_length() - 1
         if bits == 0:
             return torch.zeros_like(codes), step, mask
-        top = max(top, bits - 1)
-        shift = min(max(top - bits + 1, 0), n - bits)
+        # candidate block positions: every shift whose top bit stays below the layer's highest bit
+        top = max(int(codes.abs().max()).bit_length() - 1, bits - 1)
+        shifts = torch.arange(0, min(max(top - bits + 1, 0), n - bits) + 1, device=codes.device, dtype=torch.float64)
         limit = 2 ** bits - 1
-        reduced = torch.clamp(torch.round(codes.double() / 2 ** shift), -limit, limit)
+        scales = torch.pow(2.0, shifts).view(-1, *([1] * codes.dim()))
+        candidates = torch.clamp(torch.round(codes.double() / scales), -limit, limit) * scales
+        # the block with the least squared error: clipping a few large weights can beat a coarse step
+        errors = (candidates - codes.double()).pow(2).flatten(1).sum(1)
+        best = int(errors.argmin())
+        shift = int(shifts[best])
         mask[shift:shift + bits] = 1
-        return (reduced * 2 ** shift).to(torch.int32), step, mask
+        return candidates[best].to(torch.int32), step, mask
 
 
 @register("csq")
@@ -330,10 +338,10 @@ class CSQ(Method):
     def _meet_budget(self, loss_probe) -> list[dict]:
         """Move the hard scheme into ``[target - tol, target]`` at the least measured loss.
 
-        Options per searchable layer: its current codes, or those codes re-quantized to
-        any other number of contiguous bits (0..n); each option's probe loss is measured
-        with the other layers unchanged, and an exact integer program picks one option
-        per layer, assuming the layers' loss changes add up.
+        Options per searchable layer: leave it, or round its relaxed weight onto 0..n
+        contiguous bits; each option's probe loss is measured with the other layers
+        unchanged, and an exact integer program picks one option per layer, assuming the
+        layers' loss changes add up.
         """
         target, tol = self.config.target_bits, self.config.budget_tolerance
         avg = self.average_bits()
@@ -345,15 +353,13 @@ class CSQ(Method):
         options: list[list[tuple[int, float]]] = []
         for name in names:
             q = self.layers[name].weight_quantizer
-            current = q.nominal_bits()
-            layer_options = [(current, 0.0)]
+            layer_options = [(q.nominal_bits(), 0.0)]  # option 0: leave the layer as it is
             if name in searchable:
                 saved = {k: v.clone() for k, v in q.state_dict().items()}
                 for bits in range(q.n_bits + 1):
-                    if bits != current:
-                        q.load_codes(*q.requantized(bits), fixed=True)
-                        layer_options.append((bits, loss_probe() - base_loss))
-                        q.load_state_dict(saved)
+                    q.load_codes(*q.requantized(bits, relaxed=True), fixed=True)
+                    layer_options.append((bits, loss_probe() - base_loss))
+                    q.load_state_dict(saved)
                 q.mask_logits.requires_grad_(True)
             options.append(layer_options)
         params = [self.layers[n].params for n in names]
@@ -372,7 +378,7 @@ class CSQ(Method):
                 continue
             q = self.layers[name].weight_quantizer
             before = q.nominal_bits()
-            q.load_codes(*q.requantized(opts[pick][0]), fixed=True)
+            q.load_codes(*q.requantized(opts[pick][0], relaxed=True), fixed=True)
             changes.append({"layer": name, "bits_before": before, "bits_after": q.nominal_bits(),
                             "probe_loss_change_alone": opts[pick][1]})
         final_loss = loss_probe()
