@@ -36,7 +36,7 @@ def run(args: list[str], log: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench-fmnist", help="folder for the run directories")
-    parser.add_argument("--fp-epochs", type=int, default=6)
+    parser.add_argument("--fp-epochs", type=int, default=12)
     parser.add_argument("--search-epochs", type=int, default=4)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--target-bits", type=float, default=2.0)
@@ -46,9 +46,11 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         sys.exit(f"{out} exists; remove it or pass --out")
-    common = ["--data", "fashion-mnist", "--batch-size", "256", "--seed", str(args.seed)]
+    common = ["--data", "fashion-mnist", "--seed", str(args.seed)]
     log: list[str] = []
-    fp = run(["train", "--model", "lenet5", *common, "--epochs", str(args.fp_epochs), "--out", str(out / "fp32")], log)
+    fp = run(["train", "--model", "lenet5", *common, "--batch-size", "128", "--epochs", str(args.fp_epochs),
+              "--out", str(out / "fp32")], log)
+    common += ["--batch-size", "256"]
     bits = f"{args.target_bits:g}"
     rows = [("FP32", None, fp)]
     for method in ("csq", "uniform"):

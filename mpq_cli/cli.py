@@ -175,9 +175,10 @@ AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA.")]
 LimitTrainOpt = Annotated[int | None, typer.Option(help="Stop each training epoch after N batches.")]
 LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on at most N batches.")]
 NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
-OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write.")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: runs/COMMAND-MODEL-TIMESTAMP).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
+ClipOpt = Annotated[float | None, typer.Option(help="Clip the global gradient norm (default: the method's; none for train).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
 
 
@@ -203,15 +204,16 @@ def train(
     batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
     schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
     device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
-    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, out: OutOpt = None,
-    resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, clip_grad: ClipOpt = None,
+    out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Train the FP32 baseline: the reference every search starts from and is measured against.
 
     Defaults: 12 epochs of Adam (lr 2e-3, cosine). Writes RUN/model.safetensors.
     """
     cfg = _train_cfg(FP_DEFAULTS, epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
-                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp)
+                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp,
+                     clip_grad=clip_grad)
     summary = api.train(api.ModelOptions(model, weights, checkpoint),
                         _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
                                   no_augment), cfg, out=out, resume=resume, reporter=RichReporter(quiet or as_json))
@@ -228,7 +230,7 @@ def search(
     batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
     schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
     device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
-    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False,
+    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, clip_grad: ClipOpt = None,
     keep_fp: Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
     fix_bits: Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8). Default: FP activations.")] = None,
@@ -244,7 +246,7 @@ def search(
     method_cls = METHODS[method_name]
     cfg = _train_cfg({"epochs": 10, **method_cls.training_defaults}, epochs=epochs, lr=lr, optimizer=optimizer,
                      schedule=schedule, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                     device=device, amp=amp)
+                     device=device, amp=amp, clip_grad=clip_grad)
     method_config = {"target_bits": target_bits, "act_bits": act_bits, **_parse_sets(set_ or [])}
     selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)

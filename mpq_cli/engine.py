@@ -43,6 +43,7 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         amp: bf16 autocast on CUDA.
         seed: seeds parameters, data order and augmentation.
+        clip_grad: clip the global gradient norm to this value (``None``: no clipping).
     """
 
     epochs: int = 10
@@ -57,8 +58,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     seed: int = 0
+    clip_grad: float | None = None
 
     def __post_init__(self) -> None:
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise MpqError("--clip-grad must be > 0")
         if self.optimizer not in OPTIMIZERS:
             raise MpqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -285,6 +289,8 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
                 total = loss if reg is None else loss + reg
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
                 hooks.on_step_end()
                 if hooks.wants_optimizer_reset():
