@@ -27,8 +27,9 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   accuracy is that of an exactly quantized model, and the run keeps the codes.
 - Budget guarantee: at ``project_at`` of the search, if the hard scheme lies outside
   ``[target - tol, target]``, a loss-aware step measures, layer by layer, the probe loss
-  of rounding the layer's relaxed weight onto 0..n contiguous bits, and an exact integer program picks the per-layer bit counts with the
-  least summed loss that land in the window (see :mod:`mpq_cli.budget`). The scheme is
+  of rounding the layer's relaxed weight onto 0..n contiguous bits, and an exact
+  integer program picks the per-layer bit counts with the least summed loss that land
+  in the window (see :mod:`mpq_cli.budget`). The scheme is
   then fixed and the rest of the search is Alg. 1's fine-tuning stage: logits restart
   from the exact codes, beta rewinds and rises to beta_max again.
 - Weight decay on bit logits and the rest of the model as in the paper; none on
@@ -158,7 +159,8 @@ class CSQWeight(WeightQuantizer):
     def train_weight(self) -> torch.Tensor:
         beta = self.temperature
         digits = torch.sigmoid(beta * self.bit_logits_pos) - torch.sigmoid(beta * self.bit_logits_neg)
-        return torch.matmul(digits, self.bit_values * self.soft_mask()) * (self.scale / (self.levels * self.gate_gain()))
+        step = self.scale / (self.levels * self.gate_gain())
+        return torch.matmul(digits, self.bit_values * self.soft_mask()) * step
 
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         digits = (self.bit_logits_pos >= 0).to(torch.int32) - (self.bit_logits_neg >= 0).to(torch.int32)
