@@ -192,8 +192,9 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     notes = []
     changes = finalize_info.get("budget_changes")
     if changes:
-        lines = [f"- `{c['layer']}`: {c['bits_before']} -> {c['bits_after']} bits (probe loss change alone "
-                 f"{c['probe_loss_change_alone']:+.4f})" for c in changes]
+        lines = [f"- `{c['layer']}`: " + (f"{c['bits_before']} -> {c['bits_after']} bits" if c['bits_before'] !=
+                 c['bits_after'] else f"re-rounded from its relaxed weight at {c['bits_after']} bits") +
+                 f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})" for c in changes]
         notes.append("## Budget step\n\nThe search ended at "
                      f"{finalize_info['avg_bits_before_budget_step']:.4f} average bits; the loss-aware budget "
                      "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
