@@ -152,10 +152,10 @@ class SearchOptions:
     probe_batches: int = 8
 
 
-def build_scheme(method: Method, model: nn.Module) -> Scheme:
+def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) -> Scheme:
     """The bit table of a prepared model, with stored bits measured from the exact codes."""
     entries = []
-    codes = method.layer_codes()
+    codes = codes if codes is not None else method.layer_codes()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
             _, _, magnitude = canonicalize_codes(codes[name].codes)
@@ -176,11 +176,12 @@ def build_scheme(method: Method, model: nn.Module) -> Scheme:
 
 def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.Module, summary_base: dict,
                         final: dict, finalize_info: dict, records: list[dict]) -> dict:
-    scheme = build_scheme(method, model)
+    codes = method.layer_codes()  # one computation feeds the scheme and codes.safetensors
+    scheme = build_scheme(method, model, codes)
     save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
     write_json(run_dir / "method.json", method.state_dict())
     tensors = {}
-    for name, lc in method.layer_codes().items():
+    for name, lc in codes.items():
         tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
         tensors[f"{name}.step"] = lc.step.to(torch.float32)
     save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1"})
