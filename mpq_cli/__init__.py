@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .api import finetune, search, train  # noqa: E402
+from .api import evaluate_run, export, finetune, inspect, search, train  # noqa: E402
 from .errors import MpqError  # noqa: E402
+from .packing.format import decode_layer, load_packed  # noqa: E402
 
-__all__ = ["MpqError", "__version__", "finetune", "search", "train"]
+__all__ = ["MpqError", "__version__", "decode_layer", "evaluate_run", "export", "finetune", "inspect", "load_packed",
+           "search", "train"]

@@ -1,4 +1,5 @@
-"""The plain-Python API behind every command: ``train``, ``search``, ``finetune``, ``evaluate_run``.
+"""The plain-Python API behind every command: ``train``, ``search``, ``finetune``, ``evaluate_run``,
+``export``, ``inspect``.
 
 Each function builds what it needs (model, data, method), runs the shared engine
 and writes a run directory; it returns a summary dict (what ``--json`` prints).
@@ -14,16 +15,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import DataConfig, DatasetInfo, load_data
+from .data import DataConfig, DatasetInfo, default_data_dir, load_data
 from .engine import Reporter, TrainConfig, evaluate, fit, loss_probe, resolve_device, seed_everything
 from .errors import MpqError
+from .export import pack_run, size_report
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
 from .methods import Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint
 from .models.loading import read_state_dict
 from .models.zoo import BUILTIN
-from .quant.bits import canonicalize_codes
-from .report import markdown_report
+from .packing.encodings import plan_codes
+from .packing.format import FORMAT, PackedFile, load_packed, serialized_size, write_packed
+from .report import markdown_report, markdown_size_report
 from .rundir import (
     default_run_dir,
     file_fingerprint,
@@ -74,16 +77,19 @@ def _default_input(name: str) -> tuple[int, int, int]:
 
 
 def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -> Context:
-    device = resolve_device(train_cfg.device)
-    weights = None if model_opts.weights in (None, "none") else model_opts.weights
     channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
     info, train_b, val_b = load_data(data, channels=channels, default_input=_default_input(model_opts.name),
                                      seed=train_cfg.seed)
+    weights = None if model_opts.weights in (None, "none") else model_opts.weights
     spec = ModelSpec(model_opts.name, weights, info.num_classes, info.in_channels, tuple(info.input_size))
     seed_everything(train_cfg.seed)
     model = build_model(spec)
     if model_opts.checkpoint:
         load_checkpoint(model, model_opts.checkpoint)
+    return _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
+
+
+def _place(model: nn.Module, spec: ModelSpec, info: DatasetInfo, train_b, val_b, device: torch.device) -> Context:
     model.to(device)
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # NHWC convolutions are markedly faster on CPU (oneDNN) and with AMP on GPU
@@ -158,10 +164,11 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
     codes = codes if codes is not None else method.layer_codes()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
-            _, _, magnitude = canonicalize_codes(codes[name].codes)
+            plan = plan_codes(codes[name].codes)
             kind = "conv2d" if isinstance(module.layer, nn.Conv2d) else "linear"
+            act_bits = getattr(module.act_quantizer, "bits", None)
             entries.append(LayerEntry(name, kind, list(module.weight_shape), module.params, codes[name].nominal_bits,
-                                      magnitude + 1 if magnitude else 0))
+                                      plan.width, plan.extra_values, act_bits))
     for name, module in quantizable_layers(model).items():
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         entries.append(LayerEntry(name, kind, list(module.weight.shape), module.weight.numel(), None, None, 0))
@@ -314,22 +321,90 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
                    config.get("fp_top1"), started, reporter, command="finetune")
 
 
-def evaluate_run(run: str, data_overrides: dict | None = None, *, device: str | None = None,
+def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str | None = None,
                  reporter: Reporter | None = None) -> dict:
-    """Accuracy of a run's exactly quantized model (or of an ``mpq train`` run's FP model)."""
+    """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model."""
     overrides = {"device": device} if device else {}
-    run_path = Path(run)
+    run_path = Path(target)
+    if run_path.is_file():
+        return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter)
     config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
     if config is None:
-        raise MpqError(f"{run} is not an mpq run directory; packed files are evaluated by `mpq eval FILE` "
-                       "(not implemented yet)")
+        raise MpqError(f"{target} not found" if not run_path.exists() else
+                       f"{target} is neither a packed file nor an mpq run directory (no config.json)")
     if "method" in config:
-        _, ctx, _, data, train_cfg = load_run(run, data_overrides, overrides)  # eval mode: exact weights
+        _, ctx, _, data, train_cfg = load_run(target, data_overrides, overrides)  # eval mode: exact weights
     else:
         data = DataConfig(**{**config["data"], **(data_overrides or {})})
         train_cfg = TrainConfig(**{**config["train"], **overrides})
         spec = ModelSpec.from_dict(config["model"])
         ctx = _setup(ModelOptions(spec.name, spec.weights, str(run_path / "model.safetensors")), data, train_cfg)
     result = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="eval")
-    return {"command": "eval", "run": str(run), "data": data.name, "synthetic": ctx.info.synthetic, **result,
-            "out": str(run)}
+    return {"command": "eval", "run": str(target), "data": data.name, "synthetic": ctx.info.synthetic, **result,
+            "out": str(target)}
+
+
+def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, device: str | None = None,
+                    reporter: Reporter | None = None) -> dict:
+    """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default."""
+    packed = PackedFile.open(path)
+    model = load_packed(path)
+    header = packed.header
+    recorded = header.get("eval") or {}
+    fields = {**recorded.get("data", {"name": header.get("data", {}).get("name", "fashion-mnist")}),
+              "data_dir": default_data_dir(), **(data_overrides or {})}
+    try:
+        data = DataConfig(**fields)
+        spec = ModelSpec.from_dict(header["model"])
+    except TypeError as exc:
+        raise MpqError(f"{path}: malformed eval/model record in the header ({exc})") from None
+    info, train_b, val_b = load_data(data, channels=spec.in_channels,
+                                     default_input=(spec.in_channels, *spec.input_size), seed=recorded.get("seed", 0))
+    if info.num_classes != spec.num_classes:
+        raise MpqError(f"{data.name} has {info.num_classes} classes; the packed model has {spec.num_classes}")
+    ctx = _place(model, spec, info, train_b, val_b, resolve_device(device or "auto"))
+    result = evaluate(ctx.model, ctx.val, reporter=reporter, description="eval")
+    return {"command": "eval", "file": str(path), "data": data.name, "synthetic": info.synthetic, **result,
+            "top1_at_export": (header.get("source") or {}).get("top1"), "out": str(path)}
+
+
+# ------------------------------------------------------------------------------ export & inspect
+def _report_paths(out: Path) -> tuple[Path, Path]:
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    return out.with_name(f"{stem}.report.json"), out.with_name(f"{stem}.report.md")
+
+
+def export(run: str | Path, out: str | Path | None = None) -> dict:
+    """Write a run's bit-packed safetensors file and its size report (``FILE.report.json`` / ``.md``).
+
+    Returns the size report's totals with ``out`` (the file) and ``report`` (the JSON report).
+    """
+    packed = pack_run(run)
+    out = Path(out) if out else Path(run) / "packed.safetensors"
+    if out.is_dir():
+        raise MpqError(f"-o {out} is a directory; give a file name")
+    write_packed(out, packed.header, packed.tensors)
+    written = PackedFile.open(out)  # sizes are measured on the file as written
+    report = size_report(written.header, {n: t.nbytes for n, t in written.tensors.items()}, written.file_bytes)
+    json_path, md_path = _report_paths(out)
+    write_json(json_path, report)
+    write_text_atomic(md_path, markdown_size_report(report, out.name))
+    return {"command": "export", **{k: v for k, v in report.items() if k != "layers"}, "out": str(out),
+            "report": str(json_path)}
+
+
+def inspect(target: str | Path) -> dict:
+    """The size report of a packed file (from its header, without building the model) or of a run
+    (encoded in memory exactly as ``mpq export`` would write it)."""
+    path = Path(target)
+    if path.is_dir():
+        packed = pack_run(path)
+        size = serialized_size(packed.header, packed.tensors)
+        report = size_report({"format": FORMAT, **packed.header}, packed.tensor_bytes(), size)
+        return {**report, "source": "run", "target": str(path)}
+    if not path.exists():
+        raise MpqError(f"{path} not found")
+    packed_file = PackedFile.open(path)
+    report = size_report(packed_file.header, {n: t.nbytes for n, t in packed_file.tensors.items()},
+                         packed_file.file_bytes)
+    return {**report, "source": "file", "target": str(path)}

@@ -142,7 +142,8 @@ def _emit(summary: dict, as_json: bool, title: str) -> None:
     if summary.get("synthetic"):
         acc += "  (synthetic data: for smoke tests only)"
     out_console.print(f"{title}: {acc}", highlight=False)
-    out_console.print(f"written: {summary['out']}", highlight=False)
+    if summary.get("command") != "eval":
+        out_console.print(f"written: {summary['out']}", highlight=False)
 
 
 def _json_safe(obj):
@@ -285,31 +286,92 @@ def finetune(
 @app.command("eval")
 @_handle_errors
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run directory (packed files: next release).")],
+    target: Annotated[Path, typer.Argument(help="A packed .safetensors file (from `mpq export`) or a run directory.")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset (default: the one the file or run "
+                                             "recorded).")] = None,
     data_dir: DataDirOpt = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the recorded one).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's; auto for files).")] = None,
     limit_val_batches: LimitValOpt = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
-    """Measure top-1 (and top-5) of a run's exactly quantized model on its dataset."""
-    overrides = {k: v for k, v in dict(data_dir=data_dir, limit_val_batches=limit_val_batches).items()
-                 if v is not None}
+    """Measure top-1 (and top-5 with more than 5 classes) of a packed file or a run, on its recorded dataset.
+
+    A packed file is decoded into a plain model (no run directory needed); a run evaluates its exact weights.
+    """
+    overrides = {k: v for k, v in dict(name=data, data_dir=data_dir, batch_size=batch_size,
+                                       limit_val_batches=limit_val_batches).items() if v is not None}
     summary = api.evaluate_run(str(target), overrides, device=device, reporter=RichReporter(quiet or as_json))
     _emit(summary, as_json, "eval")
+    if not as_json and summary.get("top1_at_export") is not None:
+        out_console.print(f"the run measured {summary['top1_at_export']:.2f} % at export", highlight=False)
 
 
 @app.command()
 @_handle_errors
-def export(run: Annotated[Path, typer.Argument(help="A search or finetune run directory.")]):
-    """Write bit-packed safetensors and a per-layer precision report (not implemented yet)."""
-    raise MpqError("`mpq export` is not implemented yet")
+def export(
+    run: Annotated[Path, typer.Argument(help="A search or finetune run directory.")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="File to write (default: RUN/packed.safetensors); "
+                                            "FILE.report.json and FILE.report.md go beside it.")] = None,
+    as_json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Write bit-packed safetensors (format mpq.packed/1, docs/format.md) and a per-layer precision report.
+
+    Every layer is checked to decode to the run's exact weights before the file is written.
+    """
+    summary = api.export(str(run), out)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=_json_safe) + "\n")
+        return
+    from rich.table import Table
+
+    from .report import size_summary_lines
+
+    table = Table(show_header=False, box=None)
+    for k, v in size_summary_lines(summary):
+        table.add_row(k, v)
+    out_console.print(table)
+    out_console.print(f"written: {summary['out']} (report: {summary['report']})", highlight=False)
+
+
+class SortKey(enum.StrEnum):
+    order = "order"
+    size = "size"
+    bits = "bits"
+    name = "name"
 
 
 @app.command()
 @_handle_errors
-def inspect(target: Annotated[Path, typer.Argument(help="A packed file or a run directory.")]):
-    """Show the layer bit table of a packed file or a run (not implemented yet)."""
-    raise MpqError("`mpq inspect` is not implemented yet")
+def inspect(
+    target: Annotated[Path, typer.Argument(help="A packed .safetensors file or a run directory.")],
+    layers: Annotated[str | None, typer.Option(help="Only layers whose name matches this glob.")] = None,
+    sort: Annotated[SortKey, typer.Option(help="Row order: module order, size (bytes, largest first), bits, "
+                                          "name.")] = SortKey.order,
+    as_json: JsonOpt = False,
+):
+    """Show the layer bit table: bits, encoding, stored bytes and share of each layer, and the totals.
+
+    A file is read from its header alone (no model is built); a run is encoded in memory as export would.
+    """
+    from .export import select_layers
+
+    report = api.inspect(str(target))
+    rows = select_layers(report, layers, sort.value if isinstance(sort, enum.Enum) else sort)
+    if as_json:
+        sys.stdout.write(json.dumps({**report, "layers": rows}, default=_json_safe) + "\n")
+        return
+    from rich.table import Table
+
+    from .report import rich_size_table, size_summary_lines
+
+    out_console.print(rich_size_table(report, rows, f"{target} ({report['source']})"))
+    out_console.print("bits: nominal (the method's count); b/w: stored bits per weight measured on the file, sign, "
+                      "scales and tables included", highlight=False)
+    summary = Table(show_header=False, box=None)
+    for k, v in size_summary_lines(report):
+        summary.add_row(k, v)
+    out_console.print(summary)
 
 
 @app.command()

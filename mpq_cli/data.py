@@ -31,6 +31,17 @@ _TENSOR_DATASETS = {
 DATASETS = [*_TENSOR_DATASETS, "synthetic", "imagefolder:PATH"]
 
 
+def normalisation(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per input channel that the model's inputs are normalised with."""
+    if name in _TENSOR_DATASETS:
+        mean, std = _TENSOR_DATASETS[name][:2]
+        repeat = channels // len(mean) if channels % len(mean) == 0 else 1
+        return mean * repeat, std * repeat
+    if name.startswith("imagefolder:"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.0,) * channels, (1.0,) * channels
+
+
 @dataclass
 class DataConfig:
     """Which data, where, and how it is batched.

@@ -3,13 +3,15 @@
 Two counts per layer, always reported side by side:
 
 - ``bits``: nominal magnitude bits as the method's paper counts them (sign excluded);
-- ``stored_bits``: bits per weight the exact integer codes need as sign-magnitude
-  numbers after removing a common power-of-two factor (magnitude bits + 1 sign bit,
-  0 for an all-zero layer). CSQ codes whose selected bits are not contiguous cost
-  more than their nominal count; this number says so.
+- ``stored_bits``: bits per weight of the packed encoding ``mpq export`` chooses for
+  the exact integer codes (:func:`mpq_cli.packing.encodings.plan_codes`): for ``int``
+  the two's complement width after removing a common power-of-two factor (magnitude
+  bits + 1 sign bit for sign-magnitude codes), for ``lut`` the index width, 0 for an
+  all-zero layer. CSQ codes whose selected bits are not contiguous can cost more
+  than their nominal count; this number says so.
 
-Sizes here are computed from the codes (``estimated``); the packed file of
-``mpq export`` gives the sizes on disk.
+Sizes here are computed from the codes (``estimated``: bytes rounded per layer are
+not counted); ``mpq export`` and ``mpq inspect`` give the exact sizes of the file.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class LayerEntry:
         params: weights in the layer.
         bits: nominal magnitude bits (``None``: kept in FP32).
         stored_bits: bits per weight of the exact codes, sign included (``None``: FP32).
-        scales: float32 scales stored with the layer.
+        scales: 4-byte values stored besides the packed codes (the step; a ``lut`` table).
+        act_bits: bits of the layer's quantized input (``None``: FP activations).
     """
 
     name: str
@@ -44,6 +47,7 @@ class LayerEntry:
     bits: int | None
     stored_bits: int | None = None
     scales: int = 1
+    act_bits: int | None = None
 
     @property
     def is_fp(self) -> bool:

@@ -48,3 +48,39 @@ def real_fmnist():
             pytest.fail("real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
         pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     return REAL_FMNIST
+
+
+# -- CLI helpers and runs shared by the CLI, export and inspect tests ---------------------------
+SMALL = ["--data", "synthetic", "--input-size", "1,16,16", "--batch-size", "32", "--limit-train-batches", "3",
+         "--device", "cpu"]
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from mpq_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def run_json(*args):
+    import json
+
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    summary = run_json("train", "--model", "lenet5", *SMALL, "--epochs", "2", "--out", out)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def csq_run(fp_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "csq"
+    summary = run_json("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
+                       fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.01", "--out", out)
+    return out, summary

@@ -4,39 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from mpq_cli.cli import app
-
-runner = CliRunner()
-SMALL = ["--data", "synthetic", "--input-size", "1,16,16", "--batch-size", "32", "--limit-train-batches", "3",
-         "--device", "cpu"]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
-
-
-def run_json(*args):
-    result = invoke(*args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "fp"
-    summary = run_json("train", "--model", "lenet5", *SMALL, "--epochs", "2", "--out", out)
-    return out, summary
-
-
-@pytest.fixture(scope="module")
-def csq_run(fp_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "csq"
-    summary = run_json("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
-                       fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.01", "--out", out)
-    return out, summary
+from conftest import SMALL, invoke, run_json
 
 
 def test_train_writes_checkpoint(fp_run):
@@ -141,13 +109,6 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     resumed = run_json(*args, "--out", tmp_path / "cut", "--resume")
     assert resumed["top1"] == pytest.approx(full["top1"])
     assert resumed["avg_bits"] == pytest.approx(full["avg_bits"])
-
-
-@pytest.mark.parametrize("command", ["export", "inspect"])
-def test_not_implemented_commands_exit_2(command, tmp_path):
-    result = invoke(command, tmp_path)
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output
 
 
 def test_methods_and_models_listing():

@@ -37,3 +37,13 @@ def test_short_fp_then_csq(real_fmnist, tmp_path):
     assert 1.9 - 1e-9 <= summary["avg_bits"] <= 2.0 + 1e-9 and summary["budget_met"]
     assert summary["fp_top1"] == pytest.approx(fp_top1)
     assert summary["top1"] > 40
+    # the packed file of the 2-bit lenet5 is >= 10x smaller than its FP32 checkpoint, and evaluates the same
+    packed = tmp_path / "csq.safetensors"
+    export = runner.invoke(app, ["export", str(tmp_path / "csq"), "-o", str(packed), "--json"])
+    assert export.exit_code == 0, export.output
+    fp32_bytes = (tmp_path / "fp" / "model.safetensors").stat().st_size
+    assert json.loads(export.stdout)["fp32_checkpoint_bytes"] == fp32_bytes
+    assert fp32_bytes / packed.stat().st_size >= 10
+    evaluated = runner.invoke(app, ["eval", str(packed), "--device", "cpu", "--json", "--quiet"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["top1"] == summary["top1"]

@@ -40,9 +40,11 @@ def dequantize(codes: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:
     """The exact float weight of integer ``codes``: ``codes * step`` in float32.
 
     Every quantized forward pass and every decoder goes through this one product, so
-    the evaluated model and the exported model are bit-for-bit the same.
+    the evaluated model and the exported model are bit-for-bit the same. Adding +0.0
+    turns the -0.0 that a zero code times a negative step gives into +0.0 (and changes
+    nothing else), so a zero weight has one bit pattern however it was stored.
     """
-    return codes.to(torch.float32) * step
+    return codes.to(torch.float32) * step + 0.0
 
 
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

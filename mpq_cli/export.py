@@ -1,0 +1,212 @@
+"""From a run directory to a packed file, and the size report of a packed file.
+
+:func:`pack_run` reads a search/finetune run (``config.json``, ``scheme.json``,
+``codes.safetensors``, ``model.safetensors``) without building the model or loading
+data, encodes every quantized layer (:mod:`mpq_cli.packing.encodings`) and checks that
+each encoded layer decodes to the run's exact weights before anything is written.
+:func:`size_report` turns a header and the byte count of every tensor into the
+per-layer table that ``mpq export`` writes and ``mpq inspect`` shows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import normalisation
+from .errors import MpqError
+from .models.loading import read_state_dict
+from .packing.encodings import decode_weight, encode_codes
+from .packing.format import FORMAT, act_tensor_name, layer_entry, weight_tensor_name
+from .quant.primitives import dequantize
+from .rundir import read_json, versions
+from .scheme import Scheme
+
+
+@dataclass
+class PackedModel:
+    """A packed file in memory: its header (without the format key) and its tensors."""
+
+    header: dict
+    tensors: dict[str, torch.Tensor]
+
+    def tensor_bytes(self) -> dict[str, int]:
+        return {name: t.numel() * t.element_size() for name, t in self.tensors.items()}
+
+
+def _read_codes(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise MpqError(f"{path} not found: the run did not finish (only finished runs can be exported)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a truncated or foreign file
+        raise MpqError(f"cannot read {path} ({exc.__class__.__name__})") from None
+
+
+def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
+    """The run's state under the original model's names, without method parameters.
+
+    A quantized layer ``L`` is stored as ``L.layer.*`` (the wrapped module, weight
+    removed), ``L.weight_quantizer.*`` (the method's parameters) and ``L.act_quantizer.*``
+    (the input's PACT clip); only ``L.layer.*`` survives, renamed ``L.*``.
+    """
+    prefixes = {name: (f"{name}.layer.", f"{name}.weight_quantizer.", f"{name}.act_quantizer.") for name in quantized}
+    out = {}
+    for key, value in state.items():
+        for name, (layer, method, act) in prefixes.items():
+            if key.startswith(layer):
+                out[f"{name}.{key[len(layer):]}"] = value
+                break
+            if key.startswith((method, act)):
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def pack_run(run_dir: str | Path) -> PackedModel:
+    """Encode a finished search/finetune run; every layer is verified to decode exactly."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
+    config = read_json(run_dir / "config.json")
+    if "method" not in config:
+        raise MpqError(f"{run_dir} is an FP training run; quantize it first with `mpq search --checkpoint {run_dir}`")
+    if not (run_dir / "scheme.json").is_file():
+        raise MpqError(f"{run_dir} has no scheme.json: the run did not finish")
+    scheme = Scheme.load(run_dir / "scheme.json")
+    codes = _read_codes(run_dir / "codes.safetensors")
+    state, _ = read_state_dict(run_dir / "model.safetensors")
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    quantized = [e.name for e in scheme.quantized]
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    for layer in scheme.layers:
+        if layer.is_fp:
+            tensors[f"{layer.name}.weight"] = state[f"{layer.name}.weight"].float()
+            entries.append(layer_entry(layer.name, layer.kind, layer.shape, None, None, None))
+            continue
+        try:
+            layer_codes, step = codes[f"{layer.name}.codes"], codes[f"{layer.name}.step"]
+        except KeyError:
+            raise MpqError(f"{run_dir}/codes.safetensors has no codes for layer {layer.name!r}") from None
+        if list(layer_codes.shape) != list(layer.shape):
+            raise MpqError(f"{run_dir}: codes of {layer.name!r} have shape {list(layer_codes.shape)}, "
+                           f"the scheme says {layer.shape}")
+        encoded = encode_codes(layer_codes, step)
+        decoded = decode_weight(encoded.encoding, encoded.fields, encoded.tensors, tuple(layer.shape))
+        if not torch.equal(decoded.view(torch.int32), dequantize(layer_codes, step).view(torch.int32)):
+            raise MpqError(f"internal error: layer {layer.name!r} does not decode to its exact weights")
+        for suffix, tensor in encoded.tensors.items():
+            tensors[weight_tensor_name(layer.name, suffix)] = tensor
+        act = None
+        if layer.act_bits is not None:
+            act = {"bits": layer.act_bits, "signed": bool(state[f"{layer.name}.act_quantizer.signed"])}
+            tensors[act_tensor_name(layer.name)] = state[f"{layer.name}.act_quantizer.alpha"].float()
+        entries.append(layer_entry(layer.name, layer.kind, layer.shape, layer.bits, encoded, act))
+    weight_keys = {f"{e['name']}.weight" for e in entries}
+    for key, value in _plain_state(state, quantized).items():
+        if key not in weight_keys:
+            tensors[key] = value
+    model = config["model"]
+    data = {k: v for k, v in config["data"].items() if k not in ("data_dir", "workers")}
+    mean, std = normalisation(data["name"], model["in_channels"])
+    header = {
+        "producer": versions(),
+        "model": model,
+        "method": config["method"],
+        "method_config": config.get("method_config", {}),
+        "data": {"name": data["name"], "mean": list(mean), "std": list(std),
+                 "input_shape": [model["in_channels"], *model["input_size"]]},
+        "eval": {"data": data, "seed": config["train"]["seed"]},
+        "source": {"run": str(run_dir), "top1": summary.get("top1"), "fp_top1": config.get("fp_top1"),
+                   "fp32_checkpoint_bytes": _checkpoint_bytes(config.get("checkpoint"))},
+        "layers": entries,
+    }
+    return PackedModel(header, tensors)
+
+
+def _checkpoint_bytes(checkpoint: str | None) -> int | None:
+    if not checkpoint:
+        return None
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    return path.stat().st_size if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------- report
+def size_report(header: dict, tensor_bytes: dict[str, int], file_bytes: int) -> dict:
+    """Per-layer sizes and totals of a packed file, from its header and tensor sizes.
+
+    Args:
+        header: the file's ``mpq`` header.
+        tensor_bytes: bytes of every tensor in the file, by name.
+        file_bytes: size of the whole file (header included).
+    """
+    layers = []
+    weight_names = set()
+    for entry in header["layers"]:
+        name = entry["name"]
+        prefix = f"{name}.weight."
+        own = [t for t in tensor_bytes if t.startswith(prefix) or t == f"{name}.weight"]
+        weight_names.update(own)
+        nbytes = sum(tensor_bytes[t] for t in own)
+        quantized = entry["encoding"] != "float32"
+        layers.append({
+            "name": name, "kind": entry["kind"], "shape": entry["shape"], "params": entry["params"],
+            "bits": entry["nominal_bits"] if quantized else 32, "quantized": quantized, "encoding": entry["encoding"],
+            "stored_bits": 8 * nbytes / entry["params"], "bytes": nbytes,
+            "act_bits": (entry.get("act") or {}).get("bits"),
+        })
+    q = [row for row in layers if row["quantized"]]
+    q_params = sum(row["params"] for row in q)
+    weight_bytes = sum(row["bytes"] for row in layers)
+    other_bytes = sum(b for t, b in tensor_bytes.items() if t not in weight_names)
+    # an FP32 checkpoint of the same model: every layer weight at 4 bytes, the other tensors as they are
+    fp32_bytes = 4 * sum(row["params"] for row in layers) + other_bytes
+    for row in layers:
+        row["share"] = row["bytes"] / file_bytes if file_bytes else 0.0
+    source = header.get("source") or {}
+    checkpoint_bytes = source.get("fp32_checkpoint_bytes")
+    return {
+        "format": header.get("format", FORMAT),
+        "model": header["model"].get("name"),
+        "method": header.get("method"),
+        "avg_bits": sum(r["bits"] * r["params"] for r in q) / q_params if q_params else 0.0,
+        "avg_stored_bits": 8 * sum(r["bytes"] for r in q) / q_params if q_params else 0.0,
+        "quantized_params": q_params,
+        "weight_bytes": weight_bytes,
+        "other_bytes": other_bytes,
+        "header_bytes": file_bytes - sum(tensor_bytes.values()) if file_bytes else None,
+        "file_bytes": file_bytes,
+        "fp32_bytes": fp32_bytes,
+        "compression": fp32_bytes / file_bytes if file_bytes else None,
+        "fp32_checkpoint_bytes": checkpoint_bytes,
+        "compression_vs_checkpoint": checkpoint_bytes / file_bytes if checkpoint_bytes and file_bytes else None,
+        "top1_at_export": source.get("top1"),
+        "layers": layers,
+    }
+
+
+def select_layers(report: dict, pattern: str | None, sort: str) -> list[dict]:
+    """The report's layers matching ``pattern`` (a glob), sorted by ``order`` (module order), ``size``, ``bits``
+    or ``name``."""
+    rows = [r for r in report["layers"] if pattern is None or fnmatch.fnmatchcase(r["name"], pattern)]
+    if pattern is not None and not rows:
+        raise MpqError(f"--layers {pattern!r} matches no layer")
+    if sort == "size":
+        rows.sort(key=lambda r: -r["bytes"])
+    elif sort == "bits":
+        rows.sort(key=lambda r: (-r["bits"], r["name"]))
+    elif sort == "name":
+        rows.sort(key=lambda r: r["name"])
+    elif sort != "order":
+        raise MpqError(f"--sort must be order, size, bits or name, got {sort!r}")
+    return rows
+

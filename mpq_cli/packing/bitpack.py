@@ -1,0 +1,120 @@
+"""Dense little-endian bit packing of unsigned integer fields into ``uint8``.
+
+The layout (``docs/format.md`` spells it out for readers in other languages):
+``count`` fields of ``width`` bits form one bit stream; bit ``t`` (LSB = 0) of
+field ``j`` is stream bit ``p = j * width + t``, which lives in byte ``p // 8`` at
+bit position ``p % 8`` (LSB-first). The last byte is padded with zero bits.
+``count`` fields of ``width`` bits take exactly ``ceil(count * width / 8)`` bytes.
+
+Worked example (a test reproduces it): the 3-bit fields ``[5, 3, 6]`` are the
+stream bits ``1 0 1 | 1 1 0 | 0 1 1`` (each field LSB first); stream bits 0..7 make
+byte 0 with stream bit 0 as its LSB, ``0b10011101 = 0x9D``, and stream bit 8 makes
+byte 1, ``0x01``. Two bytes: ``ceil(9 / 8)``.
+
+Signed fields use two's complement of ``width`` bits (:func:`to_twos_complement`).
+
+Everything is vectorised with NumPy; the only Python loops run over the ``width``
+bit positions and over chunks of a million fields (to bound temporary memory).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_WIDTH = 32
+_CHUNK = 1 << 20  # fields per chunk; a multiple of 8, so every chunk starts on a byte boundary
+
+
+def packed_nbytes(count: int, width: int) -> int:
+    """Bytes that ``count`` fields of ``width`` bits take: ``ceil(count * width / 8)``."""
+    return (count * width + 7) // 8
+
+
+def _container(width: int):
+    """The narrowest unsigned dtype that holds a field (narrow dtypes make the shifts faster)."""
+    return np.uint8 if width <= 8 else np.uint16 if width <= 16 else np.uint32
+
+
+def _check_width(width: int) -> None:
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"field width must be in 1..{MAX_WIDTH}, got {width}")
+
+
+def pack_bits(fields: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned ``fields`` (any shape, read in C order) at ``width`` bits each.
+
+    Args:
+        fields: non-negative integers, each ``< 2**width``.
+        width: bits per field, 1..32.
+
+    Returns:
+        ``uint8`` array of ``packed_nbytes(fields.size, width)`` bytes.
+    """
+    _check_width(width)
+    flat = np.ascontiguousarray(fields).reshape(-1)
+    if flat.size and (flat.min() < 0 or int(flat.max()) >= (1 << width)):
+        raise ValueError(f"fields must lie in [0, 2**{width})")
+    flat = flat.astype(_container(width), copy=False)
+    if width in (8, 16, 32):  # byte-aligned fields: the layout is plain little-endian bytes
+        return flat.astype(flat.dtype.newbyteorder("<"), copy=False).view(np.uint8).copy()
+    out = np.empty(packed_nbytes(flat.size, width), dtype=np.uint8)
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        bits = np.empty((chunk.size, width), dtype=np.uint8)  # (fields, width): row j is field j, LSB first
+        for t in range(width):
+            bits[:, t] = (chunk >> t) & 1
+        packed = np.packbits(bits.reshape(-1), bitorder="little")
+        offset = start * width // 8
+        out[offset:offset + packed.size] = packed
+    return out
+
+
+def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` fields of ``width`` bits as ``int64``.
+
+    Raises:
+        ValueError: ``data`` does not hold exactly ``packed_nbytes(count, width)`` bytes,
+            or its padding bits are not zero.
+    """
+    _check_width(width)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    expected = packed_nbytes(count, width)
+    if data.size != expected:
+        raise ValueError(f"expected {expected} bytes for {count} fields of {width} bits, got {data.size}")
+    used_bits = count * width
+    if used_bits % 8 and data[-1] >> (used_bits % 8):
+        raise ValueError("padding bits after the last field are not zero")
+    if width in (8, 16, 32):
+        return data.view(np.dtype(_container(width)).newbyteorder("<")).astype(np.int64)
+    out = np.empty(count, dtype=np.int64)
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        offset = start * width // 8
+        bits = np.unpackbits(data[offset:offset + packed_nbytes(n, width)], count=n * width,
+                             bitorder="little").reshape(n, width)
+        values = np.zeros(n, dtype=_container(width))
+        for t in range(width):
+            values |= bits[:, t].astype(values.dtype) << t
+        out[start:start + n] = values
+    return out
+
+
+def twos_complement_width(lowest: int, highest: int) -> int:
+    """Fewest bits whose two's complement range ``[-2**(w-1), 2**(w-1) - 1]`` holds both values (at least 1)."""
+    width = 1
+    while not (-(1 << (width - 1)) <= lowest and highest <= (1 << (width - 1)) - 1):
+        width += 1
+    return width
+
+
+def to_twos_complement(values: np.ndarray, width: int) -> np.ndarray:
+    """Signed integers as unsigned ``width``-bit two's complement fields."""
+    _check_width(width)
+    return np.asarray(values, dtype=np.int64) & ((1 << width) - 1)
+
+
+def from_twos_complement(fields: np.ndarray, width: int) -> np.ndarray:
+    """Unsigned ``width``-bit fields back to signed integers (sign extension)."""
+    _check_width(width)
+    fields = np.asarray(fields, dtype=np.int64)
+    return fields - (((fields >> (width - 1)) & 1) << width)

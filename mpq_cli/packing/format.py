@@ -1,0 +1,358 @@
+"""The packed file ``mpq.packed/1``: write, read, validate, decode, load (``docs/format.md``).
+
+A packed file is a safetensors file. Its ``__metadata__`` holds ``"format": "pt"`` and
+``"mpq"``: a JSON header with the format version, the model spec, the data it was
+evaluated on, and one entry per Conv2d/Linear layer (encoding, shape, bits). Quantized
+weights are stored as ``LAYER.weight.SUFFIX`` tensors of their encoding
+(:mod:`.encodings`); every other tensor of the model (biases, BatchNorm, FP32 layers)
+under its own state-dict name; activation clips as ``LAYER.input_quant.alpha``.
+
+Reading never unpickles anything: the safetensors header is parsed and checked here
+before any tensor is read, and every failure becomes one :class:`MpqError` that names
+the file, the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MpqError
+from .bitpack import packed_nbytes
+from .encodings import CODE_BITS, TENSORS, EncodedWeight, decode_weight
+
+FORMAT = "mpq.packed/1"
+METADATA_KEY = "mpq"
+_MAX_HEADER = 100 << 20
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "BOOL": torch.bool}
+_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+
+
+@dataclass
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def weight_tensor_name(layer: str, suffix: str) -> str:
+    return f"{layer}.weight.{suffix}"
+
+
+def act_tensor_name(layer: str) -> str:
+    return f"{layer}.input_quant.alpha"
+
+
+def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
+    """``(metadata, tensors, file_bytes)`` from a safetensors header, without reading tensor data.
+
+    Checks that the header parses, that every tensor's byte range lies inside the file
+    and matches its dtype and shape: a truncated file or a pickle is refused here.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MpqError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise MpqError(f"{path}: not a safetensors file (header length {header_len} does not fit the "
+                               f"{size}-byte file; truncated, or a pickle/other format)")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise MpqError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise MpqError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MpqError(f"{path}: safetensors metadata must map strings to strings")
+    data_bytes = size - 8 - header_len
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if dtype not in _ITEMSIZE or any((not isinstance(d, int)) or d < 0 for d in shape):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise MpqError(f"{path}: tensor {name!r} has a malformed safetensors entry") from None
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_bytes):
+            raise MpqError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        if end - start != nbytes:
+            raise MpqError(f"{path}: tensor {name!r} holds {end - start} bytes; {dtype} {list(shape)} needs {nbytes}")
+        tensors[name] = TensorInfo(dtype, shape, nbytes)
+    return metadata, tensors, size
+
+
+@dataclass
+class PackedFile:
+    """An opened, validated packed file: its header and tensor index (data is read on demand)."""
+
+    path: Path
+    header: dict
+    tensors: dict[str, TensorInfo]
+    file_bytes: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> PackedFile:
+        path = Path(path)
+        if not path.is_file():
+            raise MpqError(f"{path} not found" if not path.exists() else f"{path} is not a file")
+        metadata, tensors, size = read_safetensors_index(path)
+        if METADATA_KEY not in metadata:
+            raise MpqError(f"{path} is a safetensors file but not an mpq packed file (no 'mpq' header); "
+                           "`mpq export RUN` writes one")
+        try:
+            header = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise MpqError(f"{path}: the 'mpq' header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise MpqError(f"{path}: the 'mpq' header must be a JSON object")
+        packed = cls(path, header, tensors, size)
+        packed.validate()
+        return packed
+
+    # -- validation of the header against the tensor index (no tensor data read) ---------------
+    def _fail(self, message: str) -> None:
+        raise MpqError(f"{self.path}: {message}")
+
+    def validate(self) -> None:
+        version = self.header.get("format")
+        if version != FORMAT:
+            self._fail(f"unsupported format {version!r}; this mpq reads {FORMAT}")
+        for key in ("model", "layers"):
+            if key not in self.header:
+                self._fail(f"header has no {key!r}")
+        layers = self.header["layers"]
+        if not isinstance(layers, list) or not layers:
+            self._fail("header 'layers' must be a non-empty list")
+        seen = set()
+        claimed = set()
+        for entry in layers:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                self._fail("every header layer needs a 'name'")
+            name = entry["name"]
+            if name in seen:
+                self._fail(f"layer {name!r} appears twice in the header")
+            seen.add(name)
+            shape = entry.get("shape")
+            if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+                self._fail(f"layer {name!r}: shape must be a list of positive integers, got {shape!r}")
+            if entry.get("params") != math.prod(shape):
+                self._fail(f"layer {name!r}: params {entry.get('params')!r} != product of shape {shape}")
+            bits = entry.get("nominal_bits")
+            encoding = entry.get("encoding")
+            if encoding == "float32":
+                info = self.tensors.get(f"{name}.weight")
+                if info is None:
+                    self._fail(f"layer {name!r}: tensor {name}.weight is missing")
+                if info.dtype != "F32" or list(info.shape) != shape:
+                    self._fail(f"tensor {name}.weight: {info.dtype} {list(info.shape)} does not match the header "
+                               f"(F32 {shape})")
+                claimed.add(f"{name}.weight")
+                continue
+            if encoding not in TENSORS:
+                self._fail(f"layer {name!r}: unknown encoding {encoding!r}")
+            if not (isinstance(bits, int) and 0 <= bits <= 16):
+                self._fail(f"layer {name!r}: nominal_bits must be an integer in 0..16, got {bits!r}")
+            for suffix in TENSORS[encoding]:
+                tensor = weight_tensor_name(name, suffix)
+                if tensor not in self.tensors:
+                    self._fail(f"tensor {tensor} is missing (layer {name!r}, encoding {encoding})")
+                claimed.add(tensor)
+            self._check_sizes(entry)
+            act = entry.get("act")
+            if act is not None:
+                if not (isinstance(act, dict) and isinstance(act.get("bits"), int) and 1 <= act["bits"] <= 16
+                        and isinstance(act.get("signed"), bool)):
+                    self._fail(f"layer {name!r}: act must be {{'bits': 1..16, 'signed': bool}}, got {act!r}")
+                if act_tensor_name(name) not in self.tensors:
+                    self._fail(f"tensor {act_tensor_name(name)} is missing (layer {name!r} quantizes its input)")
+        stray = [t for t in self.tensors if ".weight." in t and t not in claimed]
+        if stray:
+            self._fail(f"tensor {stray[0]} belongs to no layer in the header")
+
+    def _check_sizes(self, entry: dict) -> None:
+        """dtypes, shapes and byte counts that the header implies, checked against the index."""
+        name, encoding, params = entry["name"], entry["encoding"], entry["params"]
+
+        def info(suffix, dtype, ndims=(1,)):
+            tensor = weight_tensor_name(name, suffix)
+            found = self.tensors[tensor]
+            if found.dtype != dtype or len(found.shape) not in ndims:
+                self._fail(f"tensor {tensor} must be {dtype} with {' or '.join(map(str, ndims))} dimension(s), "
+                           f"got {found.dtype} {list(found.shape)}")
+            return tensor, found
+
+        if encoding in ("int", "lut"):
+            width = entry.get("width")
+            if not (isinstance(width, int) and 1 <= width <= CODE_BITS):
+                self._fail(f"layer {name!r}: width must be an integer in 1..{CODE_BITS}, got {width!r}")
+            tensor, packed = info("packed", "U8")
+            if packed.nbytes != packed_nbytes(params, width):
+                self._fail(f"tensor {tensor} holds {packed.nbytes} bytes; {params} weights at {width} bits need "
+                           f"{packed_nbytes(params, width)}")
+            step_name, step = info("step", "F32", (0, 1))
+            if math.prod(step.shape) != 1:
+                self._fail(f"tensor {step_name} must hold one value")
+            if encoding == "lut":
+                info("table", "I32")
+        elif encoding == "basis":
+            tensor, packed = info("packed", "U8")
+            _, coords = info("coords", "F32")
+            group_size = entry.get("group_size")
+            if not (isinstance(group_size, int) and group_size > 0):
+                self._fail(f"layer {name!r}: group_size must be a positive integer, got {group_size!r}")
+            expected = packed_nbytes(coords.shape[0] * group_size, 1)
+            if packed.nbytes != expected:
+                self._fail(f"tensor {tensor} holds {packed.nbytes} bytes; {coords.shape[0]} bases of {group_size} "
+                           f"weights need {expected}")
+            info("group_bits", "U8")
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[dict]:
+        return self.header["layers"]
+
+    def layer(self, name: str) -> dict:
+        for entry in self.layers:
+            if entry["name"] == name:
+                return entry
+        raise MpqError(f"{self.path}: no layer {name!r} (layers: {', '.join(e['name'] for e in self.layers[:5])}, ...)")
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {n: f.get_tensor(n) for n in names}
+        except Exception as exc:  # the library's own checks (e.g. a file changed since it was opened)
+            raise MpqError(f"{self.path}: cannot read tensors ({exc.__class__.__name__}: {exc})") from None
+
+    def layer_tensor_bytes(self, entry: dict) -> int:
+        """Bytes this layer's weight occupies in the file (packed bits, scales, tables)."""
+        if entry["encoding"] == "float32":
+            return self.tensors[f"{entry['name']}.weight"].nbytes
+        return sum(self.tensors[weight_tensor_name(entry["name"], s)].nbytes for s in TENSORS[entry["encoding"]])
+
+    def decode_layer(self, name: str) -> torch.Tensor:
+        """The float32 weight of layer ``name``, exactly as the quantized model evaluated it."""
+        entry = self.layer(name)
+        if entry["encoding"] == "float32":
+            return self.read_tensors([f"{name}.weight"])[f"{name}.weight"]
+        suffixes = TENSORS[entry["encoding"]]
+        tensors = self.read_tensors([weight_tensor_name(name, s) for s in suffixes])
+        by_suffix = {s: tensors[weight_tensor_name(name, s)] for s in suffixes}
+        try:
+            return decode_weight(entry["encoding"], entry, by_suffix, tuple(entry["shape"]))
+        except ValueError as exc:
+            raise MpqError(f"{self.path}: layer {name!r}: {exc}") from None
+
+
+def decode_layer(path: str | Path, name: str) -> torch.Tensor:
+    """Decode one layer's float32 weight from a packed file (public API)."""
+    return PackedFile.open(path).decode_layer(name)
+
+
+def write_packed(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the file atomically (a temporary file renamed into place)."""
+    from ..rundir import save_safetensors
+
+    save_safetensors(path, tensors, {METADATA_KEY: json.dumps({"format": FORMAT, **header}, separators=(",", ":"))})
+
+
+def serialized_size(header: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes the file would take, measured by serialising it in memory."""
+    from safetensors.torch import save
+
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format": FORMAT, **header}, separators=(",", ":"))}
+    return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def layer_entry(name: str, kind: str, shape: list[int], nominal_bits: int | None,
+                encoded: EncodedWeight | None, act: dict | None) -> dict:
+    """One header layer; ``encoded`` None means an FP32 weight."""
+    entry = {"name": name, "kind": kind, "shape": list(shape), "params": math.prod(shape)}
+    if encoded is None:
+        entry.update(encoding="float32", nominal_bits=None)
+    else:
+        entry.update(encoding=encoded.encoding, nominal_bits=nominal_bits, **encoded.fields)
+    if act is not None:
+        entry["act"] = act
+    return entry
+
+
+# ------------------------------------------------------------------------------------ loading
+def _attach_input_quantizer(layer: nn.Module, bits: int, signed: bool) -> None:
+    """Quantize ``layer``'s input as the run did, keeping the model's structure and names."""
+    from ..quant.act import PACT
+
+    act = PACT(bits)
+    act.signed.fill_(signed)
+    act.initialised.fill_(True)
+    layer.input_quant = act
+    layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
+
+
+def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model a packed file describes, with its decoded weights, in eval mode.
+
+    No pickle is involved: the architecture comes from the header's model spec
+    (built-in, torchvision, or the user factory it names), every tensor from safetensors.
+    Layers that quantized their input get a PACT module ``LAYER.input_quant`` run by a
+    forward pre-hook.
+    """
+    from ..models import ModelSpec, build_model
+
+    packed = PackedFile.open(path)
+    try:
+        spec = ModelSpec.from_dict({**packed.header["model"], "weights": None})
+    except (TypeError, KeyError):
+        raise MpqError(f"{packed.path}: malformed model spec in the header") from None
+    model = build_model(spec)
+    state: dict[str, torch.Tensor] = {}
+    weight_names = set()
+    for entry in packed.layers:
+        name = entry["name"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise MpqError(f"{packed.path}: layer {name!r} does not exist in model {spec.name}") from None
+        state[f"{name}.weight"] = packed.decode_layer(name)
+        weight_names.update(weight_tensor_name(name, s) for s in TENSORS.get(entry["encoding"], ()))
+        weight_names.add(f"{name}.weight")
+        if entry.get("act"):
+            _attach_input_quantizer(module, entry["act"]["bits"], entry["act"]["signed"])
+            state[f"{name}.input_quant.signed"] = module.input_quant.signed
+            state[f"{name}.input_quant.initialised"] = module.input_quant.initialised
+    rest = [n for n in packed.tensors if n not in weight_names]
+    state.update(packed.read_tensors(rest))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise MpqError(f"{packed.path}: tensor {missing[0]} is missing ({len(missing)} model tensor(s) absent)")
+    if unexpected:
+        raise MpqError(f"{packed.path}: tensor {unexpected[0]} is not part of model {spec.name}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise MpqError(f"{packed.path}: tensor {key} has shape {list(value.shape)}, the model expects "
+                           f"{list(expected[key].shape)}")
+        if value.dtype != expected[key].dtype:
+            raise MpqError(f"{packed.path}: tensor {key} is {value.dtype}, the model expects {expected[key].dtype}")
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
