@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results/fashion_mnist.md")
     args = parser.parse_args()
     out = Path(args.out)
-    if out.exists():
+    if (ROOT / out).exists():
         sys.exit(f"{out} exists; remove it or pass --out")
     common = ["--data", "fashion-mnist", "--seed", str(args.seed)]
     log: list[str] = []
@@ -62,6 +62,15 @@ def main() -> None:
             summary = run(["finetune", str(out / f"{method}-{bits}"), "--epochs", str(args.finetune_epochs),
                            "--out", str(out / f"{method}-{bits}-ft")], log)
             rows.append((f"{method} + finetune", args.finetune_epochs, summary))
+    packed = {}
+    fp32_file = ROOT / out / "fp32" / "model.safetensors"
+    for name, _, s in rows[1:]:
+        run_dir = Path(s["out"])
+        file = run_dir.with_name(run_dir.name + ".safetensors")
+        exported = run(["export", str(run_dir), "-o", str(file)], log)
+        evaluated = run(["eval", str(file)], log)
+        packed[name] = (exported["file_bytes"], fp32_file.stat().st_size / exported["file_bytes"],
+                        exported["avg_stored_bits"], evaluated["top1"])
     lines = [f"# lenet5 on Fashion-MNIST, target {bits} bits", "",
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
              f"torch threads as default. Commands (in order):", "", "```"] + log + ["```", "",
@@ -73,6 +82,12 @@ def main() -> None:
         drop = "" if name == "FP32" else f"{fp['top1'] - s['top1']:.2f}"
         lines.append(f"| {name} | {epochs or args.fp_epochs} | {nominal} | {stored} | {s['top1']:.2f} | {drop} | "
                      f"{s['wall_seconds']} |")
+    lines += ["", "Packed files (`mpq export`), measured on disk against the FP32 checkpoint "
+              f"({fp32_file.stat().st_size:,} bytes); top-1 re-measured from the file by `mpq eval FILE`:", "",
+              "| run | file bytes | x smaller than FP32 checkpoint | stored bits/weight (file) | top-1 % from file |",
+              "|---|---|---|---|---|"]
+    for name, (nbytes, ratio, stored, top1) in packed.items():
+        lines.append(f"| {name} | {nbytes:,} | {ratio:.2f} | {stored:.3f} | {top1:.2f} |")
     text = "\n".join(lines) + "\n"
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(text)

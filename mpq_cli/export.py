@@ -19,9 +19,8 @@ import torch
 from .data import normalisation
 from .errors import MpqError
 from .models.loading import read_state_dict
-from .packing.encodings import decode_weight, encode_codes
+from .packing.encodings import decode_codes, encode_codes
 from .packing.format import FORMAT, act_tensor_name, layer_entry, weight_tensor_name
-from .quant.primitives import dequantize
 from .rundir import read_json, versions
 from .scheme import Scheme
 
@@ -99,9 +98,12 @@ def pack_run(run_dir: str | Path) -> PackedModel:
             raise MpqError(f"{run_dir}: codes of {layer.name!r} have shape {list(layer_codes.shape)}, "
                            f"the scheme says {layer.shape}")
         encoded = encode_codes(layer_codes, step)
-        decoded = decode_weight(encoded.encoding, encoded.fields, encoded.tensors, tuple(layer.shape))
-        if not torch.equal(decoded.view(torch.int32), dequantize(layer_codes, step).view(torch.int32)):
-            raise MpqError(f"internal error: layer {layer.name!r} does not decode to its exact weights")
+        # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
+        decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, tuple(layer.shape))
+        if not (torch.equal(decoded, layer_codes.to(torch.int32)) and
+                (encoded.encoding == "zero" or torch.equal(decoded_step.view(torch.int32),
+                                                           step.reshape(()).view(torch.int32)))):
+            raise MpqError(f"internal error: layer {layer.name!r} does not decode to its exact codes")
         for suffix, tensor in encoded.tensors.items():
             tensors[weight_tensor_name(layer.name, suffix)] = tensor
         act = None

@@ -94,11 +94,15 @@ def default_run_dir(prefix: str, model: str) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {"mpq": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    try:
+        torchvision = version("torchvision")  # from the installed metadata: importing torchvision takes seconds
+    except PackageNotFoundError:
+        torchvision = "unknown"
+    return {"mpq": __version__, "torch": torch.__version__, "torchvision": torchvision}
 
 
 def fingerprint(obj) -> str:

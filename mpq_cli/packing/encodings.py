@@ -106,12 +106,17 @@ def _index_width(distinct: int) -> int:
 
 def plan_codes(codes: torch.Tensor) -> CodesPlan:
     """Choose ``zero``, ``int`` or ``lut`` for ``codes``: the fewest bytes, ties to ``int``."""
-    reduced, shift, _ = canonicalize_codes(codes)
-    if not bool((reduced != 0).any()):
+    reduced, shift, magnitude_bits = canonicalize_codes(codes.detach().cpu())
+    if magnitude_bits == 0:
         return CodesPlan("zero", 0)
-    width = twos_complement_width(int(reduced.min()), int(reduced.max()))
-    as_int = CodesPlan("int", width, shift)
-    table = torch.unique(codes.to(torch.int64))  # sorted ascending
+    flat = reduced.reshape(-1).numpy()
+    lowest, highest = int(flat.min()), int(flat.max())
+    as_int = CodesPlan("int", twos_complement_width(lowest, highest), shift)
+    if as_int.width <= 2:  # a table of up to 4 codes cannot beat fields of 2 bits
+        return as_int
+    # distinct codes by counting over their (at most 2**17-wide) range: linear time, no sort
+    counts = np.bincount(flat - lowest, minlength=highest - lowest + 1)
+    table = (torch.from_numpy(np.flatnonzero(counts)) + lowest) << shift  # ascending
     as_lut = CodesPlan("lut", _index_width(table.numel()), 0, table.to(torch.int32))
     count = codes.numel()
     return as_lut if as_lut.payload_bytes(count) < as_int.payload_bytes(count) else as_int
@@ -125,11 +130,11 @@ def encode_codes(codes: torch.Tensor, step: torch.Tensor | float) -> EncodedWeig
         step: float32 scalar.
     """
     codes = codes.detach().cpu().to(torch.int64)
-    if codes.numel() and (int(codes.min()) < CODE_MIN or int(codes.max()) > CODE_MAX):
+    flat = codes.reshape(-1).numpy()
+    if flat.size and (int(flat.min()) < CODE_MIN or int(flat.max()) > CODE_MAX):
         raise ValueError(f"codes exceed the {CODE_BITS}-bit range of the format")
     plan = plan_codes(codes)
     step = torch.as_tensor(step, dtype=torch.float32).detach().cpu().reshape(())
-    flat = codes.reshape(-1).numpy()
     if plan.encoding == "zero":
         return EncodedWeight("zero")
     if plan.encoding == "int":

@@ -7,6 +7,7 @@ first, so the index *is* the exponent). A code is ``sum_b (pos_b - neg_b) * 2**b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -62,12 +63,15 @@ def canonicalize_codes(codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         ``(codes, 0, 0)``.
     """
     codes = codes.to(torch.int64)
-    nonzero = codes[codes != 0].abs()
-    if nonzero.numel() == 0:
+    if codes.numel() == 0:
         return codes, 0, 0
-    lowest_set = nonzero & -nonzero  # the lowest set bit of each code
-    shift = int(lowest_set.min()).bit_length() - 1
+    flat = codes.detach().cpu().reshape(-1).numpy()  # NumPy: integer reductions here are much faster than torch's
+    # the lowest set bit of the OR of all codes is the lowest set bit any code has (negatives included)
+    combined = int(np.bitwise_or.reduce(flat))
+    if combined == 0:
+        return codes, 0, 0
+    shift = (combined & -combined).bit_length() - 1
     reduced = codes >> shift if shift else codes
     # arithmetic shift of negatives is exact here because every code is a multiple of 2**shift
-    magnitude_bits = int(reduced.abs().max()).bit_length()
+    magnitude_bits = max(-int(flat.min()), int(flat.max())).bit_length() - shift
     return reduced, shift, magnitude_bits

@@ -1,0 +1,114 @@
+"""Pack/unpack throughput and the export time of a resnet50-sized model.
+
+Run from the repository root after `bash scripts/setup.sh`:
+
+    .venv/bin/python benchmarks/packing.py          # writes benchmarks/results/packing.md
+
+1. ``pack_bits`` / ``unpack_bits`` on 25.5 M random fields (resnet50's weight count) at
+   several widths: million weights per second and MB of packed data per second (best of
+   ``--repeat``).
+2. A resnet50 run (uniform baseline at 4 bits, 1 training batch on synthetic 3x32x32
+   data: the weights are what matters) is exported with ``mpq_cli.export``; the time of
+   the export call alone and of the whole ``mpq export`` command (Python start-up included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mpq_cli.packing.bitpack import pack_bits, unpack_bits  # noqa: E402
+
+RESNET50_WEIGHTS = 25_503_912  # Conv2d + Linear weights of torchvision resnet50
+
+
+def best_time(fn, repeat: int, *args) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def throughput(widths: list[int], count: int, repeat: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    rows = ["| width (bits) | pack: M weights/s | pack: MB packed/s | unpack: M weights/s | unpack: MB packed/s |",
+            "|---|---|---|---|---|"]
+    for width in widths:
+        fields = rng.integers(0, 1 << width, size=count, dtype=np.int64)
+        packed = pack_bits(fields, width)
+        assert np.array_equal(unpack_bits(packed, width, count), fields)
+        t_pack = best_time(pack_bits, repeat, fields, width)
+        t_unpack = best_time(unpack_bits, repeat, packed, width, count)
+        mb = packed.nbytes / 1e6
+        rows.append(f"| {width} | {count / t_pack / 1e6:.0f} | {mb / t_pack:.0f} | {count / t_unpack / 1e6:.0f} | "
+                    f"{mb / t_unpack:.0f} |")
+    return rows
+
+
+def export_time(work: Path, repeat: int) -> tuple[list[str], list[str]]:
+    import mpq_cli
+
+    run = work / "resnet50-uniform4"
+    command = ["search", "--method", "uniform", "--target-bits", "4", "--model", "resnet50", "--data", "synthetic",
+               "--input-size", "3,32,32", "--epochs", "1", "--limit-train-batches", "1", "--limit-val-batches", "1",
+               "--batch-size", "2", "--device", "cpu", "--out", str(run), "--quiet", "--json"]
+    subprocess.run([sys.executable, "-m", "mpq_cli", *command], cwd=ROOT, check=True, capture_output=True)
+    out = work / "resnet50.safetensors"
+    t_api = best_time(mpq_cli.export, repeat, run, out)
+    report = json.loads(out.with_name("resnet50.report.json").read_text())
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mpq_cli", "export", str(run), "-o", str(out), "--quiet"], cwd=ROOT,
+                   check=True, capture_output=True)
+    t_cli = time.perf_counter() - started
+    commands = ["mpq " + " ".join(command[:-2]), f"mpq export {run} -o {out}"]
+    rows = ["| quantity | value |", "|---|---|",
+            f"| quantized weights | {report['quantized_params']:,} |",
+            f"| average nominal / stored bits | {report['avg_bits']:.3f} / {report['avg_stored_bits']:.3f} |",
+            f"| file bytes | {report['file_bytes']:,} |",
+            f"| FP32 equivalent bytes | {report['fp32_bytes']:,} ({report['compression']:.2f}x) |",
+            f"| `mpq_cli.export` call, best of {repeat} (s) | {t_api:.2f} |",
+            f"| `mpq export` command, Python start-up included (s) | {t_cli:.2f} |"]
+    return commands, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=RESNET50_WEIGHTS)
+    parser.add_argument("--widths", default="1,2,3,4,5,8,9,17")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", default="runs/bench-packing")
+    parser.add_argument("--results", default="benchmarks/results/packing.md")
+    args = parser.parse_args()
+    work = ROOT / args.work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    widths = [int(w) for w in args.widths.split(",")]
+    lines = ["# Packing throughput and export time", "",
+             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; "
+             f"command: `.venv/bin/python benchmarks/packing.py`.", "",
+             f"## pack_bits / unpack_bits, {args.count:,} random fields, best of {args.repeat}", ""]
+    lines += throughput(widths, args.count, args.repeat)
+    commands, rows = export_time(work, args.repeat)
+    lines += ["", "## Export of a resnet50 run", "", "```", *commands, "```", "", *rows]
+    text = "\n".join(lines) + "\n"
+    Path(ROOT / args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(ROOT / args.results).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
