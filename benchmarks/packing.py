@@ -74,7 +74,7 @@ def export_time(work: Path, repeat: int) -> tuple[list[str], list[str]]:
     subprocess.run([sys.executable, "-m", "mpq_cli", "export", str(run), "-o", str(out), "--quiet"], cwd=ROOT,
                    check=True, capture_output=True)
     t_cli = time.perf_counter() - started
-    commands = ["mpq " + " ".join(command[:-2]), f"mpq export {run} -o {out}"]
+    commands = [c.replace(f"{ROOT}/", "") for c in ("mpq " + " ".join(command[:-2]), f"mpq export {run} -o {out}")]
     rows = ["| quantity | value |", "|---|---|",
             f"| quantized weights | {report['quantized_params']:,} |",
             f"| average nominal / stored bits | {report['avg_bits']:.3f} / {report['avg_stored_bits']:.3f} |",
