@@ -33,6 +33,7 @@ from .rundir import (
     fingerprint,
     load_checkpoint_state,
     read_json,
+    read_search_config,
     save_safetensors,
     versions,
     write_json,
@@ -268,11 +269,7 @@ def _finish(run_dir, config, method, ctx, train_cfg, probe_batches, records, fp_
 def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None):
     """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
-    config = read_json(run_dir / "config.json")
-    if "method" not in config:
-        raise MpqError(f"{run_dir} is an FP training run; `mpq search --checkpoint {run_dir}` quantizes it")
+    config = read_search_config(run_dir)
     data = DataConfig(**{**config["data"], **(data_overrides or {})})
     train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
     spec = ModelSpec.from_dict(config["model"])

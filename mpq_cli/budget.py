@@ -1,12 +1,15 @@
 """Choosing one option per layer under an average-bits window: an exact integer program.
 
-Used by the methods' final budget steps (and by BMPQ's bit assignment). Each layer
+Used by the methods' loss-aware budget steps (:func:`budget_step`; and by BMPQ's bit
+assignment). Each layer
 offers options ``(bits, cost)``; pick one per layer so that the parameter-weighted
 average bits lies in ``[low, high]`` and the summed cost is least. Solved exactly
 with SciPy's ``milp`` (HiGHS branch and bound), not a hand-written heuristic.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -54,3 +57,50 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
         picks.append(int(np.argmax(chosen[start:start + len(opts)])))
         start += len(opts)
     return picks
+
+
+def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[int],
+                candidates: dict[str, Sequence[int]], apply: Callable[[str, int], Callable[[], None]],
+                loss_probe: Callable[[], float], target: float, tolerance: float) -> list[dict]:
+    """Move a scheme into ``[target - tolerance, target]`` at the least measured loss.
+
+    Each layer's options are: stay at ``current`` bits, or any of ``candidates[name]``.
+    Every option's probe loss is measured with the other layers unchanged
+    (``apply(name, bits)`` sets the option and returns a function that undoes it), and
+    :func:`choose_options` picks one option per layer, assuming the layers' loss changes
+    add up. If no choice fits the window, the scheme at least goes under ``target``.
+    The chosen options are applied for good.
+
+    Returns:
+        One record per changed layer: ``layer``, ``bits_before``, ``bits_after``,
+        ``probe_loss_change_alone``, ``probe_loss_before``, ``probe_loss_after``.
+    """
+    base_loss = loss_probe()
+    options: list[list[tuple[int, float]]] = []
+    for name, bits_now in zip(names, current, strict=True):
+        layer_options = [(bits_now, 0.0)]
+        for bits in candidates.get(name, ()):
+            undo = apply(name, bits)
+            layer_options.append((bits, loss_probe() - base_loss))
+            undo()
+        options.append(layer_options)
+    picks = None
+    for low in (target - tolerance, 0.0):
+        try:
+            picks = choose_options(options, list(params), low, target)
+            break
+        except MpqError:
+            continue
+    if picks is None:
+        return []
+    changes = []
+    for name, pick, opts, bits_now in zip(names, picks, options, current, strict=True):
+        if pick == 0:
+            continue
+        apply(name, opts[pick][0])
+        changes.append({"layer": name, "bits_before": bits_now, "bits_after": opts[pick][0],
+                        "probe_loss_change_alone": opts[pick][1]})
+    final_loss = loss_probe()
+    for change in changes:
+        change["probe_loss_before"], change["probe_loss_after"] = base_loss, final_loss
+    return changes

@@ -225,7 +225,9 @@ def train(
 @_handle_errors
 def search(
     method: Annotated[MethodName, typer.Option(help="Search method (see `mpq methods`).")] = "csq",
-    target_bits: Annotated[float, typer.Option(help="Average magnitude bits per weight, weighted by parameters.")] = 3.0,
+    target_bits: Annotated[float | None, typer.Option(help="Average magnitude bits per weight, weighted by parameters "
+                                                      "(default: the method's; CSQ and uniform 3, BSQ none: open loop "
+                                                      "with its alpha).")] = None,
     model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
     data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
     batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
@@ -248,7 +250,9 @@ def search(
     cfg = _train_cfg({"epochs": 10, **method_cls.training_defaults}, epochs=epochs, lr=lr, optimizer=optimizer,
                      schedule=schedule, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                      device=device, amp=amp, clip_grad=clip_grad)
-    method_config = {"target_bits": target_bits, "act_bits": act_bits, **_parse_sets(set_ or [])}
+    method_config = {"act_bits": act_bits, **_parse_sets(set_ or [])}
+    if target_bits is not None:
+        method_config["target_bits"] = target_bits
     selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
     summary = api.search(api.ModelOptions(model, weights, checkpoint),

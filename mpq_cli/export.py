@@ -21,7 +21,7 @@ from .errors import MpqError
 from .models.loading import read_state_dict
 from .packing.encodings import decode_codes, encode_codes
 from .packing.format import FORMAT, act_tensor_name, layer_entry, weight_tensor_name
-from .rundir import read_json, versions
+from .rundir import read_json, read_search_config, versions
 from .scheme import Scheme
 
 
@@ -71,11 +71,7 @@ def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[s
 def pack_run(run_dir: str | Path) -> PackedModel:
     """Encode a finished search/finetune run; every layer is verified to decode exactly."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
-    config = read_json(run_dir / "config.json")
-    if "method" not in config:
-        raise MpqError(f"{run_dir} is an FP training run; quantize it first with `mpq search --checkpoint {run_dir}`")
+    config = read_search_config(run_dir)
     if not (run_dir / "scheme.json").is_file():
         raise MpqError(f"{run_dir} has no scheme.json: the run did not finish")
     scheme = Scheme.load(run_dir / "scheme.json")

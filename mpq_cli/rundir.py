@@ -68,6 +68,17 @@ def read_json(path: Path) -> dict:
         raise MpqError(f"cannot read {path}: {exc}") from None
 
 
+def read_search_config(run_dir: Path) -> dict:
+    """``config.json`` of a search/finetune run; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
+    config = read_json(run_dir / "config.json")
+    if "method" not in config:
+        raise MpqError(f"{run_dir} is an FP training run; `mpq search --checkpoint {run_dir}` quantizes it")
+    return config
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

@@ -85,7 +85,7 @@ def test_inspect_run_and_file_agree(exported):
     assert table.exit_code == 0 and "classifier.1" in table.stdout and "█" in table.stdout
 
 
-@pytest.mark.parametrize("method", ["csq", "uniform"])
+@pytest.mark.parametrize("method", ["csq", "uniform", "bsq"])
 @pytest.mark.parametrize("bits", list(range(17)))
 def test_every_method_and_bit_width_round_trips_through_a_file(method, bits, tmp_path):
     from mpq_cli.layers import LayerSelection
@@ -93,7 +93,7 @@ def test_every_method_and_bit_width_round_trips_through_a_file(method, bits, tmp
     torch.manual_seed(bits)
     model = TinyNet()
     cls = get_method(method)
-    extra = {"max_bits": 16} if method == "csq" else {}
+    extra = {"max_bits": 16} if method in ("csq", "bsq") else {}
     quant = cls(cls.config_class.from_dict({"target_bits": min(bits, 8), **extra}),
                 LayerSelection(fix_bits={"*": bits}))
     quant.prepare(model)

@@ -62,18 +62,19 @@ class MethodConfig:
     """Fields every method has. Subclasses add their paper's hyperparameters.
 
     Args:
-        target_bits: average magnitude bits per weight to reach, weighted by parameters.
+        target_bits: average magnitude bits per weight to reach, weighted by parameters
+            (``None`` where a method has an open-loop mode, e.g. BSQ with a fixed alpha).
         act_bits: quantize each quantized layer's input to this many bits (PACT); ``None`` = FP.
         first_act_bits: bits of the first quantized layer's input (the papers use 8).
     """
 
     version: int = 1
-    target_bits: float = 3.0
+    target_bits: float | None = 3.0
     act_bits: int | None = None
     first_act_bits: int = 8
 
     def __post_init__(self) -> None:
-        if not 0 <= self.target_bits <= 16:
+        if self.target_bits is not None and not 0 <= self.target_bits <= 16:
             raise MpqError(f"--target-bits must be in [0, 16], got {self.target_bits}")
         if self.act_bits is not None and not 1 <= self.act_bits <= 16:
             raise MpqError(f"--act-bits must be in 1..16, got {self.act_bits}")

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import choose_options
+from ..budget import budget_step
 from ..errors import MpqError
-from ..quant.bits import bit_values, to_bit_planes
+from ..quant.bits import bit_values, round_to_bits, to_bit_planes
 from ..quant.primitives import quantize_codes
 from .base import Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -86,6 +86,8 @@ class CSQConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_bits is None:
+            raise MpqError("this method needs --target-bits")
         if not 0.0 < self.project_at <= 1.0:
             raise MpqError("project_at must be in (0, 1]")
         if self.reg_weighting not in ("paper", "size"):
@@ -204,22 +206,10 @@ class CSQWeight(WeightQuantizer):
         if relaxed:
             limit = self.levels
             codes = torch.clamp(torch.round(self.train_weight() / step), -limit, limit).to(torch.int32)
-        n = self.n_bits
-        mask = torch.zeros(n, device=codes.device)
-        if bits == 0:
-            return torch.zeros_like(codes), step, mask
-        # candidate block positions: every shift whose top bit stays below the layer's highest bit
-        top = max(int(codes.abs().max()).bit_length() - 1, bits - 1)
-        shifts = torch.arange(0, min(max(top - bits + 1, 0), n - bits) + 1, device=codes.device, dtype=torch.float64)
-        limit = 2 ** bits - 1
-        scales = torch.pow(2.0, shifts).view(-1, *([1] * codes.dim()))
-        candidates = torch.clamp(torch.round(codes.double() / scales), -limit, limit) * scales
-        # the block with the least squared error: clipping a few large weights can beat a coarse step
-        errors = (candidates - codes.double()).pow(2).flatten(1).sum(1)
-        best = int(errors.argmin())
-        shift = int(shifts[best])
+        mask = torch.zeros(self.n_bits, device=codes.device)
+        new_codes, shift = round_to_bits(codes, bits, self.n_bits)
         mask[shift:shift + bits] = 1
-        return candidates[best].to(torch.int32), step, mask
+        return new_codes.to(torch.int32), step, mask
 
 
 @register("csq")
@@ -341,52 +331,28 @@ class CSQ(Method):
         """Move the hard scheme into ``[target - tol, target]`` at the least measured loss.
 
         Options per searchable layer: leave it, or round its relaxed weight onto 0..n
-        contiguous bits; each option's probe loss is measured with the other layers
-        unchanged, and an exact integer program picks one option per layer, assuming the
-        layers' loss changes add up.
+        contiguous bits (:func:`mpq_cli.budget.budget_step`).
         """
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        avg = self.average_bits()
-        if target - tol - 1e-9 <= avg <= target + 1e-9:
+        if target - tol - 1e-9 <= self.average_bits() <= target + 1e-9:
             return []
-        base_loss = loss_probe()
-        searchable = self.searchable()
-        names = list(self.layers)
-        options: list[list[tuple[int, float]]] = []
-        for name in names:
+
+        def apply(name: str, bits: int):
             q = self.layers[name].weight_quantizer
-            layer_options = [(q.nominal_bits(), 0.0)]  # option 0: leave the layer as it is
-            if name in searchable:
-                saved = {k: v.clone() for k, v in q.state_dict().items()}
-                for bits in range(q.n_bits + 1):
-                    q.load_codes(*q.requantized(bits, relaxed=True), fixed=True)
-                    layer_options.append((bits, loss_probe() - base_loss))
-                    q.load_state_dict(saved)
+            saved = {k: v.clone() for k, v in q.state_dict().items()}
+            q.load_codes(*q.requantized(bits, relaxed=True), fixed=True)
+
+            def undo():
+                q.load_state_dict(saved)
                 q.mask_logits.requires_grad_(True)
-            options.append(layer_options)
-        params = [self.layers[n].params for n in names]
-        picks = None
-        for low in (target - tol, 0.0):  # if the window cannot be met, at least stay under the target
-            try:
-                picks = choose_options(options, params, low, target)
-                break
-            except MpqError:
-                continue
-        if picks is None:
-            return []
-        changes = []
-        for name, pick, opts in zip(names, picks, options, strict=True):
-            if pick == 0:
-                continue
-            q = self.layers[name].weight_quantizer
-            before = q.nominal_bits()
-            q.load_codes(*q.requantized(opts[pick][0], relaxed=True), fixed=True)
-            changes.append({"layer": name, "bits_before": before, "bits_after": q.nominal_bits(),
-                            "probe_loss_change_alone": opts[pick][1]})
-        final_loss = loss_probe()
-        for change in changes:
-            change["probe_loss_before"], change["probe_loss_after"] = base_loss, final_loss
-        return changes
+
+            return undo
+
+        names = list(self.layers)
+        quantizers = [self.layers[n].weight_quantizer for n in names]
+        candidates = {n: range(q.n_bits + 1) for n, q in self.searchable().items()}
+        return budget_step(names, [self.layers[n].params for n in names], [q.nominal_bits() for q in quantizers],
+                           candidates, apply, loss_probe, target, tol)
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:

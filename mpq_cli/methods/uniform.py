@@ -27,6 +27,8 @@ class UniformConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_bits is None:
+            raise MpqError("this method needs --target-bits")
         if round(self.target_bits) > 16:
             raise MpqError("uniform bits must be <= 16")
 

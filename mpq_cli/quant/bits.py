@@ -75,3 +75,25 @@ def canonicalize_codes(codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     # arithmetic shift of negatives is exact here because every code is a multiple of 2**shift
     magnitude_bits = max(-int(flat.min()), int(flat.max())).bit_length() - shift
     return reduced, shift, magnitude_bits
+
+
+def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.Tensor, int]:
+    """Round integer ``codes`` onto ``bits`` contiguous bits: ``(new_codes, shift)``.
+
+    ``new_codes`` are multiples of ``2**shift`` with ``|new_codes| <= (2**bits - 1) * 2**shift``;
+    the block of bits (its ``shift``) is the one with the least squared error, clipping
+    included, among those whose top bit stays at or below the highest bit the codes use
+    (and below ``max_bits``). Dropped low bits are rounded, not truncated.
+    """
+    if bits == 0:
+        return torch.zeros_like(codes), 0
+    top = max(int(codes.abs().max()).bit_length() - 1, bits - 1)
+    shifts = torch.arange(0, min(max(top - bits + 1, 0), max(max_bits - bits, 0)) + 1, device=codes.device,
+                          dtype=torch.float64)
+    limit = 2 ** bits - 1
+    scales = torch.pow(2.0, shifts).view(-1, *([1] * codes.dim()))
+    candidates = torch.clamp(torch.round(codes.double() / scales), -limit, limit) * scales  # (shifts, *codes.shape)
+    # the block with the least squared error: clipping a few large weights can beat a coarse step
+    errors = (candidates - codes.double()).pow(2).flatten(1).sum(1)
+    best = int(errors.argmin())
+    return candidates[best].to(codes.dtype), int(shifts[best])

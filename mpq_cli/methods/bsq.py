@@ -1,0 +1,401 @@
+"""BSQ: bit-level sparsity quantization (Yang, Duan, Chen, Li; ICLR 2021).
+
+Each quantized layer holds a scale ``s`` and continuous bit planes ``W_p^(b)``,
+``W_n^(b)`` of shape ``(*weight.shape, capacity)`` (LSB first, :mod:`mpq_cli.quant.bits`),
+of which the first ``n`` (the layer's precision) are active. Its weight is Eq. 2-3::
+
+    W = s / (2^n - 1) * Round[ sum_b (W_p^(b) - W_n^(b)) * 2^b ]
+
+with a straight-through round, so each plane receives ``2^b / (2^n - 1)`` times the
+gradient of ``W_q`` (Eq. 3); the sum over bits is one contraction over the last axis.
+Planes are clamped to [0, 2] after every step (Sec. 3.1). The loss adds the bit-level
+group Lasso (Eq. 4) re-weighted by each layer's memory (Eq. 5)::
+
+    alpha * sum_l (#Para_l * #Bit_l / #Para_total) * sum_b || [W_p^(b); W_n^(b)] ||_2
+
+Every ``requant_every`` epochs and at the end the planes are re-quantized (Sec. 3.3):
+the integer codes ``Round[sum_b (W_p^(b) - W_n^(b)) 2^b]`` lose their all-zero MSBs
+(scale unchanged) and all-zero LSBs (scale doubled per bit), ``s' = s 2^k (2^n' - 1) /
+(2^n - 1)``, and are split again by sign into 0/1 planes. The model function does not
+change; precision may go from 0 to ``n + 1`` bits.
+
+Decisions where the paper or its public code leaves room (see docs/methods/bsq.md):
+
+- No clamp of the normalised sum to [-1, 1] (the public code clamps, which would make
+  the paper's precision growth impossible); planes are capped at ``max_bits``. A layer
+  that would outgrow it is rounded onto its ``max_bits`` best bits (the one case where
+  a re-quantization changes the function; the report counts it).
+- The [0, 2] clamp applies to bit planes only (the public code also clamps BatchNorm and
+  PACT parameters). Layers with ``--fix-bits`` are clamped to [0, 1] and not
+  regularised, so their precision never changes.
+- Budget mode (*ours*, ``--target-bits B``): every ``controller_every`` steps the bits
+  each layer would have after a re-quantization are measured and ``alpha`` is scaled by
+  ``exp(controller_gain * clip((avg - B) / B, -1, 1))``. At ``project_at`` of the search
+  the scheme is re-quantized, moved into ``[B - tol, B]`` by the loss-aware budget step
+  (:func:`mpq_cli.budget.budget_step`) if needed, and fixed; the remaining steps train the
+  planes under it without the regulariser. Without ``--target-bits`` alpha is fixed
+  (the paper's open loop) and the run reports where it landed.
+- Fine-tuning (``mpq finetune``): quantization-aware training of a latent FP weight
+  with a straight-through round at the fixed precision and the BSQ scale, as DoReFa-Net
+  trains (Sec. 3.3, App. A), without DoReFa's tanh transform so the codes stay on BSQ's
+  symmetric grid.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..budget import budget_step
+from ..errors import MpqError
+from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
+from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
+from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+
+
+@dataclass
+class BSQConfig(MethodConfig):
+    """BSQ hyperparameters; defaults from the paper (Sec. 3, App. A) unless marked *ours*.
+
+    Args:
+        target_bits: ``None``: the paper's open loop with a fixed ``alpha``; a number
+            (*ours*): budget mode, the run ends in ``[target_bits - budget_tolerance, target_bits]``.
+        init_bits: precision of the initial quantization of every layer (App. A: 8).
+        init_bits_by_layer: glob -> initial bits, first match wins (App. A.2, ImageNet:
+            ``{"conv1": 8, "*": 6}``).
+        max_bits: *ours*: bit planes kept per layer, the most a layer can grow to
+            (the public code caps at 8).
+        alpha: group-Lasso strength (Eq. 5; Table 1: 3e-3 ... 2e-2 over 350 epochs; short runs need more).
+        requant_every: epochs between re-quantizations (App. A.1: 100 of 350; A.2: 10 of 90).
+        budget_tolerance: *ours*: width of the budget window below ``target_bits``.
+        controller_every: *ours*: steps between two alpha updates in budget mode.
+        controller_gain: *ours*: alpha is multiplied by ``exp(gain * clipped relative error)``.
+        project_at: *ours*: fraction of the search after which budget mode fixes the scheme.
+    """
+
+    version: int = 1
+    target_bits: float | None = None
+    init_bits: int = 8
+    init_bits_by_layer: dict[str, int] = field(default_factory=dict)
+    max_bits: int = 8
+    alpha: float = 5e-3
+    requant_every: float = 1.0
+    budget_tolerance: float = 0.1
+    controller_every: int = 10
+    controller_gain: float = 0.1
+    project_at: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.max_bits <= 16:
+            raise MpqError(f"max_bits must be in 1..16, got {self.max_bits}")
+        for bits in [self.init_bits, *self.init_bits_by_layer.values()]:
+            if not 0 <= int(bits) <= self.max_bits:
+                raise MpqError(f"initial bits {bits} must be in 0..max_bits ({self.max_bits})")
+        if self.target_bits is not None and self.target_bits > self.max_bits:
+            raise MpqError(f"--target-bits {self.target_bits} exceeds BSQ's max_bits {self.max_bits}")
+        if self.alpha < 0 or self.requant_every <= 0 or self.controller_every < 1 or self.budget_tolerance < 0:
+            raise MpqError("BSQ needs alpha >= 0, requant_every > 0, controller_every >= 1, budget_tolerance >= 0")
+        if not 0.0 < self.project_at <= 1.0:
+            raise MpqError("project_at must be in (0, 1]")
+
+    def initial_bits(self, name: str) -> int:
+        for pattern, bits in self.init_bits_by_layer.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return int(bits)
+        return self.init_bits
+
+
+class BSQWeight(WeightQuantizer):
+    """One layer's bit representation (Eq. 2), and the latent weight its fine-tuning trains."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, capacity: int, fixed: bool):
+        super().__init__(weight.shape)
+        device = weight.device
+        self.capacity = capacity
+        self.planes_pos = nn.Parameter(torch.zeros(*weight.shape, capacity, device=device))  # W_p^(b), (*shape, cap)
+        self.planes_neg = nn.Parameter(torch.zeros(*weight.shape, capacity, device=device))  # W_n^(b), (*shape, cap)
+        self.scale = nn.Parameter(torch.ones((), device=device))  # s
+        self.latent = nn.Parameter(weight.detach().clone(), requires_grad=False)  # fine-tuning's FP weight
+        self.register_buffer("bit_values", bit_values(capacity, device))  # 2^b
+        self.register_buffer("precision", torch.tensor(bits, device=device))  # n
+        self.register_buffer("fixed", torch.tensor(fixed, device=device))
+        self.register_buffer("finetuning", torch.tensor(False, device=device))
+        max_abs = weight.detach().abs().max().clamp(min=1e-8)
+        self.load_codes(quantize_codes(weight.detach(), max_abs, bits), max_abs / max(max_code(bits), 1), bits)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, capacity={self.capacity}"
+
+    @property
+    def bits(self) -> int:
+        return int(self.precision)
+
+    def active(self) -> torch.Tensor:
+        """``(capacity,)`` 1 for the planes below the precision, else 0."""
+        return (torch.arange(self.capacity, device=self.bit_values.device) < self.precision).to(self.bit_values.dtype)
+
+    def plane_sum(self) -> torch.Tensor:
+        """``sum_b (W_p^(b) - W_n^(b)) 2^b`` over the active planes (before rounding)."""
+        return torch.matmul(self.planes_pos - self.planes_neg, self.bit_values * self.active())
+
+    def step(self) -> torch.Tensor:
+        return self.scale / max(max_code(self.bits), 1)
+
+    def train_weight(self) -> torch.Tensor:
+        if bool(self.finetuning):
+            return fake_quantize(self.latent, self.scale.abs() + 1e-12, self.bits)
+        return ste_round(self.plane_sum()) * self.step()
+
+    def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if bool(self.finetuning):
+            scale = self.scale.detach().abs() + 1e-12
+            codes = quantize_codes(self.latent.detach(), scale, self.bits)
+            return codes, (scale / max(max_code(self.bits), 1)).to(torch.float32)
+        codes = torch.round(self.plane_sum().detach()).to(torch.int32)
+        return codes, self.step().detach().to(torch.float32)
+
+    def nominal_bits(self) -> int:
+        return self.bits
+
+    @torch.no_grad()
+    def load_codes(self, codes: torch.Tensor, step: torch.Tensor, bits: int) -> None:
+        """Hold exactly ``codes * step`` at ``bits`` precision: codes split by sign into 0/1 planes."""
+        if bits > self.capacity or (codes.numel() and int(codes.abs().max()) > max_code(bits)):
+            raise ValueError(f"codes do not fit {bits} bits of a {self.capacity}-plane layer")
+        pos, neg = to_bit_planes(codes, self.capacity)
+        self.planes_pos.copy_(pos.float())
+        self.planes_neg.copy_(neg.float())
+        self.precision.fill_(bits)
+        self.scale.copy_(step.reshape(()) * max(max_code(bits), 1))
+
+    @torch.no_grad()
+    def clamp_planes(self) -> None:
+        high = 1.0 if bool(self.fixed) else 2.0
+        self.planes_pos.clamp_(0.0, high).mul_(self.active())
+        self.planes_neg.clamp_(0.0, high).mul_(self.active())
+
+    @torch.no_grad()
+    def requantize(self) -> dict:
+        """Sec. 3.3: exact codes, drop all-zero MSBs and LSBs, re-split; the function is unchanged."""
+        codes, step = self.exact_codes()
+        bits_before = self.bits
+        if bool(self.fixed):  # planes in [0, 1]: the codes fit the fixed precision
+            self.load_codes(codes, step, bits_before)
+            return {"bits_before": bits_before, "bits_after": bits_before, "rounded": False}
+        reduced, shift, bits = canonicalize_codes(codes)
+        rounded = bits > self.capacity
+        if rounded:  # would outgrow its planes: keep the best `capacity` bits
+            reduced, extra = round_to_bits(reduced, self.capacity, bits)
+            reduced, shift, bits = reduced >> extra, shift + extra, self.capacity
+        self.load_codes(reduced.to(torch.int32), step * 2 ** shift, bits)
+        return {"bits_before": bits_before, "bits_after": bits, "rounded": rounded}
+
+    @torch.no_grad()
+    def bits_after_requantization(self) -> int:
+        if bool(self.fixed):
+            return self.bits
+        return min(canonicalize_codes(self.exact_codes()[0])[2], self.capacity)
+
+    @torch.no_grad()
+    def start_finetune(self) -> None:
+        """Latent weight = the exact weight; from here on it trains (the planes do not)."""
+        codes, step = self.exact_codes()
+        self.latent.copy_(codes.float() * step)
+        self.finetuning.fill_(True)
+        self.latent.requires_grad_(True)
+        self.planes_pos.requires_grad_(False)
+        self.planes_neg.requires_grad_(False)
+
+    def group_lasso(self) -> torch.Tensor:
+        """Eq. 4 with one group per layer: the L2 norm of each active bit plane (both signs), summed."""
+        squares = (self.planes_pos.pow(2) + self.planes_neg.pow(2)).reshape(-1, self.capacity).sum(0)  # (cap,)
+        return (torch.sqrt(squares + 1e-8) * self.active()).sum()
+
+
+@register("bsq")
+class BSQ(Method):
+    """Bit-level group Lasso on a bit representation trained with STE, with periodic re-quantization."""
+
+    config_class = BSQConfig
+    # App. A.1: SGD, lr 0.1 (we anneal with cosine instead of one step at 5/7), momentum 0.9, weight decay 1e-4.
+    training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine"}
+    # App. A.1: DoReFa fine-tuning from lr 0.01.
+    finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
+
+    def __init__(self, config: BSQConfig, selection=None):
+        super().__init__(config, selection)
+        self.alpha = config.alpha
+        self._step = 0
+        self._steps_per_epoch = 1
+        self._total_steps = 1
+        self._next_requant = 0
+        self._reset_optimizer = False
+        self.requantizations: list[dict] = []
+        self.budget_changes: list[dict] = []
+        self.avg_bits_before_projection: float | None = None
+
+    @property
+    def budget_mode(self) -> bool:
+        return self.config.target_bits is not None
+
+    def make_weight_quantizer(self, name, layer, fixed_bits):
+        bits = self.config.initial_bits(name) if fixed_bits is None else fixed_bits
+        if bits > self.config.max_bits:
+            raise MpqError(f"layer {name}: {bits} bits exceed BSQ's max_bits {self.config.max_bits}")
+        return BSQWeight(layer.weight, bits, self.config.max_bits, fixed=fixed_bits is not None)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        # App. A: weight decay on everything, bit planes and scales included; frozen tensors listed too so
+        # that the optimizer knows them when fine-tuning or a resume thaws them
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+
+    # -- training hooks -----------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        self._steps_per_epoch, self._total_steps = steps_per_epoch, epochs * steps_per_epoch
+        self._step = epoch * steps_per_epoch
+        if self._next_requant == 0:
+            self._next_requant = self._requant_interval()
+
+    def _requant_interval(self) -> int:
+        return max(1, round(self.config.requant_every * self._steps_per_epoch))
+
+    def regularizer(self) -> torch.Tensor | None:
+        if self.phase is not Phase.SEARCH or self.alpha == 0:
+            return None
+        total = sum(layer.params for layer in self.layers.values())
+        terms = [q.group_lasso() * (self.layers[n].params * q.bits / total)
+                 for n, q in self.quantizers().items() if not bool(q.fixed) and q.bits > 0]
+        return self.alpha * torch.stack(terms).sum() if terms else None
+
+    def on_step_end(self) -> None:
+        self._step += 1
+        if self.phase is Phase.FINETUNE and all(bool(q.finetuning) for q in self.quantizers().values()):
+            return
+        for q in self.quantizers().values():
+            q.clamp_planes()
+        if self.phase is Phase.SEARCH and self.budget_mode:
+            if self._step % self.config.controller_every == 0:
+                self._update_alpha()
+            if self._step >= self.config.project_at * self._total_steps:
+                self.project()
+                return
+        if self._step >= self._next_requant and self._step < self._total_steps:
+            self.requantize_all()
+            self._next_requant = self._step + self._requant_interval()
+
+    def wants_optimizer_reset(self) -> bool:
+        reset, self._reset_optimizer = self._reset_optimizer, False
+        return reset
+
+    def progress(self) -> dict[str, float]:
+        return {"avg_bits": self.average_bits(), "alpha": self.alpha}
+
+    # -- re-quantization, budget controller, projection -------------------------------------------------
+    def requantize_all(self) -> None:
+        """Sec. 3.3 for every layer; momentum is reset afterwards (as the public code recreates its optimizer)."""
+        changes = {name: q.requantize() for name, q in self.quantizers().items()}
+        self.requantizations.append({"step": self._step, "avg_bits": self.average_bits(),
+                                     "rounded_layers": [n for n, c in changes.items() if c["rounded"]],
+                                     "bits": {n: c["bits_after"] for n, c in changes.items()}})
+        self._reset_optimizer = True
+
+    def _projected_average_bits(self) -> float:
+        total = sum(layer.params for layer in self.layers.values())
+        return sum(q.bits_after_requantization() * self.layers[n].params
+                   for n, q in self.quantizers().items()) / total
+
+    def _update_alpha(self) -> None:
+        target = self.config.target_bits
+        error = (self._projected_average_bits() - target) / max(target, 0.5)
+        self.alpha *= math.exp(self.config.controller_gain * max(-1.0, min(1.0, error)))
+
+    def project(self) -> None:
+        """Budget mode: re-quantize, move into the window, fix every layer's precision."""
+        self.requantize_all()
+        self.avg_bits_before_projection = self.average_bits()
+        self.budget_changes = self._meet_budget(self.loss_probe)
+        for q in self.quantizers().values():
+            q.fixed.fill_(True)
+        self.phase = Phase.FINETUNE
+        self._reset_optimizer = True
+
+    @torch.no_grad()
+    def _meet_budget(self, loss_probe) -> list[dict]:
+        target, tol = self.config.target_bits, self.config.budget_tolerance
+        if target - tol - 1e-9 <= self.average_bits() <= target + 1e-9:
+            return []
+        if loss_probe is None:
+            raise MpqError("BSQ needs a loss probe to meet its budget")
+
+        def apply(name: str, bits: int):
+            q = self.layers[name].weight_quantizer
+            saved = {k: v.clone() for k, v in q.state_dict().items()}
+            codes, step = q.exact_codes()
+            rounded, shift = round_to_bits(codes.to(torch.int64), bits, self.config.max_bits + 1)
+            q.load_codes((rounded >> shift).to(torch.int32), step * 2 ** shift, bits)
+
+            def undo():
+                q.load_state_dict(saved)
+
+            return undo
+
+        names = list(self.layers)
+        quantizers = [self.layers[n].weight_quantizer for n in names]
+        candidates = {n: range(self.config.max_bits + 1) for n, q in zip(names, quantizers, strict=True)
+                      if not bool(q.fixed)}
+        return budget_step(names, [self.layers[n].params for n in names], [q.bits for q in quantizers], candidates,
+                           apply, loss_probe, target, tol)
+
+    # -- end of search, fine-tuning ------------------------------------------------------------------
+    def finalize(self, loss_probe) -> dict:
+        """The final re-quantization (Sec. 3.3); in budget mode the window is guaranteed."""
+        info: dict = {"alpha_final": self.alpha}
+        if self.phase is Phase.SEARCH:
+            self.requantize_all()
+            if self.budget_mode:
+                self.avg_bits_before_projection = self.average_bits()
+                self.budget_changes = self._meet_budget(loss_probe)
+        elif self.phase is Phase.FINETUNE and not any(bool(q.finetuning) for q in self.quantizers().values()):
+            self.requantize_all()  # planes trained under a fixed scheme: binarise them
+        self.phase = Phase.FINAL
+        after = self.average_bits()
+        info["rounded_layers"] = sorted({n for r in self.requantizations for n in r["rounded_layers"]})
+        info["zero_layers"] = [n for n, q in self.quantizers().items() if q.bits == 0]
+        if self.budget_mode:
+            target, tol = self.config.target_bits, self.config.budget_tolerance
+            before = self.avg_bits_before_projection
+            info.update(avg_bits_before_budget_step=before if before is not None else after,
+                        budget_changes=self.budget_changes,
+                        budget_met=target - tol - 1e-9 <= after <= target + 1e-9)
+        return info
+
+    def start_finetune(self) -> None:
+        for q in self.quantizers().values():
+            q.start_finetune()
+        self.phase = Phase.FINETUNE
+        self.budget_changes, self.avg_bits_before_projection = [], None
+        self._reset_optimizer = True
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase.value, "alpha": self.alpha, "step": self._step,
+                "next_requant": self._next_requant, "requantizations": self.requantizations,
+                "budget_changes": self.budget_changes, "avg_bits_before_projection": self.avg_bits_before_projection}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase = Phase(state["phase"])
+        self.alpha = float(state.get("alpha", self.config.alpha))
+        self._step = int(state.get("step", 0))
+        self._next_requant = int(state.get("next_requant", 0))
+        self.requantizations = state.get("requantizations", [])
+        self.budget_changes = state.get("budget_changes", [])
+        self.avg_bits_before_projection = state.get("avg_bits_before_projection")
+        for q in self.quantizers().values():
+            finetuning = bool(q.finetuning)
+            q.latent.requires_grad_(finetuning)
+            q.planes_pos.requires_grad_(not finetuning)
+            q.planes_neg.requires_grad_(not finetuning)
