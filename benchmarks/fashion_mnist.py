@@ -11,26 +11,12 @@ summary.json); the commands it ran are printed above the table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MPQ = [sys.executable, "-m", "mpq_cli"]
-
-
-def run(args: list[str], log: list[str]) -> dict:
-    log.append("mpq " + " ".join(args))
-    started = time.time()
-    out = subprocess.run([*MPQ, *args, "--json", "--quiet"], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"failed: mpq {' '.join(args)}\n{out.stderr}")
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    summary["wall_seconds"] = round(time.time() - started, 1)
-    return summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, run  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +57,8 @@ def main() -> None:
         evaluated = run(["eval", str(file)], log)
         packed[name] = (exported["file_bytes"], fp32_file.stat().st_size / exported["file_bytes"],
                         exported["avg_stored_bits"], evaluated["top1"])
-    lines = [f"# lenet5 on Fashion-MNIST, target {bits} bits", "",
+    invocation = " ".join([".venv/bin/python", "benchmarks/fashion_mnist.py", *sys.argv[1:]])
+    lines = [f"# lenet5 on Fashion-MNIST, target {bits} bits", "", f"Produced by `{invocation}`.", "",
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
              f"torch threads as default. Commands (in order):", "", "```"] + log + ["```", "",
              "| run | epochs | avg bits (nominal) | avg stored bits (codes + sign) | top-1 % | drop vs FP32 | wall s |",

@@ -122,3 +122,20 @@ def test_config_round_trip_and_validation():
     assert cfg.initial_bits("conv1") == 8 and cfg.initial_bits("fc") == 6
     with pytest.raises(Exception, match="max_bits"):
         BSQConfig(init_bits=9)
+
+
+@pytest.mark.parametrize("act_bits,clip_fixed", [(4, True), (2, False)])
+def test_activation_quantization_as_the_paper_runs_it(act_bits, clip_fixed):
+    from mpq_cli.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("lenet5", None, 10, 1, (28, 28)))
+    method = BSQ(BSQConfig(act_bits=act_bits))
+    method.prepare(model)
+    acts = {name: layer.act_quantizer for name, layer in method.layers.items()}
+    assert acts["features.0"].bits == 8 and not acts["features.0"].fixed_clip  # the image
+    assert acts["classifier.3"].bits == 8 and acts["classifier.3"].fixed_clip  # the last layer's input
+    for name in ("features.3", "classifier.1"):
+        assert acts[name].bits == act_bits and acts[name].fixed_clip == clip_fixed
+        assert acts[name].alpha.requires_grad == (not clip_fixed)
+        if clip_fixed:
+            assert float(acts[name].alpha) == 6.0

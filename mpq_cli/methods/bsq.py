@@ -52,6 +52,7 @@ from torch import nn
 
 from ..budget import budget_step
 from ..errors import MpqError
+from ..quant.act import PACT
 from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
 from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
 from .base import Method, MethodConfig, Phase, WeightQuantizer, register
@@ -248,6 +249,21 @@ class BSQ(Method):
         if bits > self.config.max_bits:
             raise MpqError(f"layer {name}: {bits} bits exceed BSQ's max_bits {self.config.max_bits}")
         return BSQWeight(layer.weight, bits, self.config.max_bits, fixed=fixed_bits is not None)
+
+    def prepare(self, model: nn.Module) -> None:
+        """As every method, then the paper's activation quantization (App. A.1) when ``--act-bits`` is set:
+        a fixed clip at 6 (ReLU6) for 4 bits and above, PACT below; the first and the last layer's input at 8 bits."""
+        super().prepare(model)
+        if self.config.act_bits is None:
+            return
+        names = list(self.layers)
+        for i, name in enumerate(names):
+            layer = self.layers[name]
+            if i == 0:
+                continue  # as set up for every method (the image at first_act_bits, clip from the data)
+            bits = self.config.first_act_bits if i == len(names) - 1 else self.config.act_bits
+            clip = 6.0 if bits >= 4 else None
+            layer.act_quantizer = PACT(bits, clip).to(layer.weight_quantizer.scale.device)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         # App. A: weight decay on everything, bit planes and scales included; frozen tensors listed too so

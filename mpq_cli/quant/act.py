@@ -14,15 +14,18 @@ class PACT(nn.Module):
     Inputs that can be negative (the normalised image, a linear bottleneck) are
     detected on the first training batch and then use the symmetric clip
     ``[-alpha, alpha]`` with the same number of levels on each side; ``alpha`` starts at
-    that batch's largest magnitude.
+    that batch's largest magnitude. With ``clip`` the clip is fixed at that value instead
+    (BSQ's ReLU6-style quantization at 4 bits and above: ``clip=6``).
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, clip: float | None = None):
         super().__init__()
         if not 1 <= bits <= 16:
             raise ValueError(f"activation bits must be in 1..16, got {bits}")
         self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(1.0))  # clip value, PACT's alpha
+        self.fixed_clip = clip is not None
+        self.alpha = nn.Parameter(torch.tensor(clip if clip is not None else 1.0),
+                                  requires_grad=clip is None)  # clip value, PACT's alpha
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("initialised", torch.tensor(False))
 
@@ -33,7 +36,8 @@ class PACT(nn.Module):
         if not bool(self.initialised):
             with torch.no_grad():
                 self.signed.fill_(bool(x.min() < 0))
-                self.alpha.fill_(float(x.detach().abs().max().clamp(min=1e-3)))
+                if not self.fixed_clip:
+                    self.alpha.fill_(float(x.detach().abs().max().clamp(min=1e-3)))
                 self.initialised.fill_(True)
         alpha = self.alpha.abs() + 1e-8
         lower = -alpha if bool(self.signed) else torch.zeros_like(alpha)

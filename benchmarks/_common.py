@@ -1,0 +1,24 @@
+"""Helpers shared by the benchmark scripts: run one `mpq` command and read its JSON summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MPQ = [sys.executable, "-m", "mpq_cli"]
+
+
+def run(args: list[str], log: list[str]) -> dict:
+    """Run ``mpq ARGS --json --quiet`` from the repository root; record the command in ``log``."""
+    log.append("mpq " + " ".join(args))
+    started = time.time()
+    out = subprocess.run([*MPQ, *args, "--json", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"failed: mpq {' '.join(args)}\n{out.stderr}")
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    return summary
