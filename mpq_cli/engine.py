@@ -281,7 +281,7 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
             for i, (x, y) in enumerate(train):
                 lr = lr_at(cfg, epoch + i / steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # a method may slow a group down
                 with _autocast(device, cfg.amp):
                     out = model(x)
                     loss = F.cross_entropy(out.float(), y)

@@ -139,3 +139,15 @@ def test_activation_quantization_as_the_paper_runs_it(act_bits, clip_fixed):
         assert acts[name].alpha.requires_grad == (not clip_fixed)
         if clip_fixed:
             assert float(acts[name].alpha) == 6.0
+
+
+def test_projected_bits_match_what_requantization_gives():
+    for seed in range(5):
+        torch.manual_seed(seed)
+        q = BSQWeight(torch.randn(8, 9), 6, 8, fixed=False)
+        with torch.no_grad():
+            q.planes_pos.mul_(torch.rand_like(q.planes_pos) * 2)
+            q.planes_pos[..., :seed % 3] = 0
+            q.planes_neg[..., :seed % 3] = 0
+        projected = q.bits_after_requantization()
+        assert projected == q.requantize()["bits_after"]

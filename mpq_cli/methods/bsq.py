@@ -74,8 +74,15 @@ class BSQConfig(MethodConfig):
         requant_every: epochs between re-quantizations (App. A.1: 100 of 350; A.2: 10 of 90).
         budget_tolerance: *ours*: width of the budget window below ``target_bits``.
         controller_every: *ours*: steps between two alpha updates in budget mode.
-        controller_gain: *ours*: alpha is multiplied by ``exp(gain * clipped relative error)``.
+        controller_gain: *ours*: alpha is multiplied by ``exp(gain)`` when the projected bits are above
+            the target and have not fallen over the last ``controller_window`` updates, by
+            ``exp(-2 gain)`` when they are below the window.
+        controller_window: *ours*: updates over which a fall of the projected bits holds alpha.
         project_at: *ours*: fraction of the search after which budget mode fixes the scheme.
+        scale_lr: *ours*: the scales' learning rate relative to the planes' while searching. The group
+            Lasso shrinks planes and a freely learning scale undoes it by growing (W = s W_q); with the
+            paper's small alpha over 350 epochs this hardly matters, with the alpha a short run needs it
+            diverged at lr 0.1 in our measurements.
     """
 
     version: int = 1
@@ -88,7 +95,9 @@ class BSQConfig(MethodConfig):
     budget_tolerance: float = 0.1
     controller_every: int = 10
     controller_gain: float = 0.1
+    controller_window: int = 5
     project_at: float = 0.75
+    scale_lr: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,8 +108,9 @@ class BSQConfig(MethodConfig):
                 raise MpqError(f"initial bits {bits} must be in 0..max_bits ({self.max_bits})")
         if self.target_bits is not None and self.target_bits > self.max_bits:
             raise MpqError(f"--target-bits {self.target_bits} exceeds BSQ's max_bits {self.max_bits}")
-        if self.alpha < 0 or self.requant_every <= 0 or self.controller_every < 1 or self.budget_tolerance < 0:
-            raise MpqError("BSQ needs alpha >= 0, requant_every > 0, controller_every >= 1, budget_tolerance >= 0")
+        if min(self.alpha, self.scale_lr, self.budget_tolerance) < 0 or self.requant_every <= 0 \
+                or min(self.controller_every, self.controller_window) < 1:
+            raise MpqError("BSQ needs alpha, scale_lr, budget_tolerance >= 0, requant_every > 0, controller_every >= 1")
         if not 0.0 < self.project_at <= 1.0:
             raise MpqError("project_at must be in (0, 1]")
 
@@ -198,9 +208,16 @@ class BSQWeight(WeightQuantizer):
 
     @torch.no_grad()
     def bits_after_requantization(self) -> int:
+        """The precision :meth:`requantize` would give now, computed on the layer's device."""
         if bool(self.fixed):
             return self.bits
-        return min(canonicalize_codes(self.exact_codes()[0])[2], self.capacity)
+        codes = self.exact_codes()[0].to(torch.int64)
+        nonzero = codes != 0
+        if not bool(nonzero.any()):
+            return 0
+        lowest_bit = int(torch.where(nonzero, codes & -codes, torch.full_like(codes, 1 << 40)).min())
+        shift = lowest_bit.bit_length() - 1
+        return min((int(codes.abs().max()) >> shift).bit_length(), self.capacity)
 
     @torch.no_grad()
     def start_finetune(self) -> None:
@@ -237,6 +254,7 @@ class BSQ(Method):
         self._next_requant = 0
         self._reset_optimizer = False
         self.requantizations: list[dict] = []
+        self._projected_history: list[float] = []
         self.budget_changes: list[dict] = []
         self.avg_bits_before_projection: float | None = None
 
@@ -266,9 +284,13 @@ class BSQ(Method):
             layer.act_quantizer = PACT(bits, clip).to(layer.weight_quantizer.scale.device)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        # App. A: weight decay on everything, bit planes and scales included; frozen tensors listed too so
-        # that the optimizer knows them when fine-tuning or a resume thaws them
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+        # App. A: weight decay on everything; frozen tensors are listed too so that the optimizer knows them when
+        # fine-tuning or a resume thaws them. The scales learn at scale_lr times the rate (see BSQConfig).
+        scales = {id(q.scale) for q in self.quantizers().values()}
+        params = list(model.parameters())
+        return [{"params": [p for p in params if id(p) not in scales], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) in scales], "weight_decay": weight_decay,
+                 "lr_scale": self.config.scale_lr if self.phase is Phase.SEARCH else 1.0}]
 
     # -- training hooks -----------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
@@ -326,9 +348,20 @@ class BSQ(Method):
                    for n, q in self.quantizers().items()) / total
 
     def _update_alpha(self) -> None:
-        target = self.config.target_bits
-        error = (self._projected_average_bits() - target) / max(target, 0.5)
-        self.alpha *= math.exp(self.config.controller_gain * max(-1.0, min(1.0, error)))
+        """Raise alpha while the projected bits sit above the target and stopped falling; lower it below.
+
+        Bits answer alpha with a lag (planes shrink before a bit of the codes clears), so
+        alpha is held while the projected average is still falling: growing it then would
+        overshoot and crush the weights.
+        """
+        target, tol, gain = self.config.target_bits, self.config.budget_tolerance, self.config.controller_gain
+        projected = self._projected_average_bits()
+        if projected > target + 1e-9:
+            if not (self._projected_history and projected < max(self._projected_history)):
+                self.alpha *= math.exp(gain)
+        elif projected < target - tol - 1e-9:
+            self.alpha *= math.exp(-2 * gain)
+        self._projected_history = [*self._projected_history, projected][-self.config.controller_window:]
 
     def project(self) -> None:
         """Budget mode: re-quantize, move into the window, fix every layer's precision."""
@@ -348,12 +381,17 @@ class BSQ(Method):
         if loss_probe is None:
             raise MpqError("BSQ needs a loss probe to meet its budget")
 
+        def relaxed_codes(q: BSQWeight, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The layer's continuous plane sum rounded onto ``bits`` bits of the finest lattice (step / 2^e)."""
+            extra = self.config.max_bits - q.bits
+            fine = torch.round(q.plane_sum().detach() * 2 ** extra).to(torch.int64)
+            rounded, shift = round_to_bits(fine, bits, self.config.max_bits)
+            return (rounded >> shift).to(torch.int32), q.step().detach() * 2.0 ** (shift - extra)
+
         def apply(name: str, bits: int):
             q = self.layers[name].weight_quantizer
             saved = {k: v.clone() for k, v in q.state_dict().items()}
-            codes, step = q.exact_codes()
-            rounded, shift = round_to_bits(codes.to(torch.int64), bits, self.config.max_bits + 1)
-            q.load_codes((rounded >> shift).to(torch.int32), step * 2 ** shift, bits)
+            q.load_codes(*relaxed_codes(q, bits), bits)
 
             def undo():
                 q.load_state_dict(saved)
@@ -362,8 +400,10 @@ class BSQ(Method):
 
         names = list(self.layers)
         quantizers = [self.layers[n].weight_quantizer for n in names]
-        candidates = {n: range(self.config.max_bits + 1) for n, q in zip(names, quantizers, strict=True)
-                      if not bool(q.fixed)}
+        # an option must use its bits: codes that fit fewer would only pad the nominal count
+        candidates = {n: [b for b in range(self.config.max_bits + 1) if b == 0 or
+                          canonicalize_codes(relaxed_codes(q, b)[0])[2] == b]
+                      for n, q in zip(names, quantizers, strict=True) if not bool(q.fixed)}
         return budget_step(names, [self.layers[n].params for n in names], [q.bits for q in quantizers], candidates,
                            apply, loss_probe, target, tol)
 
@@ -399,6 +439,7 @@ class BSQ(Method):
 
     def state_dict(self) -> dict:
         return {"phase": self.phase.value, "alpha": self.alpha, "step": self._step,
+                "projected_history": self._projected_history,
                 "next_requant": self._next_requant, "requantizations": self.requantizations,
                 "budget_changes": self.budget_changes, "avg_bits_before_projection": self.avg_bits_before_projection}
 
@@ -407,6 +448,7 @@ class BSQ(Method):
         self.alpha = float(state.get("alpha", self.config.alpha))
         self._step = int(state.get("step", 0))
         self._next_requant = int(state.get("next_requant", 0))
+        self._projected_history = list(state.get("projected_history", []))
         self.requantizations = state.get("requantizations", [])
         self.budget_changes = state.get("budget_changes", [])
         self.avg_bits_before_projection = state.get("avg_bits_before_projection")
