@@ -387,8 +387,8 @@ def methods(as_json: JsonOpt = False):
     listing = {}
     for name, cls in sorted(METHODS.items()):
         listing[name] = {"summary": (cls.__doc__ or "").strip().splitlines()[0],
-                         "fields": {f.name: f.default for f in dataclasses.fields(cls.config_class)
-                                    if f.name != "version"},
+                         "fields": {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                                    for f in dataclasses.fields(cls.config_class) if f.name != "version"},
                          "training_defaults": cls.training_defaults}
     if as_json:
         sys.stdout.write(json.dumps(listing) + "\n")

@@ -113,7 +113,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 
 def test_methods_and_models_listing():
     methods = run_json("methods")
-    assert {"csq", "uniform"} <= set(methods)
+    assert {"csq", "uniform", "bsq"} <= set(methods)
+    assert methods["bsq"]["fields"]["init_bits_by_layer"] == {} and methods["bsq"]["fields"]["target_bits"] is None
     assert methods["csq"]["fields"]["reg_strength"] == 0.01
     models = run_json("models")
     assert "lenet5" in models["builtin"] and "resnet18" in models["torchvision"]
