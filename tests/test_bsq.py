@@ -151,3 +151,17 @@ def test_projected_bits_match_what_requantization_gives():
             q.planes_neg[..., :seed % 3] = 0
         projected = q.bits_after_requantization()
         assert projected == q.requantize()["bits_after"]
+
+
+def test_scales_learn_slowly_in_search_and_finetune():
+    """A scale's gradient sums over its whole layer; at the full rate it diverged (search) or collapsed (finetune)."""
+    model = TinyNet()
+    method = BSQ(BSQConfig(scale_lr=0.01))
+    method.prepare(model)
+    scales = {id(q.scale) for q in method.quantizers().values()}
+    for start in (lambda: None, method.start_finetune):
+        start()
+        groups = method.param_groups(model, 1e-4)
+        scale_group = next(g for g in groups if {id(p) for p in g["params"]} == scales)
+        assert scale_group["lr_scale"] == 0.01
+        assert all(g.get("lr_scale", 1.0) == 1.0 for g in groups if g is not scale_group)

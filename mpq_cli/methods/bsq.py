@@ -79,10 +79,11 @@ class BSQConfig(MethodConfig):
             ``exp(-2 gain)`` when they are below the window.
         controller_window: *ours*: updates over which a fall of the projected bits holds alpha.
         project_at: *ours*: fraction of the search after which budget mode fixes the scheme.
-        scale_lr: *ours*: the scales' learning rate relative to the planes' while searching. The group
+        scale_lr: *ours*: the scales' learning rate relative to the other parameters'. The group
             Lasso shrinks planes and a freely learning scale undoes it by growing (W = s W_q); with the
             paper's small alpha over 350 epochs this hardly matters, with the alpha a short run needs it
-            diverged at lr 0.1 in our measurements.
+            diverged at lr 0.1 in our measurements. Fine-tuning keeps it too: a scale's gradient sums
+            over every weight of its layer, and at full rate one run's 1-bit layer collapsed to zero.
     """
 
     version: int = 1
@@ -290,7 +291,7 @@ class BSQ(Method):
         params = list(model.parameters())
         return [{"params": [p for p in params if id(p) not in scales], "weight_decay": weight_decay},
                 {"params": [p for p in params if id(p) in scales], "weight_decay": weight_decay,
-                 "lr_scale": self.config.scale_lr if self.phase is Phase.SEARCH else 1.0}]
+                 "lr_scale": self.config.scale_lr}]
 
     # -- training hooks -----------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
