@@ -208,6 +208,7 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
                      f"{finalize_info['avg_bits_before_budget_step']:.4f} average bits; the loss-aware budget "
                      "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
                      f" -> {changes[0]['probe_loss_after']:.4f}.")
+    notes += method.report_notes()
     if records:
         notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
     write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes))

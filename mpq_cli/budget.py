@@ -1,10 +1,10 @@
 """Choosing one option per layer under an average-bits window: an exact integer program.
 
-Used by the methods' loss-aware budget steps (:func:`budget_step`; and by BMPQ's bit
-assignment). Each layer
-offers options ``(bits, cost)``; pick one per layer so that the parameter-weighted
-average bits lies in ``[low, high]`` and the summed cost is least. Solved exactly
-with SciPy's ``milp`` (HiGHS branch and bound), not a hand-written heuristic.
+Each layer offers options ``(bits, cost)``; :func:`choose_options` picks one per layer
+so that the parameter-weighted average bits lies in ``[low, high]`` and the summed
+cost is least, solved exactly with SciPy's ``milp`` (HiGHS branch and bound), not a
+hand-written heuristic. On it sit the loss-aware budget step CSQ and BSQ share
+(:func:`budget_step`) and BMPQ's sensitivity-weighted bit assignment (:func:`assign_bits`).
 """
 
 from __future__ import annotations
@@ -104,3 +104,74 @@ def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[i
     for change in changes:
         change["probe_loss_before"], change["probe_loss_after"] = base_loss, final_loss
     return changes
+
+
+def assign_bits(sensitivity: dict[str, float], params: dict[str, int], support: Sequence[int],
+                budget_bits: float, fixed: dict[str, int] | None = None,
+                ties: Sequence[Sequence[str]] = ()) -> dict[str, int]:
+    """BMPQ's integer program (Eq. 8-9): per layer one width from ``support``.
+
+    Maximises ``sum_l sensitivity[l] * bits[l]`` subject to
+    ``sum_l params[l] * bits[l] <= budget_bits`` (memory, Eq. 11), solved exactly by
+    :func:`choose_options`. Layers in ``fixed`` keep their bits and their memory is
+    taken from the budget first; layers in one tie group get one width (a group with a
+    fixed member takes that member's bits).
+
+    Raises:
+        MpqError: if even the smallest scheme exceeds the budget, or a tie group holds
+            two different fixed widths.
+    """
+    fixed = dict(fixed or {})
+    names = list(params)
+    unknown = (set(sensitivity) | set(fixed) | {n for g in ties for n in g}) - set(names)
+    if unknown:
+        raise ValueError(f"unknown layers {sorted(unknown)}")
+    support = sorted({int(b) for b in support})
+    if not support:
+        raise MpqError("BMPQ needs at least one support bit width")
+    groups = _merge_ties(names, ties)
+    for group in groups:  # a tie to a fixed layer fixes the group
+        widths = {fixed[n] for n in group if n in fixed}
+        if len(widths) > 1:
+            raise MpqError(f"layers {sorted(group)} are tied but fixed at different bits {sorted(widths)}")
+        if widths:
+            fixed.update({n: next(iter(widths)) for n in group})
+    free = [g for g in groups if not any(n in fixed for n in g)]
+    fixed_cost = sum(params[n] * bits for n, bits in fixed.items())
+    smallest = fixed_cost + sum(params[n] for g in free for n in g) * support[0]
+    if smallest > budget_bits * (1 + 1e-12):
+        total = sum(params.values())
+        raise MpqError(f"budget of {budget_bits / total:.4f} average bits ({budget_bits / 8:,.0f} bytes) is below "
+                       f"the smallest scheme: {smallest / total:.4f} average bits ({smallest / 8:,.0f} bytes) with "
+                       f"every free layer at {support[0]} bits and the fixed layers at theirs")
+    out = dict(fixed)
+    if not free:
+        return out
+    group_params = [sum(params[n] for n in g) for g in free]
+    # choose_options minimises cost under an average window: cost = -sensitivity * bits
+    options = [[(b, -sum(sensitivity.get(n, 0.0) for n in g) * b) for b in support] for g in free]
+    high = (budget_bits - fixed_cost) / sum(group_params)
+    picks = choose_options(options, group_params, 0.0, high)
+    for group, pick in zip(free, picks, strict=True):
+        out.update({n: support[pick] for n in group})
+    return out
+
+
+def _merge_ties(names: Sequence[str], ties: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Connected components of the tie relation, in ``names`` order (union-find)."""
+    parent = {n: n for n in names}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for group in ties:
+        group = list(group)
+        for other in group[1:]:
+            parent[root(other)] = root(group[0])
+    components: dict[str, list[str]] = {}
+    for n in names:
+        components.setdefault(root(n), []).append(n)
+    return list(components.values())

@@ -126,6 +126,33 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
+def _parse_method_options(args: list[str], method: str) -> dict:
+    """``--field-name VALUE`` / ``--field-name=VALUE`` pairs left over by Typer -> the method's config fields."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(METHODS[method].config_class)} - {"version"}
+    out, i = {}, 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise MpqError(f"unexpected argument {token!r}")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise MpqError(f"option --{key} needs a value")
+            value, i = args[i + 1], i + 1
+        name = key.replace("-", "_")
+        if name not in fields:
+            options = ", ".join("--" + f.replace("_", "-") for f in sorted(fields))
+            raise MpqError(f"no such option --{key} (method {method} also takes: {options})")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+        i += 1
+    return out
+
+
 def _emit(summary: dict, as_json: bool, title: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=_json_safe) + "\n")
@@ -169,7 +196,7 @@ LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate (default: 
 OptimOpt = Annotated[str | None, typer.Option(help="sgd or adam (default: the method's).")]
 SchedOpt = Annotated[str | None, typer.Option(help="cosine, step or constant (default: the method's).")]
 WdOpt = Annotated[float | None, typer.Option(help="Weight decay (default: the method's).")]
-WarmupOpt = Annotated[float, typer.Option(help="Linear learning-rate warm-up epochs.")]
+WarmupOpt = Annotated[float, typer.Option("--lr-warmup-epochs", help="Linear learning-rate warm-up epochs.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for parameters, data order and augmentation.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA.")]
@@ -221,13 +248,15 @@ def train(
     _emit(summary, as_json, "FP32")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_handle_errors
 def search(
+    ctx: typer.Context,
     method: Annotated[MethodName, typer.Option(help="Search method (see `mpq methods`).")] = "csq",
-    target_bits: Annotated[float | None, typer.Option(help="Average magnitude bits per weight, weighted by parameters "
-                                                      "(default: the method's; CSQ and uniform 3, BSQ none: open loop "
-                                                      "with its alpha).")] = None,
+    target_bits: Annotated[float | None, typer.Option(help="Average bits per weight as the method counts them (CSQ, "
+                                                      "BSQ, uniform: magnitude bits; BMPQ: two's complement width), "
+                                                      "weighted by parameters (default: the method's; CSQ, uniform, "
+                                                      "BMPQ 3; BSQ none: open loop with its alpha).")] = None,
     model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
     data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
     batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
@@ -244,13 +273,15 @@ def search(
     """Search a mixed-precision scheme and write a run directory (state, scheme.json, report.md).
 
     Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
+
+    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02). `mpq methods` lists them with their defaults.
     """
     method_name = method.value if isinstance(method, enum.Enum) else method
     method_cls = METHODS[method_name]
     cfg = _train_cfg({"epochs": 10, **method_cls.training_defaults}, epochs=epochs, lr=lr, optimizer=optimizer,
                      schedule=schedule, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
                      device=device, amp=amp, clip_grad=clip_grad)
-    method_config = {"act_bits": act_bits, **_parse_sets(set_ or [])}
+    method_config = {"act_bits": act_bits, **_parse_method_options(ctx.args, method_name), **_parse_sets(set_ or [])}
     if target_bits is not None:
         method_config["target_bits"] = target_bits
     selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
@@ -370,8 +401,10 @@ def inspect(
     from .report import rich_size_table, size_summary_lines
 
     out_console.print(rich_size_table(report, rows, f"{target} ({report['source']})"))
-    out_console.print("bits: nominal (the method's count); b/w: stored bits per weight measured on the file, sign, "
-                      "scales and tables included", highlight=False)
+    from .report import bits_convention
+
+    out_console.print(f"bits: nominal ({bits_convention(report['method'])}); b/w: stored bits per weight measured on "
+                      "the file, sign, scales and tables included", highlight=False)
     summary = Table(show_header=False, box=None)
     for k, v in size_summary_lines(report):
         summary.add_row(k, v)
@@ -381,7 +414,7 @@ def inspect(
 @app.command()
 @_handle_errors
 def methods(as_json: JsonOpt = False):
-    """List the search methods and their configuration fields (settable with --set FIELD=VALUE)."""
+    """List the search methods and their configuration fields (set with --FIELD-NAME VALUE or --set FIELD=VALUE)."""
     import dataclasses
 
     listing = {}

@@ -5,6 +5,14 @@ from __future__ import annotations
 from .scheme import Scheme
 
 
+def bits_convention(method: str) -> str:
+    """How ``method`` counts nominal bits, e.g. "magnitude bits, sign excluded"."""
+    from .methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls.bits_convention if cls is not None else "the method's own count"
+
+
 def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} %"
 
@@ -52,7 +60,8 @@ def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = Non
     out += [f"| {k} | {v} |" for k, v in summary_lines(summary)]
     out += ["", "## Layers", "", "| " + " | ".join(LAYER_HEADER) + " |", "|" + "---|" * len(LAYER_HEADER)]
     out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme)]
-    out += ["", "Bits are magnitude bits as the method counts them (sign excluded). Stored bits per weight are "
+    out += ["", f"Bits are nominal bits as {summary['method']} counts them ({bits_convention(summary['method'])}). "
+            "Stored bits per weight are "
             "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included); a "
             "layer at 0 bits is all zero and stores nothing but its shape. Sizes are estimates from the codes; "
             "`mpq export` and `mpq inspect` measure the packed file."]
@@ -95,8 +104,9 @@ def markdown_size_report(report: dict, file_name: str) -> str:
         bits = str(r["bits"]) if r["quantized"] else "FP32"
         lines.append(f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['params']:,} | {bits} | "
                      f"{r['encoding']} | {r['stored_bits']:.3f} | {r['bytes']:,} |")
-    lines += ["", "Nominal bits are the method's count (magnitude bits, sign excluded); stored bits are measured "
-              "on the file: packed codes, sign, scales and tables of each layer, divided by its weights.", "",
+    lines += ["", f"Nominal bits are the method's count ({bits_convention(report['method'])}); "
+              "stored bits are measured on the file: packed codes, sign, scales and tables of each layer, "
+              "divided by its weights.", "",
               f"- average nominal bits: {report['avg_bits']:.4f}",
               f"- average stored bits: {report['avg_stored_bits']:.4f}",
               f"- weight bytes: {report['weight_bytes']:,} ({kib(report['weight_bytes'])})",

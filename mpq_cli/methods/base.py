@@ -62,7 +62,7 @@ class MethodConfig:
     """Fields every method has. Subclasses add their paper's hyperparameters.
 
     Args:
-        target_bits: average magnitude bits per weight to reach, weighted by parameters
+        target_bits: average bits per weight to reach as the method counts them, weighted by parameters
             (``None`` where a method has an open-loop mode, e.g. BSQ with a fixed alpha).
         act_bits: quantize each quantized layer's input to this many bits (PACT); ``None`` = FP.
         first_act_bits: bits of the first quantized layer's input (the papers use 8).
@@ -108,7 +108,7 @@ class WeightQuantizer(nn.Module, ABC):
 
     @abstractmethod
     def nominal_bits(self) -> int:
-        """Bits as the method's paper counts them (magnitude bits, sign excluded)."""
+        """Bits as the method's paper counts them (see ``Method.bits_convention``)."""
 
     def forward(self) -> torch.Tensor:
         if self.training:
@@ -131,6 +131,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # How the method's paper counts a layer's bits; reports print it beside the nominal bits.
+    bits_convention: ClassVar[str] = "magnitude bits, sign excluded"
     # Training defaults from the method's paper; the command line overrides them.
     training_defaults: ClassVar[dict] = {}
     finetune_defaults: ClassVar[dict] = {}
@@ -201,6 +203,10 @@ class Method(ABC):
 
     def start_finetune(self) -> None:
         raise MpqError(f"method {self.name} has no fine-tuning phase")
+
+    def report_notes(self) -> list[str]:
+        """Markdown sections the method adds to report.md (e.g. how its scheme evolved)."""
+        return []
 
     def quantizers(self) -> dict[str, WeightQuantizer]:
         return {name: layer.weight_quantizer for name, layer in self.layers.items()}
