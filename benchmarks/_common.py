@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MPQ = [sys.executable, "-m", "mpq_cli"]
 
 
-def run(args: list[str], log: list[str]) -> dict:
-    """Run ``mpq ARGS --json --quiet`` from the repository root; record the command in ``log``."""
+def run(args: list[str], log: list[str], quiet: bool = True) -> dict:
+    """Run ``mpq ARGS --json [--quiet]`` from the repository root; record the command in ``log``."""
     log.append("mpq " + " ".join(args))
     started = time.time()
-    out = subprocess.run([*MPQ, *args, "--json", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([*MPQ, *args, "--json", *(["--quiet"] if quiet else [])], cwd=ROOT, capture_output=True,
+                         text=True)
     if out.returncode != 0:
         sys.exit(f"failed: mpq {' '.join(args)}\n{out.stderr}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])

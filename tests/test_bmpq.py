@@ -291,3 +291,32 @@ def test_unknown_method_option_is_one_line_and_exit_2(tmp_path):
                     "--out", tmp_path / "y")
     assert result.exit_code == 2 and "below the smallest scheme" in result.output
     assert "Traceback" not in result.output
+
+
+def test_state_round_trip_restores_widths_activation_bits_and_history():
+    torch.manual_seed(0)
+    model = lenet5(10, 1, (28, 28))
+    method = BMPQ(BMPQConfig(bits=[2, 4], warmup_epochs=1, interval=1))
+    method.prepare(model)
+    _train_steps(model, method)
+    state, method_state = model.state_dict(), json.loads(json.dumps(method.state_dict()))
+    fresh_model = lenet5(10, 1, (28, 28))
+    fresh = BMPQ(BMPQConfig(bits=[2, 4], warmup_epochs=1, interval=1))
+    fresh.prepare(fresh_model)
+    assert fresh.layer_bits() != method.layer_bits()  # a fresh model starts at the widest width
+    fresh_model.load_state_dict(state)
+    fresh.load_state_dict(method_state)
+    assert fresh.layer_bits() == method.layer_bits()
+    assert fresh.layers["classifier.1"].act_quantizer.bits == 2
+    assert fresh.history == method.history and fresh.last_assigned_epoch == 1
+    model.eval()
+    fresh_model.eval()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), fresh_model(x))
+
+
+def test_search_from_a_checkpoint(fp_run, tmp_path):
+    summary = run_json("search", "--method", "bmpq", "--model", "lenet5", "--checkpoint", fp_run[0], *SMALL,
+                       "--epochs", "2", "--warmup-epochs", "1", "--interval", "1", "--target-bits", "4.5",
+                       "--out", tmp_path / "ck")
+    assert summary["fp_top1"] is not None and summary["budget_met"] and summary["assignments"] == 1
