@@ -23,3 +23,12 @@ def run(args: list[str], log: list[str], quiet: bool = True) -> dict:
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = round(time.time() - started, 1)
     return summary
+
+
+def write_results(relative: str, lines: list[str]) -> None:
+    """Write a results page (``lines`` joined) under the repository root and print it."""
+    text = "\n".join(lines) + "\n"
+    path = ROOT / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

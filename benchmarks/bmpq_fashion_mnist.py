@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run  # noqa: E402
+from _common import ROOT, run, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -73,10 +73,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|", *layer_rows, "",
         assignments,
     ]
-    text = "\n".join(lines) + "\n"
-    (ROOT / args.results).parent.mkdir(parents=True, exist_ok=True)
-    (ROOT / args.results).write_text(text)
-    print(text)
+    write_results(args.results, lines)
 
 
 if __name__ == "__main__":

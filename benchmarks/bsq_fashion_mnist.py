@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run  # noqa: E402
+from _common import ROOT, run, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -68,10 +68,7 @@ def main() -> None:
               f"{budget.get('alpha_final'):.4g}. Packed file: {exported['file_bytes']:,} bytes "
               f"({exported['compression_vs_checkpoint']:.2f}x smaller than the FP32 checkpoint), "
               f"top-1 measured from the file: {from_file['top1']:.2f} %."]
-    text = "\n".join(lines) + "\n"
-    (ROOT / args.results).parent.mkdir(parents=True, exist_ok=True)
-    (ROOT / args.results).write_text(text)
-    print(text)
+    write_results(args.results, lines)
 
 
 if __name__ == "__main__":

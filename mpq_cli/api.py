@@ -165,11 +165,19 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
     codes = codes if codes is not None else method.layer_codes()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer):
-            plan = plan_codes(codes[name].codes)
             kind = "conv2d" if isinstance(module.layer, nn.Conv2d) else "linear"
             act_bits = getattr(module.act_quantizer, "bits", None)
+            basis = codes[name].basis
+            if basis is not None:  # sign bits per weight, a float32 coordinate per basis, a byte per group
+                used = int(basis.group_bits.sum())
+                stored, scales, index = used * basis.group_size / module.params, used, basis.group_bits.numel()
+                if used == 0:
+                    stored, scales, index = 0, 0, 0
+            else:
+                plan = plan_codes(codes[name].codes)
+                stored, scales, index = plan.width, plan.extra_values, 0
             entries.append(LayerEntry(name, kind, list(module.weight_shape), module.params, codes[name].nominal_bits,
-                                      plan.width, plan.extra_values, act_bits))
+                                      stored, scales, act_bits, index))
     for name, module in quantizable_layers(model).items():
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         entries.append(LayerEntry(name, kind, list(module.weight.shape), module.weight.numel(), None, None, 0))
@@ -190,6 +198,9 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     write_json(run_dir / "method.json", method.state_dict())
     tensors = {}
     for name, lc in codes.items():
+        if lc.basis is not None:
+            tensors.update(lc.basis.to_tensors(name))
+            continue
         tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
         tensors[f"{name}.step"] = lc.step.to(torch.float32)
     save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1"})

@@ -254,9 +254,10 @@ def search(
     ctx: typer.Context,
     method: Annotated[MethodName, typer.Option(help="Search method (see `mpq methods`).")] = "csq",
     target_bits: Annotated[float | None, typer.Option(help="Average bits per weight as the method counts them (CSQ, "
-                                                      "BSQ, uniform: magnitude bits; BMPQ: two's complement width), "
-                                                      "weighted by parameters (default: the method's; CSQ, uniform, "
-                                                      "BMPQ 3; BSQ none: open loop with its alpha).")] = None,
+                                                      "BSQ, uniform: magnitude bits; BMPQ: two's complement width; "
+                                                      "ALQ: binary bases per weight, may be below 1), weighted by "
+                                                      "parameters (default: the method's; CSQ, uniform, BMPQ 3; ALQ 1; "
+                                                      "BSQ none: open loop with its alpha).")] = None,
     model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
     data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
     batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
@@ -265,7 +266,7 @@ def search(
     limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, clip_grad: ClipOpt = None,
     keep_fp: Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
     fix_bits: Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
-    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8). Default: FP activations.")] = None,
+    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable.")] = None,
     probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
     out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
@@ -274,7 +275,7 @@ def search(
 
     Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
 
-    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02). `mpq methods` lists them with their defaults.
+    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     method_name = method.value if isinstance(method, enum.Enum) else method
     method_cls = METHODS[method_name]
@@ -419,7 +420,7 @@ def methods(as_json: JsonOpt = False):
 
     listing = {}
     for name, cls in sorted(METHODS.items()):
-        listing[name] = {"summary": (cls.__doc__ or "").strip().splitlines()[0],
+        listing[name] = {"summary": next(iter((cls.__doc__ or "").strip().splitlines()), ""),
                          "fields": {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                                     for f in dataclasses.fields(cls.config_class) if f.name != "version"},
                          "training_defaults": cls.training_defaults}

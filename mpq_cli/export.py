@@ -11,6 +11,7 @@ per-layer table that ``mpq export`` writes and ``mpq inspect`` shows.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch
 from .data import normalisation
 from .errors import MpqError
 from .models.loading import read_state_dict
-from .packing.encodings import decode_codes, encode_codes
-from .packing.format import FORMAT, act_tensor_name, layer_entry, weight_tensor_name
+from .packing.encodings import EncodedWeight, decode_codes, decode_weight, encode_basis, encode_codes
+from .packing.format import FORMAT, act_tensor_name, act_tensor_names, layer_entry, weight_tensor_name
+from .quant.basis import BasisForm
 from .rundir import read_json, read_search_config, versions
 from .scheme import Scheme
 
@@ -86,24 +88,18 @@ def pack_run(run_dir: str | Path) -> PackedModel:
             tensors[f"{layer.name}.weight"] = state[f"{layer.name}.weight"].float()
             entries.append(layer_entry(layer.name, layer.kind, layer.shape, None, None, None))
             continue
-        try:
-            layer_codes, step = codes[f"{layer.name}.codes"], codes[f"{layer.name}.step"]
-        except KeyError:
-            raise MpqError(f"{run_dir}/codes.safetensors has no codes for layer {layer.name!r}") from None
-        if list(layer_codes.shape) != list(layer.shape):
-            raise MpqError(f"{run_dir}: codes of {layer.name!r} have shape {list(layer_codes.shape)}, "
-                           f"the scheme says {layer.shape}")
-        encoded = encode_codes(layer_codes, step)
-        # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
-        decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, tuple(layer.shape))
-        if not (torch.equal(decoded, layer_codes.to(torch.int32)) and
-                (encoded.encoding == "zero" or torch.equal(decoded_step.view(torch.int32),
-                                                           step.reshape(()).view(torch.int32)))):
-            raise MpqError(f"internal error: layer {layer.name!r} does not decode to its exact codes")
+        if f"{layer.name}.signs" in codes:
+            encoded = _encode_basis_layer(run_dir, layer.name, tuple(layer.shape), codes)
+        else:
+            encoded = _encode_codes_layer(run_dir, layer.name, tuple(layer.shape), codes)
         for suffix, tensor in encoded.tensors.items():
             tensors[weight_tensor_name(layer.name, suffix)] = tensor
         act = None
-        if layer.act_bits is not None:
+        if layer.act_bits is not None and f"{layer.name}.act_quantizer.gamma" in state:  # ALQ's levels
+            act = {"kind": "basis", "bits": layer.act_bits}
+            for tensor in act_tensor_names(layer.name, act):
+                tensors[tensor] = state[tensor.replace(".input_quant.", ".act_quantizer.")].float()
+        elif layer.act_bits is not None:
             act = {"bits": layer.act_bits, "signed": bool(state[f"{layer.name}.act_quantizer.signed"])}
             tensors[act_tensor_name(layer.name)] = state[f"{layer.name}.act_quantizer.alpha"].float()
         entries.append(layer_entry(layer.name, layer.kind, layer.shape, layer.bits, encoded, act))
@@ -127,6 +123,41 @@ def pack_run(run_dir: str | Path) -> PackedModel:
         "layers": entries,
     }
     return PackedModel(header, tensors)
+
+
+def _encode_codes_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes: dict) -> EncodedWeight:
+    try:
+        layer_codes, step = codes[f"{name}.codes"], codes[f"{name}.step"]
+    except KeyError:
+        raise MpqError(f"{run_dir}/codes.safetensors has no codes for layer {name!r}") from None
+    if tuple(layer_codes.shape) != shape:
+        raise MpqError(f"{run_dir}: codes of {name!r} have shape {list(layer_codes.shape)}, "
+                       f"the scheme says {list(shape)}")
+    encoded = encode_codes(layer_codes, step)
+    # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
+    decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, shape)
+    if not (torch.equal(decoded, layer_codes.to(torch.int32)) and
+            (encoded.encoding == "zero" or torch.equal(decoded_step.view(torch.int32),
+                                                       step.reshape(()).view(torch.int32)))):
+        raise MpqError(f"internal error: layer {name!r} does not decode to its exact codes")
+    return encoded
+
+
+def _encode_basis_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes: dict) -> EncodedWeight:
+    try:
+        basis = BasisForm.from_tensors(codes, name)
+    except KeyError:
+        raise MpqError(f"{run_dir}/codes.safetensors lacks the bases of layer {name!r}") from None
+    groups, _, elements = basis.signs.shape
+    if groups * elements != math.prod(shape) or sorted(basis.perm) != list(range(len(shape))):
+        raise MpqError(f"{run_dir}: the bases of {name!r} ({groups} groups of {elements}) do not fit shape "
+                       f"{list(shape)}")
+    encoded = encode_basis(basis.signs, basis.coords, basis.group_bits, basis.perm)
+    # the model evaluated basis.weight(shape); the decoder sums the same planes in the same order
+    decoded = decode_weight(encoded.encoding, encoded.fields, encoded.tensors, shape)
+    if not torch.equal(decoded.view(torch.int32), basis.weight(shape).view(torch.int32)):
+        raise MpqError(f"internal error: layer {name!r} does not decode to its exact weight")
+    return encoded
 
 
 def _checkpoint_bytes(checkpoint: str | None) -> int | None:

@@ -42,11 +42,16 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def format_bits(bits: int | float) -> str:
+    """Whole bits as they are, ALQ's fractional bases per weight to 3 decimals."""
+    return str(bits) if isinstance(bits, int) else f"{bits:.3f}"
+
+
 def layer_rows(scheme: Scheme) -> list[list[str]]:
     rows = []
     for e in scheme.layers:
-        bits = "FP32" if e.is_fp else str(e.bits)
-        stored = "FP32" if e.is_fp else (f"{e.stored_bits}" if e.stored_bits else "0 (all zero)")
+        bits = "FP32" if e.is_fp else format_bits(e.bits)
+        stored = "FP32" if e.is_fp else (format_bits(e.stored_bits) if e.stored_bits else "0 (all zero)")
         rows.append([e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", bits, stored])
     return rows
 
@@ -101,7 +106,7 @@ def markdown_size_report(report: dict, file_name: str) -> str:
              "| layer | type | shape | params | nominal bits | encoding | stored bits/weight | bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["layers"]:
-        bits = str(r["bits"]) if r["quantized"] else "FP32"
+        bits = format_bits(r["bits"]) if r["quantized"] else "FP32"
         lines.append(f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['params']:,} | {bits} | "
                      f"{r['encoding']} | {r['stored_bits']:.3f} | {r['bytes']:,} |")
     lines += ["", f"Nominal bits are the method's count ({bits_convention(report['method'])}); "
@@ -124,12 +129,13 @@ def markdown_size_report(report: dict, file_name: str) -> str:
 
 
 
-def _bits_bar(bits: int | None, quantized: bool, width: int = 6) -> str:
-    """``██···· 2``: one block per bit up to ``width`` bits."""
+def _bits_bar(bits: int | float | None, quantized: bool, width: int = 6) -> str:
+    """``██···· 2``: one block per bit up to ``width`` bits (ALQ's fractions rounded for the bar)."""
     if not quantized:
         return "FP32"
-    filled = min(width, bits)
-    return "█" * filled + "·" * (width - filled) + f" {bits:>2}"
+    filled = min(width, round(bits))
+    label = f"{bits:>2}" if isinstance(bits, int) else f"{bits:.2f}"
+    return "█" * filled + "·" * (width - filled) + f" {label}"
 
 
 def rich_size_table(report: dict, rows: list[dict], title: str):

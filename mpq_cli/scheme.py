@@ -8,7 +8,9 @@ Two counts per layer, always reported side by side:
   the two's complement width after removing a common power-of-two factor (magnitude
   bits + 1 sign bit for sign-magnitude codes), for ``lut`` the index width, 0 for an
   all-zero layer. CSQ codes whose selected bits are not contiguous can cost more
-  than their nominal count; this number says so.
+  than their nominal count; this number says so. For ALQ's binary bases it is the
+  sign bits per weight (one per basis), and the coordinates (``scales``) and the
+  per-group bit widths (``index_bytes``) are counted beside it.
 
 Sizes here are computed from the codes (``estimated``: bytes rounded per layer are
 not counted); ``mpq export`` and ``mpq inspect`` give the exact sizes of the file.
@@ -34,20 +36,24 @@ class LayerEntry:
         kind: ``conv2d`` or ``linear``.
         shape: weight shape.
         params: weights in the layer.
-        bits: nominal magnitude bits (``None``: kept in FP32).
+        bits: nominal bits as the method counts them (``None``: kept in FP32); a fraction
+            for ALQ (bases per weight, averaged over the layer).
         stored_bits: bits per weight of the exact codes, sign included (``None``: FP32).
-        scales: 4-byte values stored besides the packed codes (the step; a ``lut`` table).
+        scales: 4-byte values stored besides the packed codes (the step; a ``lut`` table;
+            ALQ's coordinates).
         act_bits: bits of the layer's quantized input (``None``: FP activations).
+        index_bytes: further bytes of the encoding (ALQ: one byte of bit width per group).
     """
 
     name: str
     kind: str
     shape: list[int]
     params: int
-    bits: int | None
-    stored_bits: int | None = None
+    bits: int | float | None
+    stored_bits: int | float | None = None
     scales: int = 1
     act_bits: int | None = None
+    index_bytes: int = 0
 
     @property
     def is_fp(self) -> bool:
@@ -58,7 +64,9 @@ class LayerEntry:
         """Bytes of this layer's weights as stored: packed codes plus FP32 scales."""
         if self.is_fp:
             return self.params * 4
-        return self.params * self.stored_bits / 8 + (4 * self.scales if self.stored_bits else 0)
+        if not self.stored_bits:
+            return 0.0
+        return self.params * self.stored_bits / 8 + 4 * self.scales + self.index_bytes
 
 
 @dataclass
@@ -115,7 +123,7 @@ class Scheme:
     def model_compression(self) -> float:
         return self.fp32_bytes / self.model_bytes if self.model_bytes else float("inf")
 
-    def bits_by_layer(self) -> dict[str, int | None]:
+    def bits_by_layer(self) -> dict[str, int | float | None]:
         return {e.name: e.bits for e in self.layers}
 
     def summary(self) -> dict:

@@ -86,12 +86,15 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
     assert mismatch.exit_code == 2 and "different configuration" in mismatch.output
 
 
-def test_resume_after_interruption(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method_args", [
+    ["--method", "csq", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
+    ["--method", "alq", "--target-bits", "1", "--epochs", "3", "--rounds", "1"],  # cut inside its schedule
+], ids=["csq", "alq"])
+def test_resume_after_interruption(tmp_path, monkeypatch, method_args):
     """Kill a run after its first epoch; --resume finishes it with the same result as an uninterrupted run."""
     import mpq_cli.engine as engine
 
-    args = ["search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", *SMALL, "--epochs", "2",
-            "--lr", "0.01", "--seed", "5"]
+    args = ["search", *method_args, "--model", "lenet5", *SMALL, "--seed", "5"]
     full = run_json(*args, "--out", tmp_path / "full")
     real_evaluate = engine.evaluate
     calls = {"n": 0}

@@ -172,6 +172,8 @@ CORRUPT = {
     "params-lie": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(params=7)), "params"),
     "bits-lie": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(width=_layer(h)["width"] + 1)), "bytes"),
     "bits-out-of-range": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(nominal_bits=40)), "0..16"),
+    "fractional-int-bits": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(nominal_bits=2.5)),
+                            "an integer in 0..16"),
     "missing-tensor": (lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.weight.step")),
                        "classifier.1.weight.step is missing"),
     "missing-bias": (lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.bias")),

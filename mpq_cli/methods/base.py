@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MpqError
 from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
 from ..quant.act import PACT
+from ..quant.basis import BasisForm
 from ..quant.primitives import dequantize
 
 METHODS: dict[str, type[Method]] = {}
@@ -92,7 +93,8 @@ class MethodConfig:
 
 
 class WeightQuantizer(nn.Module, ABC):
-    """Produces one layer's weight; exact (``codes * step``) in evaluation mode."""
+    """Produces one layer's weight; exact in evaluation mode: ``codes * step``, or for a
+    quantizer whose exact form is binary bases (ALQ) ``exact_basis().weight(shape)``."""
 
     def __init__(self, shape: tuple[int, ...]):
         super().__init__()
@@ -107,8 +109,12 @@ class WeightQuantizer(nn.Module, ABC):
         """``(codes, step)``: integer codes (int32, the weight's shape) and a float32 scalar step."""
 
     @abstractmethod
-    def nominal_bits(self) -> int:
+    def nominal_bits(self) -> int | float:
         """Bits as the method's paper counts them (see ``Method.bits_convention``)."""
+
+    def exact_basis(self) -> BasisForm | None:
+        """The exact weight as binary bases, for quantizers whose form is not integer codes."""
+        return None
 
     def forward(self) -> torch.Tensor:
         if self.training:
@@ -119,11 +125,13 @@ class WeightQuantizer(nn.Module, ABC):
 
 @dataclass
 class LayerCodes:
-    """The exact integer form of one quantized layer: ``weight == codes * step``."""
+    """The exact form of one quantized layer: ``weight == codes * step``, or, when ``basis``
+    is set (and ``codes``, ``step`` are None), ``weight == basis.weight(shape)``."""
 
-    codes: torch.Tensor
-    step: torch.Tensor
-    nominal_bits: int
+    codes: torch.Tensor | None
+    step: torch.Tensor | None
+    nominal_bits: int | float
+    basis: BasisForm | None = None
 
 
 class Method(ABC):
@@ -150,6 +158,13 @@ class Method(ABC):
     def make_weight_quantizer(self, name: str, layer: nn.Module, fixed_bits: int | None) -> WeightQuantizer:
         """A quantizer for ``layer``, initialised from its current weight."""
 
+    def make_act_quantizer(self, name: str, first: bool) -> nn.Module | None:
+        """The quantizer of ``name``'s input (``first``: the model's first layer): PACT at
+        ``act_bits`` (``first_act_bits`` for the first layer), or None for FP activations."""
+        if self.config.act_bits is None:
+            return None
+        return PACT(self.config.first_act_bits if first else self.config.act_bits)
+
     def prepare(self, model: nn.Module) -> None:
         """Wrap the selected layers of ``model`` in place."""
         candidates = quantizable_layers(model)
@@ -161,9 +176,9 @@ class Method(ABC):
                 continue
             quantizer = self.make_weight_quantizer(name, layer, self.selection.fixed_bits(name))
             quantizer.to(layer.weight.device)
-            act = None
-            if self.config.act_bits is not None:
-                act = PACT(self.config.first_act_bits if first else self.config.act_bits).to(layer.weight.device)
+            act = self.make_act_quantizer(name, first)
+            if act is not None:
+                act = act.to(layer.weight.device)
             replace_module(model, name, QuantizedLayer(layer, quantizer, act))
             first = False
         self.layers = quantized_layers(model)
@@ -211,7 +226,7 @@ class Method(ABC):
     def quantizers(self) -> dict[str, WeightQuantizer]:
         return {name: layer.weight_quantizer for name, layer in self.layers.items()}
 
-    def layer_bits(self) -> dict[str, int]:
+    def layer_bits(self) -> dict[str, int | float]:
         return {name: q.nominal_bits() for name, q in self.quantizers().items()}
 
     def average_bits(self) -> float:
@@ -224,6 +239,11 @@ class Method(ABC):
     def layer_codes(self) -> dict[str, LayerCodes]:
         out = {}
         for name, q in self.quantizers().items():
+            basis = q.exact_basis()
+            if basis is not None:
+                cpu = BasisForm(basis.signs.cpu(), basis.coords.detach().cpu(), basis.group_bits.cpu(), basis.perm)
+                out[name] = LayerCodes(None, None, q.nominal_bits(), basis=cpu)
+                continue
             codes, step = q.exact_codes()
             out[name] = LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), q.nominal_bits())
         return out

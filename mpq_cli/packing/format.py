@@ -5,7 +5,8 @@ A packed file is a safetensors file. Its ``__metadata__`` holds ``"format": "pt"
 evaluated on, and one entry per Conv2d/Linear layer (encoding, shape, bits). Quantized
 weights are stored as ``LAYER.weight.SUFFIX`` tensors of their encoding
 (:mod:`.encodings`); every other tensor of the model (biases, BatchNorm, FP32 layers)
-under its own state-dict name; activation clips as ``LAYER.input_quant.alpha``.
+under its own state-dict name; activation clips as ``LAYER.input_quant.alpha`` (ALQ's
+activation levels as ``LAYER.input_quant.gamma`` and ``LAYER.input_quant.x_ref``).
 
 Reading never unpickles anything: the safetensors header is parsed and checked here
 before any tensor is read, and every failure becomes one :class:`MpqError` that names
@@ -50,6 +51,23 @@ def weight_tensor_name(layer: str, suffix: str) -> str:
 
 def act_tensor_name(layer: str) -> str:
     return f"{layer}.input_quant.alpha"
+
+
+def act_tensor_names(layer: str, act: dict) -> list[str]:
+    """The tensors a layer's input quantizer keeps in the file: PACT's clip, or ALQ's
+    ``gamma`` and ``x_ref`` (``"kind": "basis"``)."""
+    if act.get("kind") == "basis":
+        return [f"{layer}.input_quant.gamma", f"{layer}.input_quant.x_ref"]
+    return [act_tensor_name(layer)]
+
+
+def _valid_act(act) -> bool:
+    if not isinstance(act, dict) or isinstance(act.get("bits"), bool) or not isinstance(act.get("bits"), int):
+        return False
+    if act.get("kind") == "basis":
+        return 1 <= act["bits"] <= 8 and set(act) == {"kind", "bits"}
+    return 1 <= act["bits"] <= 16 and isinstance(act.get("signed"), bool) and set(act) <= {"kind", "bits", "signed"} \
+        and act.get("kind", "pact") == "pact"
 
 
 def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
@@ -167,8 +185,11 @@ class PackedFile:
                 continue
             if encoding not in TENSORS:
                 self._fail(f"layer {name!r}: unknown encoding {encoding!r}")
-            if not (isinstance(bits, int) and 0 <= bits <= 16):
-                self._fail(f"layer {name!r}: nominal_bits must be an integer in 0..16, got {bits!r}")
+            # ALQ counts bases per weight averaged over a layer: a fraction
+            allowed = (int, float) if encoding in ("basis", "zero") else int
+            if not (isinstance(bits, allowed) and not isinstance(bits, bool) and 0 <= bits <= 16):
+                kind = "a number" if encoding in ("basis", "zero") else "an integer"
+                self._fail(f"layer {name!r}: nominal_bits must be {kind} in 0..16, got {bits!r}")
             for suffix in TENSORS[encoding]:
                 tensor = weight_tensor_name(name, suffix)
                 if tensor not in self.tensors:
@@ -177,11 +198,12 @@ class PackedFile:
             self._check_sizes(entry)
             act = entry.get("act")
             if act is not None:
-                if not (isinstance(act, dict) and isinstance(act.get("bits"), int) and 1 <= act["bits"] <= 16
-                        and isinstance(act.get("signed"), bool)):
-                    self._fail(f"layer {name!r}: act must be {{'bits': 1..16, 'signed': bool}}, got {act!r}")
-                if act_tensor_name(name) not in self.tensors:
-                    self._fail(f"tensor {act_tensor_name(name)} is missing (layer {name!r} quantizes its input)")
+                if not _valid_act(act):
+                    self._fail(f"layer {name!r}: act must be {{'bits': 1..16, 'signed': bool}} or "
+                               f"{{'kind': 'basis', 'bits': 1..8}}, got {act!r}")
+                for tensor in act_tensor_names(name, act):
+                    if tensor not in self.tensors:
+                        self._fail(f"tensor {tensor} is missing (layer {name!r} quantizes its input)")
         stray = [t for t in self.tensors if ".weight." in t and t not in claimed]
         if stray:
             self._fail(f"tensor {stray[0]} belongs to no layer in the header")
@@ -283,7 +305,7 @@ def serialized_size(header: dict, tensors: dict[str, torch.Tensor]) -> int:
     return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-def layer_entry(name: str, kind: str, shape: list[int], nominal_bits: int | None,
+def layer_entry(name: str, kind: str, shape: list[int], nominal_bits: int | float | None,
                 encoded: EncodedWeight | None, act: dict | None) -> dict:
     """One header layer; ``encoded`` None means an FP32 weight."""
     entry = {"name": name, "kind": kind, "shape": list(shape), "params": math.prod(shape)}
@@ -297,12 +319,15 @@ def layer_entry(name: str, kind: str, shape: list[int], nominal_bits: int | None
 
 
 # ------------------------------------------------------------------------------------ loading
-def _attach_input_quantizer(layer: nn.Module, bits: int, signed: bool) -> None:
+def _attach_input_quantizer(layer: nn.Module, act_entry: dict) -> None:
     """Quantize ``layer``'s input as the run did, keeping the model's structure and names."""
-    from ..quant.act import PACT
+    from ..quant.act import PACT, BasisActivation
 
-    act = PACT(bits)
-    act.signed.fill_(signed)
+    if act_entry.get("kind") == "basis":
+        act = BasisActivation(act_entry["bits"])
+    else:
+        act = PACT(act_entry["bits"])
+        act.signed.fill_(act_entry["signed"])
     act.initialised.fill_(True)
     layer.input_quant = act
     layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
@@ -336,9 +361,11 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         weight_names.update(weight_tensor_name(name, s) for s in TENSORS.get(entry["encoding"], ()))
         weight_names.add(f"{name}.weight")
         if entry.get("act"):
-            _attach_input_quantizer(module, entry["act"]["bits"], entry["act"]["signed"])
-            state[f"{name}.input_quant.signed"] = module.input_quant.signed
-            state[f"{name}.input_quant.initialised"] = module.input_quant.initialised
+            _attach_input_quantizer(module, entry["act"])
+            stored = set(act_tensor_names(name, entry["act"]))
+            for key, value in module.input_quant.state_dict().items():  # flags from the header, not the file
+                if f"{name}.input_quant.{key}" not in stored:
+                    state[f"{name}.input_quant.{key}"] = value
     rest = [n for n in packed.tensors if n not in weight_names]
     state.update(packed.read_tensors(rest))
     expected = model.state_dict()

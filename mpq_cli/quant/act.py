@@ -45,3 +45,78 @@ class PACT(nn.Module):
         levels = max_code(self.bits) if not bool(self.signed) else max_code(self.bits - 1) or 1
         step = alpha / levels
         return ste_round(clipped / step) * step
+
+
+class BasisActivation(nn.Module):
+    """ALQ's activation quantizer (Qu et al. 2020, Sec. 4): ``x ~ x_ref + D gamma``.
+
+    ``D`` is in ``{-1, +1}^(N x bits)`` and ``gamma > 0``, so an input takes the nearest
+    of ``2^bits`` levels ``x_ref + b^T gamma`` (a binary search over the sorted levels).
+    ``gamma`` and the reference ``x_ref`` follow a running average of the least-squares
+    fit on each training batch (initialised by a greedy sketch of the first batch);
+    in training the gradient passes straight through inside the levels' range and is
+    zero outside it, as PACT's clip does. Evaluation returns the levels themselves, the
+    same function the packed-file loader runs.
+    """
+
+    def __init__(self, bits: int, momentum: float = 0.9, sample: int = 1 << 16):
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise ValueError(f"basis activation bits must be in 1..8, got {bits}")
+        self.bits, self.momentum, self.sample = bits, momentum, sample
+        self.register_buffer("gamma", torch.zeros(bits))
+        self.register_buffer("x_ref", torch.zeros(()))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def patterns(self) -> torch.Tensor:
+        """``(2^bits, bits)`` rows of ``{-1, +1}``."""
+        index = torch.arange(1 << self.bits, device=self.gamma.device)
+        return ((index.unsqueeze(1) >> torch.arange(self.bits, device=self.gamma.device)) & 1).float() * 2 - 1
+
+    def levels(self) -> torch.Tensor:
+        """The ``2^bits`` values an input can take, ascending."""
+        return torch.sort(self.x_ref + self.patterns() @ self.gamma).values
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        levels = self.levels()
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        return levels[torch.searchsorted(midpoints, x.float().contiguous())].to(x.dtype)
+
+    @torch.no_grad()
+    def _fit(self, x: torch.Tensor) -> None:
+        from .alq import sketch
+
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() > self.sample:  # a strided sample keeps the fit cheap on large maps
+            flat = flat[:: flat.numel() // self.sample][: self.sample]
+        if not bool(self.initialised):
+            mean = flat.mean()
+            _, coords, _ = sketch((flat - mean).unsqueeze(0), self.bits, sigma=0.0)
+            self.gamma.copy_(coords[0])
+            self.x_ref.copy_(mean)
+            self.initialised.fill_(True)
+            return
+        levels_pm = self.patterns()  # rows b; value x_ref + b^T gamma
+        values = self.x_ref + levels_pm @ self.gamma
+        order = torch.argsort(values)
+        ordered = values[order]
+        nearest = order[torch.searchsorted((ordered[1:] + ordered[:-1]) / 2, flat.contiguous())]
+        design = torch.cat([levels_pm[nearest], torch.ones_like(flat).unsqueeze(1)], 1)  # (N, bits + 1)
+        gram = design.T @ design + 1e-6 * torch.eye(self.bits + 1, device=flat.device)
+        solution = torch.linalg.solve(gram, design.T @ flat)
+        gamma, x_ref = solution[:-1].abs(), solution[-1]  # a negative gamma is its basis flipped
+        self.gamma.mul_(self.momentum).add_(gamma, alpha=1 - self.momentum)
+        self.x_ref.mul_(self.momentum).add_(x_ref, alpha=1 - self.momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not bool(self.initialised):
+            self._fit(x)
+        quantized = self.quantize(x)
+        if not self.training:
+            return quantized
+        levels = self.levels()
+        clipped = torch.clamp(x, levels[0], levels[-1])
+        return clipped + (quantized - clipped).detach()

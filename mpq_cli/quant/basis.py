@@ -13,6 +13,8 @@ function, so both give the same bits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -59,3 +61,43 @@ def nominal_basis_bits(group_bits: torch.Tensor, group_size: int) -> float:
     count = group_bits.numel() * group_size
     return total / count if count else 0.0
 
+
+
+@dataclass
+class BasisForm:
+    """One layer's exact weight as binary bases: ``from_groups(basis_weight(...), shape, perm)``.
+
+    Args:
+        signs: ``(G, P, E)`` bool, True for +1.
+        coords: ``(G, P)`` float32; planes at or beyond ``group_bits[g]`` are 0.
+        group_bits: ``(G,)`` int, bases used per group.
+        perm: the weight permutation that makes groups rows (:func:`to_groups`).
+    """
+
+    signs: torch.Tensor
+    coords: torch.Tensor
+    group_bits: torch.Tensor
+    perm: tuple[int, ...]
+
+    def weight(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The float32 weight, summed as the packed-file decoder sums it."""
+        return from_groups(basis_weight(self.signs, self.coords, self.group_bits), tuple(shape), self.perm)
+
+    @property
+    def group_size(self) -> int:
+        return self.signs.shape[2]
+
+    def nominal_bits(self) -> float:
+        return nominal_basis_bits(self.group_bits, self.group_size)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors a run's ``codes.safetensors`` holds for this layer."""
+        return {f"{prefix}.signs": self.signs.to(torch.uint8).contiguous(),
+                f"{prefix}.coords": self.coords.to(torch.float32).contiguous(),
+                f"{prefix}.group_bits": self.group_bits.to(torch.int32).contiguous(),
+                f"{prefix}.perm": torch.tensor(self.perm, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> BasisForm:
+        return cls(tensors[f"{prefix}.signs"].bool(), tensors[f"{prefix}.coords"].float(),
+                   tensors[f"{prefix}.group_bits"].to(torch.int64), tuple(int(p) for p in tensors[f"{prefix}.perm"]))
