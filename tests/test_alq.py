@@ -129,6 +129,8 @@ def test_fixed_bits_layers_keep_their_width_and_are_not_pruned():
     method.prepare(model)
     _train(model, method, epochs=1, steps=2)
     assert method.layer_bits()["classifier.3"] == 2.0 and method.average_bits() <= 1.0
+    with pytest.raises(MpqError, match="below what the --fix-bits layers alone take"):
+        ALQ(ALQConfig(target_bits=0.1), LayerSelection(fix_bits={"classifier.1": 1})).prepare(lenet5(10, 1, (28, 28)))
 
 
 def test_state_round_trip_restores_bases_and_history():

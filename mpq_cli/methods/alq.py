@@ -128,9 +128,9 @@ class ALQWeight(WeightQuantizer):
     """
 
     def __init__(self, weight: torch.Tensor, perm: tuple[int, ...], groups: int, max_bits: int, sigma: float,
-                 fixed: bool):
+                 fixed: bool, structure: str = "custom"):
         super().__init__(tuple(weight.shape))
-        self.perm, self.groups, self.fixed = tuple(perm), groups, fixed
+        self.perm, self.groups, self.fixed, self.structure = tuple(perm), groups, fixed, structure
         rows = to_groups(weight.detach().float(), self.perm, groups)
         signs, coords, active = alq.sketch(rows, max_bits, sigma)
         self.register_buffer("signs", signs)
@@ -357,6 +357,10 @@ class ALQ(Method):
         super().prepare(model)
         self.initial_weight_bits = self.weight_bits()  # a sketch already within the target only trains
         self._model = None
+        fixed = sum(int(q.weight_bits()) for q in self.quantizers().values() if q.fixed)
+        if self.target_weight_bits() < fixed:  # refused before any training
+            raise MpqError(f"--target-bits {self.config.target_bits} is below what the --fix-bits layers alone take "
+                           f"({fixed / self.total_params():.4f} average bits)")
 
     def make_weight_quantizer(self, name, layer, fixed_bits):
         structure, parts = default_structure(self._model, layer, name == self._first_conv, name == self._last_layer)
@@ -367,10 +371,9 @@ class ALQ(Method):
         if fixed_bits is not None and not 0 <= fixed_bits <= 16:
             raise MpqError(f"--fix-bits {name}={fixed_bits}: ALQ bases per group must be in 0..16")
         max_bits = self.config.max_bits if fixed_bits is None else fixed_bits
-        q = ALQWeight(layer.weight, perm, groups, max_bits, self.config.sigma if fixed_bits is None else 0.0,
-                      fixed_bits is not None)
-        q.structure = structure if structure != "subchannel" else f"subchannel:{parts}"
-        return q
+        label = structure if structure != "subchannel" else f"subchannel:{parts}"
+        return ALQWeight(layer.weight, perm, groups, max_bits, self.config.sigma if fixed_bits is None else 0.0,
+                         fixed_bits is not None, label)
 
     def make_act_quantizer(self, name, first):
         """Sec. 4: every layer's input but the image, at one global ``act_bits``, as binary bases."""
@@ -399,9 +402,6 @@ class ALQ(Method):
         start, end = self.initial_weight_bits, self.target_weight_bits()
         if start <= end or self.rounds == 0:
             return [start] * self.rounds
-        fixed = sum(int(q.weight_bits()) for q in self.quantizers().values() if q.fixed)
-        if end < fixed:
-            raise MpqError(f"--target-bits {self.config.target_bits} is below what the --fix-bits layers alone take")
         ratio = (end / start) ** (1 / self.rounds)
         targets = [math.floor(start * ratio ** (r + 1)) for r in range(self.rounds)]
         targets[-1] = end
@@ -542,7 +542,7 @@ class ALQ(Method):
         for name in names:
             q = quantizers[name]
             empty = int((q.active.sum(1) == 0).sum())
-            lines.append(f"| {name} | {getattr(q, 'structure', '?')} | {q.groups:,} | {q.group_size} | "
+            lines.append(f"| {name} | {q.structure} | {q.groups:,} | {q.group_size} | "
                          f"{q.nominal_bits():.3f} | {empty:,} | {pruned[name][0]} of {pruned[name][1]} |")
         notes = ["\n".join(lines)]
         if self.history:
