@@ -1,4 +1,4 @@
-"""ALQ on the real Fashion-MNIST: lenet5 from the FP32 reference at 1 and 0.7 average bits.
+"""ALQ on the real Fashion-MNIST: lenet5 from the FP32 reference at 1 and 0.7 bits, and 1 bit with 2-bit inputs.
 
 Run from the repository root after `bash scripts/setup.sh` (and after
 `benchmarks/fashion_mnist.py`, whose FP32 lenet5 is the reference; pass --fp32 otherwise):
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-alq", help="folder for the run directories")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--targets", default="1,0.7", help="comma list of --target-bits")
+    parser.add_argument("--act-runs", default="1:2",
+                        help="comma list of TARGET:ACT_BITS runs with ALQ's activation quantization ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="benchmarks/results/alq_fashion_mnist.md")
     args = parser.parse_args()
@@ -37,17 +39,21 @@ def main() -> None:
     fp_bytes = (ROOT / args.fp32 / "model.safetensors").stat().st_size
     log: list[str] = []
     rows, details = [], []
-    for target in [float(t) for t in args.targets.split(",")]:
+    runs = [(float(t), None) for t in args.targets.split(",")]
+    runs += [(float(t), int(a)) for t, a in (item.split(":") for item in args.act_runs.split(",") if item)]
+    for target, act_bits in runs:
         bits = f"{target:g}"
-        name = f"target-{bits}"
+        name = f"target-{bits}" + (f"-act{act_bits}" if act_bits else "")
+        label = f"alq, target {bits}" + (f", activations {act_bits} bits" if act_bits else "")
+        act = ["--act-bits", str(act_bits)] if act_bits else []
         search = run(["search", "--method", "alq", "--model", "lenet5", "--data", "fashion-mnist", "--checkpoint",
                       args.fp32, "--seed", str(args.seed), "--epochs", str(args.epochs), "--target-bits", bits,
-                      "--out", str(out / name)], log)
+                      *act, "--out", str(out / name)], log)
         packed = out / f"{name}.safetensors"
         exported = run(["export", str(out / name), "-o", str(packed)], log)
         from_file = run(["eval", str(packed)], log)
         inspected = run(["inspect", str(packed)], log, quiet=False)  # inspect prints no progress
-        rows.append(f"| alq, target {bits} | {args.epochs} | {search['rounds']} | {search['avg_bits']:.4f} | "
+        rows.append(f"| {label} | {args.epochs} | {search['rounds']} | {search['avg_bits']:.4f} | "
                     f"{exported['avg_stored_bits']:.4f} | {search['top1']:.2f} | {from_file['top1']:.2f} | "
                     f"{fp_top1 - search['top1']:.2f} | {'yes' if search['budget_met'] else 'NO'} | "
                     f"{search['pruned_channels']} of {search['output_channels']} | {exported['file_bytes']:,} "
@@ -56,10 +62,10 @@ def main() -> None:
         sections = report[report.index("## ALQ groups"):].split("\nTrained ")[0].strip()
         layer_rows = [f"| {r['name']} | {r['params']:,} | {r['bits']:.3f} | {r['encoding']} | "
                       f"{r['stored_bits']:.3f} | {r['bytes']:,} |" for r in inspected["layers"]]
-        details += [f"## Target {bits}: layers in the file", "",
+        details += [f"## {label}: layers in the file", "",
                     "| layer | params | bases per weight | encoding | stored bits/weight | bytes |",
                     "|---|---|---|---|---|---|", *layer_rows, "",
-                    sections.replace("## ALQ", f"### Target {bits}: ALQ"), ""]
+                    sections.replace("## ALQ", f"### {label}: ALQ"), ""]
     lines = [
         "# ALQ on Fashion-MNIST (lenet5, from the FP32 reference)", "",
         f"Machine: {platform.machine()}, 2-core CPU. Reference: the FP32 lenet5 `{args.fp32}` "
