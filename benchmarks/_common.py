@@ -32,3 +32,19 @@ def write_results(relative: str, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text)
+
+
+def fresh_output(out: str) -> Path:
+    """The benchmark's output folder, refused if it exists (a benchmark never mixes runs)."""
+    path = Path(out)
+    if (ROOT / path).exists():
+        sys.exit(f"{path} exists; remove it or pass --out")
+    return path
+
+
+def fp32_reference(run_dir: str) -> dict:
+    """``top1``, ``bytes`` (its checkpoint file) and ``epochs`` of an ``mpq train`` run."""
+    root = ROOT / run_dir
+    return {"top1": json.loads((root / "summary.json").read_text())["top1"],
+            "bytes": (root / "model.safetensors").stat().st_size,
+            "epochs": json.loads((root / "config.json").read_text())["train"]["epochs"]}

@@ -12,13 +12,12 @@ commands are printed above the tables.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run, write_results  # noqa: E402
+from _common import ROOT, fp32_reference, fresh_output, run, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -32,11 +31,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="benchmarks/results/alq_fashion_mnist.md")
     args = parser.parse_args()
-    out = Path(args.out)
-    if (ROOT / out).exists():
-        sys.exit(f"{out} exists; remove it or pass --out")
-    fp_top1 = json.loads((ROOT / args.fp32 / "summary.json").read_text())["top1"]
-    fp_bytes = (ROOT / args.fp32 / "model.safetensors").stat().st_size
+    out = fresh_output(args.out)
+    reference = fp32_reference(args.fp32)
+    fp_top1, fp_bytes = reference["top1"], reference["bytes"]
     log: list[str] = []
     rows, details = [], []
     runs = [(float(t), None) for t in args.targets.split(",")]

@@ -12,13 +12,12 @@ printed above the tables.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run, write_results  # noqa: E402
+from _common import ROOT, fp32_reference, fresh_output, run, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -32,11 +31,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="benchmarks/results/bsq_fashion_mnist.md")
     args = parser.parse_args()
-    out = Path(args.out)
-    if (ROOT / out).exists():
-        sys.exit(f"{out} exists; remove it or pass --out")
-    fp_summary = json.loads((ROOT / args.fp32 / "summary.json").read_text())
-    fp_top1 = fp_summary["top1"]
+    out = fresh_output(args.out)
+    fp_top1 = fp32_reference(args.fp32)["top1"]
     common = ["--method", "bsq", "--checkpoint", args.fp32, "--data", "fashion-mnist", "--seed", str(args.seed),
               "--batch-size", "256", "--epochs", str(args.epochs)]
     log: list[str] = []
