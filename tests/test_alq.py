@@ -52,6 +52,19 @@ def test_default_groups_follow_the_paper():
     assert rq["layer1.0.conv1"].structure == "kernel" and rq["fc"].structure == "subchannel:2"
 
 
+def test_max_bits_default_is_6_for_built_in_models_and_8_for_others():
+    method = ALQ(ALQConfig())
+    method.prepare(lenet5(10, 1, (28, 28)))
+    assert method.average_bits() == 6.0  # random weights never reach sigma within 6 bases
+    user = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10))
+    other = ALQ(ALQConfig())
+    other.prepare(user)
+    assert other.average_bits() == 8.0
+    fixed = ALQ(ALQConfig(max_bits=3))
+    fixed.prepare(lenet5(10, 1, (28, 28)))
+    assert fixed.average_bits() == 3.0
+
+
 def test_plan_gives_each_round_a_pruning_epoch_then_bases_then_coordinates():
     plan = plan_epochs(10, 3, 1 / 3)
     assert [k for _, k in plan] == ["prune", "basis", "coord", "prune", "basis", "coord",
@@ -256,5 +269,5 @@ def test_act_bits_quantizes_every_input_but_the_image_and_the_file_matches(tmp_p
 
 def test_methods_lists_alq_with_its_fields():
     listing = run_json("methods")
-    assert listing["alq"]["fields"]["max_bits"] == 6 and listing["alq"]["fields"]["target_bits"] == 1.0
+    assert listing["alq"]["fields"]["max_bits"] is None and listing["alq"]["fields"]["target_bits"] == 1.0
     assert listing["alq"]["summary"].startswith("ALQ")

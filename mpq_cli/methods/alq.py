@@ -251,7 +251,8 @@ class ALQConfig(MethodConfig):
 
     Args:
         target_bits: average bases per weight at the end, weighted by parameters (may be below 1).
-        max_bits: ``I_max``, the most bases a group gets in the sketch (paper: 6 small nets, 8 ImageNet).
+        max_bits: ``I_max``, the most bases a group gets in the sketch (``None``: the paper's 6 for
+            mpq's built-in small-image models, 8 for torchvision and user models, ImageNet-sized).
         sigma: the sketch stops a group at this relative residual ``||eps||^2 / ||w||^2``.
         prune_ratio: the largest share of the weight-bits one pruning round removes (paper: 0.4 LeNet/VGG).
         rounds: pruning rounds (``None``: as many as ``prune_ratio`` needs, at most one per 3 epochs).
@@ -265,7 +266,7 @@ class ALQConfig(MethodConfig):
     """
 
     target_bits: float | None = 1.0
-    max_bits: int = 6
+    max_bits: int | None = None
     sigma: float = 1e-6
     prune_ratio: float = 0.4
     rounds: int | None = None
@@ -282,7 +283,7 @@ class ALQConfig(MethodConfig):
             raise MpqError("ALQ needs --target-bits (average bases per weight, e.g. 1 or 0.7)")
         if self.act_bits is not None and not 1 <= self.act_bits <= 8:
             raise MpqError(f"ALQ --act-bits must be in 1..8 (2^bits activation levels), got {self.act_bits}")
-        if not 1 <= self.max_bits <= 16:
+        if self.max_bits is not None and not 1 <= self.max_bits <= 16:
             raise MpqError(f"--max-bits must be in 1..16 (the packed format's planes), got {self.max_bits}")
         if not 0 < self.prune_ratio < 1:
             raise MpqError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
@@ -347,10 +348,13 @@ class ALQ(Method):
         self._model: nn.Module | None = None
         self._first_conv: str | None = None
         self._last_layer: str | None = None
+        self.max_bits = 6
 
     # -- building --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         self._model = model
+        builtin = type(model).__module__.startswith("mpq_cli.models")
+        self.max_bits = self.config.max_bits or (6 if builtin else 8)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         self._first_conv = convs[0] if convs else None
         self._last_layer = list(quantizable_layers(model))[-1] if quantizable_layers(model) else None
@@ -370,7 +374,7 @@ class ALQ(Method):
         perm, groups = group_layout(tuple(layer.weight.shape), structure, parts)
         if fixed_bits is not None and not 0 <= fixed_bits <= 16:
             raise MpqError(f"--fix-bits {name}={fixed_bits}: ALQ bases per group must be in 0..16")
-        max_bits = self.config.max_bits if fixed_bits is None else fixed_bits
+        max_bits = self.max_bits if fixed_bits is None else fixed_bits
         label = structure if structure != "subchannel" else f"subchannel:{parts}"
         return ALQWeight(layer.weight, perm, groups, max_bits, self.config.sigma if fixed_bits is None else 0.0,
                          fixed_bits is not None, label)
