@@ -61,10 +61,14 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
 
 def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[int],
                 candidates: dict[str, Sequence[int]], apply: Callable[[str, int], Callable[[], None]],
-                loss_probe: Callable[[], float], target: float, tolerance: float) -> list[dict]:
+                loss_probe: Callable[[], float], target: float, tolerance: float,
+                never_zero: Sequence[str] = ()) -> list[dict]:
     """Move a scheme into ``[target - tolerance, target]`` at the least measured loss.
 
-    Each layer's options are: stay at ``current`` bits, or any of ``candidates[name]``.
+    Each layer's options are: stay at ``current`` bits, or any of ``candidates[name]``;
+    layers in ``never_zero`` are not offered 0 bits (the output layer: at 0 bits the
+    model's logits are its bias alone, which a probe of a half-trained model can
+    measure as an improvement).
     Every option's probe loss is measured with the other layers unchanged
     (``apply(name, bits)`` sets the option and returns a function that undoes it), and
     :func:`choose_options` picks one option per layer, assuming the layers' loss changes
@@ -80,6 +84,8 @@ def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[i
     for name, bits_now in zip(names, current, strict=True):
         layer_options = [(bits_now, 0.0)]
         for bits in candidates.get(name, ()):
+            if bits == 0 and name in never_zero:
+                continue
             undo = apply(name, bits)
             layer_options.append((bits, loss_probe() - base_loss))
             undo()

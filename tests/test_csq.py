@@ -139,6 +139,19 @@ def test_budget_step_is_loss_aware():
     assert method.layer_bits() == {"0": 8, "1": 7}
 
 
+def test_budget_step_never_zeroes_the_output_layer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    method = _csq(model, target_bits=4.0)
+
+    def probe():  # a broken model: the probe "prefers" a constant output (layer "1" at 0 bits)
+        bits = method.layer_bits()
+        return 1.0 + (0 if bits["1"] == 0 else 5) + 0.01 * (8 - bits["0"])
+
+    info = method.finalize(probe)
+    assert info["budget_met"] and method.layer_bits()["1"] > 0
+
+
 def test_projection_meets_budget_then_fixes_scheme(tiny):
     method = _csq(tiny, target_bits=3, project_at=0.5)
     from mpq_cli.engine import loss_probe
