@@ -307,7 +307,7 @@ def finetune(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
     resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
-    """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage)."""
+    """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage; ALQ: more basis and coordinate epochs at the fixed widths)."""
     train_overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
                                              weight_decay=weight_decay, seed=seed, device=device).items()
                        if v is not None}
