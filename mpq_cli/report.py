@@ -67,7 +67,8 @@ def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = Non
     out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme)]
     out += ["", f"Bits are nominal bits as {summary['method']} counts them ({bits_convention(summary['method'])}). "
             "Stored bits per weight are "
-            "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included); a "
+            "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included; for "
+            "binary bases, one sign bit per basis, the coordinates and group widths counted in the size); a "
             "layer at 0 bits is all zero and stores nothing but its shape. Sizes are estimates from the codes; "
             "`mpq export` and `mpq inspect` measure the packed file."]
     for note in notes or []:

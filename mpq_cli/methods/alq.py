@@ -148,12 +148,9 @@ class ALQWeight(WeightQuantizer):
     def group_size(self) -> int:
         return self.signs.shape[2]
 
-    def rows(self) -> torch.Tensor:
-        return alq.rows_of(self.signs, self.coords, self.active)
-
     def train_weight(self) -> torch.Tensor:
         with torch.no_grad():
-            weight = from_groups(self.rows(), self.shape, self.perm)
+            weight = from_groups(alq.rows_of(self.signs, self.coords, self.active), self.shape, self.perm)
         self.last_weight = weight.requires_grad_(True)
         return self.last_weight
 
@@ -207,7 +204,8 @@ class ALQWeight(WeightQuantizer):
         if grad is None:
             return
         m_hat, hessian = self._amsgrad("w", grad)
-        target = self.rows() - lr * m_hat / hessian
+        w_hat = to_groups(self.last_weight.detach(), self.perm, self.groups)  # the forward's weight, not recomputed
+        target = w_hat - lr * m_hat / hessian
         relative = hessian / hessian.mean(1, keepdim=True)  # the ridge is relative to the group's curvature
         signs, coords = alq.basis_step(self.signs, self.coords, self.active, target, relative)
         self.signs.copy_(signs)

@@ -87,9 +87,6 @@ class BasisForm:
     def group_size(self) -> int:
         return self.signs.shape[2]
 
-    def nominal_bits(self) -> float:
-        return nominal_basis_bits(self.group_bits, self.group_size)
-
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors a run's ``codes.safetensors`` holds for this layer."""
         return {f"{prefix}.signs": self.signs.to(torch.uint8).contiguous(),
