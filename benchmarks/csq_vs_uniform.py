@@ -1,14 +1,14 @@
-"""CSQ against uniform QAT at 2 bits on lenet5: is the gap the scheme or the training?
+"""CSQ against uniform QAT at 2 bits on lenet5, and what CSQ's own choices are worth.
 
 Run from the repository root after `bash scripts/setup.sh` and `benchmarks/fashion_mnist.py`
 (whose FP32 lenet5 is the reference; pass --fp32 otherwise):
 
     .venv/bin/python benchmarks/csq_vs_uniform.py     # writes benchmarks/results/csq_vs_uniform.md
 
-Searches of the same length from the same checkpoint, per seed: CSQ as it is, CSQ
-with its bits starting at logits +-0.25 (the default before +-1), CSQ with the last
-layer fixed at 2 bits (which leaves it uniform's scheme: every layer at 2 bits), and
-uniform QAT.
+Searches of the same length from the same checkpoint, per seed: CSQ as it is (residuals
+carried across restarts, bit logits preconditioned once a layer's scheme is fixed), CSQ
+preconditioned during the search too, CSQ without preconditioning, CSQ with neither
+(the default before both: the paper's plain gradient), and uniform QAT.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def main() -> None:
     common = ["--target-bits", "2", "--checkpoint", args.fp32, "--data", "fashion-mnist", "--batch-size", "256",
               "--epochs", str(args.epochs)]
     variants = [("csq", ["--method", "csq"]),
-                ("csq, bits from logits +-0.25", ["--method", "csq", "--init-bit-logit", "0.25"]),
-                ("csq, classifier.3 fixed at 2 bits", ["--method", "csq", "--fix-bits", "classifier.3=2"]),
+                ("csq, preconditioned in the search too", ["--method", "csq", "--precondition", "always"]),
+                ("csq, not preconditioned", ["--method", "csq", "--precondition", "none"]),
+                ("csq, neither preconditioned nor residuals", ["--method", "csq", "--precondition", "none",
+                                                               "--carry-residual", "false"]),
                 ("uniform", ["--method", "uniform"])]
     seeds = [int(x) for x in args.seeds.split(",")]
     log: list[str] = []

@@ -49,18 +49,84 @@ def test_hard_gate_weights_are_scale_over_levels_times_integer(tiny):
         assert q.nominal_bits() == 4
 
 
-def test_initial_relaxed_model_equals_8bit_model(tiny):
+def test_initial_exact_model_is_8bit_and_relaxed_model_the_checkpoint(tiny):
     weight = tiny.conv.weight.detach().clone()
     method = _csq(tiny)
     q = method.quantizers()["conv"]
     max_abs = weight.abs().max()
+    codes, step = q.exact_codes()  # hard gates give the 8-bit codes and their step
+    assert torch.equal(codes, quantize_codes(weight, max_abs, 8))
+    assert torch.allclose(step, max_abs / 255)
+    # the 8-bit rounding residual sits in the lowest bit's logits: at beta_start the relaxed weight is the
+    # checkpoint's (residuals are clipped to 0.49 of a step, so within 0.01 of a step)
+    assert torch.allclose(q.train_weight(), weight, atol=0.0101 * float(step))
+    assert not torch.allclose(q.train_weight(), dequantize(codes, step), atol=0.05 * float(step))
+
+
+def test_without_residuals_relaxed_model_equals_8bit_model_at_every_beta(tiny):
+    weight = tiny.conv.weight.detach().clone()
+    method = _csq(tiny, carry_residual=False)
+    q = method.quantizers()["conv"]
+    max_abs = weight.abs().max()
     expected = dequantize(quantize_codes(weight, max_abs, 8), max_abs / 255)
     for beta in (1.0, 7.0, 200.0):  # the gate-gain normalisation keeps relaxed == exact until logits move
-        method.quantizers()["conv"].temperature = beta
+        q.temperature = beta
         assert torch.allclose(q.train_weight(), expected, atol=1e-6)
-    codes, step = q.exact_codes()  # hard gates give the 8-bit codes and the same step
-    assert torch.equal(codes, quantize_codes(weight, max_abs, 8))
-    assert torch.equal(dequantize(codes, step), expected)
+
+
+@pytest.mark.parametrize("beta,c", [(1.0, 1.0), (2.0, 0.25)], ids=["default", "small-logits"])
+def test_restart_with_target_keeps_codes_and_carries_the_residual(beta, c):
+    torch.manual_seed(0)
+    target = torch.randn(30, 40)
+    q = CSQWeight(torch.randn(30, 40), CSQConfig(init_bit_logit=c), None)
+    q.temperature = beta
+    step = torch.tensor(0.05)
+    unit = 8 * step  # bits {3, 4} selected: codes are multiples of 8
+    codes = (torch.clamp(torch.round(target / unit), -3, 3) * 8).to(torch.int32)
+    mask = torch.tensor([0.0, 0, 0, 1, 1, 0, 0, 0])
+    q.load_codes(codes, step, mask, fixed=True, target=target)
+    exact, exact_step = q.exact_codes()
+    assert torch.equal(exact, codes) and torch.allclose(exact_step, step)
+    residual = ((target - codes * step) / unit).clamp(-0.49, 0.49)
+    assert torch.allclose(q.train_weight(), codes * step + residual * unit, atol=1e-5)
+    # a weight near a threshold its lowest bit decides (wanted digit near +-1/2) has that bit's logit near 0
+    digit = ((codes.abs() >> 3) & 1) * codes.sign() + residual
+    near = (digit.abs() - 0.5).abs() < 0.04
+    low = torch.minimum(q.bit_logits_pos[..., 3].abs(), q.bit_logits_neg[..., 3].abs())
+    assert near.any() and (low[near] < 0.1 * q.init_bit_logit).all()
+
+
+def _logit_grads(q):
+    q.bit_logits_pos.grad = None
+    torch.manual_seed(1)
+    (q.train_weight() * torch.randn(q.shape)).sum().backward()
+    return q.bit_logits_pos.grad.clone()
+
+
+def test_preconditioner_divides_logit_gradients_by_bit_weight_squared():
+    torch.manual_seed(0)
+    q = CSQWeight(torch.randn(5, 4), CSQConfig(), None)
+    q.temperature = 2.0
+    plain = _logit_grads(q)
+    q.precondition = True
+    kappa = q.scale.detach() * 2.0 ** torch.arange(8) / (255 * q.gate_gain())
+    assert torch.allclose(_logit_grads(q), plain / kappa.pow(2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode,search,fixed", [("none", False, False), ("fixed", False, True),
+                                               ("always", True, True)], ids=["none", "fixed", "always"])
+def test_precondition_modes(tiny, mode, search, fixed):
+    from mpq_cli.layers import LayerSelection
+
+    method = get_method("csq")(CSQConfig(target_bits=2, precondition=mode), LayerSelection(fix_bits={"fc": 2}))
+    method.prepare(tiny)
+    method.on_epoch_start(0, 1, 10)
+    qs = method.quantizers()
+    assert qs["conv"].precondition is search  # still searching its bits
+    assert qs["fc"].precondition is fixed  # scheme fixed from the start
+    method.start_finetune()
+    method.on_epoch_start(0, 1, 10)
+    assert qs["conv"].precondition is fixed
 
 
 def test_regulariser_sign_follows_budget(tiny):

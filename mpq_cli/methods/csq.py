@@ -32,6 +32,14 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   in the window (see :mod:`mpq_cli.budget`). The scheme is
   then fixed and the rest of the search is Alg. 1's fine-tuning stage: logits restart
   from the exact codes, beta rewinds and rises to beta_max again.
+- Residuals across restarts: re-made logits put each weight's rounding residual into
+  its lowest selected bit, so the relaxed model does not jump at the projection and a
+  weight near a rounding threshold has a logit near 0 (a latent weight's position).
+- Preconditioned bit logits: a logit's gradient is the weight's times ``kappa_b beta
+  f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``, ~1e-6 in a large FC layer, where
+  the paper's SGD never flips a bit in a short search from a checkpoint. Once a layer's
+  scheme is fixed its logit gradients are divided by ``kappa_b^2``: at a logit's start its
+  weight then moves as plain SGD moves a latent weight, and bits still harden with beta.
 - Weight decay on bit logits and the rest of the model as in the paper; none on
   ``m_B`` (the budget term alone drives it) or on ``s``.
 """
@@ -49,6 +57,8 @@ from ..errors import MpqError
 from ..quant.bits import bit_values, round_to_bits, to_bit_planes
 from ..quant.primitives import quantize_codes
 from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+
+PRECONDITION = ("none", "fixed", "always")
 
 
 @dataclass
@@ -71,6 +81,13 @@ class CSQConfig(MethodConfig):
             the budget window and fixed; the remaining steps train the bits under it (as
             Alg. 1's fine-tuning does), so the budget step's damage is trained away.
             1.0 projects only at the very end.
+        carry_residual: *ours*: when logits are re-made from codes (the start, the projection), the
+            lowest selected bit's logits carry the rounding residual, so the relaxed weight stays the
+            weight the codes were rounded from and near-threshold weights sit near a flip.
+        precondition: *ours*: divide each bit logit's gradient by kappa_b^2, the squared worth of
+            its bit in the weight, so that bits move as a latent weight would under SGD: ``none`` (the
+            paper's plain gradient), ``fixed`` (once a layer's scheme is fixed: after the projection,
+            in fine-tuning, --fix-bits layers) or ``always``.
     """
 
     version: int = 1
@@ -84,6 +101,8 @@ class CSQConfig(MethodConfig):
     budget_tolerance: float = 0.1
     reg_weighting: str = "paper"
     project_at: float = 0.5
+    carry_residual: bool = True
+    precondition: str = "fixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +110,8 @@ class CSQConfig(MethodConfig):
             raise MpqError("this method needs --target-bits")
         if not 0.0 < self.project_at <= 1.0:
             raise MpqError("project_at must be in (0, 1]")
+        if self.precondition not in PRECONDITION:
+            raise MpqError(f"precondition must be one of {', '.join(PRECONDITION)}")
         if self.reg_weighting not in ("paper", "size"):
             raise MpqError("reg_weighting must be 'paper' or 'size'")
         if not 1 <= self.max_bits <= 16:
@@ -103,6 +124,8 @@ class CSQConfig(MethodConfig):
             raise MpqError("reg_strength and budget_tolerance must be >= 0")
         if self.init_bit_logit <= 0:
             raise MpqError("init_bit_logit must be > 0")
+        if not isinstance(self.carry_residual, bool):
+            raise MpqError(f"carry_residual must be true or false, got {self.carry_residual!r}")
 
 
 class CSQWeight(WeightQuantizer):
@@ -121,13 +144,18 @@ class CSQWeight(WeightQuantizer):
         self.register_buffer("fixed_mask", torch.ones(n, device=device))  # q_B once the scheme is fixed
         self.register_buffer("mask_is_fixed", torch.tensor(False, device=device))
         self.temperature = cfg.beta_start  # beta, set by the method every step
+        self.precondition = False  # divide the bit logits' gradients by kappa_b^2; set by the method
+        for logits in (self.bit_logits_pos, self.bit_logits_neg):
+            logits.register_hook(self._preconditioned)
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
         codes = quantize_codes(weight.detach(), max_abs, n)
-        self.load_codes(codes, (max_abs / self.levels).float(), torch.ones(n, device=device), fixed=False)
+        target = weight.detach().float() if cfg.carry_residual else None
+        self.load_codes(codes, (max_abs / self.levels).float(), torch.ones(n, device=device), fixed=False,
+                        target=target)
         if fixed_bits is not None:
             if fixed_bits > n:
                 raise MpqError(f"--fix-bits {fixed_bits} exceeds CSQ's {n} bit planes")
-            self.load_codes(*self.requantized(fixed_bits), fixed=True)
+            self.load_codes(*self.requantized(fixed_bits), fixed=True, target=target)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, n_bits={self.n_bits}"
@@ -159,6 +187,21 @@ class CSQWeight(WeightQuantizer):
             gain /= 1 + math.exp(-beta * self.init_mask_logit)
         return gain
 
+    def bit_weights(self) -> torch.Tensor:
+        """``kappa_b``: what one bit of each position is worth in the relaxed weight, shape ``(n,)``.
+
+        ``dW/dm^b = kappa_b * beta * f'(beta m^b)``, so a bit logit's gradient is the
+        weight's gradient times ``kappa_b = s 2^b / ((2^n - 1) g(beta))``.
+        """
+        scale = self.scale.detach().abs().clamp(min=1e-12)
+        return scale * self.bit_values / (self.levels * self.gate_gain())
+
+    def _preconditioned(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self.precondition:
+            return grad
+        # kappa_b^2 can be ~1e-4 (a 2-bit FC layer) to ~1e-10 (the low bits of 8): floor it far below either
+        return grad / self.bit_weights().pow(2).clamp(min=1e-24)
+
     def train_weight(self) -> torch.Tensor:
         beta = self.temperature
         digits = torch.sigmoid(beta * self.bit_logits_pos) - torch.sigmoid(beta * self.bit_logits_neg)
@@ -176,17 +219,43 @@ class CSQWeight(WeightQuantizer):
         return int(self.hard_mask().sum())
 
     @torch.no_grad()
-    def load_codes(self, codes: torch.Tensor, step: torch.Tensor, mask: torch.Tensor, fixed: bool) -> None:
+    def load_codes(self, codes: torch.Tensor, step: torch.Tensor, mask: torch.Tensor, fixed: bool,
+                   target: torch.Tensor | None = None) -> None:
         """Re-initialise the logits so that the layer holds exactly ``codes * step`` with ``mask``.
 
         Bits map to logits ``+-c`` and ``s = step * (2^n - 1)``; with the gate-gain
         normalisation of :meth:`train_weight` the relaxed weight then equals the exact
         one at every temperature until the logits move.
+
+        With ``target`` (the weight the codes were rounded from), the rounding residual
+        ``target - codes * step`` goes into the logits of the lowest selected bit instead:
+        the relaxed weight at the current temperature equals ``target`` (clipped to 0.49 of
+        a step around the codes, and to what one digit can express: with ``beta * c <= 1``,
+        as at the default restart, all of that), the unit-step codes stay ``codes``, and a
+        weight near a threshold its lowest bit decides has that bit's logit near 0, one
+        small move from rounding the other way, as a latent weight sits under
+        straight-through training.
         """
         pos, neg = to_bit_planes(codes, self.n_bits)
         c = self.init_bit_logit
-        self.bit_logits_pos.copy_((pos.float() * 2 - 1) * c)
-        self.bit_logits_neg.copy_((neg.float() * 2 - 1) * c)
+        logits_pos = (pos.float() * 2 - 1) * c
+        logits_neg = (neg.float() * 2 - 1) * c
+        selected = torch.nonzero(mask.bool()).flatten()
+        if target is not None and len(selected) and float(step) > 0:
+            low = int(selected[0])  # the lowest selected bit: its digit carries the residual
+            unit = float(step) * 2 ** low
+            residual = ((target.to(logits_pos) - codes.to(logits_pos) * float(step)) / unit).clamp(-0.49, 0.49)
+            digit = (pos[..., low].float() - neg[..., low].float()) + residual  # wanted relaxed digit, in (-1.5, 1.5)
+            beta = self.temperature
+            gain = math.tanh(beta * c / 2)  # sigmoid(beta c) - sigmoid(-beta c): an unmoved bit's digit
+            floor = 1 / (1 + math.exp(beta * c))  # sigmoid(-beta c): the digit of a logit at -c
+            # sigmoid(beta m_p) - sigmoid(beta m_n) = gain * digit with the other logit of the pair left at -c
+            p = (floor + gain * digit.clamp(min=0)).clamp(1e-6, 1 - 1e-6)
+            n = (floor + gain * (-digit).clamp(min=0)).clamp(1e-6, 1 - 1e-6)
+            logits_pos[..., low] = torch.logit(p) / beta
+            logits_neg[..., low] = torch.logit(n) / beta
+        self.bit_logits_pos.copy_(logits_pos)
+        self.bit_logits_neg.copy_(logits_neg)
         self.fixed_mask.copy_(mask.float())
         self.mask_is_fixed.fill_(fixed)
         sign = torch.where(mask.bool(), 1.0, -1.0).to(self.mask_logits.device)
@@ -254,8 +323,10 @@ class CSQ(Method):
 
     def _apply_beta(self) -> None:
         beta = self.beta
+        mode = self.config.precondition
         for q in self.quantizers().values():
             q.temperature = beta
+            q.precondition = mode == "always" or (mode == "fixed" and bool(q.mask_is_fixed))
 
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
         self._total_steps = epochs * steps_per_epoch
@@ -279,17 +350,20 @@ class CSQ(Method):
         if self.loss_probe is None:
             raise MpqError("CSQ needs a loss probe to project its scheme into the budget")
         self.avg_bits_before_projection = self.average_bits()
+        with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
+            relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
         self.budget_changes = self._meet_budget(self.loss_probe)
         self._ramp_start = self._step
-        self._restart_fixed()
+        self._restart_fixed(relaxed if self.config.carry_residual else None)
         self.phase = Phase.FINETUNE
 
-    def _restart_fixed(self) -> None:
-        """Fix every layer's scheme and map its exact codes back to logits at the ramp's first beta."""
+    def _restart_fixed(self, targets: dict[str, torch.Tensor] | None = None) -> None:
+        """Fix every layer's scheme and map its exact codes back to logits at the ramp's first beta
+        (with ``targets``, each layer's residual to its target weight goes into its lowest bit)."""
         self._apply_beta()
-        for q in self.quantizers().values():
+        for name, q in self.quantizers().items():
             codes, step = q.exact_codes()
-            q.load_codes(codes, step, q.hard_mask(), fixed=True)
+            q.load_codes(codes, step, q.hard_mask(), fixed=True, target=None if targets is None else targets[name])
         self._reset_optimizer = True
 
     def progress(self) -> dict[str, float]:
