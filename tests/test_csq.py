@@ -273,6 +273,13 @@ def test_fix_bits_keeps_top_bits(tiny):
     assert (codes % 32 == 0).all()
 
 
+def test_version_1_configs_keep_their_behaviour():
+    old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
+    assert (old.carry_residual, old.precondition) == (False, "none")
+    new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
+    assert (new.version, new.carry_residual, new.precondition) == (2, True, "fixed")
+
+
 def test_config_round_trip_and_validation():
     cfg = CSQConfig(target_bits=2.5, reg_strength=0.02)
     assert CSQConfig.from_dict(cfg.to_dict()) == cfg

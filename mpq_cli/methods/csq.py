@@ -21,8 +21,9 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
 - Gate-gain normalisation: Eq. (5)'s relaxed weight is divided by ``g(beta)``, the
   value the gates give an unmoved bit (``tanh(beta c / 2) * sigmoid(beta c_B)``), which
   tends to 1 as beta grows. This only reparametrises ``s`` by a known factor, and it
-  makes the relaxed and the exact (unit-step) model agree whenever the logits have not
-  moved: at the start, after the projection and at the start of fine-tuning.
+  makes the relaxed and the exact (unit-step) model agree whenever the logits sit at
+  ``+-c`` (at the start of fine-tuning; at the start and after the projection too
+  without the residuals below), instead of the relaxed model being shrunk by ``g``.
 - Evaluation always uses unit-step gates (exact integer codes), so every reported
   accuracy is that of an exactly quantized model, and the run keeps the codes.
 - Budget guarantee: at ``project_at`` of the search, if the hard scheme lies outside
@@ -36,7 +37,7 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   its lowest selected bit, so the relaxed model does not jump at the projection and a
   weight near a rounding threshold has a logit near 0 (a latent weight's position).
 - Preconditioned bit logits: a logit's gradient is the weight's times ``kappa_b beta
-  f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``, ~1e-6 in a large FC layer, where
+  f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``, 1e-7..1e-5 in lenet5's FC layer, where
   the paper's SGD never flips a bit in a short search from a checkpoint. Once a layer's
   scheme is fixed its logit gradients are divided by ``kappa_b^2``: at a logit's start its
   weight then moves as plain SGD moves a latent weight, and bits still harden with beta.
@@ -90,7 +91,7 @@ class CSQConfig(MethodConfig):
             in fine-tuning, --fix-bits layers) or ``always``.
     """
 
-    version: int = 1
+    version: int = 2  # 2: carry_residual and precondition added (version 1 ran without them)
     target_bits: float = 3.0
     max_bits: int = 8
     reg_strength: float = 0.01
@@ -103,6 +104,13 @@ class CSQConfig(MethodConfig):
     project_at: float = 0.5
     carry_residual: bool = True
     precondition: str = "fixed"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CSQConfig:
+        """A saved config; one of version 1 keeps the behaviour it was run with."""
+        if d.get("version", cls.version) < 2:
+            d = {"carry_residual": False, "precondition": "none", **d}
+        return super().from_dict(d)
 
     def __post_init__(self) -> None:
         super().__post_init__()
