@@ -208,22 +208,38 @@ def evaluate(model: nn.Module, batches, *, amp: bool = False, reporter: Reporter
 
 
 def loss_probe(model: nn.Module, batches, max_batches: int):
-    """A callable measuring the mean loss of ``model`` (eval mode) on the first ``max_batches`` batches."""
+    """A callable measuring the mean loss of ``model`` on the first ``max_batches`` batches.
+
+    The model runs in evaluation mode (exact quantized weights), except that BatchNorm
+    layers normalise with each probe batch's own statistics and leave their running
+    statistics untouched: those were collected with the weights the model trained with
+    (a relaxed or latent weight), and a probe of exact weights against them can read a
+    working network as broken (a ResNet-20 CSQ search measured loss 4 where the exact
+    model was fine, and its budget step then zeroed whole blocks).
+    """
     fixed = []
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
         fixed.append(batch)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @torch.no_grad()
     def probe() -> float:
         was_training = model.training
+        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
         model.eval()
+        for m in norms:
+            m.train()
         total, n = 0.0, 0
-        for x, y in fixed:
-            total += float(F.cross_entropy(model(x), y, reduction="sum"))
-            n += len(y)
-        model.train(was_training)
+        try:
+            for x, y in fixed:
+                total += float(F.cross_entropy(model(x), y, reduction="sum"))
+                n += len(y)
+        finally:
+            for m, state in zip(norms, saved, strict=True):
+                m.load_state_dict(state)
+            model.train(was_training)
         return total / max(n, 1)
 
     return probe

@@ -1,0 +1,50 @@
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq_cli.engine import loss_probe
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_probe_normalises_with_batch_statistics_and_leaves_running_ones_alone():
+    model = _bn_net()
+    batches = [(torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))) for _ in range(2)]
+    with torch.no_grad():  # running statistics that do not fit the weights, as after relaxed training
+        model[1].running_mean.fill_(-50.0)
+        model[1].running_var.fill_(1e-4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    probe = loss_probe(model, batches, 2)
+    value = probe()
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    reference = copy.deepcopy(model).eval()
+    reference[1].train()
+    with torch.no_grad():  # what batch statistics give, computed by hand
+        expected = sum(float(F.cross_entropy(reference(x), y, reduction="sum")) for x, y in batches) / 64
+    assert abs(value - expected) < 1e-5
+    model.eval()
+    with torch.no_grad():
+        stale = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in batches) / 64
+    assert stale > 2 * value  # the running statistics alone would have read the network as broken
+    model.train()
+    probe()
+    assert model.training and model[1].training  # the caller's mode comes back
+
+
+def test_probe_without_batchnorm_is_the_evaluation_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    batches = [(torch.randn(16, 5), torch.randint(0, 3, (16,)))]
+    model.eval()
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(batches[0][0]), batches[0][1]))
+    model.train()
+    assert abs(loss_probe(model, batches, 1)() - expected) < 1e-6
+    assert model.training
