@@ -358,11 +358,13 @@ class CSQ(Method):
         if self.loss_probe is None:
             raise MpqError("CSQ needs a loss probe to project its scheme into the budget")
         self.avg_bits_before_projection = self.average_bits()
-        with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
-            relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
+        relaxed = None
+        if self.config.carry_residual:
+            with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
+                relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
         self.budget_changes = self._meet_budget(self.loss_probe)
         self._ramp_start = self._step
-        self._restart_fixed(relaxed if self.config.carry_residual else None)
+        self._restart_fixed(relaxed)
         self.phase = Phase.FINETUNE
 
     def _restart_fixed(self, targets: dict[str, torch.Tensor] | None = None) -> None:
