@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,17 +23,21 @@ from .export import pack_run, size_report
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
 from .methods import Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint
-from .models.loading import read_state_dict
+from .models.loading import read_state_dict, recorded_model
 from .models.zoo import BUILTIN
 from .packing.encodings import plan_codes
 from .packing.format import FORMAT, PackedFile, load_packed, serialized_size, write_packed
 from .report import markdown_report, markdown_size_report
 from .rundir import (
+    RunDirLock,
     default_run_dir,
+    dumps,
     file_fingerprint,
     fingerprint,
+    is_fresh_run_dir,
     load_checkpoint_state,
     read_json,
+    read_jsonl,
     read_search_config,
     save_safetensors,
     versions,
@@ -87,7 +92,29 @@ def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -
     model = build_model(spec)
     if model_opts.checkpoint:
         load_checkpoint(model, model_opts.checkpoint)
-    return _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
+    ctx = _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
+    check_forward(ctx.model, ctx.val, spec)
+    return ctx
+
+
+def check_forward(model: nn.Module, batches, spec: ModelSpec) -> None:
+    """Run one evaluation batch through the model before anything is trained or written, so that a
+    model that cannot take the data (an input too small for its strides, a factory's broken
+    forward) is a one-line error rather than a failure mid-epoch."""
+    x, _ = next(iter(batches))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as exc:  # a model can fail on an input in any way: say which and on what
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise MpqError(f"model {spec.name} cannot take inputs of shape {list(x.shape[1:])}: {first}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MpqError(f"model {spec.name} returned {shape} for a batch of 2; expected [2, {spec.num_classes}] logits")
 
 
 def _place(model: nn.Module, spec: ModelSpec, info: DatasetInfo, train_b, val_b, device: torch.device) -> Context:
@@ -99,21 +126,39 @@ def _place(model: nn.Module, spec: ModelSpec, info: DatasetInfo, train_b, val_b,
     return Context(spec, model, info, train_b.to(device), val_b.to(device), device)
 
 
-def _run_dir(out: str | None, prefix: str, model: str, resume: bool) -> Path:
+@contextmanager
+def _claim_run_dir(out: str | None, prefix: str, model: str, resume: bool):
+    """The run directory, locked against a second writer for the ``with`` block.
+
+    A directory that is empty, or holds only the ``config.json`` of a run that never
+    finished an epoch, may be started afresh; anything else needs ``--resume``.
+    """
     path = Path(out) if out else default_run_dir(prefix, model)
-    if path.exists() and any(path.iterdir()) and not resume:
-        raise MpqError(f"{path} already exists and is not empty; pass --resume to continue it or choose --out")
+    if path.exists() and not path.is_dir():
+        raise MpqError(f"--out {path} is a file; give a directory for the run")
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    with RunDirLock(path):
+        if not resume and not is_fresh_run_dir(path):
+            raise MpqError(f"{path} already exists and is not empty; pass --resume to continue it or choose --out")
+        yield path
 
 
-def _resume_state(run_dir: Path, resume: bool) -> dict | None:
+def _resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, reporter: Reporter) -> dict | None:
+    """The checkpoint to continue from, checked against this configuration before anything is written."""
     if not resume:
         return None
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.exists():
+        if is_fresh_run_dir(run_dir):
+            reporter.log(f"--resume: {run_dir} holds no finished epoch; starting from the beginning")
+            return None
         raise MpqError(f"--resume: {ckpt} does not exist")
-    return load_checkpoint_state(ckpt)
+    state = load_checkpoint_state(ckpt)
+    if state.get("stage") != stage or state.get("fingerprint") != fingerprint:
+        raise MpqError(f"--resume: {run_dir} was made with a different configuration or command; nothing was "
+                       "changed (start a new run with another --out, or repeat the original options)")
+    reporter.log(f"continuing {run_dir} from epoch {int(state['epoch']) + 2}")
+    return state
 
 
 # --------------------------------------------------------------------------------------- train
@@ -122,13 +167,19 @@ def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, *, out:
     """Train the FP32 baseline and write ``RUN/model.safetensors`` (the reference for every search)."""
     reporter = reporter or Reporter()
     ctx = _setup(model, data, train_cfg)
-    run_dir = _run_dir(out, "train", model.name, resume)
     config = {"command": "train", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
               "data": data.to_dict(), "train": train_cfg.to_dict(), "versions": versions()}
     config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k != "versions"})
-    write_json(run_dir / "config.json", config)
-    fit(ctx.model, ctx.train, ctx.val, train_cfg, run_dir=run_dir, stage="train", reporter=reporter,
-        resume=_resume_state(run_dir, resume), fingerprint=config["fingerprint"])
+    with _claim_run_dir(out, "train", model.name, resume) as run_dir:
+        state = _resume_state(run_dir, resume, "train", config["fingerprint"], reporter)
+        write_json(run_dir / "config.json", config)
+        fit(ctx.model, ctx.train, ctx.val, train_cfg, run_dir=run_dir, stage="train", reporter=reporter,
+            resume=state, fingerprint=config["fingerprint"])
+        return _finish_train(run_dir, ctx, model, data, train_cfg, reporter)
+
+
+def _finish_train(run_dir: Path, ctx: Context, model: ModelOptions, data: DataConfig, train_cfg: TrainConfig,
+                  reporter: Reporter) -> dict:
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     metadata = {"mpq.model": json.dumps(ctx.spec.to_dict()), "mpq.data": data.name,
                 "mpq.top1": f"{final['top1']:.4f}", "mpq.version": versions()["mpq"]}
@@ -224,8 +275,8 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
         notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
     write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes))
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"stage": "final", "top1": final["top1"], "avg_bits": scheme.avg_bits,
-                            "avg_stored_bits": scheme.avg_stored_bits}) + "\n")
+        f.write(dumps({"stage": "final", "top1": final["top1"], "avg_bits": scheme.avg_bits,
+                       "avg_stored_bits": scheme.avg_stored_bits}) + "\n")
     return summary
 
 
@@ -236,10 +287,11 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, option
     Returns the summary (``top1``, ``avg_bits``, ``out``, ...).
     """
     reporter = reporter or Reporter()
+    if options.probe_batches < 1:
+        raise MpqError("--probe-batches must be >= 1")
     method_cls = get_method(options.method)
     method_cfg = method_cls.config_class.from_dict(options.method_config)
     ctx = _setup(model, data, train_cfg)
-    run_dir = _run_dir(out, options.method, model.name, resume)
     fp_top1 = None
     if model.checkpoint:
         fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
@@ -252,13 +304,31 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, option
               "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
               "probe_batches": options.probe_batches, "fp_top1": fp_top1}
     config["fingerprint"] = fingerprint(config)
+    config["checkpoint_bytes"] = checkpoint_bytes(model.checkpoint)  # for the export's size comparison
     config["versions"] = versions()
-    write_json(run_dir / "config.json", config)
-    started = time.time()
-    records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="search",
-                  reporter=reporter, resume=_resume_state(run_dir, resume), fingerprint=config["fingerprint"])
-    return _finish(run_dir, config, method, ctx, train_cfg, options.probe_batches, records, fp_top1, started,
-                   reporter, command="search")
+    with _claim_run_dir(out, options.method, model.name, resume) as run_dir:
+        state = _resume_state(run_dir, resume, "search", config["fingerprint"], reporter)
+        write_json(run_dir / "config.json", config)
+        started = time.time()
+        records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="search",
+                      reporter=reporter, resume=state, fingerprint=config["fingerprint"])
+        return _finish(run_dir, config, method, ctx, train_cfg, options.probe_batches, records, fp_top1,
+                       started - _elapsed_before(state), reporter, command="search")
+
+
+def _elapsed_before(state: dict | None) -> float:
+    """Seconds the epochs a resumed run had already trained took (0 for a new run)."""
+    return float(state.get("elapsed", 0.0)) if state else 0.0
+
+
+def checkpoint_bytes(checkpoint: str | None) -> int | None:
+    """Size of the FP32 checkpoint file a run started from (``None`` when it has none)."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    return path.stat().st_size if path.is_file() else None
 
 
 def _probe(ctx: Context, batches: int):
@@ -271,21 +341,48 @@ def _probe(ctx: Context, batches: int):
 
 def _finish(run_dir, config, method, ctx, train_cfg, probe_batches, records, fp_top1, started, reporter, command):
     finalize_info = method.finalize(method.loss_probe or _probe(ctx, probe_batches))
+    _refuse_collapsed_layers(method)
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
     base = {"command": command, "method": method.name, "model": ctx.spec.name, "data": ctx.info.name,
             "synthetic": ctx.info.synthetic, "target_bits": getattr(method.config, "target_bits", None),
             "fp_top1": fp_top1, "seconds": round(time.time() - started, 1)}
     return _save_quantized_run(run_dir, config, method, ctx.model, base, final, finalize_info, records)
 
 
-def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None):
-    """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded."""
+def _refuse_collapsed_layers(method: Method) -> None:
+    """A layer whose every code is zero outputs its bias alone: a collapse, unless 0 bits were asked for
+    (``--fix-bits NAME=0``, or ``--allow-zero-bits true`` for the methods that may choose it)."""
+    allowed = getattr(method.config, "allow_zero_bits", False)
+    collapsed = []
+    for name, lc in method.layer_codes().items():
+        if method.selection.fixed_bits(name) == 0 or allowed:
+            continue
+        empty = int(lc.basis.group_bits.sum()) == 0 if lc.basis is not None else not bool(lc.codes.any())
+        if empty:
+            collapsed.append(name)
+    if collapsed:
+        more = f" (+{len(collapsed) - 3} more)" if len(collapsed) > 3 else ""
+        raise MpqError(f"the search ended with layer(s) {', '.join(collapsed[:3])}{more} at all-zero codes (a "
+                       "collapsed model); the run directory keeps the last epoch's checkpoint: lower --lr, train "
+                       "longer or raise --target-bits, then --resume or start again")
+
+
+def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None, *,
+             model: str | None = None):
+    """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded.
+
+    ``model`` names the user factory of a run made with one (never taken from the run).
+    """
     run_dir = Path(run_dir)
     config = read_search_config(run_dir)
-    data = DataConfig(**{**config["data"], **(data_overrides or {})})
-    train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
-    spec = ModelSpec.from_dict(config["model"])
-    ctx = _setup(ModelOptions(spec.name, spec.weights, None), data, train_cfg)
+    try:
+        data = DataConfig(**{**config["data"], **(data_overrides or {})})
+        train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
+    except (TypeError, KeyError) as exc:
+        raise MpqError(f"{run_dir}/config.json: malformed data or train record ({exc})") from None
+    spec = recorded_model(config.get("model"), f"{run_dir}/config.json", model)
+    ctx = _setup(ModelOptions(spec.name, None, None), data, train_cfg)
     if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
         raise MpqError(f"the data does not fit the run's model "
                        f"({spec.num_classes} classes, {spec.in_channels} channels)")
@@ -304,77 +401,99 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
 
 
 def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None, *, out: str | None = None,
-             resume: bool = False, reporter: Reporter | None = None) -> dict:
+             resume: bool = False, reporter: Reporter | None = None, model: str | None = None) -> dict:
     """Train a finished search further under its fixed scheme; writes a new run directory."""
     reporter = reporter or Reporter()
     run = str(run).rstrip("/")
-    parent_config = read_json(Path(run) / "config.json") if Path(run, "config.json").is_file() else None
-    if parent_config is None:
-        raise MpqError(f"{run} is not an mpq run directory (no config.json)")
-    method_cls = get_method(parent_config.get("method", "?"))
+    parent_config = read_search_config(Path(run))
+    method_cls = get_method(parent_config["method"])
     defaults = {**method_cls.finetune_defaults}
-    config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides})
+    config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides},
+                                                    model=model)
     method.start_finetune()
     method.loss_probe = _probe(ctx, config.get("probe_batches", 8))
-    run_dir = _run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume)
     ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
-    ft_config.pop("versions", None)
-    ft_config.pop("fingerprint", None)
+    if model is not None:
+        ft_config["model"] = ctx.spec.to_dict()
+    for key in ("versions", "fingerprint", "checkpoint_bytes"):
+        ft_config.pop(key, None)
     ft_config["fingerprint"] = fingerprint(ft_config)
+    ft_config["checkpoint_bytes"] = config.get("checkpoint_bytes")
     ft_config["versions"] = versions()
-    write_json(run_dir / "config.json", ft_config)
-    started = time.time()
-    records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="finetune",
-                  reporter=reporter, resume=_resume_state(run_dir, resume), fingerprint=ft_config["fingerprint"])
-    return _finish(run_dir, ft_config, method, ctx, train_cfg, config.get("probe_batches", 8), records,
-                   config.get("fp_top1"), started, reporter, command="finetune")
+    with _claim_run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume) as run_dir:
+        state = _resume_state(run_dir, resume, "finetune", ft_config["fingerprint"], reporter)
+        write_json(run_dir / "config.json", ft_config)
+        started = time.time()
+        records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="finetune",
+                      reporter=reporter, resume=state, fingerprint=ft_config["fingerprint"])
+        return _finish(run_dir, ft_config, method, ctx, train_cfg, config.get("probe_batches", 8), records,
+                       config.get("fp_top1"), started - _elapsed_before(state), reporter, command="finetune")
 
 
 def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str | None = None,
-                 reporter: Reporter | None = None) -> dict:
-    """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model."""
+                 reporter: Reporter | None = None, model: str | None = None) -> dict:
+    """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model.
+
+    ``model`` names the user factory of a file or run made with one (never taken from the file).
+    """
     overrides = {"device": device} if device else {}
     run_path = Path(target)
     if run_path.is_file():
-        return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter)
+        return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model)
     config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
     if config is None:
         raise MpqError(f"{target} not found" if not run_path.exists() else
                        f"{target} is neither a packed file nor an mpq run directory (no config.json)")
     if "method" in config:
-        _, ctx, _, data, train_cfg = load_run(target, data_overrides, overrides)  # eval mode: exact weights
+        _, ctx, _, data, train_cfg = load_run(target, data_overrides, overrides, model=model)  # exact weights
     else:
-        data = DataConfig(**{**config["data"], **(data_overrides or {})})
-        train_cfg = TrainConfig(**{**config["train"], **overrides})
-        spec = ModelSpec.from_dict(config["model"])
-        ctx = _setup(ModelOptions(spec.name, spec.weights, str(run_path / "model.safetensors")), data, train_cfg)
+        try:
+            data = DataConfig(**{**config["data"], **(data_overrides or {})})
+            train_cfg = TrainConfig(**{**config["train"], **overrides})
+        except (TypeError, KeyError) as exc:
+            raise MpqError(f"{run_path}/config.json: malformed data or train record ({exc})") from None
+        spec = recorded_model(config.get("model"), f"{run_path}/config.json", model)
+        ctx = _setup(ModelOptions(spec.name, None, str(run_path / "model.safetensors")), data, train_cfg)
     result = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="eval")
     return {"command": "eval", "run": str(target), "data": data.name, "synthetic": ctx.info.synthetic, **result,
             "out": str(target)}
 
 
 def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, device: str | None = None,
-                    reporter: Reporter | None = None) -> dict:
-    """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default."""
+                    reporter: Reporter | None = None, model: str | None = None) -> dict:
+    """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default.
+
+    ``model`` names the user factory of a file made with one (never taken from the file).
+    """
     packed = PackedFile.open(path)
-    model = load_packed(path)
+    spec = recorded_model(packed.header["model"], str(path), model)
+    net = load_packed(path, model=model)
     header = packed.header
-    recorded = header.get("eval") or {}
-    fields = {**recorded.get("data", {"name": header.get("data", {}).get("name", "fashion-mnist")}),
+    recorded = header.get("eval") if isinstance(header.get("eval"), dict) else {}
+    recorded_data = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
+    fields = {"name": (header.get("data") or {}).get("name", "fashion-mnist"),
+              **{k: v for k, v in recorded_data.items() if k in _REPLAYED_DATA_FIELDS},
               "data_dir": default_data_dir(), **(data_overrides or {})}
     try:
         data = DataConfig(**fields)
-        spec = ModelSpec.from_dict(header["model"])
-    except TypeError as exc:
-        raise MpqError(f"{path}: malformed eval/model record in the header ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise MpqError(f"{path}: malformed eval record in the header ({exc})") from None
+    seed = recorded.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MpqError(f"{path}: malformed eval record in the header (seed {seed!r})")
     info, train_b, val_b = load_data(data, channels=spec.in_channels,
-                                     default_input=(spec.in_channels, *spec.input_size), seed=recorded.get("seed", 0))
+                                     default_input=(spec.in_channels, *spec.input_size), seed=seed)
     if info.num_classes != spec.num_classes:
         raise MpqError(f"{data.name} has {info.num_classes} classes; the packed model has {spec.num_classes}")
-    ctx = _place(model, spec, info, train_b, val_b, resolve_device(device or "auto"))
+    ctx = _place(net, spec, info, train_b, val_b, resolve_device(device or "auto"))
+    check_forward(ctx.model, ctx.val, spec)
     result = evaluate(ctx.model, ctx.val, reporter=reporter, description="eval")
     return {"command": "eval", "file": str(path), "data": data.name, "synthetic": info.synthetic, **result,
             "top1_at_export": (header.get("source") or {}).get("top1"), "out": str(path)}
+
+
+# The data settings a packed file's eval record may set (the data folder is the reader's own).
+_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "limit_train_batches", "limit_val_batches", "augment")
 
 
 # ------------------------------------------------------------------------------ export & inspect

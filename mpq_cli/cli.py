@@ -1,16 +1,17 @@
 """The ``mpq`` command line: parse options, call one API function, print the result.
 
-Results go to stdout (only the JSON object under ``--json``); progress, logs and
-errors go to stderr. Errors are one line and exit code 2.
+Results go to stdout (only the JSON object under ``--json``, strict RFC 8259 JSON);
+progress, logs and errors go to stderr. A user error (bad option, bad input file, full
+disk, ...) is one line and exit code 2; an unexpected failure one line and exit 1;
+Ctrl-C or SIGTERM exit 130/143 after temporary files are removed.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-import json
-import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,7 @@ from .engine import Reporter, TrainConfig
 from .errors import MpqError
 from .layers import LayerSelection
 from .methods import METHODS
+from .rundir import dumps, loads
 
 app = typer.Typer(
     name="mpq",
@@ -84,8 +86,15 @@ def _handle_errors(fn):
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except _Terminated:
+            err_console.print("terminated", highlight=False)
+            raise typer.Exit(143) from None
         except typer.Exit:
             raise
+        except OSError as exc:  # the disk is full or read-only, a path is not writable, ...: the user's to fix
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"error: {where}{exc.strerror or exc}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except Exception as exc:  # an unexpected failure still ends in one line; MPQ_DEBUG=1 shows the traceback
             if os.environ.get("MPQ_DEBUG"):
                 raise
@@ -120,8 +129,8 @@ def _parse_sets(items: list[str]) -> dict:
         if not sep:
             raise MpqError(f"--set expects FIELD=VALUE, got {item!r}")
         try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+            out[key.strip()] = loads(value)
+        except ValueError:
             out[key.strip()] = value
     return out
 
@@ -146,16 +155,20 @@ def _parse_method_options(args: list[str], method: str) -> dict:
             options = ", ".join("--" + f.replace("_", "-") for f in sorted(fields))
             raise MpqError(f"no such option --{key} (method {method} also takes: {options})")
         try:
-            out[name] = json.loads(value)
-        except json.JSONDecodeError:
+            out[name] = loads(value)
+        except ValueError:
             out[name] = value
         i += 1
     return out
 
 
+def _print_json(obj) -> None:
+    sys.stdout.write(dumps(obj) + "\n")
+
+
 def _emit(summary: dict, as_json: bool, title: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(summary, default=_json_safe) + "\n")
+        _print_json(summary)
         return
     from .report import rich_summary_table
 
@@ -171,12 +184,6 @@ def _emit(summary: dict, as_json: bool, title: str) -> None:
     out_console.print(f"{title}: {acc}", highlight=False)
     if summary.get("command") != "eval":
         out_console.print(f"written: {summary['out']}", highlight=False)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return str(obj)
 
 
 # Shared option types -------------------------------------------------------------------------
@@ -208,6 +215,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in -
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
 ClipOpt = Annotated[float | None, typer.Option(help="Clip the global gradient norm (default: the method's; none for train).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+UserModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="The user factory (package.module:fn or "
+                                                  "file.py:fn) of a file or run made with one: mpq never runs code "
+                                                  "a file names, only code you name here.")]
 
 
 def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment) -> DataConfig:
@@ -305,7 +315,7 @@ def finetune(
     data_dir: DataDirOpt = None, batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the run's).")] = None,
     limit_train_batches: LimitTrainOpt = None, limit_val_batches: LimitValOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
-    resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    model: UserModelOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage; ALQ: more basis and coordinate epochs at the fixed widths)."""
     train_overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -315,7 +325,7 @@ def finetune(
                                             limit_train_batches=limit_train_batches,
                                             limit_val_batches=limit_val_batches).items() if v is not None}
     summary = api.finetune(str(run), train_overrides, data_overrides, out=out, resume=resume,
-                           reporter=RichReporter(quiet or as_json))
+                           reporter=RichReporter(quiet or as_json), model=model)
     _emit(summary, as_json, "finetune")
 
 
@@ -328,7 +338,7 @@ def eval_(
     data_dir: DataDirOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the recorded one).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's; auto for files).")] = None,
-    limit_val_batches: LimitValOpt = None,
+    limit_val_batches: LimitValOpt = None, model: UserModelOpt = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Measure top-1 (and top-5 with more than 5 classes) of a packed file or a run, on its recorded dataset.
@@ -337,7 +347,8 @@ def eval_(
     """
     overrides = {k: v for k, v in dict(name=data, data_dir=data_dir, batch_size=batch_size,
                                        limit_val_batches=limit_val_batches).items() if v is not None}
-    summary = api.evaluate_run(str(target), overrides, device=device, reporter=RichReporter(quiet or as_json))
+    summary = api.evaluate_run(str(target), overrides, device=device, reporter=RichReporter(quiet or as_json),
+                               model=model)
     _emit(summary, as_json, "eval")
     if not as_json and summary.get("top1_at_export") is not None:
         out_console.print(f"the run measured {summary['top1_at_export']:.2f} % at export", highlight=False)
@@ -357,7 +368,7 @@ def export(
     """
     summary = api.export(str(run), out)
     if as_json:
-        sys.stdout.write(json.dumps(summary, default=_json_safe) + "\n")
+        _print_json(summary)
         return
     from rich.table import Table
 
@@ -395,7 +406,7 @@ def inspect(
     report = api.inspect(str(target))
     rows = select_layers(report, layers, sort.value if isinstance(sort, enum.Enum) else sort)
     if as_json:
-        sys.stdout.write(json.dumps({**report, "layers": rows}, default=_json_safe) + "\n")
+        _print_json({**report, "layers": rows})
         return
     from rich.table import Table
 
@@ -425,7 +436,7 @@ def methods(as_json: JsonOpt = False):
                                     for f in dataclasses.fields(cls.config_class) if f.name != "version"},
                          "training_defaults": cls.training_defaults}
     if as_json:
-        sys.stdout.write(json.dumps(listing) + "\n")
+        _print_json(listing)
         return
     for name, entry in listing.items():
         out_console.print(f"[bold]{name}[/bold]: {entry['summary']}")
@@ -436,22 +447,67 @@ def methods(as_json: JsonOpt = False):
 
 @app.command()
 @_handle_errors
-def models(as_json: JsonOpt = False):
-    """List built-in and torchvision classification models."""
+def models(
+    layers: Annotated[str | None, typer.Option("--layers", help="List this model's Conv2d/Linear layers (the names "
+                                               "--keep-fp and --fix-bits match) instead of the models.")] = None,
+    num_classes: Annotated[int, typer.Option(help="Classes of the model --layers builds.")] = 10,
+    input_size: InputSizeOpt = None,
+    as_json: JsonOpt = False,
+):
+    """List built-in and torchvision classification models, or one model's quantizable layers."""
     from .models import list_models
 
+    if layers is not None:
+        rows = api.model_layers(layers, num_classes, _parse_input_size(input_size))
+        if as_json:
+            _print_json(rows)
+            return
+        from rich.table import Table
+
+        table = Table("layer", "kind", "shape", "params", title=f"{layers}: {len(rows)} Conv2d/Linear layers")
+        for row in rows:
+            table.add_row(row["name"], row["kind"], "x".join(map(str, row["shape"])), f"{row['params']:,}")
+        out_console.print(table)
+        return
     listing = list_models()
     if as_json:
-        sys.stdout.write(json.dumps(listing) + "\n")
+        _print_json(listing)
         return
     out_console.print("[bold]built-in[/bold] (small images): " + ", ".join(listing["builtin"]))
     out_console.print("[bold]torchvision[/bold]: " + ", ".join(listing["torchvision"]), highlight=False)
     out_console.print("user models: package.module:factory or path/to/file.py:factory "
                       "(called with num_classes, in_channels, input_size when it accepts them)")
+    out_console.print("a model's layer names: mpq models --layers MODEL", highlight=False)
 
 
-def main() -> None:
-    app()
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``mpq`` entry point. Usage errors (Typer's own) are one line on stderr and exit 2, like
+    every other user error."""
+    import typer._click as click
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        message = " ".join(exc.format_message().split())
+        command = f"mpq {exc.ctx.info_name} " if getattr(exc, "ctx", None) and exc.ctx.parent else "mpq "
+        print(f"error: {message} (see `{command.strip()} --help`)", file=sys.stderr)
+        code = 2
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    code = code if isinstance(code, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ def normalisation(name: str, channels: int) -> tuple[tuple[float, ...], tuple[fl
     return (0.0,) * channels, (1.0,) * channels
 
 
+MAX_BATCH = 1 << 16
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 @dataclass
 class DataConfig:
     """Which data, where, and how it is batched.
@@ -67,12 +74,23 @@ class DataConfig:
     workers: int = 4
 
     def __post_init__(self) -> None:
-        if self.name not in _TENSOR_DATASETS and self.name != "synthetic" and not self.name.startswith("imagefolder:"):
+        if not isinstance(self.name, str) or (self.name not in _TENSOR_DATASETS and self.name != "synthetic"
+                                              and not self.name.startswith("imagefolder:")):
             raise MpqError(f"unknown dataset {self.name!r}; choose from {', '.join(DATASETS)}")
-        if self.batch_size < 1:
-            raise MpqError("--batch-size must be >= 1")
+        if not _int_in(self.batch_size, 1, MAX_BATCH):
+            raise MpqError(f"--batch-size must be an integer in 1..{MAX_BATCH}, got {self.batch_size!r}")
+        for option, value in (("--limit-train-batches", self.limit_train_batches),
+                              ("--limit-val-batches", self.limit_val_batches)):
+            if value is not None and not _int_in(value, 1, 1 << 40):
+                raise MpqError(f"{option} must be an integer >= 1 (leave it out for no limit), got {value!r}")
         if self.input_size is not None:
-            self.input_size = tuple(int(v) for v in self.input_size)
+            size = tuple(self.input_size) if isinstance(self.input_size, list | tuple) else ()
+            if len(size) != 3 or not _int_in(size[0], 1, 64) or not all(_int_in(v, 1, 4096) for v in size[1:]):
+                raise MpqError(f"--input-size must be C,H,W with C in 1..64 and H, W in 1..4096, "
+                               f"got {self.input_size!r}")
+            self.input_size = size
+        if not isinstance(self.augment, bool):
+            raise MpqError(f"augment must be true or false, got {self.augment!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,8 +266,12 @@ def _imagefolder(cfg: DataConfig, seed: int):
                                    transforms.ToTensor(), norm]) if cfg.augment else None
     val_tf = transforms.Compose([transforms.Resize(int(size[0] * 256 / 224)), transforms.CenterCrop(size),
                                  transforms.ToTensor(), norm])
-    train_ds = datasets.ImageFolder(str(root / "train"), train_tf or val_tf)
-    val_ds = datasets.ImageFolder(str(root / "val"), val_tf)
+    try:
+        train_ds = datasets.ImageFolder(str(root / "train"), train_tf or val_tf)
+        val_ds = datasets.ImageFolder(str(root / "val"), val_tf)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or class folders without images
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise MpqError(f"imagefolder:{root}: {first}") from None
     if train_ds.classes != val_ds.classes:
         raise MpqError(f"{root}: train/ and val/ have different class folders")
     info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), IMAGENET_MEAN, IMAGENET_STD)

@@ -24,6 +24,12 @@ from .rundir import MetricsLog, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
+# Training stops as diverged when the mean loss of a logging window (or the validation loss)
+# exceeds this multiple of its reference: the larger of the run's first step's loss and
+# ln(classes), the loss of a uniform guess (so that a model starting near zero loss may
+# still rise while a method adapts it).
+DIVERGENCE_FACTOR = 10.0
+LOG_EVERY = 10  # steps between reads of the loss on the host (a synchronisation on a GPU)
 
 
 @dataclass
@@ -61,19 +67,45 @@ class TrainConfig:
     clip_grad: float | None = None
 
     def __post_init__(self) -> None:
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise MpqError("--clip-grad must be > 0")
+        if self.clip_grad is not None and not _positive(self.clip_grad):
+            raise MpqError(f"--clip-grad must be a finite number > 0, got {self.clip_grad}")
         if self.optimizer not in OPTIMIZERS:
             raise MpqError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise MpqError(f"--schedule must be one of {', '.join(SCHEDULES)}")
-        if self.epochs < 0:
-            raise MpqError("--epochs must be >= 0")
-        if self.lr <= 0:
-            raise MpqError("--lr must be > 0")
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise MpqError(f"--epochs must be an integer >= 0, got {self.epochs}")
+        if not _positive(self.lr):
+            raise MpqError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (_number(self.weight_decay) and self.weight_decay >= 0):
+            raise MpqError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (_number(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise MpqError(f"--lr-warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if not _is_int(self.step_epochs) or self.step_epochs < 1:
+            raise MpqError(f"step_epochs must be an integer >= 1, got {self.step_epochs}")
+        if not (_positive(self.gamma) and self.gamma <= 1):
+            raise MpqError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not (_number(self.momentum) and 0 <= self.momentum < 1):
+            raise MpqError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise MpqError(f"--seed must be an integer >= 0, got {self.seed}")
+        if not isinstance(self.amp, bool):
+            raise MpqError(f"amp must be true or false, got {self.amp!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0
 
 
 class TrainingHooks(Protocol):
@@ -270,6 +302,10 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
     optimizer = make_optimizer(hooks.param_groups(model, cfg.weight_decay), cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if run_dir else None
     start_epoch = 0
+    elapsed_before = float(resume.get("elapsed", 0.0)) if resume is not None else 0.0
+    reference_loss = resume.get("reference_loss") if resume is not None else None
+    first_loss = None
+    fit_started = time.time()
     if resume is not None:
         if resume.get("stage") != stage or (fingerprint and resume.get("fingerprint") != fingerprint):
             raise MpqError("--resume: the checkpoint belongs to a different configuration or stage; start a new run")
@@ -292,6 +328,7 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = reported = 0
+        window_sum, window_seen = 0.0, 0
         reporter.start(f"{stage} {epoch + 1}/{cfg.epochs}", steps)
         try:
             for i, (x, y) in enumerate(train):
@@ -311,21 +348,27 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
                 hooks.on_step_end()
                 if hooks.wants_optimizer_reset():
                     optimizer.state.clear()
+                if reference_loss is None and first_loss is None:
+                    first_loss = loss.detach()  # the starting model's loss (read at the next logging step)
                 loss_sum += loss.detach() * len(y)
                 correct += (out.detach().argmax(1) == y).sum()
                 seen += len(y)
-                if i % 10 == 9 or i == steps - 1:
-                    if not math.isfinite(float(loss.detach())):
-                        raise MpqError(f"training diverged at epoch {epoch + 1}; lower --lr")
-                    reporter.advance(i + 1 - reported, loss=float(loss_sum) / seen,
+                if i % LOG_EVERY == LOG_EVERY - 1 or i == steps - 1:
+                    total_loss = float(loss_sum)
+                    window = (total_loss - window_sum) / (seen - window_seen)
+                    window_sum, window_seen = total_loss, seen
+                    if reference_loss is None:
+                        start = float(first_loss)
+                        reference_loss = max(start if math.isfinite(start) else 0.0, math.log(out.shape[1]))
+                    _check_divergence(window, reference_loss, epoch)
+                    reporter.advance(i + 1 - reported, loss=total_loss / seen,
                                      acc=100.0 * float(correct) / seen, **hooks.progress())
                     reported = i + 1
         finally:
             reporter.stop()
         train_loss = float(loss_sum) / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise MpqError(f"training diverged at epoch {epoch + 1} (loss is {train_loss}); lower --lr")
         result = evaluate(model, val, amp=cfg.amp, reporter=reporter, description=f"eval {epoch + 1}/{cfg.epochs}")
+        _check_divergence(result["loss"], reference_loss, epoch, "validation ")
         record = {"stage": stage, "epoch": epoch, "train_loss": train_loss, "train_acc": 100.0 * float(correct) / seen,
                   "val_top1": result["top1"], "val_loss": result["loss"], "lr": lr, **hooks.progress(),
                   "seconds": round(time.time() - started, 2)}
@@ -338,5 +381,17 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "stage": stage, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "method": json.dumps(hooks.state_dict()), "rng": torch.get_rng_state(), "fingerprint": fingerprint,
+                "elapsed": elapsed_before + time.time() - fit_started, "reference_loss": reference_loss,
             })
     return records
+
+
+def _check_divergence(loss: float, reference: float | None, epoch: int, what: str = "") -> None:
+    """Stop a run whose loss is not finite or has grown past ``DIVERGENCE_FACTOR`` times its reference."""
+    if not math.isfinite(loss):
+        raise MpqError(f"training diverged at epoch {epoch + 1} ({what}loss is {loss}); the run directory keeps the "
+                       "last finished epoch: lower --lr and start again, or --resume")
+    if reference is not None and loss > DIVERGENCE_FACTOR * reference:
+        raise MpqError(f"training diverged at epoch {epoch + 1} ({what}loss {loss:.4g} is more than "
+                       f"{DIVERGENCE_FACTOR:g}x its start, {reference:.4g}); the run directory keeps the last finished "
+                       "epoch: lower --lr and start again, or --resume")

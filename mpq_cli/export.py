@@ -119,7 +119,7 @@ def pack_run(run_dir: str | Path) -> PackedModel:
                  "input_shape": [model["in_channels"], *model["input_size"]]},
         "eval": {"data": data, "seed": config["train"]["seed"]},
         "source": {"run": str(run_dir), "top1": summary.get("top1"), "fp_top1": config.get("fp_top1"),
-                   "fp32_checkpoint_bytes": _checkpoint_bytes(config.get("checkpoint"))},
+                   "fp32_checkpoint_bytes": config.get("checkpoint_bytes") or _checkpoint_bytes(run_dir, config)},
         "layers": entries,
     }
     return PackedModel(header, tensors)
@@ -160,13 +160,18 @@ def _encode_basis_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes:
     return encoded
 
 
-def _checkpoint_bytes(checkpoint: str | None) -> int | None:
+def _checkpoint_bytes(run_dir: Path, config: dict) -> int | None:
+    """Size of the FP32 checkpoint of a run recorded before runs kept it: its path as given, relative
+    to the folder the search ran in (unknown here), so tried as given and relative to the run's parent."""
+    checkpoint = config.get("checkpoint")
     if not checkpoint:
         return None
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    return path.stat().st_size if path.is_file() else None
+    for path in (Path(checkpoint), run_dir.parent / checkpoint):
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if path.is_file():
+            return path.stat().st_size
+    return None
 
 
 # ------------------------------------------------------------------------------------- report

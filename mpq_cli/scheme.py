@@ -150,13 +150,13 @@ class Scheme:
             raise MpqError(f"malformed scheme: {exc}") from None
 
     def save(self, path: Path) -> None:
-        from .rundir import write_text_atomic
+        from .rundir import dumps, write_text_atomic
 
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Scheme:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MpqError(f"cannot read scheme {path}: {exc}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, not JSON, or not a scheme
+            raise MpqError(f"cannot read scheme {path}: {exc.__class__.__name__}: {exc}") from None

@@ -84,3 +84,31 @@ def csq_run(fp_run, tmp_path_factory):
     summary = run_json("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
                        fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.01", "--out", out)
     return out, summary
+
+
+def rewrite_packed(src, dst, edit_header=None, edit_tensors=None, *, mpq_text=None, resign=True):
+    """Copy a packed file with its header and/or tensors edited, re-signed (fresh digests) as a
+    hostile writer would, so that the reader's own checks, not the digest, must catch the edit."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mpq_cli.packing.format import packed_metadata
+
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(src))
+    header = json.loads(metadata["mpq"])
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if mpq_text is not None:
+        save_file(tensors, str(dst), metadata={**metadata, "mpq": mpq_text})
+    elif resign:
+        save_file(tensors, str(dst), metadata={"format": "pt",
+                                               **packed_metadata({k: v for k, v in header.items() if k != "digests"},
+                                                                 tensors)})
+    else:
+        save_file(tensors, str(dst), metadata={**metadata, "mpq": json.dumps(header)})

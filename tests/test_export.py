@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SMALL, TinyNet, invoke, run_json
+from conftest import SMALL, TinyNet, invoke, rewrite_packed, run_json
 from safetensors.torch import load_file, save_file
 
 import mpq_cli
@@ -94,7 +94,7 @@ def test_every_method_and_bit_width_round_trips_through_a_file(method, bits, tmp
     model = TinyNet()
     cls = get_method(method)
     extra = {"max_bits": 16} if method in ("csq", "bsq") else {}
-    quant = cls(cls.config_class.from_dict({"target_bits": min(bits, 8), **extra}),
+    quant = cls(cls.config_class.from_dict({"target_bits": max(1, min(bits, 8)), **extra}),
                 LayerSelection(fix_bits={"*": bits}))
     quant.prepare(model)
     model.eval()
@@ -120,8 +120,9 @@ def test_activation_quantization_and_fp_layers_survive_export(tmp_path, tiny_fac
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["fc"]["encoding"] == "float32" and rows["fc"]["stored_bits"] == 32
     assert rows["conv"]["act_bits"] == 8 and rows["conv"]["bits"] == 3  # first layer's input at 8 bits
-    assert run_json("eval", out, "--device", "cpu")["top1"] == summary["top1"]
-    model = mpq_cli.load_packed(out)
+    # the file names the user's factory; mpq builds it only when the caller names it too
+    assert run_json("eval", out, "--device", "cpu", "--model", tiny_factory_file)["top1"] == summary["top1"]
+    model = mpq_cli.load_packed(out, model=tiny_factory_file)
     assert model.conv.input_quant.bits == 8 and not hasattr(model.fc, "input_quant")
 
 
@@ -138,17 +139,7 @@ def test_export_refuses_fp_runs_and_unfinished_runs(fp_run, csq_run, tmp_path):
 
 # -- a corrupt-input suite: every case is one line on stderr, exit 2, no traceback -------------------
 def _rewrite(src, dst, edit_header=None, edit_tensors=None):
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(src))
-    header = json.loads(metadata["mpq"])
-    if edit_header:
-        edit_header(header)
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, str(dst), metadata={**metadata, "mpq": json.dumps(header)})
+    rewrite_packed(src, dst, edit_header, edit_tensors)
 
 
 def _layer(header, name="classifier.1"):
@@ -185,11 +176,7 @@ CORRUPT = {
 
 
 def _rewrite_raw(src, dst, mpq_text):
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as f:
-        metadata = f.metadata()
-    save_file(load_file(str(src)), str(dst), metadata={**metadata, "mpq": mpq_text})
+    rewrite_packed(src, dst, mpq_text=mpq_text)
 
 
 # inspect reads the header alone, so a tensor that only the model needs is caught by eval

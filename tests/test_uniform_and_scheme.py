@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mpq_cli.api import build_scheme
+from mpq_cli.errors import MpqError
 from mpq_cli.layers import LayerSelection
 from mpq_cli.methods import get_method
 from mpq_cli.methods.uniform import UniformConfig, UniformWeight
@@ -23,10 +24,12 @@ def test_uniform_eval_weight_is_exact_codes(bits):
     assert torch.allclose(q(), q.eval()(), atol=1e-6)  # the STE forward is the same grid
 
 
-def test_uniform_rounds_target_and_respects_overrides(tiny):
-    method = get_method("uniform")(UniformConfig(target_bits=2.6), LayerSelection(fix_bits={"fc": 5}))
+def test_uniform_takes_whole_bits_and_respects_overrides(tiny):
+    method = get_method("uniform")(UniformConfig(target_bits=3), LayerSelection(fix_bits={"fc": 5}))
     method.prepare(tiny)
     assert method.layer_bits() == {"conv": 3, "fc": 5}
+    with pytest.raises(MpqError, match="whole number, got 2.6"):  # one width cannot average 2.6 bits
+        UniformConfig(target_bits=2.6)
 
 
 def test_scheme_statistics_are_parameter_weighted(tiny):

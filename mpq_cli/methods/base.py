@@ -18,6 +18,9 @@ quantized model whose codes the run saves.
 from __future__ import annotations
 
 import enum
+import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -64,32 +67,89 @@ class MethodConfig:
 
     Args:
         target_bits: average bits per weight to reach as the method counts them, weighted by parameters
-            (``None`` where a method has an open-loop mode, e.g. BSQ with a fixed alpha).
+            (``None`` where a method has an open-loop mode, e.g. BSQ with a fixed alpha). Must be > 0:
+            a model whose every weight is zero is no model.
         act_bits: quantize each quantized layer's input to this many bits (PACT); ``None`` = FP.
         first_act_bits: bits of the first quantized layer's input (the papers use 8).
+        allow_zero_bits: *ours*: a layer may end with every code zero (0 bits, the layer outputs its
+            bias alone). Off by default: the budget steps never offer 0 bits and a search that ends
+            with such a layer is refused as collapsed (``--fix-bits NAME=0`` asks for it per layer).
     """
 
     version: int = 1
     target_bits: float | None = 3.0
     act_bits: int | None = None
     first_act_bits: int = 8
+    allow_zero_bits: bool = False
 
     def __post_init__(self) -> None:
-        if self.target_bits is not None and not 0 <= self.target_bits <= 16:
-            raise MpqError(f"--target-bits must be in [0, 16], got {self.target_bits}")
+        _check_field_types(self)
+        if self.target_bits is not None and not 0 < self.target_bits <= 16:
+            raise MpqError(f"--target-bits must be in (0, 16], got {self.target_bits}")
         if self.act_bits is not None and not 1 <= self.act_bits <= 16:
             raise MpqError(f"--act-bits must be in 1..16, got {self.act_bits}")
+        if not 1 <= self.first_act_bits <= 16:
+            raise MpqError(f"first_act_bits must be in 1..16, got {self.first_act_bits}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
+        if not isinstance(d, dict):
+            raise MpqError(f"{cls.__name__}: expected an object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise MpqError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_field_types(config) -> None:
+    """Every scalar field holds a value of its declared type (``int``, ``float``, ``bool``, ``str``,
+    optionally ``None``): a value from the command line or a JSON file is checked here, so that
+    ``--reg-strength abc`` or ``--max-bits 2.5`` is a one-line error before anything runs. A float
+    field takes an integer (converted); an integer field takes a float only if it is integral.
+    Container fields (lists, dicts) are left to the method's own parsing."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        declared = hints[f.name]
+        allowed = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
+        value = getattr(config, f.name)
+        if value is None:
+            if type(None) not in allowed:
+                raise MpqError(f"{_option(f.name)} needs a value")
+            continue
+        scalars = [t for t in allowed if t in (int, float, bool, str)]
+        if len(scalars) != len([t for t in allowed if t is not type(None)]):
+            continue  # a container field
+        coerced = _coerce(value, scalars)
+        if coerced is None:
+            kinds = " or ".join({int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}[t]
+                                for t in scalars)
+            raise MpqError(f"{_option(f.name)} must be {kinds}, got {value!r}")
+        setattr(config, f.name, coerced)
+
+
+def _coerce(value, kinds: list[type]):
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if kind is int and isinstance(value, int):
+            return value
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind is float and isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    return None
 
 
 class WeightQuantizer(nn.Module, ABC):
@@ -218,6 +278,12 @@ class Method(ABC):
 
     def start_finetune(self) -> None:
         raise MpqError(f"method {self.name} has no fine-tuning phase")
+
+    def _never_zero(self, names: list[str]) -> list[str]:
+        """Layers a budget step may not put at 0 bits: every layer unless ``allow_zero_bits``, and
+        then still the output layer (at 0 bits the logits are its bias alone, which a probe of
+        a half-trained model can measure as an improvement)."""
+        return names[-1:] if self.config.allow_zero_bits else list(names)
 
     def report_notes(self) -> list[str]:
         """Markdown sections the method adds to report.md (e.g. how its scheme evolved)."""

@@ -406,7 +406,7 @@ class BSQ(Method):
                           canonicalize_codes(relaxed_codes(q, b)[0])[2] == b]
                       for n, q in zip(names, quantizers, strict=True) if not bool(q.fixed)}
         return budget_step(names, [self.layers[n].params for n in names], [q.bits for q in quantizers], candidates,
-                           apply, loss_probe, target, tol, never_zero=names[-1:])
+                           apply, loss_probe, target, tol, never_zero=self._never_zero(names))
 
     # -- end of search, fine-tuning ------------------------------------------------------------------
     def finalize(self, loss_probe) -> dict:

@@ -437,7 +437,7 @@ class CSQ(Method):
         quantizers = [self.layers[n].weight_quantizer for n in names]
         candidates = {n: range(q.n_bits + 1) for n, q in self.searchable().items()}
         return budget_step(names, [self.layers[n].params for n in names], [q.nominal_bits() for q in quantizers],
-                           candidates, apply, loss_probe, target, tol, never_zero=names[-1:])
+                           candidates, apply, loss_probe, target, tol, never_zero=self._never_zero(names))
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:

@@ -29,8 +29,9 @@ class UniformConfig(MethodConfig):
         super().__post_init__()
         if self.target_bits is None:
             raise MpqError("this method needs --target-bits")
-        if round(self.target_bits) > 16:
-            raise MpqError("uniform bits must be <= 16")
+        if not float(self.target_bits).is_integer():
+            raise MpqError(f"uniform puts every layer at one width: --target-bits must be a whole number, got "
+                           f"{self.target_bits:g} (a mixed-precision method reaches fractional averages)")
 
 
 class UniformWeight(WeightQuantizer):

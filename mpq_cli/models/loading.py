@@ -35,6 +35,11 @@ class ModelSpec:
     in_channels: int = 3
     input_size: tuple[int, int] = (32, 32)
 
+    def __post_init__(self) -> None:
+        problem = _spec_problem(self)
+        if problem:
+            raise MpqError(f"model spec: {problem}")
+
     @property
     def kind(self) -> str:
         if self.name in BUILTIN:
@@ -47,10 +52,60 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
+    def from_dict(cls, d: dict, source: str | None = None) -> ModelSpec:
+        """The spec a run or file recorded; ``source`` names it in the error for a malformed record."""
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict) or set(d) - {"name", "weights", "num_classes", "in_channels", "input_size"} \
+                or "name" not in d or not isinstance(d.get("input_size", ()), list | tuple):
+            raise MpqError(f"{where}malformed model record {str(d)[:200]}")
         d = dict(d)
-        d["input_size"] = tuple(d["input_size"])
-        return cls(**d)
+        if "input_size" in d:
+            d["input_size"] = tuple(d["input_size"])
+        try:
+            return cls(**d)
+        except MpqError as exc:
+            raise MpqError(f"{where}{exc}") from None
+
+
+# Bounds on a model spec: generous for vision models, and they keep a hostile record from
+# asking for a model or an input batch that cannot fit in memory.
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 64
+MAX_SIDE = 4096
+
+
+def _spec_problem(spec: ModelSpec) -> str | None:
+    def small_int(v, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+    if not isinstance(spec.name, str) or not spec.name or len(spec.name) > 1000:
+        return f"name must be a non-empty string, got {spec.name!r}"
+    if spec.weights is not None and not isinstance(spec.weights, str):
+        return f"weights must be a string or null, got {spec.weights!r}"
+    if not small_int(spec.num_classes, MAX_CLASSES):
+        return f"num_classes must be an integer in 1..{MAX_CLASSES}, got {spec.num_classes!r}"
+    if not small_int(spec.in_channels, MAX_CHANNELS):
+        return f"in_channels must be an integer in 1..{MAX_CHANNELS}, got {spec.in_channels!r}"
+    size = spec.input_size
+    if not (isinstance(size, tuple) and len(size) == 2 and all(small_int(v, MAX_SIDE) for v in size)):
+        return f"input_size must be two integers in 1..{MAX_SIDE}, got {size!r}"
+    return None
+
+
+def recorded_model(spec_dict, source: str, model: str | None) -> ModelSpec:
+    """The model spec a run directory or packed file records, its user factory replaced by
+    ``model``: mpq never imports code because a file names it, only code its caller names.
+
+    Raises:
+        MpqError: the record is malformed, or names a user factory and ``model`` is not given.
+    """
+    spec = ModelSpec.from_dict(spec_dict, source=source)
+    if model is not None:
+        return ModelSpec(model, None, spec.num_classes, spec.in_channels, spec.input_size)
+    if spec.kind == "user":
+        raise MpqError(f"{source} was made with the user model {spec.name}; mpq does not run code that a file "
+                       f"names: pass --model {spec.name} (Python: model=...) if you trust it")
+    return ModelSpec(spec.name, None, spec.num_classes, spec.in_channels, spec.input_size)
 
 
 def torchvision_models() -> list[str]:
@@ -131,10 +186,17 @@ def _build_user(spec: ModelSpec) -> nn.Module:
     if not callable(factory):
         raise MpqError(f"{target} has no callable {fn_name!r}")
     offered = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "input_size": tuple(spec.input_size)}
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature (e.g. os:system) is no model factory
+        raise MpqError(f"{spec.name} is not a model factory (no Python signature)") from None
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_kwargs or k in params}
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code can fail in any way; report it on one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise MpqError(f"model factory {spec.name} failed: {exc.__class__.__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise MpqError(f"{spec.name} returned {type(model).__name__}, not an nn.Module")
     return model

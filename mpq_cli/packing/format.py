@@ -8,13 +8,21 @@ weights are stored as ``LAYER.weight.SUFFIX`` tensors of their encoding
 under its own state-dict name; activation clips as ``LAYER.input_quant.alpha`` (ALQ's
 activation levels as ``LAYER.input_quant.gamma`` and ``LAYER.input_quant.x_ref``).
 
-Reading never unpickles anything: the safetensors header is parsed and checked here
-before any tensor is read, and every failure becomes one :class:`MpqError` that names
-the file, the tensor and the problem.
+Reading never unpickles anything and never imports code: the safetensors header is
+parsed and checked here before any tensor is read, the model is rebuilt only from
+built-in and torchvision architectures (a user factory only when the caller passes it),
+and every failure becomes one :class:`MpqError` that names the file, the tensor and the
+problem.
+
+Integrity (format 1.1): the ``mpq`` header lists a SHA-256 digest of every tensor's bytes,
+and the metadata key ``mpq.sha256`` holds the digest of the ``mpq`` header string itself.
+Opening a file checks the header digest; every tensor read is checked against its digest.
+Files of format 1 (no digests) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,15 +34,16 @@ import torch
 from torch import nn
 
 from ..errors import MpqError
+from ..models import build_model
+from ..models.loading import recorded_model
 from .bitpack import packed_nbytes
 from .encodings import CODE_BITS, TENSORS, EncodedWeight, decode_weight
 
-FORMAT = "mpq.packed/1"
+FORMAT = "mpq.packed/1.1"
+READABLE_FORMATS = ("mpq.packed/1", FORMAT)  # 1.1 adds the digests; 1 files carry none
 METADATA_KEY = "mpq"
+DIGEST_KEY = "mpq.sha256"  # metadata key: SHA-256 of the `mpq` header string's UTF-8 bytes
 _MAX_HEADER = 100 << 20
-_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-           "BOOL": torch.bool}
 _ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
@@ -90,10 +99,10 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, Tensor
     except OSError as exc:
         raise MpqError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         if not isinstance(header, dict):
             raise ValueError
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise MpqError(f"{path}: not a safetensors file (its header is not JSON)") from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -107,6 +116,8 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, Tensor
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise MpqError(f"{path}: tensor {name!r} has a malformed safetensors entry") from None
+        if not isinstance(name, str) or not name or len(name) > 1000:
+            raise MpqError(f"{path}: a tensor has a malformed name")
         nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_bytes):
             raise MpqError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
@@ -135,14 +146,43 @@ class PackedFile:
             raise MpqError(f"{path} is a safetensors file but not an mpq packed file (no 'mpq' header); "
                            "`mpq export RUN` writes one")
         try:
-            header = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError:
+            header = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
             raise MpqError(f"{path}: the 'mpq' header is not valid JSON") from None
         if not isinstance(header, dict):
             raise MpqError(f"{path}: the 'mpq' header must be a JSON object")
         packed = cls(path, header, tensors, size)
+        packed._check_header_digest(metadata)
         packed.validate()
         return packed
+
+    # -- integrity ------------------------------------------------------------------------------
+    @property
+    def has_digests(self) -> bool:
+        return self.header.get("format") != "mpq.packed/1"
+
+    def _check_header_digest(self, metadata: dict[str, str]) -> None:
+        if not self.has_digests:
+            return
+        expected = metadata.get(DIGEST_KEY)
+        if expected is None:
+            self._fail(f"format {self.header.get('format')!r} needs the {DIGEST_KEY!r} metadata digest; it is missing")
+        if _sha256(metadata[METADATA_KEY].encode("utf-8")) != expected:
+            self._fail("the 'mpq' header does not match its SHA-256 digest: the file is corrupt or was edited")
+        digests = self.header.get("digests")
+        if not (isinstance(digests, dict) and digests.get("algorithm") == "sha256"
+                and isinstance(digests.get("tensors"), dict)):
+            self._fail("header 'digests' must be {'algorithm': 'sha256', 'tensors': {name: hex}}")
+        listed = digests["tensors"]
+        if set(listed) != set(self.tensors):
+            odd = sorted(set(listed) ^ set(self.tensors))
+            self._fail(f"the header's digests and the file's tensors differ (e.g. {odd[0]!r})")
+
+    def _verify(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.has_digests:
+            return
+        if _tensor_sha256(tensor) != self.header["digests"]["tensors"][name]:
+            self._fail(f"tensor {name} does not match its SHA-256 digest: the file is corrupt")
 
     # -- validation of the header against the tensor index (no tensor data read) ---------------
     def _fail(self, message: str) -> None:
@@ -150,8 +190,8 @@ class PackedFile:
 
     def validate(self) -> None:
         version = self.header.get("format")
-        if version != FORMAT:
-            self._fail(f"unsupported format {version!r}; this mpq reads {FORMAT}")
+        if version not in READABLE_FORMATS:
+            self._fail(f"unsupported format {str(version)[:40]!r}; this mpq reads {', '.join(READABLE_FORMATS)}")
         for key in ("model", "layers"):
             if key not in self.header:
                 self._fail(f"header has no {key!r}")
@@ -261,15 +301,15 @@ class PackedFile:
 
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return {n: f.get_tensor(n) for n in names}
+                out = {n: f.get_tensor(n) for n in names}
         except Exception as exc:  # the library's own checks (e.g. a file changed since it was opened)
-            raise MpqError(f"{self.path}: cannot read tensors ({exc.__class__.__name__}: {exc})") from None
-
-    def layer_tensor_bytes(self, entry: dict) -> int:
-        """Bytes this layer's weight occupies in the file (packed bits, scales, tables)."""
-        if entry["encoding"] == "float32":
-            return self.tensors[f"{entry['name']}.weight"].nbytes
-        return sum(self.tensors[weight_tensor_name(entry["name"], s)].nbytes for s in TENSORS[entry["encoding"]])
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise MpqError(f"{self.path}: cannot read tensors ({exc.__class__.__name__}: {first})") from None
+        for name, tensor in out.items():
+            self._verify(name, tensor)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                self._fail(f"tensor {name} holds NaN or infinite values")
+        return out
 
     def decode_layer(self, name: str) -> torch.Tensor:
         """The float32 weight of layer ``name``, exactly as the quantized model evaluated it."""
@@ -290,18 +330,43 @@ def decode_layer(path: str | Path, name: str) -> torch.Tensor:
     return PackedFile.open(path).decode_layer(name)
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes as safetensors stores them (little-endian, row-major)."""
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return _sha256(raw.numpy().data)
+
+
+def packed_metadata(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata of a packed file: the ``mpq`` header with every tensor's digest,
+    and the header's own digest."""
+    from ..rundir import dumps
+
+    full = {"format": FORMAT, **header,
+            "digests": {"algorithm": "sha256", "tensors": {n: _tensor_sha256(t) for n, t in sorted(tensors.items())}}}
+    text = dumps(full, separators=(",", ":"))
+    return {METADATA_KEY: text, DIGEST_KEY: _sha256(text.encode("utf-8"))}
+
+
 def write_packed(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Write the file atomically (a temporary file renamed into place)."""
     from ..rundir import save_safetensors
 
-    save_safetensors(path, tensors, {METADATA_KEY: json.dumps({"format": FORMAT, **header}, separators=(",", ":"))})
+    save_safetensors(path, tensors, packed_metadata(header, tensors))
 
 
 def serialized_size(header: dict, tensors: dict[str, torch.Tensor]) -> int:
     """Bytes the file would take, measured by serialising it in memory."""
     from safetensors.torch import save
 
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format": FORMAT, **header}, separators=(",", ":"))}
+    metadata = {"format": "pt", **packed_metadata(header, tensors)}
     return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
@@ -333,21 +398,24 @@ def _attach_input_quantizer(layer: nn.Module, act_entry: dict) -> None:
     layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
 
 
-def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: str | None = None) -> nn.Module:
     """Build the model a packed file describes, with its decoded weights, in eval mode.
 
-    No pickle is involved: the architecture comes from the header's model spec
-    (built-in, torchvision, or the user factory it names), every tensor from safetensors.
-    Layers that quantized their input get a PACT module ``LAYER.input_quant`` run by a
-    forward pre-hook.
-    """
-    from ..models import ModelSpec, build_model
+    No pickle is involved and no code the file names is run: the architecture comes from
+    the header's model spec when it names a built-in or torchvision model; a file made
+    with a user factory needs ``model`` (``package.module:fn`` or ``file.py:fn``), which
+    the caller names and so trusts. Every tensor comes from safetensors, checked against
+    its digest. Layers that quantized their input get a PACT module ``LAYER.input_quant``
+    run by a forward pre-hook.
 
+    Args:
+        path: the packed file.
+        device: where the model goes.
+        model: the user factory to build the architecture with (never read from the file).
+    """
     packed = PackedFile.open(path)
-    try:
-        spec = ModelSpec.from_dict({**packed.header["model"], "weights": None})
-    except (TypeError, KeyError):
-        raise MpqError(f"{packed.path}: malformed model spec in the header") from None
+    spec = recorded_model(packed.header["model"], str(packed.path), model)
+    _check_architecture(packed, spec)
     model = build_model(spec)
     state: dict[str, torch.Tensor] = {}
     weight_names = set()
@@ -383,3 +451,21 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
             raise MpqError(f"{packed.path}: tensor {key} is {value.dtype}, the model expects {expected[key].dtype}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _check_architecture(packed: PackedFile, spec) -> None:
+    """Build the architecture on the meta device (no memory) and check that every one of its
+    Conv2d/Linear layers is in the header with the same shape, before the real model is
+    allocated: a file cannot make the reader allocate more than the file describes."""
+    if spec.kind == "user":
+        return  # the caller's own code: built as they asked
+    with torch.device("meta"):
+        skeleton = build_model(spec)
+    shapes = {e["name"]: e["shape"] for e in packed.layers}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            if name not in shapes:
+                raise MpqError(f"{packed.path}: layer {name} of model {spec.name} is not in the header")
+            if list(module.weight.shape) != shapes[name]:
+                raise MpqError(f"{packed.path}: layer {name} has shape {shapes[name]}, model {spec.name} expects "
+                               f"{list(module.weight.shape)}")
