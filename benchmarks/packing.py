@@ -10,6 +10,9 @@ Run from the repository root after `bash scripts/setup.sh`:
 2. A resnet50 run (uniform baseline at 4 bits, 1 training batch on synthetic 3x32x32
    data: the weights are what matters) is exported with ``mpq_cli.export``; the time of
    the export call alone and of the whole ``mpq export`` command (Python start-up included).
+3. ``load_packed`` of that file: best of ``--repeat``, the share the SHA-256 checks take
+   (the same loads with the checks switched off, in the same process), and a whole new
+   Python process that loads it.
 """
 
 from __future__ import annotations
@@ -75,14 +78,39 @@ def export_time(work: Path, repeat: int) -> tuple[list[str], list[str]]:
                    check=True, capture_output=True)
     t_cli = time.perf_counter() - started
     commands = [c.replace(f"{ROOT}/", "") for c in ("mpq " + " ".join(command[:-2]), f"mpq export {run} -o {out}")]
+    t_load, t_load_unverified = load_time(out, repeat)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import mpq_cli; mpq_cli.load_packed({str(out)!r})"], cwd=ROOT, check=True,
+                   capture_output=True)
+    t_load_cli = time.perf_counter() - started
     rows = ["| quantity | value |", "|---|---|",
             f"| quantized weights | {report['quantized_params']:,} |",
             f"| average nominal / stored bits | {report['avg_bits']:.3f} / {report['avg_stored_bits']:.3f} |",
             f"| file bytes | {report['file_bytes']:,} |",
             f"| FP32 equivalent bytes | {report['fp32_bytes']:,} ({report['compression']:.2f}x) |",
             f"| `mpq_cli.export` call, best of {repeat} (s) | {t_api:.2f} |",
-            f"| `mpq export` command, Python start-up included (s) | {t_cli:.2f} |"]
+            f"| `mpq export` command, Python start-up included (s) | {t_cli:.2f} |",
+            f"| `load_packed` call, best of {repeat} (s) | {t_load:.2f} |",
+            f"| of which SHA-256 checks of the header and every tensor (s) | {t_load - t_load_unverified:.2f} "
+            f"({100 * (t_load - t_load_unverified) / t_load:.1f} % of the load) |",
+            f"| `load_packed` in a new Python process, start-up included (s) | {t_load_cli:.2f} |"]
     return commands, rows
+
+
+def load_time(path: Path, repeat: int) -> tuple[float, float]:
+    """``load_packed`` time with the digest checks, and with them switched off (measured in one run)."""
+    import mpq_cli
+    from mpq_cli.packing import format as fmt
+
+    verified = best_time(mpq_cli.load_packed, repeat, path)
+    check_header, verify = fmt.PackedFile._check_header_digest, fmt.PackedFile._verify
+    fmt.PackedFile._check_header_digest = lambda self, metadata: None
+    fmt.PackedFile._verify = lambda self, name, tensor: None
+    try:
+        unverified = best_time(mpq_cli.load_packed, repeat, path)
+    finally:
+        fmt.PackedFile._check_header_digest, fmt.PackedFile._verify = check_header, verify
+    return verified, unverified
 
 
 def main() -> None:

@@ -492,6 +492,22 @@ def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, dev
             "top1_at_export": (header.get("source") or {}).get("top1"), "out": str(path)}
 
 
+def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> list[dict]:
+    """The Conv2d/Linear layers of a model (the names ``--keep-fp`` and ``--fix-bits`` match), in module order.
+
+    Built-in and torchvision models are built on the meta device: no memory, no weights.
+    """
+    c, h, w = input_size or _default_input(name)
+    spec = ModelSpec(name, None, num_classes, c, (h, w))
+    if spec.kind == "user":
+        model = build_model(spec)
+    else:
+        with torch.device("meta"):
+            model = build_model(spec)
+    return [{"name": n, "kind": "conv2d" if isinstance(m, nn.Conv2d) else "linear", "shape": list(m.weight.shape),
+             "params": m.weight.numel()} for n, m in quantizable_layers(model).items()]
+
+
 # The data settings a packed file's eval record may set (the data folder is the reader's own).
 _REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "limit_train_batches", "limit_val_batches", "augment")
 

@@ -362,7 +362,7 @@ def export(
                                             "FILE.report.json and FILE.report.md go beside it.")] = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False,
 ):
-    """Write bit-packed safetensors (format mpq.packed/1, docs/format.md) and a per-layer precision report.
+    """Write bit-packed safetensors (format mpq.packed/1.1, docs/format.md) and a per-layer precision report.
 
     Every layer is checked to decode to the run's exact weights before the file is written.
     """

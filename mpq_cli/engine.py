@@ -387,11 +387,12 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
 
 
 def _check_divergence(loss: float, reference: float | None, epoch: int, what: str = "") -> None:
-    """Stop a run whose loss is not finite or has grown past ``DIVERGENCE_FACTOR`` times its reference."""
-    if not math.isfinite(loss):
-        raise MpqError(f"training diverged at epoch {epoch + 1} ({what}loss is {loss}); the run directory keeps the "
-                       "last finished epoch: lower --lr and start again, or --resume")
-    if reference is not None and loss > DIVERGENCE_FACTOR * reference:
-        raise MpqError(f"training diverged at epoch {epoch + 1} ({what}loss {loss:.4g} is more than "
-                       f"{DIVERGENCE_FACTOR:g}x its start, {reference:.4g}); the run directory keeps the last finished "
-                       "epoch: lower --lr and start again, or --resume")
+    """Stop a run whose loss is not finite or has grown past ``DIVERGENCE_FACTOR`` times its reference.
+
+    The checkpoint of the last finished epoch (if any) stays as it was, for ``--resume``."""
+    if math.isfinite(loss) and (reference is None or loss <= DIVERGENCE_FACTOR * reference):
+        return
+    why = f"{what}loss is {loss}" if not math.isfinite(loss) else \
+        f"{what}loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its start, {reference:.4g}"
+    kept = f"; checkpoint.pt keeps epoch {epoch}" if epoch > 0 else ""
+    raise MpqError(f"training diverged in epoch {epoch + 1} ({why}){kept}: lower --lr and start a new run")

@@ -67,6 +67,9 @@ def _atomic(path: Path, write) -> None:
         write(str(tmp))
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:  # name the file the user asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -132,10 +135,12 @@ def read_search_config(run_dir: Path) -> dict:
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # serialised in memory and written by Python, so that a full or read-only disk is an OSError with its errno
+    data = save(tensors, metadata={"format": "pt", **(metadata or {})})
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -123,7 +123,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.kind == "builtin":
         if spec.weights not in (None, "none"):
             raise MpqError(f"built-in model {spec.name} has no pretrained weights; use --checkpoint")
-        return BUILTIN[spec.name](spec.num_classes, spec.in_channels, tuple(spec.input_size))
+        try:
+            return BUILTIN[spec.name](spec.num_classes, spec.in_channels, tuple(spec.input_size))
+        except RuntimeError as exc:  # e.g. an input too small for the model's kernels and strides
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise MpqError(f"model {spec.name} cannot take inputs of shape "
+                           f"{[spec.in_channels, *spec.input_size]}: {first}") from None
     if spec.kind == "user":
         return _build_user(spec)
     return _build_torchvision(spec)

@@ -1,4 +1,4 @@
-"""The packed file ``mpq.packed/1``: write, read, validate, decode, load (``docs/format.md``).
+"""The packed file ``mpq.packed/1.1``: write, read, validate, decode, load (``docs/format.md``).
 
 A packed file is a safetensors file. Its ``__metadata__`` holds ``"format": "pt"`` and
 ``"mpq"``: a JSON header with the format version, the model spec, the data it was
@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -135,6 +135,7 @@ class PackedFile:
     header: dict
     tensors: dict[str, TensorInfo]
     file_bytes: int
+    _cache: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> PackedFile:
@@ -223,8 +224,8 @@ class PackedFile:
                                f"(F32 {shape})")
                 claimed.add(f"{name}.weight")
                 continue
-            if encoding not in TENSORS:
-                self._fail(f"layer {name!r}: unknown encoding {encoding!r}")
+            if not isinstance(encoding, str) or encoding not in TENSORS:
+                self._fail(f"layer {name!r}: unknown encoding {str(encoding)[:40]!r}")
             # ALQ counts bases per weight averaged over a layer: a fraction
             allowed = (int, float) if encoding in ("basis", "zero") else int
             if not (isinstance(bits, allowed) and not isinstance(bits, bool) and 0 <= bits <= 16):
@@ -296,9 +297,16 @@ class PackedFile:
                 return entry
         raise MpqError(f"{self.path}: no layer {name!r} (layers: {', '.join(e['name'] for e in self.layers[:5])}, ...)")
 
+    def read_all(self) -> None:
+        """Read and verify every tensor once; later reads come from memory (``load_packed`` needs them all,
+        and a corrupt file is then refused before any model is built)."""
+        self._cache = self.read_tensors(list(self.tensors))
+
     def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
+        if self._cache is not None:
+            return {n: self._cache[n] for n in names}
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 out = {n: f.get_tensor(n) for n in names}
@@ -415,8 +423,8 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: 
     """
     packed = PackedFile.open(path)
     spec = recorded_model(packed.header["model"], str(packed.path), model)
-    _check_architecture(packed, spec)
-    model = build_model(spec)
+    packed.read_all()
+    model = _build_checked(packed, spec)
     state: dict[str, torch.Tensor] = {}
     weight_names = set()
     for entry in packed.layers:
@@ -453,12 +461,16 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: 
     return model.to(device).eval()
 
 
-def _check_architecture(packed: PackedFile, spec) -> None:
-    """Build the architecture on the meta device (no memory) and check that every one of its
-    Conv2d/Linear layers is in the header with the same shape, before the real model is
-    allocated: a file cannot make the reader allocate more than the file describes."""
+def _build_checked(packed: PackedFile, spec) -> nn.Module:
+    """The model of ``spec``, built on the meta device first (no memory) and checked against the
+    header: every Conv2d/Linear layer must be there with the same shape before anything is
+    allocated, so a file cannot make the reader allocate more than the file describes. The
+    checked skeleton then gets uninitialised storage (every tensor is loaded from the file
+    next, so initialising them would be wasted work); a model with non-persistent buffers,
+    which the file does not hold, is built for real instead. A user factory is the caller's
+    own code and is built as they asked."""
     if spec.kind == "user":
-        return  # the caller's own code: built as they asked
+        return build_model(spec)
     with torch.device("meta"):
         skeleton = build_model(spec)
     shapes = {e["name"]: e["shape"] for e in packed.layers}
@@ -469,3 +481,7 @@ def _check_architecture(packed: PackedFile, spec) -> None:
             if list(module.weight.shape) != shapes[name]:
                 raise MpqError(f"{packed.path}: layer {name} has shape {shapes[name]}, model {spec.name} expects "
                                f"{list(module.weight.shape)}")
+    persistent = set(skeleton.state_dict())
+    if any(name not in persistent for name, _ in skeleton.named_buffers()):
+        return build_model(spec)
+    return skeleton.to_empty(device="cpu")
