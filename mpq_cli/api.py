@@ -431,7 +431,7 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
 
 
 def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str | None = None,
-                 reporter: Reporter | None = None, model: str | None = None) -> dict:
+                 reporter: Reporter | None = None, model: str | None = None, verify: bool = True) -> dict:
     """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model.
 
     ``model`` names the user factory of a file or run made with one (never taken from the file).
@@ -439,7 +439,7 @@ def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str
     overrides = {"device": device} if device else {}
     run_path = Path(target)
     if run_path.is_file():
-        return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model)
+        return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model, verify=verify)
     config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
     if config is None:
         raise MpqError(f"{target} not found" if not run_path.exists() else
@@ -460,14 +460,14 @@ def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str
 
 
 def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, device: str | None = None,
-                    reporter: Reporter | None = None, model: str | None = None) -> dict:
+                    reporter: Reporter | None = None, model: str | None = None, verify: bool = True) -> dict:
     """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default.
 
     ``model`` names the user factory of a file made with one (never taken from the file).
     """
     packed = PackedFile.open(path)
     spec = recorded_model(packed.header["model"], str(path), model)
-    net = load_packed(path, model=model)
+    net = load_packed(path, model=model, verify=verify)
     header = packed.header
     recorded = header.get("eval") if isinstance(header.get("eval"), dict) else {}
     recorded_data = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}

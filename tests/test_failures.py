@@ -437,3 +437,38 @@ def test_models_lists_a_models_layers():
     rows = run_json("models", "--layers", "lenet5", "--input-size", "1,28,28")
     assert [r["name"] for r in rows] == ["features.0", "features.3", "classifier.1", "classifier.3"]
     assert rows[2]["params"] == 400_000
+
+
+def test_a_search_that_misses_its_budget_is_written_and_fails(fp_run, tmp_path):
+    run = tmp_path / "csq"
+    result = invoke("search", "--method", "csq", "--target-bits", "2", "--fix-bits", "classifier.1=8", "--model",
+                    "lenet5", "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", run,
+                    "--json")
+    assert result.exit_code == 2
+    assert "outside the budget" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    summary = _strict(result.stdout)
+    assert summary["budget_met"] is False and summary["avg_bits"] > 2
+    assert (run / "summary.json").is_file()  # the finished run is kept for inspection
+
+
+def test_no_verify_skips_the_tensor_digests_only(exported_csq, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(exported_csq), "pt") as f:
+        header_len = int.from_bytes(exported_csq.read_bytes()[:8], "little")
+        bias = f.get_tensor("classifier.3.bias")
+    data = bytearray(exported_csq.read_bytes())
+    start = 8 + header_len + json.loads(data[8:8 + header_len])["classifier.3.bias"]["data_offsets"][0]
+    data[start + 3] ^= 0x01  # the low mantissa bits of one bias value: still finite
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(MpqError, match="SHA-256"):
+        mpq_cli.load_packed(bad)
+    changed = mpq_cli.load_packed(bad, verify=False).state_dict()["classifier.3.bias"]
+    assert not torch.equal(changed, bias)  # what the digests exist to catch
+    assert invoke("eval", bad, "--no-verify", "--json").exit_code == 0
+    header = bytearray(exported_csq.read_bytes())
+    header[header.index(b'producer') + 2] ^= 0x01  # inside the mpq header: refused even without tensor checks
+    bad.write_bytes(bytes(header))
+    with pytest.raises(MpqError):
+        mpq_cli.load_packed(bad, verify=False)

@@ -135,10 +135,11 @@ class PackedFile:
     header: dict
     tensors: dict[str, TensorInfo]
     file_bytes: int
+    verify: bool = True  # check each tensor read against its digest (the header's digest is always checked)
     _cache: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> PackedFile:
+    def open(cls, path: str | Path, *, verify: bool = True) -> PackedFile:
         path = Path(path)
         if not path.is_file():
             raise MpqError(f"{path} not found" if not path.exists() else f"{path} is not a file")
@@ -152,7 +153,7 @@ class PackedFile:
             raise MpqError(f"{path}: the 'mpq' header is not valid JSON") from None
         if not isinstance(header, dict):
             raise MpqError(f"{path}: the 'mpq' header must be a JSON object")
-        packed = cls(path, header, tensors, size)
+        packed = cls(path, header, tensors, size, verify)
         packed._check_header_digest(metadata)
         packed.validate()
         return packed
@@ -178,12 +179,6 @@ class PackedFile:
         if set(listed) != set(self.tensors):
             odd = sorted(set(listed) ^ set(self.tensors))
             self._fail(f"the header's digests and the file's tensors differ (e.g. {odd[0]!r})")
-
-    def _verify(self, name: str, tensor: torch.Tensor) -> None:
-        if not self.has_digests:
-            return
-        if _tensor_sha256(tensor) != self.header["digests"]["tensors"][name]:
-            self._fail(f"tensor {name} does not match its SHA-256 digest: the file is corrupt")
 
     # -- validation of the header against the tensor index (no tensor data read) ---------------
     def _fail(self, message: str) -> None:
@@ -313,11 +308,18 @@ class PackedFile:
         except Exception as exc:  # the library's own checks (e.g. a file changed since it was opened)
             first = (str(exc).strip().splitlines() or [""])[0]
             raise MpqError(f"{self.path}: cannot read tensors ({exc.__class__.__name__}: {first})") from None
+        self._verify_all(out)
         for name, tensor in out.items():
-            self._verify(name, tensor)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 self._fail(f"tensor {name} holds NaN or infinite values")
         return out
+
+    def _verify_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not (self.has_digests and self.verify):
+            return
+        for name, tensor in tensors.items():
+            if _tensor_sha256(tensor) != self.header["digests"]["tensors"][name]:
+                self._fail(f"tensor {name} does not match its SHA-256 digest: the file is corrupt")
 
     def decode_layer(self, name: str) -> torch.Tensor:
         """The float32 weight of layer ``name``, exactly as the quantized model evaluated it."""
@@ -406,7 +408,8 @@ def _attach_input_quantizer(layer: nn.Module, act_entry: dict) -> None:
     layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
 
 
-def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: str | None = None) -> nn.Module:
+def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: str | None = None,
+                verify: bool = True) -> nn.Module:
     """Build the model a packed file describes, with its decoded weights, in eval mode.
 
     No pickle is involved and no code the file names is run: the architecture comes from
@@ -420,8 +423,10 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: 
         path: the packed file.
         device: where the model goes.
         model: the user factory to build the architecture with (never read from the file).
+        verify: check every tensor against its SHA-256 digest (about a tenth of the load time of a
+            resnet50-sized file, ``benchmarks/packing.py``); the header's digest is checked regardless.
     """
-    packed = PackedFile.open(path)
+    packed = PackedFile.open(path, verify=verify)
     spec = recorded_model(packed.header["model"], str(packed.path), model)
     packed.read_all()
     model = _build_checked(packed, spec)
