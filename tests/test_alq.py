@@ -265,3 +265,54 @@ def test_methods_lists_alq_with_its_fields():
     listing = run_json("methods")
     assert listing["alq"]["fields"]["max_bits"] is None and listing["alq"]["fields"]["target_bits"] == 1.0
     assert listing["alq"]["summary"].startswith("ALQ")
+
+
+# -- the coordinate step is AMSGrad, flips included (issue 13) ---------------------------------------------
+@pytest.mark.parametrize("pull", ["keep-signs", "flip-signs"])
+def test_coordinate_step_equals_torch_amsgrad_on_the_unflipped_coordinates(pull):
+    """ALQ keeps coordinates >= 0 by flipping a basis' signs when its coordinate goes negative. The
+    loss is the same function of ``B0 alpha`` for the original bases ``B0``, so the trajectory must
+    equal torch's AMSGrad on unconstrained ``alpha``: with the first moment negated at a flip, it does."""
+    from mpq_cli.methods.alq import ALQWeight
+    from mpq_cli.quant import alq as alq_ops
+    from mpq_cli.quant.basis import from_groups
+
+    torch.manual_seed(0)
+    groups, size, lr, decay, steps = 4, 16, 0.05, 1e-3, 300
+    q = ALQWeight(torch.randn(groups, size), (0, 1), groups, max_bits=3, sigma=1e-12, fixed=False)
+    signs0, active = q.signs.clone(), q.active.clone()
+    basis0 = alq_ops.plus_minus(signs0) * active.unsqueeze(-1)  # (G, P, E): the original bases
+    alpha = q.coords.clone().requires_grad_(True)  # the reference: unconstrained coordinates
+    sign = -1.0 if pull == "flip-signs" else 1.0
+    target = sign * torch.einsum("gpe,gp->ge", basis0, q.coords) + 0.1 * torch.randn(groups, size)
+    reference = torch.optim.Adam([alpha], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=decay, amsgrad=True)
+    flips, worst = 0, 0.0
+    for _ in range(steps):
+        loss = ((q.train_weight() - target) ** 2).sum()
+        loss.backward()
+        before = q.signs.clone()
+        q.coordinate_step(lr, decay)
+        flips += int((q.signs != before).any(-1).sum())
+        reference.zero_grad()
+        ((torch.einsum("gpe,gp->ge", basis0, alpha) - target) ** 2).sum().backward()
+        reference.step()
+        ours = from_groups(alq_ops.rows_of(q.signs, q.coords, q.active), (groups, size), (0, 1))
+        expected = torch.einsum("gpe,gp->ge", basis0, alpha.detach())
+        worst = max(worst, float((ours - expected).abs().max()))  # step by step, not only where both converge
+    assert worst < 1e-4, worst
+    # each coordinate pulled through zero flips once (a stale first moment flips it back and forth)
+    assert (0 < flips <= q.active.sum()) if pull == "flip-signs" else flips == 0
+
+
+def test_every_scheduled_pruning_round_is_recorded_even_when_its_last_step_has_nothing_to_remove():
+    model = lenet5(10, 1, (28, 28))
+    method = ALQ(ALQConfig(target_bits=2.0, rounds=2, max_bits=4))
+    method.prepare(model)
+    method.rounds, method.plan = 2, [(0, "prune"), (0, "coord"), (1, "prune"), (1, "coord")]
+    for epoch in (0, 2):
+        method.on_epoch_start(epoch, 4, 3)
+        state = method._prune
+        state["removed"] = state["start"]  # an earlier step of the round overshot: every later quota is <= 0
+        for _ in range(3):
+            method._prune_step()
+    assert [r["round"] for r in method.history] == [1, 2]

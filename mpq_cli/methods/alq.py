@@ -219,9 +219,13 @@ class ALQWeight(WeightQuantizer):
             return
         m_hat, hessian = self._amsgrad("a", self.alpha_grad(grad, decay))
         coords = (self.coords - lr * m_hat / hessian) * self.active
+        flipped = coords < 0
         signs, coords = alq.flip_negative(self.signs, coords)
         self.signs.copy_(signs)
         self.coords.copy_(coords)
+        # a flip negates the coordinate and so its gradient: the first moment follows (the second moments
+        # are squares), so the step continues as AMSGrad on the unflipped parametrisation would
+        torch.where(flipped, -self.a_m, self.a_m, out=self.a_m)
 
     @torch.no_grad()
     def pruning_increments(self, lr: float) -> torch.Tensor | None:
@@ -490,16 +494,15 @@ class ALQ(Method):
             sizes.append(q.group_size)
             layers.append(name)
         quota = due - state["removed"]
-        if quota <= 0 or not layers:
-            return
-        masks = alq.select_pruned(increments, actives, sizes, quota, self.config.top_k)
-        for name, mask, size in zip(layers, masks, sizes, strict=True):
-            count = int(mask.sum())
-            if count:
-                prunable[name].prune(mask)
-                state["removed"] += count * size
+        if quota > 0 and layers:  # an earlier step may have removed more than its share already
+            masks = alq.select_pruned(increments, actives, sizes, quota, self.config.top_k)
+            for name, mask, size in zip(layers, masks, sizes, strict=True):
+                count = int(mask.sum())
+                if count:
+                    prunable[name].prune(mask)
+                    state["removed"] += count * size
         if state["step"] == state["steps"]:
-            self._close_round()
+            self._close_round()  # every scheduled round is recorded, whether or not its last step pruned
 
     def _close_round(self) -> None:
         state = self._prune
