@@ -9,6 +9,7 @@ hand-written heuristic. On it sit the loss-aware budget step CSQ and BSQ share
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from .errors import MpqError
 
 
 def choose_options(options: list[list[tuple[int, float]]], params: list[int], low: float, high: float) -> list[int]:
-    """Index of the chosen option per layer.
+    """Index of the chosen option per layer, the parameter-weighted average bits in ``[low, high]``.
 
     Args:
         options: per layer, ``(bits, cost)`` pairs.
@@ -30,33 +31,67 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
     Raises:
         MpqError: if no choice lands inside the window.
     """
+    total = sum(params)
+    # the window in whole bits of the model; the slack absorbs the float error of avg * total, far below 1 bit
+    return choose_options_within(options, params, math.ceil(low * total - _SLACK), math.floor(high * total + _SLACK))
+
+
+_SLACK = 1e-6
+_RESOLVES = 4
+
+
+def choose_options_within(options: list[list[tuple[int, float]]], params: list[int], low_bits: int,
+                          high_bits: int) -> list[int]:
+    """Index of the chosen option per layer with the model's total bits ``sum(bits * params)`` in
+    ``[low_bits, high_bits]`` (integers), at the least summed cost.
+
+    The constraint is written in whole bits and the rounded solution is re-checked in exact
+    integer arithmetic: HiGHS's feasibility tolerance is absolute, so on a model of tens of
+    millions of weights a constraint normalised to average bits could be broken by bits
+    (11 over on an 11 M-weight instance). A solution that strays is solved again with the
+    window narrowed by what it strayed.
+
+    Raises:
+        MpqError: if no choice lands inside the window.
+    """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if len(options) != len(params) or any(not opts for opts in options):
         raise ValueError("every layer needs at least one option")
-    total = float(sum(params))
     costs, sizes, owners = [], [], []
     for layer, opts in enumerate(options):
         for bits, cost in opts:
             costs.append(cost)
-            sizes.append(bits * params[layer] / total)
+            sizes.append(int(bits) * int(params[layer]))  # exact: Python integers
             owners.append(layer)
     n = len(costs)
     one_per_layer = np.zeros((len(options), n))
     one_per_layer[owners, np.arange(n)] = 1.0
-    constraints = [LinearConstraint(one_per_layer, 1.0, 1.0),
-                   LinearConstraint(np.array(sizes)[None, :], low - 1e-9, high + 1e-9)]
-    result = milp(np.array(costs, dtype=float), constraints=constraints, integrality=np.ones(n),
-                  bounds=Bounds(0.0, 1.0))
-    if not result.success or result.x is None:
-        raise MpqError(f"no per-layer bit choice puts the average in [{low:.3f}, {high:.3f}]")
-    chosen = np.round(result.x).astype(int)
-    picks = []
-    start = 0
-    for opts in options:
-        picks.append(int(np.argmax(chosen[start:start + len(opts)])))
-        start += len(opts)
-    return picks
+    low, high = low_bits, high_bits
+    total = sum(params)
+    for _ in range(_RESOLVES):
+        constraints = [LinearConstraint(one_per_layer, 1.0, 1.0),
+                       LinearConstraint(np.array(sizes, dtype=float)[None, :], float(low), float(high))]
+        result = milp(np.array(costs, dtype=float), constraints=constraints, integrality=np.ones(n),
+                      bounds=Bounds(0.0, 1.0))
+        if not result.success or result.x is None:
+            break
+        chosen = np.round(result.x).astype(int)
+        picks, start, used = [], 0, 0
+        for opts in options:
+            pick = int(np.argmax(chosen[start:start + len(opts)]))
+            picks.append(pick)
+            used += sizes[start + pick]
+            start += len(opts)
+        if low_bits <= used <= high_bits:
+            return picks
+        if used > high_bits:
+            high -= used - high_bits
+        else:
+            low += low_bits - used
+        if low > high:
+            break
+    raise MpqError(f"no per-layer bit choice puts the average in [{low_bits / total:.3f}, {high_bits / total:.3f}]")
 
 
 def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[int],
@@ -156,8 +191,7 @@ def assign_bits(sensitivity: dict[str, float], params: dict[str, int], support: 
     group_params = [sum(params[n] for n in g) for g in free]
     # choose_options minimises cost under an average window: cost = -sensitivity * bits
     options = [[(b, -sum(sensitivity.get(n, 0.0) for n in g) * b) for b in support] for g in free]
-    high = (budget_bits - fixed_cost) / sum(group_params)
-    picks = choose_options(options, group_params, 0.0, high)
+    picks = choose_options_within(options, group_params, 0, math.floor(budget_bits - fixed_cost + _SLACK))
     for group, pick in zip(free, picks, strict=True):
         out.update({n: support[pick] for n in group})
     return out

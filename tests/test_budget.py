@@ -43,3 +43,61 @@ def test_matches_brute_force(seed):
 def test_infeasible_window_is_a_clear_error():
     with pytest.raises(MpqError, match="no per-layer bit choice"):
         choose_options([[(8, 0.0)], [(8, 0.0)]], [10, 10], 1.9, 2.0)
+
+
+# -- large models: the window holds to the bit (issue 13) ---------------------------------------------------
+def _brute_force_bits(options, params, low_bits, high_bits):
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in options]):
+        used = sum(options[i][k][0] * params[i] for i, k in enumerate(combo))
+        if low_bits <= used <= high_bits:
+            cost = sum(options[i][k][1] for i, k in enumerate(combo))
+            if best is None or cost < best[0]:
+                best = (cost, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tens_of_millions_of_weights_stay_within_the_budget_to_the_bit(seed):
+    """Layers of millions of weights, a window whose upper edge is exactly some scheme's size (so the
+    optimum sits on it): the chosen scheme's exact integer size never exceeds it, and its cost is the
+    brute-force optimum."""
+    from mpq_cli.budget import choose_options_within
+
+    rng = random.Random(seed)
+    params = [rng.randint(1_000_000, 12_000_000) for _ in range(5)]  # 5..60 M weights in all
+    options = [[(b, -rng.uniform(0.5, 2.0) * b + rng.uniform(0, 0.01)) for b in (2, 3, 4, 6, 8)]
+               for _ in params]
+    edge = [rng.randrange(5) for _ in params]
+    high_bits = sum(options[i][k][0] * params[i] for i, k in enumerate(edge))
+    low_bits = high_bits - rng.choice([1, 1000, 10**6])
+    picks = choose_options_within(options, params, low_bits, high_bits)
+    used = sum(options[i][k][0] * params[i] for i, k in enumerate(picks))
+    assert low_bits <= used <= high_bits
+    expected = _brute_force_bits(options, params, low_bits, high_bits)
+    assert sum(options[i][k][1] for i, k in enumerate(picks)) == pytest.approx(expected[0], abs=1e-9)
+
+
+@pytest.mark.parametrize("p,d", [(5_000_000, 1), (5_000_000, 3), (20_000_000, 2), (40_000_000, 5)])
+def test_a_cheaper_scheme_a_few_bits_over_the_budget_is_not_taken(p, d):
+    """Two layers of nearly equal size: swapping their widths costs a few bits more and is cheaper.
+    A constraint normalised to average bits let HiGHS's absolute tolerance take that scheme (2 to 10
+    bits over on these 10-80 M-weight models); in whole bits, re-checked exactly, it is refused."""
+    params = [p, p + d, 1_000_000]
+    options = [[(2, 0.0), (4, -1.0)], [(2, 0.0), (4, -1.1)], [(2, 0.0), (3, -0.5)]]
+    high_bits = 4 * p + 2 * (p + d) + 2 * 1_000_000  # the first layer at 4 bits, the others at 2
+    picks = choose_options(options, params, 0.0, high_bits / sum(params))
+    assert sum(options[i][k][0] * params[i] for i, k in enumerate(picks)) <= high_bits
+    assert picks == [1, 0, 0] == list(_brute_force_bits(options, params, 0, high_bits)[1])
+
+
+def test_bmpq_assignment_on_an_eleven_million_weight_model_is_within_its_budget():
+    from mpq_cli.budget import assign_bits
+
+    rng = random.Random(0)
+    names = [f"layer{i}" for i in range(20)]
+    params = {n: rng.randint(50_000, 1_100_000) for n in names}
+    sensitivity = {n: rng.uniform(0.1, 10.0) for n in names}
+    budget = 3.0 * sum(params.values()) - 7  # a few bits under an even average, as a byte budget lands
+    bits = assign_bits(sensitivity, params, [2, 4], budget)
+    assert sum(bits[n] * params[n] for n in names) <= budget
