@@ -113,6 +113,7 @@ class TrainingHooks(Protocol):
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
     def regularizer(self) -> torch.Tensor | None: ...
+    def before_optimizer_step(self) -> None: ...
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None: ...
     def on_step_end(self) -> None: ...
     def progress(self) -> dict[str, float]: ...
@@ -131,6 +132,9 @@ class PlainTraining:
 
     def regularizer(self):
         return None
+
+    def before_optimizer_step(self):
+        pass
 
     def on_epoch_start(self, epoch, epochs, steps_per_epoch):
         pass
@@ -342,8 +346,9 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
                 total = loss if reg is None else loss + reg
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
-                if cfg.clip_grad:
+                if cfg.clip_grad:  # on the loss's own gradients, before a method rescales any (CSQ)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                hooks.before_optimizer_step()
                 optimizer.step()
                 hooks.on_step_end()
                 if hooks.wants_optimizer_reset():

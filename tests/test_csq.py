@@ -100,6 +100,7 @@ def _logit_grads(q):
     q.bit_logits_pos.grad = None
     torch.manual_seed(1)
     (q.train_weight() * torch.randn(q.shape)).sum().backward()
+    q.precondition_grads()
     return q.bit_logits_pos.grad.clone()
 
 
@@ -315,6 +316,7 @@ def _fit_teacher(mode: str) -> tuple[float, float]:
         loss = F.mse_loss(student(x), x @ teacher.T + bias)
         opt.zero_grad()
         loss.backward()
+        method.before_optimizer_step()
         opt.step()
     after, _ = q.exact_codes()
     return float((codes == teacher_codes).float().mean()), float((after == teacher_codes).float().mean())

@@ -48,3 +48,47 @@ def test_probe_without_batchnorm_is_the_evaluation_loss():
     model.train()
     assert abs(loss_probe(model, batches, 1)() - expected) < 1e-6
     assert model.training
+
+
+def test_gradients_are_clipped_before_a_method_rescales_them(monkeypatch):
+    """``--clip-grad`` measures the loss's own gradients; a method's rescaling (CSQ's preconditioned
+    bit logits, ~100x the rest) comes after it and so cannot scale every other parameter down."""
+    from mpq_cli import engine
+    from mpq_cli.data import DataConfig, load_data
+    from mpq_cli.engine import PlainTraining, TrainConfig, fit
+
+    class Rescales(PlainTraining):
+        def __init__(self, model, factor):
+            self.model, self.factor = model, factor
+
+        def before_optimizer_step(self):
+            self.model[1].weight.grad.mul_(self.factor)  # like CSQ's preconditioner on its logits
+
+    def run(factor, clip):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        seen = []
+        real = engine.make_optimizer
+
+        def spy(groups, cfg):
+            optimizer = real(groups, cfg)
+            step = optimizer.step
+
+            def recorded(*args, **kwargs):
+                seen.append(model[1].bias.grad.clone())
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded
+            return optimizer
+
+        monkeypatch.setattr(engine, "make_optimizer", spy)
+        _, train, val = load_data(DataConfig("synthetic", batch_size=32, input_size=(1, 8, 8),
+                                             limit_train_batches=1, limit_val_batches=1))
+        fit(model, train, val, TrainConfig(epochs=1, lr=0.01, clip_grad=clip), hooks=Rescales(model, factor))
+        return seen
+
+    plain = run(1.0, None)
+    clipped = run(1.0, 0.05)
+    rescaled = run(1e4, 0.05)
+    assert not torch.equal(plain[0], clipped[0])  # the clip does act on these gradients
+    assert torch.equal(clipped[0], rescaled[0])  # the first step's clip ignores the rescale (later steps differ)

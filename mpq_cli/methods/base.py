@@ -257,6 +257,10 @@ class Method(ABC):
     def regularizer(self) -> torch.Tensor | None:
         return None
 
+    def before_optimizer_step(self) -> None:
+        """After the backward pass and gradient clipping, before the optimizer: a method may rescale
+        its parameters' gradients here (CSQ's preconditioned bit logits)."""
+
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
         pass
 

@@ -153,8 +153,6 @@ class CSQWeight(WeightQuantizer):
         self.register_buffer("mask_is_fixed", torch.tensor(False, device=device))
         self.temperature = cfg.beta_start  # beta, set by the method every step
         self.precondition = False  # divide the bit logits' gradients by kappa_b^2; set by the method
-        for logits in (self.bit_logits_pos, self.bit_logits_neg):
-            logits.register_hook(self._preconditioned)
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
         codes = quantize_codes(weight.detach(), max_abs, n)
         target = weight.detach().float() if cfg.carry_residual else None
@@ -204,11 +202,18 @@ class CSQWeight(WeightQuantizer):
         scale = self.scale.detach().abs().clamp(min=1e-12)
         return scale * self.bit_values / (self.levels * self.gate_gain())
 
-    def _preconditioned(self, grad: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def precondition_grads(self) -> None:
+        """Divide the bit logits' gradients by ``kappa_b^2`` in place (when ``precondition`` is on). Run
+        after gradient clipping, which so measures the loss's own gradients: clipping the
+        preconditioned ones, ~100x the rest, scaled every other parameter down by ~1e-4."""
         if not self.precondition:
-            return grad
+            return
         # kappa_b^2 can be ~1e-4 (a 2-bit FC layer) to ~1e-10 (the low bits of 8): floor it far below either
-        return grad / self.bit_weights().pow(2).clamp(min=1e-24)
+        inverse = self.bit_weights().pow(2).clamp(min=1e-24).reciprocal()
+        for logits in (self.bit_logits_pos, self.bit_logits_neg):
+            if logits.grad is not None:
+                logits.grad.mul_(inverse)
 
     def train_weight(self) -> torch.Tensor:
         beta = self.temperature
@@ -384,6 +389,10 @@ class CSQ(Method):
         total = sum(layer.params for layer in self.layers.values())
         bits = [layer.weight_quantizer.hard_mask().sum() * layer.params for layer in self.layers.values()]
         return torch.stack(bits).sum() / total
+
+    def before_optimizer_step(self) -> None:
+        for q in self.quantizers().values():
+            q.precondition_grads()
 
     def regularizer(self) -> torch.Tensor | None:
         if self.phase is not Phase.SEARCH or self.config.reg_strength == 0:
