@@ -165,3 +165,45 @@ def test_scales_learn_slowly_in_search_and_finetune():
         scale_group = next(g for g in groups if {id(p) for p in g["params"]} == scales)
         assert scale_group["lr_scale"] == 0.01
         assert all(g.get("lr_scale", 1.0) == 1.0 for g in groups if g is not scale_group)
+
+
+# -- the budget-mode alpha controller (issue 13) ---------------------------------------------------------
+def _controller(monkeypatch, projected, **config):
+    """A BSQ method whose projected average bits follow ``projected``, one value per controller update."""
+    method = BSQ(BSQConfig(target_bits=2.0, alpha=0.01, budget_tolerance=0.1, controller_gain=0.1,
+                           controller_window=3, **config))
+    method.prepare(TinyNet())
+    values = iter(projected)
+    monkeypatch.setattr(method, "_projected_average_bits", lambda: next(values))
+    return method
+
+
+@pytest.mark.parametrize("projected,factors", [
+    # above the target and not falling: raise by exp(gain) each update
+    ([4.0, 4.0, 4.2], [1, 1, 1]),
+    # above and falling: hold while the newest is below the window's highest, raise once it is not
+    ([4.0, 3.5, 3.0, 2.8, 2.9, 2.9, 2.9], [1, 0, 0, 0, 0, 0, 1]),
+    # inside [target - tol, target]: hold; below: lower by exp(-2 gain)
+    ([2.0, 1.95, 1.5, 1.0], [0, 0, -2, -2]),
+    # a fall older than the window no longer holds alpha (window 3)
+    ([5.0, 3.0, 3.0, 3.0, 3.0], [1, 0, 0, 0, 1]),
+], ids=["above", "falling", "inside-and-below", "window"])
+def test_alpha_controller_raises_holds_and_lowers(monkeypatch, projected, factors):
+    import math
+
+    method = _controller(monkeypatch, projected)
+    alpha = method.alpha
+    for factor in factors:
+        method._update_alpha()
+        alpha *= math.exp(0.1 * factor)
+        assert method.alpha == pytest.approx(alpha, rel=1e-12)
+
+
+def test_alpha_controller_acts_every_controller_every_steps(monkeypatch):
+    method = _controller(monkeypatch, [4.0] * 10, controller_every=4, project_at=1.0)
+    calls = []
+    monkeypatch.setattr(method, "_update_alpha", lambda: calls.append(method._step))
+    method.on_epoch_start(0, 1, 100)
+    for _ in range(13):
+        method.on_step_end()
+    assert calls == [4, 8, 12]

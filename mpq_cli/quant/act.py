@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import max_code, ste_round
+from .primitives import max_code
 
 
 class PACT(nn.Module):
@@ -44,7 +44,11 @@ class PACT(nn.Module):
         clipped = torch.minimum(torch.maximum(x, lower), alpha)
         levels = max_code(self.bits) if not bool(self.signed) else max_code(self.bits - 1) or 1
         step = alpha / levels
-        return ste_round(clipped / step) * step
+        quantized = torch.round(clipped / step) * step
+        # PACT's straight-through estimate (Eq. 3): the rounding passes the gradient unchanged, so
+        # dy/dalpha comes from the clip alone (1 where x >= alpha, -1 where x <= -alpha when signed),
+        # with no term from the step's dependence on alpha (that term is LSQ's, not PACT's)
+        return clipped + (quantized - clipped).detach()
 
 
 class BasisActivation(nn.Module):
