@@ -376,19 +376,22 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
     """
     run_dir = Path(run_dir)
     config = read_search_config(run_dir)
+    source = f"{run_dir}/config.json"
     try:
         data = DataConfig(**{**config["data"], **(data_overrides or {})})
         train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
-    except (TypeError, KeyError) as exc:
-        raise MpqError(f"{run_dir}/config.json: malformed data or train record ({exc})") from None
-    spec = recorded_model(config.get("model"), f"{run_dir}/config.json", model)
+        method_cls = get_method(config["method"] if isinstance(config["method"], str) else "?")
+        selection = LayerSelection(keep_fp=list(config["selection"]["keep_fp"]),
+                                   fix_bits=dict(config["selection"]["fix_bits"]))
+        method_config = method_cls.config_class.from_dict(config["method_config"])
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise MpqError(f"{source}: malformed run record ({exc.__class__.__name__}: {exc})") from None
+    spec = recorded_model(config.get("model"), source, model)
     ctx = _setup(ModelOptions(spec.name, None, None), data, train_cfg)
     if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
         raise MpqError(f"the data does not fit the run's model "
                        f"({spec.num_classes} classes, {spec.in_channels} channels)")
-    method_cls = get_method(config["method"])
-    selection = LayerSelection(**config["selection"])
-    method = method_cls(method_cls.config_class.from_dict(config["method_config"]), selection)
+    method = method_cls(method_config, selection)
     method.prepare(ctx.model)
     state, _ = read_state_dict(run_dir / "model.safetensors")
     try:
@@ -478,6 +481,9 @@ def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, dev
         data = DataConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise MpqError(f"{path}: malformed eval record in the header ({exc})") from None
+    if data.input_size is not None and tuple(data.input_size) != (spec.in_channels, *spec.input_size):
+        raise MpqError(f"{path}: the eval record's input size {list(data.input_size)} is not the model's "
+                       f"{[spec.in_channels, *spec.input_size]}")
     seed = recorded.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MpqError(f"{path}: malformed eval record in the header (seed {seed!r})")

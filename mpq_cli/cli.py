@@ -98,12 +98,27 @@ def _handle_errors(fn):
         except Exception as exc:  # an unexpected failure still ends in one line; MPQ_DEBUG=1 shows the traceback
             if os.environ.get("MPQ_DEBUG"):
                 raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err_console.print(f"internal error: {exc.__class__.__name__}: {msg} (MPQ_DEBUG=1 shows the traceback)",
-                              highlight=False, markup=False, soft_wrap=True)
+            if _out_of_memory(exc):  # a resource the user chose (batch, input size, model), not a bug
+                err_console.print(f"error: out of memory ({_first_line(exc)[:160]}); use a smaller --batch-size, "
+                                  "input or model", highlight=False, markup=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            err_console.print(f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (MPQ_DEBUG=1 shows the "
+                              "traceback)", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -128,6 +143,8 @@ def _parse_sets(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise MpqError(f"--set expects FIELD=VALUE, got {item!r}")
+        if key.strip() == "version":
+            raise MpqError("--set version: a config's version is mpq's to set, not an option")
         try:
             out[key.strip()] = loads(value)
         except ValueError:
@@ -513,13 +530,18 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, standalone_mode=False)
     except click.exceptions.ClickException as exc:
         message = " ".join(exc.format_message().split())
+        if not message:  # `mpq` alone: click printed the help
+            return _exit(2, argv)
         command = f"mpq {exc.ctx.info_name} " if getattr(exc, "ctx", None) and exc.ctx.parent else "mpq "
         print(f"error: {message} (see `{command.strip()} --help`)", file=sys.stderr)
         code = 2
     except click.exceptions.Abort:
         print("interrupted", file=sys.stderr)
         code = 130
-    code = code if isinstance(code, int) else 0
+    return _exit(code if isinstance(code, int) else 0, argv)
+
+
+def _exit(code: int, argv) -> int:
     if argv is None:
         sys.exit(code)
     return code

@@ -43,6 +43,8 @@ def normalisation(name: str, channels: int) -> tuple[tuple[float, ...], tuple[fl
 
 
 MAX_BATCH = 1 << 16
+SYNTHETIC_IMAGES = 768  # 512 to train on, 256 to evaluate
+MAX_SYNTHETIC_BYTES = 4 << 30
 
 
 def _int_in(value, low: int, high: int) -> bool:
@@ -241,9 +243,12 @@ def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
     c, h, w = shape
     if channels and channels != c:
         c = channels
+    if SYNTHETIC_IMAGES * c * h * w * 4 > MAX_SYNTHETIC_BYTES:
+        raise MpqError(f"synthetic data of {SYNTHETIC_IMAGES} images of {c}x{h}x{w} would take "
+                       f"{SYNTHETIC_IMAGES * c * h * w * 4 / 2**30:.1f} GiB; use a smaller --input-size")
     gen = torch.Generator().manual_seed(10_000 + seed)
     classes = 10
-    x = torch.randn(768, c, h, w, generator=gen)
+    x = torch.randn(SYNTHETIC_IMAGES, c, h, w, generator=gen)
     proj = torch.randn(c * h * w, classes, generator=gen)
     y = (x.flatten(1) @ proj).argmax(1)
     mean, std = (0.0,) * c, (1.0,) * c

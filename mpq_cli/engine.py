@@ -87,8 +87,8 @@ class TrainConfig:
             raise MpqError(f"gamma must be in (0, 1], got {self.gamma}")
         if not (_number(self.momentum) and 0 <= self.momentum < 1):
             raise MpqError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise MpqError(f"--seed must be an integer >= 0, got {self.seed}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 // 100_003 - 1:  # torch seeds are 64-bit
+            raise MpqError(f"--seed must be an integer in 0..{2**63 // 100_003 - 2}, got {self.seed}")
         if not isinstance(self.amp, bool):
             raise MpqError(f"amp must be true or false, got {self.amp!r}")
 

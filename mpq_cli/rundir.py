@@ -129,8 +129,12 @@ def read_search_config(run_dir: Path) -> dict:
     if not (run_dir / "config.json").is_file():
         raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
     config = read_json(run_dir / "config.json")
+    if not isinstance(config, dict):
+        raise MpqError(f"{run_dir}/config.json: malformed run record (not a JSON object)")
     if "method" not in config:
         raise MpqError(f"{run_dir} is an FP training run; `mpq search --checkpoint {run_dir}` quantizes it")
+    if not isinstance(config["method"], str):
+        raise MpqError(f"{run_dir}/config.json: malformed run record (method {str(config['method'])[:40]})")
     return config
 
 

@@ -472,3 +472,78 @@ def test_no_verify_skips_the_tensor_digests_only(exported_csq, tmp_path):
     bad.write_bytes(bytes(header))
     with pytest.raises(MpqError):
         mpq_cli.load_packed(bad, verify=False)
+
+
+# -- found by an independent hostile review ------------------------------------------------------------
+def test_a_tiny_file_cannot_make_the_reader_allocate_a_huge_model(exported_csq, tmp_path):
+    """Every layer in the 'zero' encoding (no tensors) with the shapes of lenet5 on 64x4096x4096 inputs:
+    consistent, re-signed, 4 KB; its model would take ~100 GB. Refused from the meta-device skeleton."""
+    from mpq_cli.models.zoo import lenet5
+
+    with torch.device("meta"):
+        big = lenet5(10, 64, (4096, 4096))
+    shapes = {n: list(m.weight.shape) for n, m in big.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+
+    def huge(header):
+        header["model"].update(in_channels=64, input_size=[4096, 4096])
+        for layer in header["layers"]:
+            shape = shapes[layer["name"]]
+            layer.clear()
+            layer.update(name=next(n for n in shapes if shapes[n] == shape), kind="linear", shape=shape,
+                         params=int(torch.Size(shape).numel()), encoding="zero", nominal_bits=0)
+
+    def drop_weights(tensors):
+        for name in [n for n in tensors if ".weight." in n]:
+            del tensors[name]
+
+    bad = tmp_path / "huge.safetensors"
+    rewrite_packed(exported_csq, bad, huge, drop_weights)
+    assert bad.stat().st_size < 20_000
+    with pytest.raises(MpqError, match="GiB in memory"):
+        mpq_cli.load_packed(bad)
+    _one_line_exit_2(invoke("eval", bad, "--device", "cpu"), "GiB")
+
+
+def test_the_eval_record_cannot_ask_for_another_input_size(exported_csq, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    rewrite_packed(exported_csq, bad, lambda h: h["eval"]["data"].update(input_size=[1, 4096, 4096]))
+    _one_line_exit_2(invoke("eval", bad, "--device", "cpu"), "is not the model's")
+
+
+def test_synthetic_data_too_large_for_memory_is_refused(tmp_path):
+    _one_line_exit_2(invoke("train", "--model", "lenet5", "--data", "synthetic", "--input-size", "64,4096,4096",
+                            "--out", tmp_path / "r"), "GiB")
+
+
+@pytest.mark.parametrize("edit", ["no-selection", "odd-selection", "method-list", "method-config-list"])
+def test_a_malformed_run_record_is_one_line(edit, csq_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(csq_run[0], run)
+    config = json.loads((run / "config.json").read_text())
+    if edit == "no-selection":
+        del config["selection"]
+    elif edit == "odd-selection":
+        config["selection"] = {"zzz": 1}
+    elif edit == "method-list":
+        config["method"] = ["uniform"]
+    else:
+        config["method_config"] = [1, 2]
+    (run / "config.json").write_text(json.dumps(config))
+    _one_line_exit_2(invoke("eval", run, "--device", "cpu"), "config.json")
+    _one_line_exit_2(invoke("finetune", run, "--out", tmp_path / "ft"), "config.json")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", str(10**23)], "--seed must be"),
+    (["--method", "bsq", "--set", "init_bits_by_layer=abc"], "--init-bits-by-layer must be"),
+    (["--method", "bsq", "--set", 'init_bits_by_layer={"conv*": "x"}'], "wrong type"),
+    (["--method", "bsq", "--set", "init_bits=0"], "initial bits 0 must be in 1.."),
+    (["--method", "csq", "--set", "version=7"], "--set version"),
+], ids=["seed", "dict-text", "dict-value", "init-bits-zero", "version"])
+def test_more_option_values_are_one_line(args, message):
+    _one_line_exit_2(invoke(*SEARCH, *args), message)
+
+
+def test_mpq_alone_prints_help_without_an_empty_error(capsys):
+    code, err = _main([], capsys)
+    assert code == 2 and "error" not in err

@@ -50,7 +50,7 @@ def register(name: str):
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise MpqError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
@@ -125,14 +125,40 @@ def _check_field_types(config) -> None:
                 raise MpqError(f"{_option(f.name)} needs a value")
             continue
         scalars = [t for t in allowed if t in (int, float, bool, str)]
+        containers = [t for t in allowed if typing.get_origin(t) in (dict, list) or t in (dict, list)]
+        if containers:
+            setattr(config, f.name, _coerce_container(f.name, value, containers[0]))
+            continue
         if len(scalars) != len([t for t in allowed if t is not type(None)]):
-            continue  # a container field
+            continue  # a field of another type: the method checks it
         coerced = _coerce(value, scalars)
         if coerced is None:
             kinds = " or ".join({int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}[t]
                                 for t in scalars)
             raise MpqError(f"{_option(f.name)} must be {kinds}, got {value!r}")
         setattr(config, f.name, coerced)
+
+
+def _coerce_container(name: str, value, declared):
+    """A ``dict[K, V]`` field must be a mapping of such scalars; a ``list`` field a list (or, for the
+    methods that parse one, a comma-separated string such as BMPQ's ``--bits 2,4``)."""
+    origin = typing.get_origin(declared) or declared
+    args = typing.get_args(declared)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MpqError(f"{_option(name)} must be a JSON object such as '{{\"layer1.*\": 4}}', got {value!r}")
+        if len(args) == 2 and all(a in (int, float, bool, str) for a in args):
+            out = {}
+            for key, item in value.items():
+                k, v = _coerce(key, [args[0]]), _coerce(item, [args[1]])
+                if k is None or v is None:
+                    raise MpqError(f"{_option(name)}: entry {key!r}: {item!r} has the wrong type")
+                out[k] = v
+            return out
+        return value
+    if not isinstance(value, list | str):
+        raise MpqError(f"{_option(name)} must be a list, got {value!r}")
+    return value
 
 
 def _coerce(value, kinds: list[type]):

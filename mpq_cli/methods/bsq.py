@@ -104,9 +104,10 @@ class BSQConfig(MethodConfig):
         super().__post_init__()
         if not 1 <= self.max_bits <= 16:
             raise MpqError(f"max_bits must be in 1..16, got {self.max_bits}")
+        low = 0 if self.allow_zero_bits else 1  # a layer starting at 0 bits is all zeros: a collapse
         for bits in [self.init_bits, *self.init_bits_by_layer.values()]:
-            if not 0 <= int(bits) <= self.max_bits:
-                raise MpqError(f"initial bits {bits} must be in 0..max_bits ({self.max_bits})")
+            if not low <= int(bits) <= self.max_bits:
+                raise MpqError(f"initial bits {bits} must be in {low}..max_bits ({self.max_bits})")
         if self.target_bits is not None and self.target_bits > self.max_bits:
             raise MpqError(f"--target-bits {self.target_bits} exceeds BSQ's max_bits {self.max_bits}")
         if min(self.alpha, self.scale_lr, self.budget_tolerance) < 0 or self.requant_every <= 0 \

@@ -44,6 +44,11 @@ READABLE_FORMATS = ("mpq.packed/1", FORMAT)  # 1.1 adds the digests; 1 files car
 METADATA_KEY = "mpq"
 DIGEST_KEY = "mpq.sha256"  # metadata key: SHA-256 of the `mpq` header string's UTF-8 bytes
 _MAX_HEADER = 100 << 20
+# A packed file stores at least about one bit per weight, so its model takes at most ~32x the
+# file in float32; a file whose model would take more than this (an edited header with huge
+# layers of the 'zero' encoding, which hold no tensors) is refused before anything is allocated.
+MAX_MODEL_BYTES = 1 << 30
+MAX_EXPANSION = 64
 _ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
@@ -486,7 +491,12 @@ def _build_checked(packed: PackedFile, spec) -> nn.Module:
             if list(module.weight.shape) != shapes[name]:
                 raise MpqError(f"{packed.path}: layer {name} has shape {shapes[name]}, model {spec.name} expects "
                                f"{list(module.weight.shape)}")
-    persistent = set(skeleton.state_dict())
+    state = skeleton.state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if model_bytes > MAX_MODEL_BYTES + MAX_EXPANSION * packed.file_bytes:
+        raise MpqError(f"{packed.path}: its model would take {model_bytes / 2**30:.1f} GiB in memory, from a "
+                       f"{packed.file_bytes:,}-byte file; refused (more than {MAX_EXPANSION}x the file plus 1 GiB)")
+    persistent = set(state)
     if any(name not in persistent for name, _ in skeleton.named_buffers()):
         return build_model(spec)
     return skeleton.to_empty(device="cpu")
