@@ -276,9 +276,9 @@ def test_fix_bits_keeps_top_bits(tiny):
 
 def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
-    assert (old.carry_residual, old.precondition) == (False, "none")
+    assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition) == (2, True, "fixed")
+    assert (new.version, new.carry_residual, new.precondition) == (3, True, "fixed")
 
 
 def test_config_round_trip_and_validation():
@@ -326,3 +326,41 @@ def test_preconditioned_bits_learn_a_teacher_better_than_plain_ones():
     before, plain = _fit_teacher("none")
     _, preconditioned = _fit_teacher("fixed")
     assert preconditioned > max(before, plain) + 0.1
+
+
+# -- a budget met in nominal bits is met in the file (issue 13) ---------------------------------------------
+def _gapped(tiny, contiguous: bool):
+    method = _csq(tiny, target_bits=2, contiguous_bits=contiguous)
+    with torch.no_grad():
+        for q in method.quantizers().values():  # bits 0 and 7 selected: 2 nominal bits, codes up to 129
+            q.mask_logits.copy_(torch.tensor([1.0, -1, -1, -1, -1, -1, -1, 1]))
+    return method
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_gapped_mask_is_made_contiguous_when_the_scheme_is_fixed(tiny, contiguous):
+    from mpq_cli.packing.encodings import plan_codes
+
+    method = _gapped(tiny, contiguous)
+    info = method.finalize(lambda: 0.0)
+
+    def stored_bits(q):  # bits per weight the file stores for the codes: packed fields and any code table
+        codes = q.exact_codes()[0]
+        return (8 * plan_codes(codes).payload_bytes(codes.numel()) - 32) / codes.numel()  # less the step
+
+    stored = {n: stored_bits(q) for n, q in method.quantizers().items()}
+    if contiguous:
+        assert sorted(info["made_contiguous"]) == ["conv", "fc"] and info["budget_met"]
+        for name, q in method.quantizers().items():
+            selected = torch.nonzero(q.hard_mask()).flatten().tolist()
+            assert len(selected) == 2 and selected[1] - selected[0] == 1, name
+            assert stored[name] <= 3 + 8 / q.exact_codes()[0].numel()  # 2 magnitude bits and a sign (byte padding)
+    else:
+        assert info["made_contiguous"] == [] and not info["budget_met"]  # 2 nominal bits, but not in the file
+        # codes in {0, +-1, +-128, +-129}: 3-bit indices plus a table of 7 codes, or 9-bit integers
+        assert stored["conv"] > 4
+
+
+def test_old_csq_configs_keep_their_masks():
+    assert CSQConfig.from_dict({"version": 2, "target_bits": 2.0}).contiguous_bits is False
+    assert CSQConfig.from_dict({"target_bits": 2.0}).contiguous_bits is True

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..budget import budget_step
 from ..errors import MpqError
+from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, round_to_bits, to_bit_planes
 from ..quant.primitives import quantize_codes
 from .base import Method, MethodConfig, Phase, WeightQuantizer, register
@@ -89,9 +90,14 @@ class CSQConfig(MethodConfig):
             its bit in the weight, so that bits move as a latent weight would under SGD: ``none`` (the
             paper's plain gradient), ``fixed`` (once a layer's scheme is fixed: after the projection,
             in fine-tuning, --fix-bits layers) or ``always``.
+        contiguous_bits: *ours*: when the scheme is fixed (the projection, or the end of a search
+            that was not projected), a layer whose mask selects non-contiguous bits (``{0, 7}``:
+            2 nominal bits whose codes need 8 magnitude bits as integers) is re-rounded from its
+            relaxed weight onto as many contiguous bits, so that every layer stores its nominal
+            bits plus a sign and a budget met in nominal bits is met in the file.
     """
 
-    version: int = 2  # 2: carry_residual and precondition added (version 1 ran without them)
+    version: int = 3  # 2: carry_residual and precondition; 3: contiguous_bits (older runs ran without)
     target_bits: float = 3.0
     max_bits: int = 8
     reg_strength: float = 0.01
@@ -104,12 +110,16 @@ class CSQConfig(MethodConfig):
     project_at: float = 0.5
     carry_residual: bool = True
     precondition: str = "fixed"
+    contiguous_bits: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> CSQConfig:
         """A saved config; one of version 1 keeps the behaviour it was run with."""
-        if d.get("version", cls.version) < 2:
+        version = d.get("version", cls.version)
+        if isinstance(version, int) and version < 2:
             d = {"carry_residual": False, "precondition": "none", **d}
+        if isinstance(version, int) and version < 3:
+            d = {"contiguous_bits": False, **d}
         return super().from_dict(d)
 
     def __post_init__(self) -> None:
@@ -312,6 +322,7 @@ class CSQ(Method):
         self._reset_optimizer = False
         self.budget_changes: list[dict] = []
         self.avg_bits_before_projection: float | None = None
+        self.made_contiguous: list[str] = []  # layers re-rounded onto contiguous bits when the scheme was fixed
 
     def make_weight_quantizer(self, name, layer, fixed_bits):
         return CSQWeight(layer.weight, self.config, fixed_bits)
@@ -367,6 +378,7 @@ class CSQ(Method):
         if self.config.carry_residual:
             with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
                 relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
+        self.made_contiguous = self._make_contiguous()
         self.budget_changes = self._meet_budget(self.loss_probe)
         self._ramp_start = self._step
         self._restart_fixed(relaxed)
@@ -412,13 +424,42 @@ class CSQ(Method):
         """Harden every gate and make sure the budget is met; returns what the budget step did."""
         if self.phase is Phase.SEARCH:  # not projected during training (project_at = 1.0 or a short run)
             self.avg_bits_before_projection = self.average_bits()
+            self.made_contiguous = self._make_contiguous()
             self.budget_changes = self._meet_budget(loss_probe)
         self.phase = Phase.FINAL
         after = self.average_bits()
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        met = target - tol - 1e-9 <= after <= target + 1e-9
+        # met in nominal bits, and in what the file stores by the same count (magnitude bits plus a sign)
+        met = target - tol - 1e-9 <= after <= target + 1e-9 and self._stored_code_bits() <= target + 1 + 1e-9
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
-        return {"avg_bits_before_budget_step": before, "budget_changes": self.budget_changes, "budget_met": met}
+        return {"avg_bits_before_budget_step": before, "budget_changes": self.budget_changes, "budget_met": met,
+                "made_contiguous": self.made_contiguous}
+
+    @torch.no_grad()
+    def _stored_code_bits(self) -> float:
+        """Bits per weight the packed file stores for the codes (fields and code tables, not the steps),
+        averaged over quantized weights."""
+        total = bits = 0
+        for q in self.quantizers().values():
+            codes = q.exact_codes()[0]
+            plan = plan_codes(codes)
+            bits += plan.width * codes.numel() + 32 * (plan.extra_values - 1 if plan.extra_values else 0)
+            total += codes.numel()
+        return bits / max(total, 1)
+
+    @torch.no_grad()
+    def _make_contiguous(self) -> list[str]:
+        """Re-round every searchable layer whose hard mask has gaps onto as many contiguous bits
+        (``contiguous_bits``); returns the layers changed."""
+        if not self.config.contiguous_bits:
+            return []
+        changed = []
+        for name, q in self.searchable().items():
+            selected = torch.nonzero(q.hard_mask()).flatten().tolist()
+            if selected and selected[-1] - selected[0] + 1 != len(selected):
+                q.load_codes(*q.requantized(len(selected), relaxed=True), fixed=False)
+                changed.append(name)
+        return changed
 
     @torch.no_grad()
     def _meet_budget(self, loss_probe) -> list[dict]:
@@ -459,7 +500,8 @@ class CSQ(Method):
     def state_dict(self) -> dict:
         return {"phase": self.phase.value, "step": self._step, "total_steps": self._total_steps,
                 "ramp_start": self._ramp_start, "budget_changes": self.budget_changes,
-                "avg_bits_before_projection": self.avg_bits_before_projection}
+                "avg_bits_before_projection": self.avg_bits_before_projection,
+                "made_contiguous": self.made_contiguous}
 
     def load_state_dict(self, state: dict) -> None:
         self.phase = Phase(state["phase"])
@@ -468,6 +510,7 @@ class CSQ(Method):
         self._ramp_start = int(state.get("ramp_start", 0))
         self.budget_changes = state.get("budget_changes", [])
         self.avg_bits_before_projection = state.get("avg_bits_before_projection")
+        self.made_contiguous = list(state.get("made_contiguous", []))
         for q in self.quantizers().values():
             q.mask_logits.requires_grad_(not bool(q.mask_is_fixed))
         self._apply_beta()
