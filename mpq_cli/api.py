@@ -162,10 +162,31 @@ def _resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, rep
 
 
 # --------------------------------------------------------------------------------------- train
-def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, *, out: str | None = None,
-          resume: bool = False, reporter: Reporter | None = None) -> dict:
-    """Train the FP32 baseline and write ``RUN/model.safetensors`` (the reference for every search)."""
+# The FP32 baseline's schedule (``mpq train``'s defaults).
+FP_DEFAULTS = {"epochs": 12, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "schedule": "cosine"}
+SEARCH_EPOCHS = 10
+
+
+def training(given: TrainConfig | dict | None, defaults: dict) -> TrainConfig:
+    """The training settings of a command: a :class:`TrainConfig` as given, or a dict of the fields the
+    caller sets (``None`` values ignored) over ``defaults``. The CLI passes the dict, so the Python
+    API and ``mpq`` apply the same defaults (a method's paper's, for a search)."""
+    if isinstance(given, TrainConfig):
+        return given
+    try:
+        return TrainConfig(**{**defaults, **{k: v for k, v in (given or {}).items() if v is not None}})
+    except TypeError as exc:
+        raise MpqError(f"training settings: {exc}") from None
+
+
+def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict | None = None, *,
+          out: str | None = None, resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Train the FP32 baseline and write ``RUN/model.safetensors`` (the reference for every search).
+
+    ``train_cfg``: a TrainConfig, or a dict of settings over :data:`FP_DEFAULTS` (12 epochs of Adam 2e-3).
+    """
     reporter = reporter or Reporter()
+    train_cfg = training(train_cfg, FP_DEFAULTS)
     ctx = _setup(model, data, train_cfg)
     config = {"command": "train", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
               "data": data.to_dict(), "train": train_cfg.to_dict(), "versions": versions()}
@@ -280,9 +301,12 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     return summary
 
 
-def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, options: SearchOptions, *,
+def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict | None, options: SearchOptions, *,
            out: str | None = None, resume: bool = False, reporter: Reporter | None = None) -> dict:
     """Run a mixed-precision search and write its run directory.
+
+    ``train_cfg``: a TrainConfig, or a dict of settings over the method's paper's training defaults
+    (``Method.training_defaults``, 10 epochs), exactly as ``mpq search`` applies them.
 
     Returns the summary (``top1``, ``avg_bits``, ``out``, ...).
     """
@@ -291,6 +315,7 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, option
         raise MpqError("--probe-batches must be >= 1")
     method_cls = get_method(options.method)
     method_cfg = method_cls.config_class.from_dict(options.method_config)
+    train_cfg = training(train_cfg, {"epochs": SEARCH_EPOCHS, **method_cls.training_defaults})
     ctx = _setup(model, data, train_cfg)
     fp_top1 = None
     if model.checkpoint:

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from . import api
 from .data import DATASETS, DataConfig, default_data_dir
-from .engine import Reporter, TrainConfig
+from .engine import Reporter
 from .errors import MpqError
 from .layers import LayerSelection
 from .methods import METHODS
@@ -253,12 +253,6 @@ def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no
                       limit_val_batches=limit_val, augment=not no_augment)
 
 
-def _train_cfg(defaults: dict, **given) -> TrainConfig:
-    values = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-    return TrainConfig(**values)
-
-
-FP_DEFAULTS = {"epochs": 12, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "schedule": "cosine"}
 
 
 @app.command()
@@ -276,9 +270,8 @@ def train(
 
     Defaults: 12 epochs of Adam (lr 2e-3, cosine). Writes RUN/model.safetensors.
     """
-    cfg = _train_cfg(FP_DEFAULTS, epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
-                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp,
-                     clip_grad=clip_grad)
+    cfg = dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+               warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, clip_grad=clip_grad)
     summary = api.train(api.ModelOptions(model, weights, checkpoint),
                         _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
                                   no_augment), cfg, out=out, resume=resume, reporter=RichReporter(quiet or as_json))
@@ -315,10 +308,8 @@ def search(
     Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     method_name = method.value if isinstance(method, enum.Enum) else method
-    method_cls = METHODS[method_name]
-    cfg = _train_cfg({"epochs": 10, **method_cls.training_defaults}, epochs=epochs, lr=lr, optimizer=optimizer,
-                     schedule=schedule, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
-                     device=device, amp=amp, clip_grad=clip_grad)
+    cfg = dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+               warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, clip_grad=clip_grad)
     method_config = {"act_bits": act_bits, **_parse_method_options(ctx.args, method_name), **_parse_sets(set_ or [])}
     if target_bits is not None:
         method_config["target_bits"] = target_bits

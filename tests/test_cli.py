@@ -150,3 +150,22 @@ def test_help_documents_defaults():
     assert result.exit_code == 0
     for option in ("--target-bits", "--keep-fp", "--fix-bits", "--act-bits", "--resume", "--json"):
         assert option in result.output
+
+
+def test_the_python_api_trains_exactly_as_the_command_line(fp_run, tmp_path):
+    """`mpq_cli.search` with a dict of settings applies the method's paper's training defaults, as `mpq search`
+    does: the two runs' resolved configurations are the same."""
+    import mpq_cli
+    from mpq_cli.api import ModelOptions, SearchOptions
+    from mpq_cli.data import DataConfig
+
+    cli_run, api_run = tmp_path / "cli", tmp_path / "api"
+    run_json("search", "--method", "bsq", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0],
+             *SMALL, "--epochs", "1", "--out", cli_run)
+    data = DataConfig("synthetic", batch_size=32, input_size=(1, 16, 16), limit_train_batches=3)
+    mpq_cli.search(ModelOptions("lenet5", None, str(fp_run[0])), data, {"epochs": 1, "device": "cpu"},
+                   SearchOptions("bsq", {"target_bits": 2}), out=str(api_run))
+    cli_config, api_config = (json.loads((r / "config.json").read_text()) for r in (cli_run, api_run))
+    assert api_config["train"] == cli_config["train"]
+    assert api_config["train"]["optimizer"] == "sgd" and api_config["train"]["lr"] != 0.05  # BSQ's, not generic
+    assert api_config["fingerprint"] != "" and api_config["method_config"] == cli_config["method_config"]
