@@ -268,14 +268,17 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     scheme = build_scheme(method, model, codes)
     save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
     write_json(run_dir / "method.json", method.state_dict())
-    tensors = {}
+    tensors, forms = {}, {}
     for name, lc in codes.items():
+        act = method.layers[name].act_quantizer
+        forms[name] = {"weight": "basis" if lc.basis is not None else "codes", "act": getattr(act, "kind", None)}
         if lc.basis is not None:
             tensors.update(lc.basis.to_tensors(name))
             continue
         tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
         tensors[f"{name}.step"] = lc.step.to(torch.float32)
-    save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1"})
+    # each layer's form is recorded, so that export reads it rather than guessing it from tensor names
+    save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1", "mpq.forms": dumps(forms)})
     scheme.save(run_dir / "scheme.json")
     summary = {**summary_base, "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
                **scheme.summary(), **{k: v for k, v in finalize_info.items() if k != "budget_changes"},

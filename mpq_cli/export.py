@@ -11,6 +11,7 @@ per-layer table that ``mpq export`` writes and ``mpq inspect`` shows.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +39,30 @@ class PackedModel:
         return {name: t.numel() * t.element_size() for name, t in self.tensors.items()}
 
 
-def _read_codes(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_codes(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The run's codes and, per layer, the form they take (``{"weight": "codes"|"basis", "act": ...}``;
+    ``None`` for runs saved before forms were recorded)."""
+    from safetensors import safe_open
 
     if not path.is_file():
         raise MpqError(f"{path} not found: the run did not finish (only finished runs can be exported)")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            forms = (f.metadata() or {}).get("mpq.forms")
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(forms) if forms else None
     except Exception as exc:  # a truncated or foreign file
         raise MpqError(f"cannot read {path} ({exc.__class__.__name__})") from None
+
+
+def _form(forms: dict | None, name: str, codes: dict, state: dict) -> tuple[str, str | None]:
+    """``(weight form, activation kind)`` of a layer: as recorded, or for an older run as its tensors show."""
+    if forms is not None:
+        if not isinstance(forms.get(name), dict):
+            raise MpqError(f"codes.safetensors records no form for layer {name!r}")
+        return forms[name].get("weight"), forms[name].get("act")
+    act = "basis" if f"{name}.act_quantizer.gamma" in state else "pact" if f"{name}.act_quantizer.alpha" in state \
+        else None
+    return ("basis" if f"{name}.signs" in codes else "codes"), act
 
 
 def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
@@ -77,7 +93,7 @@ def pack_run(run_dir: str | Path) -> PackedModel:
     if not (run_dir / "scheme.json").is_file():
         raise MpqError(f"{run_dir} has no scheme.json: the run did not finish")
     scheme = Scheme.load(run_dir / "scheme.json")
-    codes = _read_codes(run_dir / "codes.safetensors")
+    codes, forms = _read_codes(run_dir / "codes.safetensors")
     state, _ = read_state_dict(run_dir / "model.safetensors")
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     quantized = [e.name for e in scheme.quantized]
@@ -88,14 +104,15 @@ def pack_run(run_dir: str | Path) -> PackedModel:
             tensors[f"{layer.name}.weight"] = state[f"{layer.name}.weight"].float()
             entries.append(layer_entry(layer.name, layer.kind, layer.shape, None, None, None))
             continue
-        if f"{layer.name}.signs" in codes:
+        weight_form, act_kind = _form(forms, layer.name, codes, state)
+        if weight_form == "basis":
             encoded = _encode_basis_layer(run_dir, layer.name, tuple(layer.shape), codes)
         else:
             encoded = _encode_codes_layer(run_dir, layer.name, tuple(layer.shape), codes)
         for suffix, tensor in encoded.tensors.items():
             tensors[weight_tensor_name(layer.name, suffix)] = tensor
         act = None
-        if layer.act_bits is not None and f"{layer.name}.act_quantizer.gamma" in state:  # ALQ's levels
+        if layer.act_bits is not None and act_kind == "basis":  # ALQ's levels
             act = {"kind": "basis", "bits": layer.act_bits}
             for tensor in act_tensor_names(layer.name, act):
                 tensors[tensor] = state[tensor.replace(".input_quant.", ".act_quantizer.")].float()

@@ -204,3 +204,20 @@ def test_load_packed_names_the_bad_tensor(exported, tmp_path):
     with pytest.raises(mpq_cli.MpqError, match="classifier.3.*finite"):
         mpq_cli.load_packed(bad)
     assert math.isfinite(float(load_file(str(exported[1]))["classifier.3.weight.step"]))
+
+
+def test_export_reads_each_layers_form_from_the_run_and_still_reads_older_runs(csq_run, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(csq_run[0] / "codes.safetensors"), "pt") as f:
+        forms = json.loads(f.metadata()["mpq.forms"])
+    assert forms["classifier.1"] == {"weight": "codes", "act": None}
+    old = tmp_path / "old"
+    shutil.copytree(csq_run[0], old)
+    save_file(load_file(str(old / "codes.safetensors")), str(old / "codes.safetensors"), metadata={"mpq.codes": "1"})
+    new_file, old_file = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    run_json("export", csq_run[0], "-o", new_file)
+    run_json("export", old, "-o", old_file)
+    assert load_file(str(new_file)).keys() == load_file(str(old_file)).keys()
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.equal(mpq_cli.load_packed(new_file)(x), mpq_cli.load_packed(old_file)(x))

@@ -18,6 +18,8 @@ class PACT(nn.Module):
     (BSQ's ReLU6-style quantization at 4 bits and above: ``clip=6``).
     """
 
+    kind = "pact"  # how a run directory and a packed file name this quantizer
+
     def __init__(self, bits: int, clip: float | None = None):
         super().__init__()
         if not 1 <= bits <= 16:
@@ -62,6 +64,8 @@ class BasisActivation(nn.Module):
     zero outside it, as PACT's clip does. Evaluation returns the levels themselves, the
     same function the packed-file loader runs.
     """
+
+    kind = "basis"
 
     def __init__(self, bits: int, momentum: float = 0.9, sample: int = 1 << 16):
         super().__init__()
