@@ -21,7 +21,7 @@ from .engine import Reporter, TrainConfig, evaluate, fit, loss_probe, resolve_de
 from .errors import MpqError
 from .export import pack_run, size_report
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
-from .methods import Method, get_method
+from .methods import FinalizeResult, Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint
 from .models.loading import read_state_dict, recorded_model
 from .models.zoo import BUILTIN
@@ -263,7 +263,7 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
 
 
 def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.Module, summary_base: dict,
-                        final: dict, finalize_info: dict, records: list[dict]) -> dict:
+                        final: dict, result: FinalizeResult, records: list[dict]) -> dict:
     codes = method.layer_codes()  # one computation feeds the scheme and codes.safetensors
     scheme = build_scheme(method, model, codes)
     save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
@@ -281,17 +281,17 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1", "mpq.forms": dumps(forms)})
     scheme.save(run_dir / "scheme.json")
     summary = {**summary_base, "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
-               **scheme.summary(), **{k: v for k, v in finalize_info.items() if k != "budget_changes"},
+               **scheme.summary(), **result.summary(),
                "out": str(run_dir)}
-    write_json(run_dir / "summary.json", {**summary, "budget_changes": finalize_info.get("budget_changes", [])})
+    write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     notes = []
-    changes = finalize_info.get("budget_changes")
+    changes = result.budget_changes
     if changes:
         lines = [f"- `{c['layer']}`: " + (f"{c['bits_before']} -> {c['bits_after']} bits" if c['bits_before'] !=
                  c['bits_after'] else f"re-rounded from its relaxed weight at {c['bits_after']} bits") +
                  f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})" for c in changes]
         notes.append("## Budget step\n\nThe search ended at "
-                     f"{finalize_info['avg_bits_before_budget_step']:.4f} average bits; the loss-aware budget "
+                     f"{result.avg_bits_before_budget_step:.4f} average bits; the loss-aware budget "
                      "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
                      f" -> {changes[0]['probe_loss_after']:.4f}.")
     notes += method.report_notes()
@@ -324,8 +324,7 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict 
     if model.checkpoint:
         fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
     method = method_cls(method_cfg, options.selection)
-    method.prepare(ctx.model)
-    method.loss_probe = _probe(ctx, options.probe_batches)
+    method.prepare(ctx.model, loss_probe=_probe(ctx, options.probe_batches))
     config = {"command": "search", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
               "checkpoint_sha256": file_fingerprint(model.checkpoint), "data": data.to_dict(),
               "train": train_cfg.to_dict(), "method": options.method, "method_config": method_cfg.to_dict(),
@@ -340,7 +339,7 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict 
         started = time.time()
         records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="search",
                       reporter=reporter, resume=state, fingerprint=config["fingerprint"])
-        return _finish(run_dir, config, method, ctx, train_cfg, options.probe_batches, records, fp_top1,
+        return _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1,
                        started - _elapsed_before(state), reporter, command="search")
 
 
@@ -367,15 +366,15 @@ def _probe(ctx: Context, batches: int):
     return probe
 
 
-def _finish(run_dir, config, method, ctx, train_cfg, probe_batches, records, fp_top1, started, reporter, command):
-    finalize_info = method.finalize(method.loss_probe or _probe(ctx, probe_batches))
+def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
+    result = method.finalize()
     _refuse_collapsed_layers(method)
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
     base = {"command": command, "method": method.name, "model": ctx.spec.name, "data": ctx.info.name,
             "synthetic": ctx.info.synthetic, "target_bits": getattr(method.config, "target_bits", None),
             "fp_top1": fp_top1, "seconds": round(time.time() - started, 1)}
-    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, finalize_info, records)
+    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records)
 
 
 def _refuse_collapsed_layers(method: Method) -> None:
@@ -397,10 +396,11 @@ def _refuse_collapsed_layers(method: Method) -> None:
 
 
 def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None, *,
-             model: str | None = None):
+             model: str | None = None, with_probe: bool = False):
     """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded.
 
-    ``model`` names the user factory of a run made with one (never taken from the run).
+    ``model`` names the user factory of a run made with one (never taken from the run); ``with_probe``
+    gives the method its loss probe (the run's ``probe_batches`` training batches), to train further.
     """
     run_dir = Path(run_dir)
     config = read_search_config(run_dir)
@@ -420,7 +420,8 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
         raise MpqError(f"the data does not fit the run's model "
                        f"({spec.num_classes} classes, {spec.in_channels} channels)")
     method = method_cls(method_config, selection)
-    method.prepare(ctx.model)
+    probe = _probe(ctx, config.get("probe_batches", 8)) if with_probe else None
+    method.prepare(ctx.model, loss_probe=probe)
     state, _ = read_state_dict(run_dir / "model.safetensors")
     try:
         ctx.model.load_state_dict(state)
@@ -440,9 +441,8 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
     method_cls = get_method(parent_config["method"])
     defaults = {**method_cls.finetune_defaults}
     config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides},
-                                                    model=model)
+                                                    model=model, with_probe=True)
     method.start_finetune()
-    method.loss_probe = _probe(ctx, config.get("probe_batches", 8))
     ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
     if model is not None:
         ft_config["model"] = ctx.spec.to_dict()
@@ -457,7 +457,7 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
         started = time.time()
         records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="finetune",
                       reporter=reporter, resume=state, fingerprint=ft_config["fingerprint"])
-        return _finish(run_dir, ft_config, method, ctx, train_cfg, config.get("probe_batches", 8), records,
+        return _finish(run_dir, ft_config, method, ctx, train_cfg, records,
                        config.get("fp_top1"), started - _elapsed_before(state), reporter, command="finetune")
 
 

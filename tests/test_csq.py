@@ -10,9 +10,9 @@ from mpq_cli.methods.csq import CSQConfig, CSQWeight
 from mpq_cli.quant.primitives import dequantize, quantize_codes
 
 
-def _csq(model, **cfg):
+def _csq(model, loss_probe=None, **cfg):
     method = get_method("csq")(CSQConfig(**cfg))
-    method.prepare(model)
+    method.prepare(model, loss_probe=loss_probe)
     return method
 
 
@@ -177,54 +177,51 @@ def test_budget_guarantee(start_bits, target):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8),
                                 torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    method = _csq(model, target_bits=target)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    method = _csq(model, loss_probe=_loss_probe(model, x, y), target_bits=target)
     with torch.no_grad():
         for q in method.quantizers().values():
             q.mask_logits.copy_(torch.linspace(-1, 1, 8))
             q.mask_logits[: 8 - start_bits] = -torch.rand(8 - start_bits) - 0.1
             q.mask_logits[8 - start_bits:] = torch.rand(start_bits) + 0.1
-    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
-    info = method.finalize(_loss_probe(model, x, y))
-    assert info["budget_met"]
+    info = method.finalize()
+    assert info.budget_met
     assert target - 0.1 <= method.average_bits() <= target + 1e-9
     assert method.phase is Phase.FINAL
     if start_bits == 3:
-        assert info["budget_changes"] == []
+        assert info.budget_changes == []
 
 
 def test_budget_step_is_loss_aware():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
-    method = _csq(model, target_bits=7.5)
-
     def probe():  # only layer "0" matters to this loss: the budget step must take the bit from layer "1"
         return 1.0 + (8 - method.layer_bits()["0"])
 
-    info = method.finalize(probe)
-    assert info["budget_met"]
-    assert [(c["layer"], c["bits_before"], c["bits_after"]) for c in info["budget_changes"]] == [("1", 8, 7)]
+    method = _csq(model, loss_probe=probe, target_bits=7.5)
+    info = method.finalize()
+    assert info.budget_met
+    assert [(c["layer"], c["bits_before"], c["bits_after"]) for c in info.budget_changes] == [("1", 8, 7)]
     assert method.layer_bits() == {"0": 8, "1": 7}
 
 
 def test_budget_step_never_zeroes_the_output_layer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
-    method = _csq(model, target_bits=4.0)
-
     def probe():  # a broken model: the probe "prefers" a constant output (layer "1" at 0 bits)
         bits = method.layer_bits()
         return 1.0 + (0 if bits["1"] == 0 else 5) + 0.01 * (8 - bits["0"])
 
-    info = method.finalize(probe)
-    assert info["budget_met"] and method.layer_bits()["1"] > 0
+    method = _csq(model, loss_probe=probe, target_bits=4.0, allow_zero_bits=True)
+    info = method.finalize()
+    assert info.budget_met and method.layer_bits()["1"] > 0  # never the output layer, even when allowed
 
 
 def test_projection_meets_budget_then_fixes_scheme(tiny):
-    method = _csq(tiny, target_bits=3, project_at=0.5)
     from mpq_cli.engine import loss_probe
 
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
-    method.loss_probe = loss_probe(tiny, batches, 1)
+    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, project_at=0.5)
     tiny.train()
     method.on_epoch_start(0, 1, 10)
     for _ in range(4):
@@ -236,8 +233,8 @@ def test_projection_meets_budget_then_fixes_scheme(tiny):
     assert 2.9 - 1e-9 <= method.average_bits() <= 3 + 1e-9
     assert method.regularizer() is None
     assert all(bool(q.mask_is_fixed) and not q.mask_logits.requires_grad for q in method.quantizers().values())
-    info = method.finalize(method.loss_probe)
-    assert info["budget_met"] and info["avg_bits_before_budget_step"] == 8 and info["budget_changes"]
+    info = method.finalize()
+    assert info.budget_met and info.avg_bits_before_budget_step == 8 and info.budget_changes
 
 
 def test_finetune_fixes_the_scheme(tiny):
@@ -330,7 +327,7 @@ def test_preconditioned_bits_learn_a_teacher_better_than_plain_ones():
 
 # -- a budget met in nominal bits is met in the file (issue 13) ---------------------------------------------
 def _gapped(tiny, contiguous: bool):
-    method = _csq(tiny, target_bits=2, contiguous_bits=contiguous)
+    method = _csq(tiny, loss_probe=lambda: 0.0, target_bits=2, contiguous_bits=contiguous)
     with torch.no_grad():
         for q in method.quantizers().values():  # bits 0 and 7 selected: 2 nominal bits, codes up to 129
             q.mask_logits.copy_(torch.tensor([1.0, -1, -1, -1, -1, -1, -1, 1]))
@@ -342,7 +339,7 @@ def test_a_gapped_mask_is_made_contiguous_when_the_scheme_is_fixed(tiny, contigu
     from mpq_cli.packing.encodings import plan_codes
 
     method = _gapped(tiny, contiguous)
-    info = method.finalize(lambda: 0.0)
+    info = method.finalize()
 
     def stored_bits(q):  # bits per weight the file stores for the codes: packed fields and any code table
         codes = q.exact_codes()[0]
@@ -350,13 +347,13 @@ def test_a_gapped_mask_is_made_contiguous_when_the_scheme_is_fixed(tiny, contigu
 
     stored = {n: stored_bits(q) for n, q in method.quantizers().items()}
     if contiguous:
-        assert sorted(info["made_contiguous"]) == ["conv", "fc"] and info["budget_met"]
+        assert sorted(info.facts["made_contiguous"]) == ["conv", "fc"] and info.budget_met
         for name, q in method.quantizers().items():
             selected = torch.nonzero(q.hard_mask()).flatten().tolist()
             assert len(selected) == 2 and selected[1] - selected[0] == 1, name
             assert stored[name] <= 3 + 8 / q.exact_codes()[0].numel()  # 2 magnitude bits and a sign (byte padding)
     else:
-        assert info["made_contiguous"] == [] and not info["budget_met"]  # 2 nominal bits, but not in the file
+        assert info.facts["made_contiguous"] == [] and not info.budget_met  # 2 nominal bits, but not in the file
         # codes in {0, +-1, +-128, +-129}: 3-bit indices plus a table of 7 codes, or 9-bit integers
         assert stored["conv"] > 4
 

@@ -63,7 +63,7 @@ from ..layers import quantizable_layers
 from ..quant import alq
 from ..quant.act import BasisActivation
 from ..quant.basis import BasisForm, from_groups, nominal_basis_bits, to_groups
-from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 STRUCTURES = ("channel", "kernel", "pixel", "subchannel")
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -353,14 +353,14 @@ class ALQ(Method):
         self.max_bits = 6
 
     # -- building --------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, loss_probe=None) -> None:
         self._model = model
         builtin = type(model).__module__.startswith("mpq_cli.models")
         self.max_bits = self.config.max_bits or (6 if builtin else 8)
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         self._first_conv = convs[0] if convs else None
         self._last_layer = list(quantizable_layers(model))[-1] if quantizable_layers(model) else None
-        super().prepare(model)
+        super().prepare(model, loss_probe)
         self.initial_weight_bits = self.weight_bits()  # a sketch already within the target only trains
         self._model = None
         fixed = sum(int(q.weight_bits()) for q in self.quantizers().values() if q.fixed)
@@ -522,16 +522,17 @@ class ALQ(Method):
             out[name] = (int((weight == 0).all(1).sum()), q.shape[0])
         return out
 
-    def finalize(self, loss_probe) -> dict:
+    def finalize(self) -> FinalizeResult:
         if self._prune is not None and self._prune["step"] < self._prune["steps"]:
             self._close_round()  # a run stopped inside a pruning epoch still reports it
         self.phase = Phase.FINAL
         avg = self.average_bits()
         pruned = self.pruned_channels()
-        return {"budget_met": avg <= self.config.target_bits + 1e-12,
-                "initial_bits": self.initial_weight_bits / max(self.total_params(), 1),
-                "rounds": len(self.history), "pruned_channels": sum(p for p, _ in pruned.values()),
-                "output_channels": sum(c for _, c in pruned.values())}
+        return FinalizeResult(
+            budget_met=avg <= self.config.target_bits + 1e-12,
+            facts={"initial_bits": self.initial_weight_bits / max(self.total_params(), 1),
+                   "rounds": len(self.history), "pruned_channels": sum(p for p, _ in pruned.values()),
+                   "output_channels": sum(c for _, c in pruned.values())})
 
     def start_finetune(self) -> None:
         self.phase = Phase.FINETUNE

@@ -23,7 +23,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -210,6 +210,32 @@ class WeightQuantizer(nn.Module, ABC):
 
 
 @dataclass
+class FinalizeResult:
+    """What ``Method.finalize`` reports about the scheme it fixed.
+
+    Args:
+        budget_met: the final scheme meets the method's budget (``None``: no budget, e.g. BSQ's open loop).
+        avg_bits_before_budget_step: average nominal bits before a budget step changed the scheme.
+        budget_changes: one record per layer the budget step changed (``mpq_cli.budget.budget_step``).
+        facts: the method's own numbers for ``summary.json`` and ``--json`` (JSON-able).
+    """
+
+    budget_met: bool | None = None
+    avg_bits_before_budget_step: float | None = None
+    budget_changes: list[dict] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The flat keys a run's summary carries (``budget_changes`` is kept apart: it is long)."""
+        out = dict(self.facts)
+        if self.budget_met is not None:
+            out["budget_met"] = self.budget_met
+        if self.avg_bits_before_budget_step is not None:
+            out["avg_bits_before_budget_step"] = self.avg_bits_before_budget_step
+        return out
+
+
+@dataclass
 class LayerCodes:
     """The exact form of one quantized layer: ``weight == codes * step``, or, when ``basis``
     is set (and ``codes``, ``step`` are None), ``weight == basis.weight(shape)``."""
@@ -236,7 +262,7 @@ class Method(ABC):
         self.selection = selection or LayerSelection()
         self.phase = Phase.SEARCH
         self.layers: dict[str, QuantizedLayer] = {}
-        # measures the model's loss on a few fixed training batches; set by the API before training
+        # measures the model's loss on a few fixed training batches (given to prepare)
         self.loss_probe: Callable[[], float] | None = None
 
     # -- building -------------------------------------------------------------------------
@@ -251,8 +277,15 @@ class Method(ABC):
             return None
         return PACT(self.config.first_act_bits if first else self.config.act_bits)
 
-    def prepare(self, model: nn.Module) -> None:
-        """Wrap the selected layers of ``model`` in place."""
+    def prepare(self, model: nn.Module, loss_probe: Callable[[], float] | None = None) -> None:
+        """Wrap the selected layers of ``model`` in place.
+
+        Args:
+            model: the model; its Conv2d/Linear layers are replaced by quantized ones.
+            loss_probe: measures the model's mean loss on a few fixed training batches (the
+                loss-aware budget steps of CSQ and BSQ need it; ``mpq_cli.engine.loss_probe``).
+        """
+        self.loss_probe = loss_probe
         candidates = quantizable_layers(model)
         self.selection.check_patterns(list(candidates))
         first = True
@@ -301,10 +334,15 @@ class Method(ABC):
         return False
 
     # -- results ----------------------------------------------------------------------------
-    def finalize(self, loss_probe: Callable[[], float]) -> dict:
-        """Make the model exact; returns facts for the report (e.g. budget adjustments)."""
+    def finalize(self) -> FinalizeResult:
+        """Make the model exact and fix its scheme (meeting the budget); returns what it did."""
         self.phase = Phase.FINAL
-        return {}
+        return FinalizeResult()
+
+    def _require_probe(self) -> Callable[[], float]:
+        if self.loss_probe is None:
+            raise MpqError(f"{self.name} needs a loss probe for its budget step: pass loss_probe to prepare()")
+        return self.loss_probe
 
     def start_finetune(self) -> None:
         raise MpqError(f"method {self.name} has no fine-tuning phase")

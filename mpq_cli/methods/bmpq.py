@@ -65,7 +65,7 @@ from ..errors import MpqError
 from ..layers import quantizable_layers
 from ..quant.act import PACT
 from ..quant.primitives import max_code, quantize_codes
-from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 MAX_WIDTH = 16  # two's complement widths up to 16 bits fit the packed format's code range
 
@@ -277,13 +277,13 @@ class BMPQ(Method):
             bits = max(self.config.bits)
         return BMPQWeight(layer.weight, bits, max(self.config.bits), self.config.ternary)
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, loss_probe=None) -> None:
         """Wrap the layers (edges at ``edge_bits``, the rest at the largest width) and quantize activations."""
         everything = list(quantizable_layers(model))
         if everything and self.config.edge_bits is not None:
             self.edges = {everything[0], everything[-1]} - {n for n in everything if self.selection.is_fp(n)}
         self.last_layer = everything[-1] if everything else None
-        super().prepare(model)
+        super().prepare(model, loss_probe)
         self.user_ties = self._resolve_user_ties()
         if self.config.act_bits is None and self.config.act_follow_weights:
             for name, layer in self.layers.items():
@@ -410,7 +410,7 @@ class BMPQ(Method):
         return {"avg_bits": self.average_bits()}
 
     # -- end of search, fine-tuning ---------------------------------------------------------------
-    def finalize(self, loss_probe) -> dict:
+    def finalize(self) -> FinalizeResult:
         if self.phase is Phase.SEARCH:
             self._close_epoch()
             if self._trace is not None:
@@ -427,11 +427,12 @@ class BMPQ(Method):
             q.recording = False
         self.phase = Phase.FINAL
         total = sum(self.params.values())
-        return {"budget_bits": self.budget_bits, "budget_avg_bits": self.budget_bits / total,
-                "weight_bits": self._weight_bits(),
-                "budget_met": self._weight_bits() <= self.budget_bits * (1 + 1e-12),
-                "assignments": sum(1 for h in self.history if h["epoch"] != "end"),
-                "assigned_at_end": self.assigned_at_end}
+        return FinalizeResult(
+            budget_met=self._weight_bits() <= self.budget_bits,
+            facts={"budget_bits": self.budget_bits, "budget_avg_bits": self.budget_bits / total,
+                   "weight_bits": self._weight_bits(),
+                   "assignments": sum(1 for h in self.history if h["epoch"] != "end"),
+                   "assigned_at_end": self.assigned_at_end})
 
     def _weight_bits(self) -> int:
         return sum(self.layers[n].params * b for n, b in self.layer_bits().items())

@@ -55,7 +55,7 @@ from ..errors import MpqError
 from ..quant.act import PACT
 from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
 from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
-from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 
 @dataclass
@@ -270,10 +270,10 @@ class BSQ(Method):
             raise MpqError(f"layer {name}: {bits} bits exceed BSQ's max_bits {self.config.max_bits}")
         return BSQWeight(layer.weight, bits, self.config.max_bits, fixed=fixed_bits is not None)
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, loss_probe=None) -> None:
         """As every method, then the paper's activation quantization (App. A.1) when ``--act-bits`` is set:
         a fixed clip at 6 (ReLU6) for 4 bits and above, PACT below; the first and the last layer's input at 8 bits."""
-        super().prepare(model)
+        super().prepare(model, loss_probe)
         if self.config.act_bits is None:
             return
         names = list(self.layers)
@@ -369,7 +369,7 @@ class BSQ(Method):
         """Budget mode: re-quantize, move into the window, fix every layer's precision."""
         self.requantize_all()
         self.avg_bits_before_projection = self.average_bits()
-        self.budget_changes = self._meet_budget(self.loss_probe)
+        self.budget_changes = self._meet_budget(self._require_probe())
         for q in self.quantizers().values():
             q.fixed.fill_(True)
         self.phase = Phase.FINETUNE
@@ -380,8 +380,6 @@ class BSQ(Method):
         target, tol = self.config.target_bits, self.config.budget_tolerance
         if target - tol - 1e-9 <= self.average_bits() <= target + 1e-9:
             return []
-        if loss_probe is None:
-            raise MpqError("BSQ needs a loss probe to meet its budget")
 
         def relaxed_codes(q: BSQWeight, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
             """The layer's continuous plane sum rounded onto ``bits`` bits of the finest lattice (step / 2^e)."""
@@ -410,27 +408,27 @@ class BSQ(Method):
                            apply, loss_probe, target, tol, never_zero=self._never_zero(names))
 
     # -- end of search, fine-tuning ------------------------------------------------------------------
-    def finalize(self, loss_probe) -> dict:
+    def finalize(self) -> FinalizeResult:
         """The final re-quantization (Sec. 3.3); in budget mode the window is guaranteed."""
         info: dict = {"alpha_final": self.alpha}
         if self.phase is Phase.SEARCH:
             self.requantize_all()
             if self.budget_mode:
                 self.avg_bits_before_projection = self.average_bits()
-                self.budget_changes = self._meet_budget(loss_probe)
+                self.budget_changes = self._meet_budget(self._require_probe())
         elif self.phase is Phase.FINETUNE and not any(bool(q.finetuning) for q in self.quantizers().values()):
             self.requantize_all()  # planes trained under a fixed scheme: binarise them
         self.phase = Phase.FINAL
         after = self.average_bits()
         info["rounded_layers"] = sorted({n for r in self.requantizations for n in r["rounded_layers"]})
         info["zero_layers"] = [n for n, q in self.quantizers().items() if q.bits == 0]
-        if self.budget_mode:
-            target, tol = self.config.target_bits, self.config.budget_tolerance
-            before = self.avg_bits_before_projection
-            info.update(avg_bits_before_budget_step=before if before is not None else after,
-                        budget_changes=self.budget_changes,
-                        budget_met=target - tol - 1e-9 <= after <= target + 1e-9)
-        return info
+        if not self.budget_mode:
+            return FinalizeResult(facts=info)
+        target, tol = self.config.target_bits, self.config.budget_tolerance
+        before = self.avg_bits_before_projection
+        return FinalizeResult(budget_met=target - tol - 1e-9 <= after <= target + 1e-9,
+                              avg_bits_before_budget_step=before if before is not None else after,
+                              budget_changes=self.budget_changes, facts=info)
 
     def start_finetune(self) -> None:
         for q in self.quantizers().values():

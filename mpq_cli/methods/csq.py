@@ -58,7 +58,7 @@ from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, round_to_bits, to_bit_planes
 from ..quant.primitives import quantize_codes
-from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 PRECONDITION = ("none", "fixed", "always")
 
@@ -371,15 +371,14 @@ class CSQ(Method):
 
     def project(self) -> None:
         """Meet the budget now, fix the scheme, and restart the bits from the exact codes (Alg. 1 stage 2)."""
-        if self.loss_probe is None:
-            raise MpqError("CSQ needs a loss probe to project its scheme into the budget")
+        probe = self._require_probe()
         self.avg_bits_before_projection = self.average_bits()
         relaxed = None
         if self.config.carry_residual:
             with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
                 relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
         self.made_contiguous = self._make_contiguous()
-        self.budget_changes = self._meet_budget(self.loss_probe)
+        self.budget_changes = self._meet_budget(probe)
         self._ramp_start = self._step
         self._restart_fixed(relaxed)
         self.phase = Phase.FINETUNE
@@ -420,20 +419,20 @@ class CSQ(Method):
         return self.config.reg_strength * delta_s * gates.sum()
 
     # -- end of search ---------------------------------------------------------------------------
-    def finalize(self, loss_probe) -> dict:
+    def finalize(self) -> FinalizeResult:
         """Harden every gate and make sure the budget is met; returns what the budget step did."""
         if self.phase is Phase.SEARCH:  # not projected during training (project_at = 1.0 or a short run)
             self.avg_bits_before_projection = self.average_bits()
             self.made_contiguous = self._make_contiguous()
-            self.budget_changes = self._meet_budget(loss_probe)
+            self.budget_changes = self._meet_budget(self._require_probe())
         self.phase = Phase.FINAL
         after = self.average_bits()
         target, tol = self.config.target_bits, self.config.budget_tolerance
         # met in nominal bits, and in what the file stores by the same count (magnitude bits plus a sign)
         met = target - tol - 1e-9 <= after <= target + 1e-9 and self._stored_code_bits() <= target + 1 + 1e-9
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
-        return {"avg_bits_before_budget_step": before, "budget_changes": self.budget_changes, "budget_met": met,
-                "made_contiguous": self.made_contiguous}
+        return FinalizeResult(budget_met=met, avg_bits_before_budget_step=before, budget_changes=self.budget_changes,
+                              facts={"made_contiguous": self.made_contiguous})
 
     @torch.no_grad()
     def _stored_code_bits(self) -> float:

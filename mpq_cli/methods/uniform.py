@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import MpqError
 from ..quant.primitives import fake_quantize, max_code, quantize_codes
-from .base import Method, MethodConfig, Phase, WeightQuantizer, register
+from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 
 @dataclass
@@ -80,6 +80,6 @@ class Uniform(Method):
     def start_finetune(self) -> None:
         self.phase = Phase.FINETUNE
 
-    def finalize(self, loss_probe) -> dict:
+    def finalize(self) -> FinalizeResult:
         self.phase = Phase.FINAL
-        return {}
+        return FinalizeResult(budget_met=True)  # every layer at the target's whole bits (or its --fix-bits)
