@@ -358,9 +358,12 @@ def checkpoint_bytes(checkpoint: str | None) -> int | None:
     return path.stat().st_size if path.is_file() else None
 
 
+_PROBE_EPOCH = 10**6  # the probe's batches come from an epoch no training run reaches: fixed, and not epoch 0's
+
+
 def _probe(ctx: Context, batches: int):
     """Loss on a fixed set of training batches (never the evaluation set)."""
-    ctx.train.set_epoch(10**6)
+    ctx.train.set_epoch(_PROBE_EPOCH)
     probe = loss_probe(ctx.model, ctx.train, batches)
     ctx.train.set_epoch(0)
     return probe

@@ -38,6 +38,12 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
 
 _SLACK = 1e-6
 _RESOLVES = 4
+AVERAGE_SLACK = 1e-9  # float error allowed on an average of bits when checking it against a window
+
+
+def in_window(average: float, target: float, tolerance: float) -> bool:
+    """``average`` in ``[target - tolerance, target]``: the budget window of CSQ and BSQ."""
+    return target - tolerance - AVERAGE_SLACK <= average <= target + AVERAGE_SLACK
 
 
 def choose_options_within(options: list[list[tuple[int, float]]], params: list[int], low_bits: int,

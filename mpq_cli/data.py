@@ -43,6 +43,12 @@ def normalisation(name: str, channels: int) -> tuple[tuple[float, ...], tuple[fl
 
 
 MAX_BATCH = 1 << 16
+_SEED_STRIDE = 100_003  # a prime: (seed, epoch) pairs map to distinct generator seeds for any epoch count in use
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's shuffling and augmentation: a resumed run redraws the same batches."""
+    return seed * _SEED_STRIDE + epoch
 SYNTHETIC_IMAGES = 768  # 512 to train on, 256 to evaluate
 MAX_SYNTHETIC_BYTES = 4 << 30
 
@@ -146,7 +152,7 @@ class TensorBatches:
 
     def __iter__(self):
         n = len(self.labels)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
@@ -198,7 +204,7 @@ class LoaderBatches:
         return min(n, self.limit) if self.limit else n
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, shuffle=self.shuffle, generator=gen,
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda")
         for i, (x, y) in enumerate(loader):

@@ -30,6 +30,7 @@ SCHEDULES = ("cosine", "step", "constant")
 # still rise while a method adapts it).
 DIVERGENCE_FACTOR = 10.0
 LOG_EVERY = 10  # steps between reads of the loss on the host (a synchronisation on a GPU)
+MAX_SEED = 2**32 - 1  # every epoch's generator seed (seed * 100,003 + epoch) then fits torch's 64 bits
 
 
 @dataclass
@@ -87,8 +88,8 @@ class TrainConfig:
             raise MpqError(f"gamma must be in (0, 1], got {self.gamma}")
         if not (_number(self.momentum) and 0 <= self.momentum < 1):
             raise MpqError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 // 100_003 - 1:  # torch seeds are 64-bit
-            raise MpqError(f"--seed must be an integer in 0..{2**63 // 100_003 - 2}, got {self.seed}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise MpqError(f"--seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if not isinstance(self.amp, bool):
             raise MpqError(f"amp must be true or false, got {self.amp!r}")
 

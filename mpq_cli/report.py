@@ -76,17 +76,6 @@ def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = Non
     return "\n".join(out) + "\n"
 
 
-def rich_layer_table(scheme: Scheme):
-    from rich.table import Table
-
-    table = Table(title=f"{scheme.method} scheme", show_lines=False)
-    for i, col in enumerate(LAYER_HEADER):
-        table.add_column(col, justify="left" if i < 3 else "right")
-    for row in layer_rows(scheme):
-        table.add_row(*row)
-    return table
-
-
 def rich_summary_table(summary: dict):
     from rich.table import Table
 

@@ -123,9 +123,6 @@ class Scheme:
     def model_compression(self) -> float:
         return self.fp32_bytes / self.model_bytes if self.model_bytes else float("inf")
 
-    def bits_by_layer(self) -> dict[str, int | float | None]:
-        return {e.name: e.bits for e in self.layers}
-
     def summary(self) -> dict:
         return {
             "avg_bits": self.avg_bits,

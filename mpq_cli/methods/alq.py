@@ -65,7 +65,6 @@ from ..quant.act import BasisActivation
 from ..quant.basis import BasisForm, from_groups, nominal_basis_bits, to_groups
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
-STRUCTURES = ("channel", "kernel", "pixel", "subchannel")
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 

@@ -406,9 +406,6 @@ class BMPQ(Method):
         if isinstance(layer.act_quantizer, PACT) and self.config.act_bits is None:
             layer.act_quantizer.bits = bits
 
-    def progress(self) -> dict[str, float]:
-        return {"avg_bits": self.average_bits()}
-
     # -- end of search, fine-tuning ---------------------------------------------------------------
     def finalize(self) -> FinalizeResult:
         if self.phase is Phase.SEARCH:

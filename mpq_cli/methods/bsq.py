@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..budget import budget_step
+from ..budget import AVERAGE_SLACK, budget_step, in_window
 from ..errors import MpqError
 from ..quant.act import PACT
 from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
@@ -358,10 +358,10 @@ class BSQ(Method):
         """
         target, tol, gain = self.config.target_bits, self.config.budget_tolerance, self.config.controller_gain
         projected = self._projected_average_bits()
-        if projected > target + 1e-9:
+        if projected > target + AVERAGE_SLACK:
             if not (self._projected_history and projected < max(self._projected_history)):
                 self.alpha *= math.exp(gain)
-        elif projected < target - tol - 1e-9:
+        elif projected < target - tol - AVERAGE_SLACK:
             self.alpha *= math.exp(-2 * gain)
         self._projected_history = [*self._projected_history, projected][-self.config.controller_window:]
 
@@ -378,7 +378,7 @@ class BSQ(Method):
     @torch.no_grad()
     def _meet_budget(self, loss_probe) -> list[dict]:
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        if target - tol - 1e-9 <= self.average_bits() <= target + 1e-9:
+        if in_window(self.average_bits(), target, tol):
             return []
 
         def relaxed_codes(q: BSQWeight, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +426,7 @@ class BSQ(Method):
             return FinalizeResult(facts=info)
         target, tol = self.config.target_bits, self.config.budget_tolerance
         before = self.avg_bits_before_projection
-        return FinalizeResult(budget_met=target - tol - 1e-9 <= after <= target + 1e-9,
+        return FinalizeResult(budget_met=in_window(after, target, tol),
                               avg_bits_before_budget_step=before if before is not None else after,
                               budget_changes=self.budget_changes, facts=info)
 

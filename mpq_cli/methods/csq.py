@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import budget_step
+from ..budget import AVERAGE_SLACK, budget_step, in_window
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, round_to_bits, to_bit_planes
@@ -429,7 +429,7 @@ class CSQ(Method):
         after = self.average_bits()
         target, tol = self.config.target_bits, self.config.budget_tolerance
         # met in nominal bits, and in what the file stores by the same count (magnitude bits plus a sign)
-        met = target - tol - 1e-9 <= after <= target + 1e-9 and self._stored_code_bits() <= target + 1 + 1e-9
+        met = in_window(after, target, tol) and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
         return FinalizeResult(budget_met=met, avg_bits_before_budget_step=before, budget_changes=self.budget_changes,
                               facts={"made_contiguous": self.made_contiguous})
@@ -468,7 +468,7 @@ class CSQ(Method):
         contiguous bits (:func:`mpq_cli.budget.budget_step`).
         """
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        if target - tol - 1e-9 <= self.average_bits() <= target + 1e-9:
+        if in_window(self.average_bits(), target, tol):
             return []
 
         def apply(name: str, bits: int):
