@@ -16,8 +16,9 @@ def run(args: list[str], log: list[str], quiet: bool = True) -> dict:
     """Run ``mpq ARGS --json [--quiet]`` from the repository root; record the command in ``log``."""
     log.append("mpq " + " ".join(args))
     started = time.time()
-    out = subprocess.run([*MPQ, *args, "--json", *(["--quiet"] if quiet else [])], cwd=ROOT, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [*MPQ, *args, "--json", *(["--quiet"] if quiet else [])], cwd=ROOT, capture_output=True, text=True
+    )
     if out.returncode != 0:
         sys.exit(f"failed: mpq {' '.join(args)}\n{out.stderr}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -45,6 +46,8 @@ def fresh_output(out: str) -> Path:
 def fp32_reference(run_dir: str) -> dict:
     """``top1``, ``bytes`` (its checkpoint file) and ``epochs`` of an ``mpq train`` run."""
     root = ROOT / run_dir
-    return {"top1": json.loads((root / "summary.json").read_text())["top1"],
-            "bytes": (root / "model.safetensors").stat().st_size,
-            "epochs": json.loads((root / "config.json").read_text())["train"]["epochs"]}
+    return {
+        "top1": json.loads((root / "summary.json").read_text())["top1"],
+        "bytes": (root / "model.safetensors").stat().st_size,
+        "epochs": json.loads((root / "config.json").read_text())["train"]["epochs"],
+    }

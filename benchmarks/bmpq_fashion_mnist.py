@@ -36,36 +36,68 @@ def main() -> None:
     bits = f"{args.target_bits:g}"
     name = f"scratch-{bits}"
     log: list[str] = []
-    search = run(["search", "--method", "bmpq", "--model", "lenet5", "--data", "fashion-mnist", "--seed",
-                  str(args.seed), "--epochs", str(args.epochs), "--bits", args.bits, "--target-bits", bits,
-                  "--out", str(out / name)], log)
+    search = run(
+        [
+            "search",
+            "--method",
+            "bmpq",
+            "--model",
+            "lenet5",
+            "--data",
+            "fashion-mnist",
+            "--seed",
+            str(args.seed),
+            "--epochs",
+            str(args.epochs),
+            "--bits",
+            args.bits,
+            "--target-bits",
+            bits,
+            "--out",
+            str(out / name),
+        ],
+        log,
+    )
     packed = out / f"{name}.safetensors"
     exported = run(["export", str(out / name), "-o", str(packed)], log)
     from_file = run(["eval", str(packed)], log)
     inspected = run(["inspect", str(packed)], log, quiet=False)  # inspect prints no progress
 
     report = (ROOT / out / name / "report.md").read_text()
-    assignments = report[report.index("## BMPQ assignments"):].split("\nTrained ")[0].strip()
+    assignments = report[report.index("## BMPQ assignments") :].split("\nTrained ")[0].strip()
     assignments = assignments.replace("## BMPQ assignments", "## Assignments (from the run's report.md)")
-    layer_rows = [f"| {r['name']} | {r['params']:,} | {r['bits']} | {r['encoding']} | {r['stored_bits']:.3f} | "
-                  f"{r['bytes']:,} | {r.get('act_bits') or 'FP'} |" for r in inspected["layers"]]
+    layer_rows = [
+        f"| {r['name']} | {r['params']:,} | {r['bits']} | {r['encoding']} | {r['stored_bits']:.3f} | "
+        f"{r['bytes']:,} | {r.get('act_bits') or 'FP'} |"
+        for r in inspected["layers"]
+    ]
     lines = [
-        "# BMPQ on Fashion-MNIST (lenet5, from scratch)", "",
+        "# BMPQ on Fashion-MNIST (lenet5, from scratch)",
+        "",
         f"Machine: {platform.machine()}, 2-core CPU. Reference: the FP32 lenet5 `{args.fp32}` "
-        f"({fp_top1:.2f} % top-1 after {fp_epochs} epochs of Adam). Commands:", "",
-        "```", *log, "```", "",
+        f"({fp_top1:.2f} % top-1 after {fp_epochs} epochs of Adam). Commands:",
+        "",
+        "```",
+        *log,
+        "```",
+        "",
         "| run | epochs | target | avg bits (two's complement, nominal) | avg stored bits (file) | top-1 % | "
         "drop vs FP32 | within budget | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| bmpq from scratch, bits {{{args.bits}}} | {args.epochs} | {bits} | {search['avg_bits']:.3f} | "
         f"{exported['avg_stored_bits']:.3f} | {search['top1']:.2f} | {fp_top1 - search['top1']:.2f} | "
-        f"{'yes' if search['budget_met'] else 'NO'} | {search['wall_seconds']} |", "",
+        f"{'yes' if search['budget_met'] else 'NO'} | {search['wall_seconds']} |",
+        "",
         f"Packed file: {exported['file_bytes']:,} bytes, {fp_bytes / exported['file_bytes']:.2f}x smaller than "
         f"the reference FP32 checkpoint file ({fp_bytes:,} bytes); top-1 measured from the file by "
-        f"`mpq eval`: {from_file['top1']:.2f} %.", "",
-        "## Layers in the file", "",
+        f"`mpq eval`: {from_file['top1']:.2f} %.",
+        "",
+        "## Layers in the file",
+        "",
         "| layer | params | bits | encoding | stored bits/weight | bytes | input bits |",
-        "|---|---|---|---|---|---|---|", *layer_rows, "",
+        "|---|---|---|---|---|---|---|",
+        *layer_rows,
+        "",
         assignments,
     ]
     write_results(args.results, lines)

@@ -33,8 +33,20 @@ def main() -> None:
     args = parser.parse_args()
     out = fresh_output(args.out)
     fp_top1 = fp32_reference(args.fp32)["top1"]
-    common = ["--method", "bsq", "--checkpoint", args.fp32, "--data", "fashion-mnist", "--seed", str(args.seed),
-              "--batch-size", "256", "--epochs", str(args.epochs)]
+    common = [
+        "--method",
+        "bsq",
+        "--checkpoint",
+        args.fp32,
+        "--data",
+        "fashion-mnist",
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        "256",
+        "--epochs",
+        str(args.epochs),
+    ]
     log: list[str] = []
     sweep = []
     for alpha in args.alphas.split(","):
@@ -42,28 +54,58 @@ def main() -> None:
         sweep.append((alpha, s))
     bits = f"{args.target_bits:g}"
     budget = run(["search", *common, "--target-bits", bits, "--out", str(out / f"budget-{bits}")], log)
-    finetuned = run(["finetune", str(out / f"budget-{bits}"), "--epochs", str(args.finetune_epochs),
-                     "--out", str(out / f"budget-{bits}-ft")], log)
+    finetuned = run(
+        [
+            "finetune",
+            str(out / f"budget-{bits}"),
+            "--epochs",
+            str(args.finetune_epochs),
+            "--out",
+            str(out / f"budget-{bits}-ft"),
+        ],
+        log,
+    )
     packed = ROOT / out / f"budget-{bits}-ft.safetensors"
     exported = run(["export", str(out / f"budget-{bits}-ft"), "-o", str(packed.relative_to(ROOT))], log)
     from_file = run(["eval", str(packed.relative_to(ROOT))], log)
 
     def row(name, s, epochs):
-        return (f"| {name} | {epochs} | {s['avg_bits']:.3f} | {s['avg_stored_bits']:.3f} | {s['top1']:.2f} | "
-                f"{fp_top1 - s['top1']:.2f} | {s['wall_seconds']} |")
+        return (
+            f"| {name} | {epochs} | {s['avg_bits']:.3f} | {s['avg_stored_bits']:.3f} | {s['top1']:.2f} | "
+            f"{fp_top1 - s['top1']:.2f} | {s['wall_seconds']} |"
+        )
 
-    header = ["| run | epochs | avg bits (nominal) | avg stored bits | top-1 % | drop vs FP32 | wall s |",
-              "|---|---|---|---|---|---|---|"]
-    lines = ["# BSQ on Fashion-MNIST (lenet5)", "",
-             f"Machine: {platform.machine()}; FP32 start: `{args.fp32}` ({fp_top1:.2f} % top-1). Commands:", "",
-             "```", *log, "```", "", "## Open loop (the paper's mode): alpha fixed", "", *header]
+    header = [
+        "| run | epochs | avg bits (nominal) | avg stored bits | top-1 % | drop vs FP32 | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines = [
+        "# BSQ on Fashion-MNIST (lenet5)",
+        "",
+        f"Machine: {platform.machine()}; FP32 start: `{args.fp32}` ({fp_top1:.2f} % top-1). Commands:",
+        "",
+        "```",
+        *log,
+        "```",
+        "",
+        "## Open loop (the paper's mode): alpha fixed",
+        "",
+        *header,
+    ]
     lines += [row(f"alpha {alpha}", s, args.epochs) for alpha, s in sweep]
-    lines += ["", f"## Budget mode, target {bits} bits", "", *header, row("search", budget, args.epochs),
-              row("+ finetune", finetuned, args.finetune_epochs), "",
-              f"Budget met: {budget.get('budget_met')}; alpha at the end of the search: "
-              f"{budget.get('alpha_final'):.4g}. Packed file: {exported['file_bytes']:,} bytes "
-              f"({exported['compression_vs_checkpoint']:.2f}x smaller than the FP32 checkpoint), "
-              f"top-1 measured from the file: {from_file['top1']:.2f} %."]
+    lines += [
+        "",
+        f"## Budget mode, target {bits} bits",
+        "",
+        *header,
+        row("search", budget, args.epochs),
+        row("+ finetune", finetuned, args.finetune_epochs),
+        "",
+        f"Budget met: {budget.get('budget_met')}; alpha at the end of the search: "
+        f"{budget.get('alpha_final'):.4g}. Packed file: {exported['file_bytes']:,} bytes "
+        f"({exported['compression_vs_checkpoint']:.2f}x smaller than the FP32 checkpoint), "
+        f"top-1 measured from the file: {from_file['top1']:.2f} %.",
+    ]
     write_results(args.results, lines)
 
 

@@ -75,10 +75,12 @@ def logit_gradients(fp32: str) -> list[str]:
     def keep_weight_grad(name):  # the relaxed weight a layer computes with, and its gradient
         def hook(module, args, weight) -> None:
             weight.register_hook(lambda g: weight_grads.__setitem__(name, g))
+
         return hook
 
-    handles = [layer.weight_quantizer.register_forward_hook(keep_weight_grad(name))
-               for name, layer in method.layers.items()]
+    handles = [
+        layer.weight_quantizer.register_forward_hook(keep_weight_grad(name)) for name, layer in method.layers.items()
+    ]
     F.cross_entropy(ctx.model(x), y).backward()
     for handle in handles:
         handle.remove()
@@ -86,8 +88,11 @@ def logit_gradients(fp32: str) -> list[str]:
     for name, layer in method.layers.items():
         q = layer.weight_quantizer
         per_bit = q.bit_logits_pos.grad.abs().flatten(0, -2).mean(0)
-        rows.append(f"| {name} | {layer.params:,} | {weight_grads[name].abs().mean():.1e} | "
-                    + " | ".join(f"{v:.1e}" for v in per_bit.tolist()) + " |")
+        rows.append(
+            f"| {name} | {layer.params:,} | {weight_grads[name].abs().mean():.1e} | "
+            + " | ".join(f"{v:.1e}" for v in per_bit.tolist())
+            + " |"
+        )
     return rows
 
 
@@ -102,8 +107,10 @@ def changed_codes(method: str, extra: dict, fp32: str, out: Path, epochs: int, s
     from safetensors.torch import load_file
 
     final = load_file(str(ROOT / out / "codes.safetensors"))
-    return ({name: 100.0 * float((final[f"{name}.codes"] != codes).float().mean()) for name, codes in RECORDED.items()},
-            summary["top1"])
+    return (
+        {name: 100.0 * float((final[f"{name}.codes"] != codes).float().mean()) for name, codes in RECORDED.items()},
+        summary["top1"],
+    )
 
 
 def main() -> None:
@@ -117,29 +124,45 @@ def main() -> None:
     out = fresh_output(args.out)
     fp_top1 = fp32_reference(args.fp32)["top1"]
     gradient_rows = logit_gradients(args.fp32)
-    variants = [("csq, paper's plain gradient, no residuals", "csq-recording",
-                 {"precondition": "none", "carry_residual": False}, "after the projection"),
-                ("csq (defaults)", "csq-recording", {}, "after the projection"),
-                ("uniform QAT", "uniform-recording", {}, "over the second half")]
+    variants = [
+        (
+            "csq, paper's plain gradient, no residuals",
+            "csq-recording",
+            {"precondition": "none", "carry_residual": False},
+            "after the projection",
+        ),
+        ("csq (defaults)", "csq-recording", {}, "after the projection"),
+        ("uniform QAT", "uniform-recording", {}, "over the second half"),
+    ]
     rows, layers = [], None
     for i, (label, method, extra, span) in enumerate(variants):
         changed, top1 = changed_codes(method, extra, args.fp32, out / f"run{i}", args.epochs, args.seed)
         layers = layers or list(changed)
         rows.append(f"| {label} | {span} | " + " | ".join(f"{changed[n]:.2f}" for n in layers) + f" | {top1:.2f} |")
     invocation = " ".join([".venv/bin/python", "benchmarks/csq_bit_flips.py", *sys.argv[1:]])
-    write_results(args.results, [
-        "# Do CSQ's bits train? (lenet5, Fashion-MNIST, 2 bits)", "",
-        f"Produced by `{invocation}` on {platform.machine()}, 2-core CPU. Reference: `{args.fp32}` "
-        f"({fp_top1:.2f} % top-1).", "",
-        "Mean |gradient| on one training batch of 256 at beta = 1, from the FP32 checkpoint, with the paper's "
-        "plain gradient: the weight's, and the positive bit logits' per bit position (bit 0 = LSB):", "",
-        "| layer | weights | dL/dW | " + " | ".join(f"bit {b}" for b in range(8)) + " |",
-        "|---|---|---|" + "---|" * 8, *gradient_rows, "",
-        f"Percent of each layer's integer codes changed ({args.epochs}-epoch search, seed {args.seed}; CSQ projects "
-        "and fixes its scheme at half the search):", "",
-        "| run | codes compared | " + " | ".join(layers) + " | top-1 % |",
-        "|---|---|" + "---|" * (len(layers) + 1), *rows,
-    ])
+    write_results(
+        args.results,
+        [
+            "# Do CSQ's bits train? (lenet5, Fashion-MNIST, 2 bits)",
+            "",
+            f"Produced by `{invocation}` on {platform.machine()}, 2-core CPU. Reference: `{args.fp32}` "
+            f"({fp_top1:.2f} % top-1).",
+            "",
+            "Mean |gradient| on one training batch of 256 at beta = 1, from the FP32 checkpoint, with the paper's "
+            "plain gradient: the weight's, and the positive bit logits' per bit position (bit 0 = LSB):",
+            "",
+            "| layer | weights | dL/dW | " + " | ".join(f"bit {b}" for b in range(8)) + " |",
+            "|---|---|---|" + "---|" * 8,
+            *gradient_rows,
+            "",
+            f"Percent of each layer's integer codes changed ({args.epochs}-epoch search, seed {args.seed}; "
+            "CSQ projects and fixes its scheme at half the search):",
+            "",
+            "| run | codes compared | " + " | ".join(layers) + " | top-1 % |",
+            "|---|---|" + "---|" * (len(layers) + 1),
+            *rows,
+        ],
+    )
 
 
 if __name__ == "__main__":

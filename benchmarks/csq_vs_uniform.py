@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--fp32", default="runs/bench-fmnist/fp32", help="an `mpq train` run of the model (reference)")
     parser.add_argument("--model", default=None, help="the reference's model when it is not lenet5 (e.g. resnet20)")
     parser.add_argument("--target-bits", default="2")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated 0-based numbers of the variants to run (default: all)")
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated 0-based numbers of the variants to run (default: all)"
+    )
     parser.add_argument("--out", default="runs/bench-csq-vs-uniform", help="folder for the run directories")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", default="0,1,2")
@@ -44,14 +45,29 @@ def main() -> None:
     args = parser.parse_args()
     out = fresh_output(args.out)
     fp_top1 = fp32_reference(args.fp32)["top1"]
-    common = [*(["--model", args.model] if args.model else []), "--target-bits", args.target_bits,
-              "--checkpoint", args.fp32, "--data", "fashion-mnist", "--batch-size", "256", "--epochs", str(args.epochs)]
-    variants = [("csq", ["--method", "csq"]),
-                ("csq, preconditioned in the search too", ["--method", "csq", "--precondition", "always"]),
-                ("csq, not preconditioned", ["--method", "csq", "--precondition", "none"]),
-                ("csq, neither preconditioned nor residuals", ["--method", "csq", "--precondition", "none",
-                                                               "--carry-residual", "false"]),
-                ("uniform", ["--method", "uniform"])]
+    common = [
+        *(["--model", args.model] if args.model else []),
+        "--target-bits",
+        args.target_bits,
+        "--checkpoint",
+        args.fp32,
+        "--data",
+        "fashion-mnist",
+        "--batch-size",
+        "256",
+        "--epochs",
+        str(args.epochs),
+    ]
+    variants = [
+        ("csq", ["--method", "csq"]),
+        ("csq, preconditioned in the search too", ["--method", "csq", "--precondition", "always"]),
+        ("csq, not preconditioned", ["--method", "csq", "--precondition", "none"]),
+        (
+            "csq, neither preconditioned nor residuals",
+            ["--method", "csq", "--precondition", "none", "--carry-residual", "false"],
+        ),
+        ("uniform", ["--method", "uniform"]),
+    ]
     if args.variants is not None:
         variants = [variants[int(i)] for i in args.variants.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -60,26 +76,41 @@ def main() -> None:
     for i, (label, extra) in enumerate(variants):
         top1s = []
         for seed in seeds:
-            summary = run(["search", *extra, *common, "--seed", str(seed), "--out", str(out / f"run{i}-seed{seed}")],
-                          log)
+            summary = run(
+                ["search", *extra, *common, "--seed", str(seed), "--out", str(out / f"run{i}-seed{seed}")], log
+            )
             scheme = (ROOT / summary["out"] / "scheme.json").read_text()
             bits = {e["name"]: e["bits"] for e in json.loads(scheme)["layers"]}
             top1s.append(summary["top1"])
-            rows.append(f"| {label} | {seed} | {summary['avg_bits']:.3f} | "
-                        f"{', '.join(f'{n} {b}' for n, b in bits.items())} | {summary['top1']:.2f} | "
-                        f"{fp_top1 - summary['top1']:.2f} | {summary['wall_seconds']} |")
+            rows.append(
+                f"| {label} | {seed} | {summary['avg_bits']:.3f} | "
+                f"{', '.join(f'{n} {b}' for n, b in bits.items())} | {summary['top1']:.2f} | "
+                f"{fp_top1 - summary['top1']:.2f} | {summary['wall_seconds']} |"
+            )
         mean = sum(top1s) / len(top1s)
         means.append(f"| {label} | {mean:.2f} | {fp_top1 - mean:.2f} | {min(top1s):.2f} | {max(top1s):.2f} |")
-    write_results(args.results, [
-        f"# CSQ against uniform QAT at {args.target_bits} bits ({args.model or 'lenet5'}, Fashion-MNIST)", "",
-        f"Machine: {platform.machine()}, 2-core CPU. Reference: `{args.fp32}` ({fp_top1:.2f} % top-1). Commands:", "",
-        "```", *log, "```", "",
-        f"Every search: {args.epochs} epochs, target {args.target_bits} bits, batch 256.", "",
-        f"| run | mean top-1 % over seeds {args.seeds} | mean drop vs FP32 | lowest | highest |",
-        "|---|---|---|---|---|", *means, "",
-        "| run | seed | avg bits | bits per layer | top-1 % | drop vs FP32 | wall s |",
-        "|---|---|---|---|---|---|---|", *rows,
-    ])
+    write_results(
+        args.results,
+        [
+            f"# CSQ against uniform QAT at {args.target_bits} bits ({args.model or 'lenet5'}, Fashion-MNIST)",
+            "",
+            f"Machine: {platform.machine()}, 2-core CPU. Reference: `{args.fp32}` ({fp_top1:.2f} % top-1). Commands:",
+            "",
+            "```",
+            *log,
+            "```",
+            "",
+            f"Every search: {args.epochs} epochs, target {args.target_bits} bits, batch 256.",
+            "",
+            f"| run | mean top-1 % over seeds {args.seeds} | mean drop vs FP32 | lowest | highest |",
+            "|---|---|---|---|---|",
+            *means,
+            "",
+            "| run | seed | avg bits | bits per layer | top-1 % | drop vs FP32 | wall s |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -34,19 +34,56 @@ def main() -> None:
         sys.exit(f"{out} exists; remove it or pass --out")
     common = ["--data", "fashion-mnist", "--seed", str(args.seed)]
     log: list[str] = []
-    fp = run(["train", "--model", "lenet5", *common, "--batch-size", "128", "--epochs", str(args.fp_epochs),
-              "--out", str(out / "fp32")], log)
+    fp = run(
+        [
+            "train",
+            "--model",
+            "lenet5",
+            *common,
+            "--batch-size",
+            "128",
+            "--epochs",
+            str(args.fp_epochs),
+            "--out",
+            str(out / "fp32"),
+        ],
+        log,
+    )
     common += ["--batch-size", "256"]
     bits = f"{args.target_bits:g}"
     rows = [("FP32", None, fp)]
     for method in ("csq", "uniform"):
-        summary = run(["search", "--method", method, "--target-bits", bits, "--checkpoint", str(out / "fp32"),
-                       *common, "--epochs", str(args.search_epochs), "--out", str(out / f"{method}-{bits}")], log)
+        summary = run(
+            [
+                "search",
+                "--method",
+                method,
+                "--target-bits",
+                bits,
+                "--checkpoint",
+                str(out / "fp32"),
+                *common,
+                "--epochs",
+                str(args.search_epochs),
+                "--out",
+                str(out / f"{method}-{bits}"),
+            ],
+            log,
+        )
         rows.append((f"{method} search", args.search_epochs, summary))
     if args.finetune_epochs:
         for method in ("csq", "uniform"):
-            summary = run(["finetune", str(out / f"{method}-{bits}"), "--epochs", str(args.finetune_epochs),
-                           "--out", str(out / f"{method}-{bits}-ft")], log)
+            summary = run(
+                [
+                    "finetune",
+                    str(out / f"{method}-{bits}"),
+                    "--epochs",
+                    str(args.finetune_epochs),
+                    "--out",
+                    str(out / f"{method}-{bits}-ft"),
+                ],
+                log,
+            )
             rows.append((f"{method} + finetune", args.finetune_epochs, summary))
     packed = {}
     fp32_file = ROOT / out / "fp32" / "model.safetensors"
@@ -55,24 +92,48 @@ def main() -> None:
         file = run_dir.with_name(run_dir.name + ".safetensors")
         exported = run(["export", str(run_dir), "-o", str(file)], log)
         evaluated = run(["eval", str(file)], log)
-        packed[name] = (exported["file_bytes"], fp32_file.stat().st_size / exported["file_bytes"],
-                        exported["avg_stored_bits"], evaluated["top1"])
+        packed[name] = (
+            exported["file_bytes"],
+            fp32_file.stat().st_size / exported["file_bytes"],
+            exported["avg_stored_bits"],
+            evaluated["top1"],
+        )
     invocation = " ".join([".venv/bin/python", "benchmarks/fashion_mnist.py", *sys.argv[1:]])
-    lines = [f"# lenet5 on Fashion-MNIST, target {bits} bits", "", f"Produced by `{invocation}`.", "",
-             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
-             f"torch threads as default. Commands (in order):", "", "```"] + log + ["```", "",
-             "| run | epochs | avg bits (nominal) | avg stored bits (codes + sign) | top-1 % | drop vs FP32 | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = (
+        [
+            f"# lenet5 on Fashion-MNIST, target {bits} bits",
+            "",
+            f"Produced by `{invocation}`.",
+            "",
+            f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
+            f"torch threads as default. Commands (in order):",
+            "",
+            "```",
+        ]
+        + log
+        + [
+            "```",
+            "",
+            "| run | epochs | avg bits (nominal) | avg stored bits (codes + sign) | top-1 % | drop vs FP32 | wall s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    )
     for name, epochs, s in rows:
         nominal = "32" if name == "FP32" else f"{s['avg_bits']:.3f}"
         stored = "32" if name == "FP32" else f"{s['avg_stored_bits']:.3f}"
         drop = "" if name == "FP32" else f"{fp['top1'] - s['top1']:.2f}"
-        lines.append(f"| {name} | {epochs or args.fp_epochs} | {nominal} | {stored} | {s['top1']:.2f} | {drop} | "
-                     f"{s['wall_seconds']} |")
-    lines += ["", "Packed files (`mpq export`), measured on disk against the FP32 checkpoint "
-              f"({fp32_file.stat().st_size:,} bytes); top-1 re-measured from the file by `mpq eval FILE`:", "",
-              "| run | file bytes | x smaller than FP32 checkpoint | stored bits/weight (file) | top-1 % from file |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {epochs or args.fp_epochs} | {nominal} | {stored} | {s['top1']:.2f} | {drop} | "
+            f"{s['wall_seconds']} |"
+        )
+    lines += [
+        "",
+        "Packed files (`mpq export`), measured on disk against the FP32 checkpoint "
+        f"({fp32_file.stat().st_size:,} bytes); top-1 re-measured from the file by `mpq eval FILE`:",
+        "",
+        "| run | file bytes | x smaller than FP32 checkpoint | stored bits/weight (file) | top-1 % from file |",
+        "|---|---|---|---|---|",
+    ]
     for name, (nbytes, ratio, stored, top1) in packed.items():
         lines.append(f"| {name} | {nbytes:,} | {ratio:.2f} | {stored:.3f} | {top1:.2f} |")
     text = "\n".join(lines) + "\n"

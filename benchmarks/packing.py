@@ -49,8 +49,10 @@ def best_time(fn, repeat: int, *args) -> float:
 
 def throughput(widths: list[int], count: int, repeat: int) -> list[str]:
     rng = np.random.default_rng(0)
-    rows = ["| width (bits) | pack: M weights/s | pack: MB packed/s | unpack: M weights/s | unpack: MB packed/s |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| width (bits) | pack: M weights/s | pack: MB packed/s | unpack: M weights/s | unpack: MB packed/s |",
+        "|---|---|---|---|---|",
+    ]
     for width in widths:
         fields = rng.integers(0, 1 << width, size=count, dtype=np.int64)
         packed = pack_bits(fields, width)
@@ -58,8 +60,10 @@ def throughput(widths: list[int], count: int, repeat: int) -> list[str]:
         t_pack = best_time(pack_bits, repeat, fields, width)
         t_unpack = best_time(unpack_bits, repeat, packed, width, count)
         mb = packed.nbytes / 1e6
-        rows.append(f"| {width} | {count / t_pack / 1e6:.0f} | {mb / t_pack:.0f} | {count / t_unpack / 1e6:.0f} | "
-                    f"{mb / t_unpack:.0f} |")
+        rows.append(
+            f"| {width} | {count / t_pack / 1e6:.0f} | {mb / t_pack:.0f} | {count / t_unpack / 1e6:.0f} | "
+            f"{mb / t_unpack:.0f} |"
+        )
     return rows
 
 
@@ -67,34 +71,67 @@ def export_time(work: Path, repeat: int) -> tuple[list[str], list[str]]:
     import mpq_cli
 
     run = work / "resnet50-uniform4"
-    command = ["search", "--method", "uniform", "--target-bits", "4", "--model", "resnet50", "--data", "synthetic",
-               "--input-size", "3,32,32", "--epochs", "0", "--limit-val-batches", "1",
-               "--batch-size", "2", "--device", "cpu", "--out", str(run), "--quiet", "--json"]
+    command = [
+        "search",
+        "--method",
+        "uniform",
+        "--target-bits",
+        "4",
+        "--model",
+        "resnet50",
+        "--data",
+        "synthetic",
+        "--input-size",
+        "3,32,32",
+        "--epochs",
+        "0",
+        "--limit-val-batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(run),
+        "--quiet",
+        "--json",
+    ]
     subprocess.run([sys.executable, "-m", "mpq_cli", *command], cwd=ROOT, check=True, capture_output=True)
     out = work / "resnet50.safetensors"
     t_api = best_time(mpq_cli.export, repeat, run, out)
     report = json.loads(out.with_name("resnet50.report.json").read_text())
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mpq_cli", "export", str(run), "-o", str(out), "--quiet"], cwd=ROOT,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mpq_cli", "export", str(run), "-o", str(out), "--quiet"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     t_cli = time.perf_counter() - started
     commands = [c.replace(f"{ROOT}/", "") for c in ("mpq " + " ".join(command[:-2]), f"mpq export {run} -o {out}")]
     t_load, t_load_unverified = load_time(out, 3 * repeat)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import mpq_cli; mpq_cli.load_packed({str(out)!r})"], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import mpq_cli; mpq_cli.load_packed({str(out)!r})"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     t_load_cli = time.perf_counter() - started
-    rows = ["| quantity | value |", "|---|---|",
-            f"| quantized weights | {report['quantized_params']:,} |",
-            f"| average nominal / stored bits | {report['avg_bits']:.3f} / {report['avg_stored_bits']:.3f} |",
-            f"| file bytes | {report['file_bytes']:,} |",
-            f"| FP32 equivalent bytes | {report['fp32_bytes']:,} ({report['compression']:.2f}x) |",
-            f"| `mpq_cli.export` call, best of {repeat} (s) | {t_api:.2f} |",
-            f"| `mpq export` command, Python start-up included (s) | {t_cli:.2f} |",
-            f"| `load_packed` call, best of {3 * repeat} (s) | {t_load:.2f} |",
-            f"| of which SHA-256 checks of the header and every tensor (s) | {t_load - t_load_unverified:.2f} "
-            f"({100 * (t_load - t_load_unverified) / t_load:.1f} % of the load) |",
-            f"| `load_packed` in a new Python process, start-up included (s) | {t_load_cli:.2f} |"]
+    rows = [
+        "| quantity | value |",
+        "|---|---|",
+        f"| quantized weights | {report['quantized_params']:,} |",
+        f"| average nominal / stored bits | {report['avg_bits']:.3f} / {report['avg_stored_bits']:.3f} |",
+        f"| file bytes | {report['file_bytes']:,} |",
+        f"| FP32 equivalent bytes | {report['fp32_bytes']:,} ({report['compression']:.2f}x) |",
+        f"| `mpq_cli.export` call, best of {repeat} (s) | {t_api:.2f} |",
+        f"| `mpq export` command, Python start-up included (s) | {t_cli:.2f} |",
+        f"| `load_packed` call, best of {3 * repeat} (s) | {t_load:.2f} |",
+        f"| of which SHA-256 checks of the header and every tensor (s) | {t_load - t_load_unverified:.2f} "
+        f"({100 * (t_load - t_load_unverified) / t_load:.1f} % of the load) |",
+        f"| `load_packed` in a new Python process, start-up included (s) | {t_load_cli:.2f} |",
+    ]
     return commands, rows
 
 
@@ -129,10 +166,15 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     widths = [int(w) for w in args.widths.split(",")]
-    lines = ["# Packing throughput and export time", "",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; "
-             f"command: `.venv/bin/python benchmarks/packing.py`.", "",
-             f"## pack_bits / unpack_bits, {args.count:,} random fields, best of {args.repeat}", ""]
+    lines = [
+        "# Packing throughput and export time",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"command: `.venv/bin/python benchmarks/packing.py`.",
+        "",
+        f"## pack_bits / unpack_bits, {args.count:,} random fields, best of {args.repeat}",
+        "",
+    ]
     lines += throughput(widths, args.count, args.repeat)
     commands, rows = export_time(work, args.repeat)
     lines += ["", "## Export of a resnet50 run", "", "```", *commands, "```", "", *rows]

@@ -84,8 +84,9 @@ def _default_input(name: str) -> tuple[int, int, int]:
 
 def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -> Context:
     channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
-    info, train_b, val_b = load_data(data, channels=channels, default_input=_default_input(model_opts.name),
-                                     seed=train_cfg.seed)
+    info, train_b, val_b = load_data(
+        data, channels=channels, default_input=_default_input(model_opts.name), seed=train_cfg.seed
+    )
     weights = None if model_opts.weights in (None, "none") else model_opts.weights
     spec = ModelSpec(model_opts.name, weights, info.num_classes, info.in_channels, tuple(info.input_size))
     seed_everything(train_cfg.seed)
@@ -155,8 +156,10 @@ def _resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, rep
         raise MpqError(f"--resume: {ckpt} does not exist")
     state = load_checkpoint_state(ckpt)
     if state.get("stage") != stage or state.get("fingerprint") != fingerprint:
-        raise MpqError(f"--resume: {run_dir} was made with a different configuration or command; nothing was "
-                       "changed (start a new run with another --out, or repeat the original options)")
+        raise MpqError(
+            f"--resume: {run_dir} was made with a different configuration or command; nothing was "
+            "changed (start a new run with another --out, or repeat the original options)"
+        )
     reporter.log(f"continuing {run_dir} from epoch {int(state['epoch']) + 2}")
     return state
 
@@ -179,8 +182,15 @@ def training(given: TrainConfig | dict | None, defaults: dict) -> TrainConfig:
         raise MpqError(f"training settings: {exc}") from None
 
 
-def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict | None = None, *,
-          out: str | None = None, resume: bool = False, reporter: Reporter | None = None) -> dict:
+def train(
+    model: ModelOptions,
+    data: DataConfig,
+    train_cfg: TrainConfig | dict | None = None,
+    *,
+    out: str | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
     """Train the FP32 baseline and write ``RUN/model.safetensors`` (the reference for every search).
 
     ``train_cfg``: a TrainConfig, or a dict of settings over :data:`FP_DEFAULTS` (12 epochs of Adam 2e-3).
@@ -188,27 +198,55 @@ def train(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict |
     reporter = reporter or Reporter()
     train_cfg = training(train_cfg, FP_DEFAULTS)
     ctx = _setup(model, data, train_cfg)
-    config = {"command": "train", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
-              "data": data.to_dict(), "train": train_cfg.to_dict(), "versions": versions()}
+    config = {
+        "command": "train",
+        "model": ctx.spec.to_dict(),
+        "checkpoint": model.checkpoint,
+        "data": data.to_dict(),
+        "train": train_cfg.to_dict(),
+        "versions": versions(),
+    }
     config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k != "versions"})
     with _claim_run_dir(out, "train", model.name, resume) as run_dir:
         state = _resume_state(run_dir, resume, "train", config["fingerprint"], reporter)
         write_json(run_dir / "config.json", config)
-        fit(ctx.model, ctx.train, ctx.val, train_cfg, run_dir=run_dir, stage="train", reporter=reporter,
-            resume=state, fingerprint=config["fingerprint"])
+        fit(
+            ctx.model,
+            ctx.train,
+            ctx.val,
+            train_cfg,
+            run_dir=run_dir,
+            stage="train",
+            reporter=reporter,
+            resume=state,
+            fingerprint=config["fingerprint"],
+        )
         return _finish_train(run_dir, ctx, model, data, train_cfg, reporter)
 
 
-def _finish_train(run_dir: Path, ctx: Context, model: ModelOptions, data: DataConfig, train_cfg: TrainConfig,
-                  reporter: Reporter) -> dict:
+def _finish_train(
+    run_dir: Path, ctx: Context, model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, reporter: Reporter
+) -> dict:
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
-    metadata = {"mpq.model": json.dumps(ctx.spec.to_dict()), "mpq.data": data.name,
-                "mpq.top1": f"{final['top1']:.4f}", "mpq.version": versions()["mpq"]}
+    metadata = {
+        "mpq.model": json.dumps(ctx.spec.to_dict()),
+        "mpq.data": data.name,
+        "mpq.top1": f"{final['top1']:.4f}",
+        "mpq.version": versions()["mpq"],
+    }
     save_safetensors(run_dir / "model.safetensors", ctx.model.state_dict(), metadata)
-    summary = {"command": "train", "model": model.name, "data": data.name, "synthetic": ctx.info.synthetic,
-               "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
-               "params": sum(p.numel() for p in ctx.model.parameters()),
-               "checkpoint": str(run_dir / "model.safetensors"), "out": str(run_dir)}
+    summary = {
+        "command": "train",
+        "model": model.name,
+        "data": data.name,
+        "synthetic": ctx.info.synthetic,
+        "top1": final["top1"],
+        "top5": final.get("top5"),
+        "loss": final["loss"],
+        "params": sum(p.numel() for p in ctx.model.parameters()),
+        "checkpoint": str(run_dir / "model.safetensors"),
+        "out": str(run_dir),
+    }
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -248,8 +286,19 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
             else:
                 plan = plan_codes(codes[name].codes)
                 stored, scales, index = plan.width, plan.extra_values, 0
-            entries.append(LayerEntry(name, kind, list(module.weight_shape), module.params, codes[name].nominal_bits,
-                                      stored, scales, act_bits, index))
+            entries.append(
+                LayerEntry(
+                    name,
+                    kind,
+                    list(module.weight_shape),
+                    module.params,
+                    codes[name].nominal_bits,
+                    stored,
+                    scales,
+                    act_bits,
+                    index,
+                )
+            )
     for name, module in quantizable_layers(model).items():
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         entries.append(LayerEntry(name, kind, list(module.weight.shape), module.weight.numel(), None, None, 0))
@@ -257,13 +306,24 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
     entries.sort(key=lambda e: order[e.name])
     fp_weight_keys = {f"{e.name}.weight" for e in entries if e.is_fp}
     quantizer_prefixes = tuple(f"{n}.weight_quantizer." for n in method.layers)
-    other = sum(t.numel() for k, t in model.state_dict().items()
-                if t.is_floating_point() and k not in fp_weight_keys and not k.startswith(quantizer_prefixes))
+    other = sum(
+        t.numel()
+        for k, t in model.state_dict().items()
+        if t.is_floating_point() and k not in fp_weight_keys and not k.startswith(quantizer_prefixes)
+    )
     return Scheme(method=method.name, layers=entries, other_params=other)
 
 
-def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.Module, summary_base: dict,
-                        final: dict, result: FinalizeResult, records: list[dict]) -> dict:
+def _save_quantized_run(
+    run_dir: Path,
+    config: dict,
+    method: Method,
+    model: nn.Module,
+    summary_base: dict,
+    final: dict,
+    result: FinalizeResult,
+    records: list[dict],
+) -> dict:
     codes = method.layer_codes()  # one computation feeds the scheme and codes.safetensors
     scheme = build_scheme(method, model, codes)
     save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
@@ -280,32 +340,64 @@ def _save_quantized_run(run_dir: Path, config: dict, method: Method, model: nn.M
     # each layer's form is recorded, so that export reads it rather than guessing it from tensor names
     save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1", "mpq.forms": dumps(forms)})
     scheme.save(run_dir / "scheme.json")
-    summary = {**summary_base, "top1": final["top1"], "top5": final.get("top5"), "loss": final["loss"],
-               **scheme.summary(), **result.summary(),
-               "out": str(run_dir)}
+    summary = {
+        **summary_base,
+        "top1": final["top1"],
+        "top5": final.get("top5"),
+        "loss": final["loss"],
+        **scheme.summary(),
+        **result.summary(),
+        "out": str(run_dir),
+    }
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     notes = []
     changes = result.budget_changes
     if changes:
-        lines = [f"- `{c['layer']}`: " + (f"{c['bits_before']} -> {c['bits_after']} bits" if c['bits_before'] !=
-                 c['bits_after'] else f"re-rounded from its relaxed weight at {c['bits_after']} bits") +
-                 f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})" for c in changes]
-        notes.append("## Budget step\n\nThe search ended at "
-                     f"{result.avg_bits_before_budget_step:.4f} average bits; the loss-aware budget "
-                     "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
-                     f" -> {changes[0]['probe_loss_after']:.4f}.")
+        lines = [
+            f"- `{c['layer']}`: "
+            + (
+                f"{c['bits_before']} -> {c['bits_after']} bits"
+                if c["bits_before"] != c["bits_after"]
+                else f"re-rounded from its relaxed weight at {c['bits_after']} bits"
+            )
+            + f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})"
+            for c in changes
+        ]
+        notes.append(
+            "## Budget step\n\nThe search ended at "
+            f"{result.avg_bits_before_budget_step:.4f} average bits; the loss-aware budget "
+            "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
+            f" -> {changes[0]['probe_loss_after']:.4f}."
+        )
     notes += method.report_notes()
     if records:
         notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
     write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes))
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(dumps({"stage": "final", "top1": final["top1"], "avg_bits": scheme.avg_bits,
-                       "avg_stored_bits": scheme.avg_stored_bits}) + "\n")
+        f.write(
+            dumps(
+                {
+                    "stage": "final",
+                    "top1": final["top1"],
+                    "avg_bits": scheme.avg_bits,
+                    "avg_stored_bits": scheme.avg_stored_bits,
+                }
+            )
+            + "\n"
+        )
     return summary
 
 
-def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict | None, options: SearchOptions, *,
-           out: str | None = None, resume: bool = False, reporter: Reporter | None = None) -> dict:
+def search(
+    model: ModelOptions,
+    data: DataConfig,
+    train_cfg: TrainConfig | dict | None,
+    options: SearchOptions,
+    *,
+    out: str | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict:
     """Run a mixed-precision search and write its run directory.
 
     ``train_cfg``: a TrainConfig, or a dict of settings over the method's paper's training defaults
@@ -325,11 +417,19 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict 
         fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
     method = method_cls(method_cfg, options.selection)
     method.prepare(ctx.model, loss_probe=_probe(ctx, options.probe_batches))
-    config = {"command": "search", "model": ctx.spec.to_dict(), "checkpoint": model.checkpoint,
-              "checkpoint_sha256": file_fingerprint(model.checkpoint), "data": data.to_dict(),
-              "train": train_cfg.to_dict(), "method": options.method, "method_config": method_cfg.to_dict(),
-              "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
-              "probe_batches": options.probe_batches, "fp_top1": fp_top1}
+    config = {
+        "command": "search",
+        "model": ctx.spec.to_dict(),
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": file_fingerprint(model.checkpoint),
+        "data": data.to_dict(),
+        "train": train_cfg.to_dict(),
+        "method": options.method,
+        "method_config": method_cfg.to_dict(),
+        "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
+        "probe_batches": options.probe_batches,
+        "fp_top1": fp_top1,
+    }
     config["fingerprint"] = fingerprint(config)
     config["checkpoint_bytes"] = checkpoint_bytes(model.checkpoint)  # for the export's size comparison
     config["versions"] = versions()
@@ -337,10 +437,30 @@ def search(model: ModelOptions, data: DataConfig, train_cfg: TrainConfig | dict 
         state = _resume_state(run_dir, resume, "search", config["fingerprint"], reporter)
         write_json(run_dir / "config.json", config)
         started = time.time()
-        records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="search",
-                      reporter=reporter, resume=state, fingerprint=config["fingerprint"])
-        return _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1,
-                       started - _elapsed_before(state), reporter, command="search")
+        records = fit(
+            ctx.model,
+            ctx.train,
+            ctx.val,
+            train_cfg,
+            hooks=method,
+            run_dir=run_dir,
+            stage="search",
+            reporter=reporter,
+            resume=state,
+            fingerprint=config["fingerprint"],
+        )
+        return _finish(
+            run_dir,
+            config,
+            method,
+            ctx,
+            train_cfg,
+            records,
+            fp_top1,
+            started - _elapsed_before(state),
+            reporter,
+            command="search",
+        )
 
 
 def _elapsed_before(state: dict | None) -> float:
@@ -374,9 +494,16 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
     _refuse_collapsed_layers(method)
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
-    base = {"command": command, "method": method.name, "model": ctx.spec.name, "data": ctx.info.name,
-            "synthetic": ctx.info.synthetic, "target_bits": getattr(method.config, "target_bits", None),
-            "fp_top1": fp_top1, "seconds": round(time.time() - started, 1)}
+    base = {
+        "command": command,
+        "method": method.name,
+        "model": ctx.spec.name,
+        "data": ctx.info.name,
+        "synthetic": ctx.info.synthetic,
+        "target_bits": getattr(method.config, "target_bits", None),
+        "fp_top1": fp_top1,
+        "seconds": round(time.time() - started, 1),
+    }
     return _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records)
 
 
@@ -393,13 +520,21 @@ def _refuse_collapsed_layers(method: Method) -> None:
             collapsed.append(name)
     if collapsed:
         more = f" (+{len(collapsed) - 3} more)" if len(collapsed) > 3 else ""
-        raise MpqError(f"the search ended with layer(s) {', '.join(collapsed[:3])}{more} at all-zero codes (a "
-                       "collapsed model); the run directory keeps the last epoch's checkpoint: lower --lr, train "
-                       "longer or raise --target-bits, then --resume or start again")
+        raise MpqError(
+            f"the search ended with layer(s) {', '.join(collapsed[:3])}{more} at all-zero codes (a "
+            "collapsed model); the run directory keeps the last epoch's checkpoint: lower --lr, train "
+            "longer or raise --target-bits, then --resume or start again"
+        )
 
 
-def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_overrides: dict | None = None, *,
-             model: str | None = None, with_probe: bool = False):
+def load_run(
+    run_dir: str | Path,
+    data_overrides: dict | None = None,
+    train_overrides: dict | None = None,
+    *,
+    model: str | None = None,
+    with_probe: bool = False,
+):
     """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded.
 
     ``model`` names the user factory of a run made with one (never taken from the run); ``with_probe``
@@ -412,16 +547,18 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
         data = DataConfig(**{**config["data"], **(data_overrides or {})})
         train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
         method_cls = get_method(config["method"] if isinstance(config["method"], str) else "?")
-        selection = LayerSelection(keep_fp=list(config["selection"]["keep_fp"]),
-                                   fix_bits=dict(config["selection"]["fix_bits"]))
+        selection = LayerSelection(
+            keep_fp=list(config["selection"]["keep_fp"]), fix_bits=dict(config["selection"]["fix_bits"])
+        )
         method_config = method_cls.config_class.from_dict(config["method_config"])
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise MpqError(f"{source}: malformed run record ({exc.__class__.__name__}: {exc})") from None
     spec = recorded_model(config.get("model"), source, model)
     ctx = _setup(ModelOptions(spec.name, None, None), data, train_cfg)
     if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
-        raise MpqError(f"the data does not fit the run's model "
-                       f"({spec.num_classes} classes, {spec.in_channels} channels)")
+        raise MpqError(
+            f"the data does not fit the run's model ({spec.num_classes} classes, {spec.in_channels} channels)"
+        )
     method = method_cls(method_config, selection)
     probe = _probe(ctx, config.get("probe_batches", 8)) if with_probe else None
     method.prepare(ctx.model, loss_probe=probe)
@@ -435,16 +572,25 @@ def load_run(run_dir: str | Path, data_overrides: dict | None = None, train_over
     return config, ctx, method, data, train_cfg
 
 
-def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None, *, out: str | None = None,
-             resume: bool = False, reporter: Reporter | None = None, model: str | None = None) -> dict:
+def finetune(
+    run: str,
+    train_overrides: dict,
+    data_overrides: dict | None = None,
+    *,
+    out: str | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    model: str | None = None,
+) -> dict:
     """Train a finished search further under its fixed scheme; writes a new run directory."""
     reporter = reporter or Reporter()
     run = str(run).rstrip("/")
     parent_config = read_search_config(Path(run))
     method_cls = get_method(parent_config["method"])
     defaults = {**method_cls.finetune_defaults}
-    config, ctx, method, data, train_cfg = load_run(run, data_overrides, {**defaults, **train_overrides},
-                                                    model=model, with_probe=True)
+    config, ctx, method, data, train_cfg = load_run(
+        run, data_overrides, {**defaults, **train_overrides}, model=model, with_probe=True
+    )
     method.start_finetune()
     ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
     if model is not None:
@@ -458,14 +604,41 @@ def finetune(run: str, train_overrides: dict, data_overrides: dict | None = None
         state = _resume_state(run_dir, resume, "finetune", ft_config["fingerprint"], reporter)
         write_json(run_dir / "config.json", ft_config)
         started = time.time()
-        records = fit(ctx.model, ctx.train, ctx.val, train_cfg, hooks=method, run_dir=run_dir, stage="finetune",
-                      reporter=reporter, resume=state, fingerprint=ft_config["fingerprint"])
-        return _finish(run_dir, ft_config, method, ctx, train_cfg, records,
-                       config.get("fp_top1"), started - _elapsed_before(state), reporter, command="finetune")
+        records = fit(
+            ctx.model,
+            ctx.train,
+            ctx.val,
+            train_cfg,
+            hooks=method,
+            run_dir=run_dir,
+            stage="finetune",
+            reporter=reporter,
+            resume=state,
+            fingerprint=ft_config["fingerprint"],
+        )
+        return _finish(
+            run_dir,
+            ft_config,
+            method,
+            ctx,
+            train_cfg,
+            records,
+            config.get("fp_top1"),
+            started - _elapsed_before(state),
+            reporter,
+            command="finetune",
+        )
 
 
-def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str | None = None,
-                 reporter: Reporter | None = None, model: str | None = None, verify: bool = True) -> dict:
+def evaluate_run(
+    target: str,
+    data_overrides: dict | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    model: str | None = None,
+    verify: bool = True,
+) -> dict:
     """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model.
 
     ``model`` names the user factory of a file or run made with one (never taken from the file).
@@ -476,8 +649,11 @@ def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str
         return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model, verify=verify)
     config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
     if config is None:
-        raise MpqError(f"{target} not found" if not run_path.exists() else
-                       f"{target} is neither a packed file nor an mpq run directory (no config.json)")
+        raise MpqError(
+            f"{target} not found"
+            if not run_path.exists()
+            else f"{target} is neither a packed file nor an mpq run directory (no config.json)"
+        )
     if "method" in config:
         _, ctx, _, data, train_cfg = load_run(target, data_overrides, overrides, model=model)  # exact weights
     else:
@@ -489,12 +665,25 @@ def evaluate_run(target: str, data_overrides: dict | None = None, *, device: str
         spec = recorded_model(config.get("model"), f"{run_path}/config.json", model)
         ctx = _setup(ModelOptions(spec.name, None, str(run_path / "model.safetensors")), data, train_cfg)
     result = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="eval")
-    return {"command": "eval", "run": str(target), "data": data.name, "synthetic": ctx.info.synthetic, **result,
-            "out": str(target)}
+    return {
+        "command": "eval",
+        "run": str(target),
+        "data": data.name,
+        "synthetic": ctx.info.synthetic,
+        **result,
+        "out": str(target),
+    }
 
 
-def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, device: str | None = None,
-                    reporter: Reporter | None = None, model: str | None = None, verify: bool = True) -> dict:
+def evaluate_packed(
+    path: str | Path,
+    data_overrides: dict | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    model: str | None = None,
+    verify: bool = True,
+) -> dict:
     """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default.
 
     ``model`` names the user factory of a file made with one (never taken from the file).
@@ -505,28 +694,41 @@ def evaluate_packed(path: str | Path, data_overrides: dict | None = None, *, dev
     header = packed.header
     recorded = header.get("eval") if isinstance(header.get("eval"), dict) else {}
     recorded_data = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
-    fields = {"name": (header.get("data") or {}).get("name", "fashion-mnist"),
-              **{k: v for k, v in recorded_data.items() if k in _REPLAYED_DATA_FIELDS},
-              "data_dir": default_data_dir(), **(data_overrides or {})}
+    fields = {
+        "name": (header.get("data") or {}).get("name", "fashion-mnist"),
+        **{k: v for k, v in recorded_data.items() if k in _REPLAYED_DATA_FIELDS},
+        "data_dir": default_data_dir(),
+        **(data_overrides or {}),
+    }
     try:
         data = DataConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise MpqError(f"{path}: malformed eval record in the header ({exc})") from None
     if data.input_size is not None and tuple(data.input_size) != (spec.in_channels, *spec.input_size):
-        raise MpqError(f"{path}: the eval record's input size {list(data.input_size)} is not the model's "
-                       f"{[spec.in_channels, *spec.input_size]}")
+        raise MpqError(
+            f"{path}: the eval record's input size {list(data.input_size)} is not the model's "
+            f"{[spec.in_channels, *spec.input_size]}"
+        )
     seed = recorded.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MpqError(f"{path}: malformed eval record in the header (seed {seed!r})")
-    info, train_b, val_b = load_data(data, channels=spec.in_channels,
-                                     default_input=(spec.in_channels, *spec.input_size), seed=seed)
+    info, train_b, val_b = load_data(
+        data, channels=spec.in_channels, default_input=(spec.in_channels, *spec.input_size), seed=seed
+    )
     if info.num_classes != spec.num_classes:
         raise MpqError(f"{data.name} has {info.num_classes} classes; the packed model has {spec.num_classes}")
     ctx = _place(net, spec, info, train_b, val_b, resolve_device(device or "auto"))
     check_forward(ctx.model, ctx.val, spec)
     result = evaluate(ctx.model, ctx.val, reporter=reporter, description="eval")
-    return {"command": "eval", "file": str(path), "data": data.name, "synthetic": info.synthetic, **result,
-            "top1_at_export": (header.get("source") or {}).get("top1"), "out": str(path)}
+    return {
+        "command": "eval",
+        "file": str(path),
+        "data": data.name,
+        "synthetic": info.synthetic,
+        **result,
+        "top1_at_export": (header.get("source") or {}).get("top1"),
+        "out": str(path),
+    }
 
 
 def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> list[dict]:
@@ -541,8 +743,15 @@ def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, i
     else:
         with torch.device("meta"):
             model = build_model(spec)
-    return [{"name": n, "kind": "conv2d" if isinstance(m, nn.Conv2d) else "linear", "shape": list(m.weight.shape),
-             "params": m.weight.numel()} for n, m in quantizable_layers(model).items()]
+    return [
+        {
+            "name": n,
+            "kind": "conv2d" if isinstance(m, nn.Conv2d) else "linear",
+            "shape": list(m.weight.shape),
+            "params": m.weight.numel(),
+        }
+        for n, m in quantizable_layers(model).items()
+    ]
 
 
 # The data settings a packed file's eval record may set (the data folder is the reader's own).
@@ -570,8 +779,12 @@ def export(run: str | Path, out: str | Path | None = None) -> dict:
     json_path, md_path = _report_paths(out)
     write_json(json_path, report)
     write_text_atomic(md_path, markdown_size_report(report, out.name))
-    return {"command": "export", **{k: v for k, v in report.items() if k != "layers"}, "out": str(out),
-            "report": str(json_path)}
+    return {
+        "command": "export",
+        **{k: v for k, v in report.items() if k != "layers"},
+        "out": str(out),
+        "report": str(json_path),
+    }
 
 
 def inspect(target: str | Path) -> dict:
@@ -586,6 +799,7 @@ def inspect(target: str | Path) -> dict:
     if not path.exists():
         raise MpqError(f"{path} not found")
     packed_file = PackedFile.open(path)
-    report = size_report(packed_file.header, {n: t.nbytes for n, t in packed_file.tensors.items()},
-                         packed_file.file_bytes)
+    report = size_report(
+        packed_file.header, {n: t.nbytes for n, t in packed_file.tensors.items()}, packed_file.file_bytes
+    )
     return {**report, "source": "file", "target": str(path)}

@@ -46,8 +46,9 @@ def in_window(average: float, target: float, tolerance: float) -> bool:
     return target - tolerance - AVERAGE_SLACK <= average <= target + AVERAGE_SLACK
 
 
-def choose_options_within(options: list[list[tuple[int, float]]], params: list[int], low_bits: int,
-                          high_bits: int) -> list[int]:
+def choose_options_within(
+    options: list[list[tuple[int, float]]], params: list[int], low_bits: int, high_bits: int
+) -> list[int]:
     """Index of the chosen option per layer with the model's total bits ``sum(bits * params)`` in
     ``[low_bits, high_bits]`` (integers), at the least summed cost.
 
@@ -76,16 +77,19 @@ def choose_options_within(options: list[list[tuple[int, float]]], params: list[i
     low, high = low_bits, high_bits
     total = sum(params)
     for _ in range(_RESOLVES):
-        constraints = [LinearConstraint(one_per_layer, 1.0, 1.0),
-                       LinearConstraint(np.array(sizes, dtype=float)[None, :], float(low), float(high))]
-        result = milp(np.array(costs, dtype=float), constraints=constraints, integrality=np.ones(n),
-                      bounds=Bounds(0.0, 1.0))
+        constraints = [
+            LinearConstraint(one_per_layer, 1.0, 1.0),
+            LinearConstraint(np.array(sizes, dtype=float)[None, :], float(low), float(high)),
+        ]
+        result = milp(
+            np.array(costs, dtype=float), constraints=constraints, integrality=np.ones(n), bounds=Bounds(0.0, 1.0)
+        )
         if not result.success or result.x is None:
             break
         chosen = np.round(result.x).astype(int)
         picks, start, used = [], 0, 0
         for opts in options:
-            pick = int(np.argmax(chosen[start:start + len(opts)]))
+            pick = int(np.argmax(chosen[start : start + len(opts)]))
             picks.append(pick)
             used += sizes[start + pick]
             start += len(opts)
@@ -100,10 +104,17 @@ def choose_options_within(options: list[list[tuple[int, float]]], params: list[i
     raise MpqError(f"no per-layer bit choice puts the average in [{low_bits / total:.3f}, {high_bits / total:.3f}]")
 
 
-def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[int],
-                candidates: dict[str, Sequence[int]], apply: Callable[[str, int], Callable[[], None]],
-                loss_probe: Callable[[], float], target: float, tolerance: float,
-                never_zero: Sequence[str] = ()) -> list[dict]:
+def budget_step(
+    names: Sequence[str],
+    params: Sequence[int],
+    current: Sequence[int],
+    candidates: dict[str, Sequence[int]],
+    apply: Callable[[str, int], Callable[[], None]],
+    loss_probe: Callable[[], float],
+    target: float,
+    tolerance: float,
+    never_zero: Sequence[str] = (),
+) -> list[dict]:
     """Move a scheme into ``[target - tolerance, target]`` at the least measured loss.
 
     Each layer's options are: stay at ``current`` bits, or any of ``candidates[name]``;
@@ -145,17 +156,28 @@ def budget_step(names: Sequence[str], params: Sequence[int], current: Sequence[i
         if pick == 0:
             continue
         apply(name, opts[pick][0])
-        changes.append({"layer": name, "bits_before": bits_now, "bits_after": opts[pick][0],
-                        "probe_loss_change_alone": opts[pick][1]})
+        changes.append(
+            {
+                "layer": name,
+                "bits_before": bits_now,
+                "bits_after": opts[pick][0],
+                "probe_loss_change_alone": opts[pick][1],
+            }
+        )
     final_loss = loss_probe()
     for change in changes:
         change["probe_loss_before"], change["probe_loss_after"] = base_loss, final_loss
     return changes
 
 
-def assign_bits(sensitivity: dict[str, float], params: dict[str, int], support: Sequence[int],
-                budget_bits: float, fixed: dict[str, int] | None = None,
-                ties: Sequence[Sequence[str]] = ()) -> dict[str, int]:
+def assign_bits(
+    sensitivity: dict[str, float],
+    params: dict[str, int],
+    support: Sequence[int],
+    budget_bits: float,
+    fixed: dict[str, int] | None = None,
+    ties: Sequence[Sequence[str]] = (),
+) -> dict[str, int]:
     """BMPQ's integer program (Eq. 8-9): per layer one width from ``support``.
 
     Maximises ``sum_l sensitivity[l] * bits[l]`` subject to
@@ -188,9 +210,11 @@ def assign_bits(sensitivity: dict[str, float], params: dict[str, int], support: 
     smallest = fixed_cost + sum(params[n] for g in free for n in g) * support[0]
     if smallest > budget_bits * (1 + 1e-12):
         total = sum(params.values())
-        raise MpqError(f"budget of {budget_bits / total:.4f} average bits ({budget_bits / 8:,.0f} bytes) is below "
-                       f"the smallest scheme: {smallest / total:.4f} average bits ({smallest / 8:,.0f} bytes) with "
-                       f"every free layer at {support[0]} bits and the fixed layers at theirs")
+        raise MpqError(
+            f"budget of {budget_bits / total:.4f} average bits ({budget_bits / 8:,.0f} bytes) is below "
+            f"the smallest scheme: {smallest / total:.4f} average bits ({smallest / 8:,.0f} bytes) with "
+            f"every free layer at {support[0]} bits and the fixed layers at theirs"
+        )
     out = dict(fixed)
     if not free:
         return out

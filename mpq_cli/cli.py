@@ -53,9 +53,15 @@ class RichReporter(Reporter):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err_console,
-                                 transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=err_console,
+            transient=True,
+        )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, info="")
 
@@ -99,11 +105,19 @@ def _handle_errors(fn):
             if os.environ.get("MPQ_DEBUG"):
                 raise
             if _out_of_memory(exc):  # a resource the user chose (batch, input size, model), not a bug
-                err_console.print(f"error: out of memory ({_first_line(exc)[:160]}); use a smaller --batch-size, "
-                                  "input or model", highlight=False, markup=False, soft_wrap=True)
+                err_console.print(
+                    f"error: out of memory ({_first_line(exc)[:160]}); use a smaller --batch-size, input or model",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
                 raise typer.Exit(2) from None
-            err_console.print(f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (MPQ_DEBUG=1 shows the "
-                              "traceback)", highlight=False, markup=False, soft_wrap=True)
+            err_console.print(
+                f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (MPQ_DEBUG=1 shows the traceback)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -118,7 +132,8 @@ def _out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -183,9 +198,14 @@ def _exit_if_over_budget(summary: dict) -> None:
     """A finished search whose scheme misses its budget is written and reported, and the command
     still fails (exit 2): a script must not take "within budget: NO" for success."""
     if summary.get("budget_met") is False:
-        err_console.print(f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, outside "
-                          f"the budget of {summary.get('target_bits')}; the run is in {summary['out']} "
-                          "(budget_met false)", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(
+            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, outside "
+            f"the budget of {summary.get('target_bits')}; the run is in {summary['out']} "
+            "(budget_met false)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
 
 
@@ -214,15 +234,33 @@ def _emit(summary: dict, as_json: bool, title: str) -> None:
 
 
 # Shared option types -------------------------------------------------------------------------
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in (lenet5, resnet20, ...), torchvision name "
-                                       "(resnet18, mobilenet_v2, ...), or package.module:factory / file.py:factory.")]
-WeightsOpt = Annotated[str | None, typer.Option(help="torchvision weights: DEFAULT, an enum name "
-                                                  "(IMAGENET1K_V1), or none.")]
-CheckpointOpt = Annotated[str | None, typer.Option(help="State dict to start from: .safetensors, .pt/.pth "
-                                                      "(loaded with weights_only=True) or an `mpq train` run directory.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in (lenet5, resnet20, ...), torchvision name "
+        "(resnet18, mobilenet_v2, ...), or package.module:factory / file.py:factory.",
+    ),
+]
+WeightsOpt = Annotated[
+    str | None, typer.Option(help="torchvision weights: DEFAULT, an enum name (IMAGENET1K_V1), or none.")
+]
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="State dict to start from: .safetensors, .pt/.pth "
+        "(loaded with weights_only=True) or an `mpq train` run directory."
+    ),
+]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}.")]
-DataDirOpt = Annotated[str | None, typer.Option(help="Dataset root folder (default: $MPQ_DATA_DIR or ./data; "
-                                                   "Fashion-MNIST is also found in /usr/share/datasets).")]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dataset root folder (default: $MPQ_DATA_DIR or ./data; "
+        "Fashion-MNIST is also found in /usr/share/datasets)."
+    ),
+]
 InputSizeOpt = Annotated[str | None, typer.Option(help="C,H,W of synthetic inputs (default: the model's).")]
 BatchOpt = Annotated[int, typer.Option(help="Batch size.")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Epochs (default: the command's).")]
@@ -237,44 +275,91 @@ AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA.")]
 LimitTrainOpt = Annotated[int | None, typer.Option(help="Stop each training epoch after N batches.")]
 LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on at most N batches.")]
 NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
-OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: runs/COMMAND-MODEL-TIMESTAMP).")]
+OutOpt = Annotated[
+    str | None, typer.Option("--out", "-o", help="Run directory to write (default: runs/COMMAND-MODEL-TIMESTAMP).")
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
-ClipOpt = Annotated[float | None, typer.Option(help="Clip the global gradient norm (default: the method's; none for train).")]
+ClipOpt = Annotated[
+    float | None, typer.Option(help="Clip the global gradient norm (default: the method's; none for train).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
-UserModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="The user factory (package.module:fn or "
-                                                  "file.py:fn) of a file or run made with one: mpq never runs code "
-                                                  "a file names, only code you name here.")]
+UserModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="The user factory (package.module:fn or "
+        "file.py:fn) of a file or run made with one: mpq never runs code "
+        "a file names, only code you name here.",
+    ),
+]
 
 
 def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment) -> DataConfig:
-    return DataConfig(name=data, data_dir=data_dir or default_data_dir(), batch_size=batch_size,
-                      input_size=_parse_input_size(input_size), limit_train_batches=limit_train,
-                      limit_val_batches=limit_val, augment=not no_augment)
-
-
+    return DataConfig(
+        name=data,
+        data_dir=data_dir or default_data_dir(),
+        batch_size=batch_size,
+        input_size=_parse_input_size(input_size),
+        limit_train_batches=limit_train,
+        limit_val_batches=limit_val,
+        augment=not no_augment,
+    )
 
 
 @app.command()
 @_handle_errors
 def train(
-    model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
-    data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
-    batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
-    schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
-    device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
-    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, clip_grad: ClipOpt = None,
-    out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    model: ModelOpt = "lenet5",
+    weights: WeightsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    input_size: InputSizeOpt = None,
+    batch_size: BatchOpt = 128,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    schedule: SchedOpt = None,
+    weight_decay: WdOpt = None,
+    warmup_epochs: WarmupOpt = 0.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None,
+    no_augment: NoAugOpt = False,
+    clip_grad: ClipOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Train the FP32 baseline: the reference every search starts from and is measured against.
 
     Defaults: 12 epochs of Adam (lr 2e-3, cosine). Writes RUN/model.safetensors.
     """
-    cfg = dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
-               warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, clip_grad=clip_grad)
-    summary = api.train(api.ModelOptions(model, weights, checkpoint),
-                        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
-                                  no_augment), cfg, out=out, resume=resume, reporter=RichReporter(quiet or as_json))
+    cfg = dict(
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        device=device,
+        amp=amp,
+        clip_grad=clip_grad,
+    )
+    summary = api.train(
+        api.ModelOptions(model, weights, checkpoint),
+        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment),
+        cfg,
+        out=out,
+        resume=resume,
+        reporter=RichReporter(quiet or as_json),
+    )
     _emit(summary, as_json, "FP32")
 
 
@@ -283,23 +368,57 @@ def train(
 def search(
     ctx: typer.Context,
     method: Annotated[MethodName, typer.Option(help="Search method (see `mpq methods`).")] = "csq",
-    target_bits: Annotated[float | None, typer.Option(help="Average bits per weight as the method counts them (CSQ, "
-                                                      "BSQ, uniform: magnitude bits; BMPQ: two's complement width; "
-                                                      "ALQ: binary bases per weight, may be below 1), weighted by "
-                                                      "parameters (default: the method's; CSQ, uniform, BMPQ 3; ALQ 1; "
-                                                      "BSQ none: open loop with its alpha).")] = None,
-    model: ModelOpt = "lenet5", weights: WeightsOpt = None, checkpoint: CheckpointOpt = None,
-    data: DataOpt = "fashion-mnist", data_dir: DataDirOpt = None, input_size: InputSizeOpt = None,
-    batch_size: BatchOpt = 128, epochs: EpochsOpt = None, lr: LrOpt = None, optimizer: OptimOpt = None,
-    schedule: SchedOpt = None, weight_decay: WdOpt = None, warmup_epochs: WarmupOpt = 0.0, seed: SeedOpt = 0,
-    device: DeviceOpt = "auto", amp: AmpOpt = False, limit_train_batches: LimitTrainOpt = None,
-    limit_val_batches: LimitValOpt = None, no_augment: NoAugOpt = False, clip_grad: ClipOpt = None,
-    keep_fp: Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")] = None,
-    fix_bits: Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")] = None,
-    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable.")] = None,
+    target_bits: Annotated[
+        float | None,
+        typer.Option(
+            help="Average bits per weight as the method counts them (CSQ, "
+            "BSQ, uniform: magnitude bits; BMPQ: two's complement width; "
+            "ALQ: binary bases per weight, may be below 1), weighted by "
+            "parameters (default: the method's; CSQ, uniform, BMPQ 3; ALQ 1; "
+            "BSQ none: open loop with its alpha)."
+        ),
+    ] = None,
+    model: ModelOpt = "lenet5",
+    weights: WeightsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    input_size: InputSizeOpt = None,
+    batch_size: BatchOpt = 128,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    schedule: SchedOpt = None,
+    weight_decay: WdOpt = None,
+    warmup_epochs: WarmupOpt = 0.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None,
+    no_augment: NoAugOpt = False,
+    clip_grad: ClipOpt = None,
+    keep_fp: Annotated[
+        list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")
+    ] = None,
+    fix_bits: Annotated[
+        list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")
+    ] = None,
+    act_bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
+    ] = None,
     probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
-    out: OutOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Search a mixed-precision scheme and write a run directory (state, scheme.json, report.md).
 
@@ -308,17 +427,32 @@ def search(
     Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     method_name = method.value if isinstance(method, enum.Enum) else method
-    cfg = dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
-               warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, clip_grad=clip_grad)
+    cfg = dict(
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        device=device,
+        amp=amp,
+        clip_grad=clip_grad,
+    )
     method_config = {"act_bits": act_bits, **_parse_method_options(ctx.args, method_name), **_parse_sets(set_ or [])}
     if target_bits is not None:
         method_config["target_bits"] = target_bits
     selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
-    summary = api.search(api.ModelOptions(model, weights, checkpoint),
-                         _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches,
-                                   no_augment), cfg, options, out=out, resume=resume,
-                         reporter=RichReporter(quiet or as_json))
+    summary = api.search(
+        api.ModelOptions(model, weights, checkpoint),
+        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment),
+        cfg,
+        options,
+        out=out,
+        resume=resume,
+        reporter=RichReporter(quiet or as_json),
+    )
     _emit(summary, as_json, "search")
     _exit_if_over_budget(summary)
 
@@ -328,23 +462,57 @@ def search(
 def finetune(
     run: Annotated[Path, typer.Argument(help="A search run directory.")],
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
-    lr: LrOpt = None, optimizer: OptimOpt = None, schedule: SchedOpt = None, weight_decay: WdOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    schedule: SchedOpt = None,
+    weight_decay: WdOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the run's).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
-    data_dir: DataDirOpt = None, batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the run's).")] = None,
-    limit_train_batches: LimitTrainOpt = None, limit_val_batches: LimitValOpt = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")] = None,
-    model: UserModelOpt = None, resume: ResumeOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    data_dir: DataDirOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the run's).")] = None,
+    limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Run directory to write (default: RUN-finetune).")
+    ] = None,
+    model: UserModelOpt = None,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Train a searched model further under its fixed scheme (CSQ: Alg. 1's second stage; ALQ: more basis and coordinate epochs at the fixed widths)."""
-    train_overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, optimizer=optimizer, schedule=schedule,
-                                             weight_decay=weight_decay, seed=seed, device=device).items()
-                       if v is not None}
-    data_overrides = {k: v for k, v in dict(data_dir=data_dir, batch_size=batch_size,
-                                            limit_train_batches=limit_train_batches,
-                                            limit_val_batches=limit_val_batches).items() if v is not None}
-    summary = api.finetune(str(run), train_overrides, data_overrides, out=out, resume=resume,
-                           reporter=RichReporter(quiet or as_json), model=model)
+    train_overrides = {
+        k: v
+        for k, v in dict(
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+        ).items()
+        if v is not None
+    }
+    data_overrides = {
+        k: v
+        for k, v in dict(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+        ).items()
+        if v is not None
+    }
+    summary = api.finetune(
+        str(run),
+        train_overrides,
+        data_overrides,
+        out=out,
+        resume=resume,
+        reporter=RichReporter(quiet or as_json),
+        model=model,
+    )
     _emit(summary, as_json, "finetune")
     _exit_if_over_budget(summary)
 
@@ -353,25 +521,45 @@ def finetune(
 @_handle_errors
 def eval_(
     target: Annotated[Path, typer.Argument(help="A packed .safetensors file (from `mpq export`) or a run directory.")],
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset (default: the one the file or run "
-                                             "recorded).")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Dataset (default: the one the file or run recorded).")
+    ] = None,
     data_dir: DataDirOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the recorded one).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the run's; auto for files).")] = None,
-    limit_val_batches: LimitValOpt = None, model: UserModelOpt = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the SHA-256 check of each tensor of a packed "
-                                            "file (about a tenth of the load time; the header is checked "
-                                            "regardless).")] = False,
-    as_json: JsonOpt = False, quiet: QuietOpt = False,
+    limit_val_batches: LimitValOpt = None,
+    model: UserModelOpt = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Skip the SHA-256 check of each tensor of a packed "
+            "file (about a tenth of the load time; the header is checked "
+            "regardless).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Measure top-1 (and top-5 with more than 5 classes) of a packed file or a run, on its recorded dataset.
 
     A packed file is decoded into a plain model (no run directory needed); a run evaluates its exact weights.
     """
-    overrides = {k: v for k, v in dict(name=data, data_dir=data_dir, batch_size=batch_size,
-                                       limit_val_batches=limit_val_batches).items() if v is not None}
-    summary = api.evaluate_run(str(target), overrides, device=device, reporter=RichReporter(quiet or as_json),
-                               model=model, verify=not no_verify)
+    overrides = {
+        k: v
+        for k, v in dict(
+            name=data, data_dir=data_dir, batch_size=batch_size, limit_val_batches=limit_val_batches
+        ).items()
+        if v is not None
+    }
+    summary = api.evaluate_run(
+        str(target),
+        overrides,
+        device=device,
+        reporter=RichReporter(quiet or as_json),
+        model=model,
+        verify=not no_verify,
+    )
     _emit(summary, as_json, "eval")
     if not as_json and summary.get("top1_at_export") is not None:
         out_console.print(f"the run measured {summary['top1_at_export']:.2f} % at export", highlight=False)
@@ -381,9 +569,16 @@ def eval_(
 @_handle_errors
 def export(
     run: Annotated[Path, typer.Argument(help="A search or finetune run directory.")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="File to write (default: RUN/packed.safetensors); "
-                                            "FILE.report.json and FILE.report.md go beside it.")] = None,
-    as_json: JsonOpt = False, quiet: QuietOpt = False,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="File to write (default: RUN/packed.safetensors); FILE.report.json and FILE.report.md go beside it.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Write bit-packed safetensors (format mpq.packed/1.1, docs/format.md) and a per-layer precision report.
 
@@ -416,8 +611,9 @@ class SortKey(enum.StrEnum):
 def inspect(
     target: Annotated[Path, typer.Argument(help="A packed .safetensors file or a run directory.")],
     layers: Annotated[str | None, typer.Option(help="Only layers whose name matches this glob.")] = None,
-    sort: Annotated[SortKey, typer.Option(help="Row order: module order, size (bytes, largest first), bits, "
-                                          "name.")] = SortKey.order,
+    sort: Annotated[
+        SortKey, typer.Option(help="Row order: module order, size (bytes, largest first), bits, name.")
+    ] = SortKey.order,
     as_json: JsonOpt = False,
 ):
     """Show the layer bit table: bits, encoding, stored bytes and share of each layer, and the totals.
@@ -438,8 +634,11 @@ def inspect(
     out_console.print(rich_size_table(report, rows, f"{target} ({report['source']})"))
     from .report import bits_convention
 
-    out_console.print(f"bits: nominal ({bits_convention(report['method'])}); b/w: stored bits per weight measured on "
-                      "the file, sign, scales and tables included", highlight=False)
+    out_console.print(
+        f"bits: nominal ({bits_convention(report['method'])}); b/w: stored bits per weight measured on "
+        "the file, sign, scales and tables included",
+        highlight=False,
+    )
     summary = Table(show_header=False, box=None)
     for k, v in size_summary_lines(report):
         summary.add_row(k, v)
@@ -454,25 +653,37 @@ def methods(as_json: JsonOpt = False):
 
     listing = {}
     for name, cls in sorted(METHODS.items()):
-        listing[name] = {"summary": next(iter((cls.__doc__ or "").strip().splitlines()), ""),
-                         "fields": {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                                    for f in dataclasses.fields(cls.config_class) if f.name != "version"},
-                         "training_defaults": cls.training_defaults}
+        listing[name] = {
+            "summary": next(iter((cls.__doc__ or "").strip().splitlines()), ""),
+            "fields": {
+                f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls.config_class)
+                if f.name != "version"
+            },
+            "training_defaults": cls.training_defaults,
+        }
     if as_json:
         _print_json(listing)
         return
     for name, entry in listing.items():
         out_console.print(f"[bold]{name}[/bold]: {entry['summary']}")
         out_console.print("  fields: " + ", ".join(f"{k}={v}" for k, v in entry["fields"].items()), highlight=False)
-        out_console.print("  training: " + ", ".join(f"{k}={v}" for k, v in entry["training_defaults"].items()),
-                          highlight=False)
+        out_console.print(
+            "  training: " + ", ".join(f"{k}={v}" for k, v in entry["training_defaults"].items()), highlight=False
+        )
 
 
 @app.command()
 @_handle_errors
 def models(
-    layers: Annotated[str | None, typer.Option("--layers", help="List this model's Conv2d/Linear layers (the names "
-                                               "--keep-fp and --fix-bits match) instead of the models.")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="List this model's Conv2d/Linear layers (the names "
+            "--keep-fp and --fix-bits match) instead of the models.",
+        ),
+    ] = None,
     num_classes: Annotated[int, typer.Option(help="Classes of the model --layers builds.")] = 10,
     input_size: InputSizeOpt = None,
     as_json: JsonOpt = False,
@@ -498,8 +709,10 @@ def models(
         return
     out_console.print("[bold]built-in[/bold] (small images): " + ", ".join(listing["builtin"]))
     out_console.print("[bold]torchvision[/bold]: " + ", ".join(listing["torchvision"]), highlight=False)
-    out_console.print("user models: package.module:factory or path/to/file.py:factory "
-                      "(called with num_classes, in_channels, input_size when it accepts them)")
+    out_console.print(
+        "user models: package.module:factory or path/to/file.py:factory "
+        "(called with num_classes, in_channels, input_size when it accepts them)"
+    )
     out_console.print("a model's layer names: mpq models --layers MODEL", highlight=False)
 
 

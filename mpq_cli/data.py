@@ -49,6 +49,8 @@ _SEED_STRIDE = 100_003  # a prime: (seed, epoch) pairs map to distinct generator
 def epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of one epoch's shuffling and augmentation: a resumed run redraws the same batches."""
     return seed * _SEED_STRIDE + epoch
+
+
 SYNTHETIC_IMAGES = 768  # 512 to train on, 256 to evaluate
 MAX_SYNTHETIC_BYTES = 4 << 30
 
@@ -82,20 +84,24 @@ class DataConfig:
     workers: int = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or (self.name not in _TENSOR_DATASETS and self.name != "synthetic"
-                                              and not self.name.startswith("imagefolder:")):
+        if not isinstance(self.name, str) or (
+            self.name not in _TENSOR_DATASETS and self.name != "synthetic" and not self.name.startswith("imagefolder:")
+        ):
             raise MpqError(f"unknown dataset {self.name!r}; choose from {', '.join(DATASETS)}")
         if not _int_in(self.batch_size, 1, MAX_BATCH):
             raise MpqError(f"--batch-size must be an integer in 1..{MAX_BATCH}, got {self.batch_size!r}")
-        for option, value in (("--limit-train-batches", self.limit_train_batches),
-                              ("--limit-val-batches", self.limit_val_batches)):
+        for option, value in (
+            ("--limit-train-batches", self.limit_train_batches),
+            ("--limit-val-batches", self.limit_val_batches),
+        ):
             if value is not None and not _int_in(value, 1, 1 << 40):
                 raise MpqError(f"{option} must be an integer >= 1 (leave it out for no limit), got {value!r}")
         if self.input_size is not None:
             size = tuple(self.input_size) if isinstance(self.input_size, list | tuple) else ()
             if len(size) != 3 or not _int_in(size[0], 1, 64) or not all(_int_in(v, 1, 4096) for v in size[1:]):
-                raise MpqError(f"--input-size must be C,H,W with C in 1..64 and H, W in 1..4096, "
-                               f"got {self.input_size!r}")
+                raise MpqError(
+                    f"--input-size must be C,H,W with C in 1..64 and H, W in 1..4096, got {self.input_size!r}"
+                )
             self.input_size = size
         if not isinstance(self.augment, bool):
             raise MpqError(f"augment must be true or false, got {self.augment!r}")
@@ -125,8 +131,21 @@ class TensorBatches:
     with :meth:`set_epoch`, so a resumed run sees the same batches.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, *, shuffle=False, crop_padding=0, flip=False,
-                 seed=0, limit=None, channels=None):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size,
+        mean,
+        std,
+        *,
+        shuffle=False,
+        crop_padding=0,
+        flip=False,
+        seed=0,
+        limit=None,
+        channels=None,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
         self.crop_padding, self.flip = crop_padding, flip
@@ -155,7 +174,7 @@ class TensorBatches:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
             if x.dtype == torch.uint8:
                 x = (x.float() / 255.0 - self.mean) / self.std
@@ -205,8 +224,14 @@ class LoaderBatches:
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, shuffle=self.shuffle, generator=gen,
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            self.batch_size,
+            shuffle=self.shuffle,
+            generator=gen,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for i, (x, y) in enumerate(loader):
             if i >= len(self):
                 break
@@ -216,8 +241,9 @@ class LoaderBatches:
             yield x, y.to(self.device, non_blocking=True)
 
 
-def load_data(cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32),
-              seed: int = 0) -> tuple[DatasetInfo, object, object]:
+def load_data(
+    cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32), seed: int = 0
+) -> tuple[DatasetInfo, object, object]:
     """Build ``(info, train_batches, val_batches)``.
 
     Args:
@@ -236,10 +262,22 @@ def load_data(cfg: DataConfig, *, channels: int | None = None, default_input: tu
     channels = channels or in_ch
     if channels not in (in_ch, 3) or (channels == 3 and in_ch not in (1, 3)):
         raise MpqError(f"model takes {channels} input channels but {cfg.name} has {in_ch}")
-    info = DatasetInfo(cfg.name, classes, channels, tuple(xtr.shape[2:]), mean * (channels // in_ch),
-                       std * (channels // in_ch))
-    train = TensorBatches(xtr, ytr, cfg.batch_size, mean, std, shuffle=True, crop_padding=padding if cfg.augment else 0,
-                          flip=flip and cfg.augment, seed=seed, limit=cfg.limit_train_batches, channels=channels)
+    info = DatasetInfo(
+        cfg.name, classes, channels, tuple(xtr.shape[2:]), mean * (channels // in_ch), std * (channels // in_ch)
+    )
+    train = TensorBatches(
+        xtr,
+        ytr,
+        cfg.batch_size,
+        mean,
+        std,
+        shuffle=True,
+        crop_padding=padding if cfg.augment else 0,
+        flip=flip and cfg.augment,
+        seed=seed,
+        limit=cfg.limit_train_batches,
+        channels=channels,
+    )
     val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels)
     return info, train, val
 
@@ -250,8 +288,10 @@ def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
     if channels and channels != c:
         c = channels
     if SYNTHETIC_IMAGES * c * h * w * 4 > MAX_SYNTHETIC_BYTES:
-        raise MpqError(f"synthetic data of {SYNTHETIC_IMAGES} images of {c}x{h}x{w} would take "
-                       f"{SYNTHETIC_IMAGES * c * h * w * 4 / 2**30:.1f} GiB; use a smaller --input-size")
+        raise MpqError(
+            f"synthetic data of {SYNTHETIC_IMAGES} images of {c}x{h}x{w} would take "
+            f"{SYNTHETIC_IMAGES * c * h * w * 4 / 2**30:.1f} GiB; use a smaller --input-size"
+        )
     gen = torch.Generator().manual_seed(10_000 + seed)
     classes = 10
     x = torch.randn(SYNTHETIC_IMAGES, c, h, w, generator=gen)
@@ -259,8 +299,9 @@ def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
     y = (x.flatten(1) @ proj).argmax(1)
     mean, std = (0.0,) * c, (1.0,) * c
     info = DatasetInfo("synthetic", classes, c, (h, w), mean, std, synthetic=True)
-    train = TensorBatches(x[:512], y[:512], cfg.batch_size, mean, std, shuffle=True, seed=seed,
-                          limit=cfg.limit_train_batches)
+    train = TensorBatches(
+        x[:512], y[:512], cfg.batch_size, mean, std, shuffle=True, seed=seed, limit=cfg.limit_train_batches
+    )
     val = TensorBatches(x[512:], y[512:], cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
     return info, train, val
 
@@ -273,10 +314,16 @@ def _imagefolder(cfg: DataConfig, seed: int):
         raise MpqError(f"imagefolder:{root} needs train/ and val/ subfolders (one folder per class)")
     size = cfg.input_size[1:] if cfg.input_size else (224, 224)
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm]) if cfg.augment else None
-    val_tf = transforms.Compose([transforms.Resize(int(size[0] * 256 / 224)), transforms.CenterCrop(size),
-                                 transforms.ToTensor(), norm])
+    train_tf = (
+        transforms.Compose(
+            [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
+        )
+        if cfg.augment
+        else None
+    )
+    val_tf = transforms.Compose(
+        [transforms.Resize(int(size[0] * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor(), norm]
+    )
     try:
         train_ds = datasets.ImageFolder(str(root / "train"), train_tf or val_tf)
         val_ds = datasets.ImageFolder(str(root / "val"), val_tf)
@@ -286,15 +333,19 @@ def _imagefolder(cfg: DataConfig, seed: int):
     if train_ds.classes != val_ds.classes:
         raise MpqError(f"{root}: train/ and val/ have different class folders")
     info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), IMAGENET_MEAN, IMAGENET_STD)
-    train = LoaderBatches(train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=seed,
-                          limit=cfg.limit_train_batches)
-    val = LoaderBatches(val_ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=seed,
-                        limit=cfg.limit_val_batches)
+    train = LoaderBatches(
+        train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=seed, limit=cfg.limit_train_batches
+    )
+    val = LoaderBatches(
+        val_ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=seed, limit=cfg.limit_val_batches
+    )
     return info, train, val
 
 
-_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _read_tensor_dataset(name: str, root: Path):
@@ -320,8 +371,10 @@ def _find_idx_folder(name: str, root: Path) -> Path:
         return root / tv_name / "raw"
     except Exception:  # no network: fall through to a message that says where the files go
         hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
-        raise MpqError(f"{name} not found and could not be downloaded (offline?): put the four idx files "
-                       f"(train-images-idx3-ubyte.gz, ...) in {root / tv_name / 'raw'}{hint}") from None
+        raise MpqError(
+            f"{name} not found and could not be downloaded (offline?): put the four idx files "
+            f"(train-images-idx3-ubyte.gz, ...) in {root / tv_name / 'raw'}{hint}"
+        ) from None
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:
@@ -338,7 +391,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise MpqError(f"{path}: not an unsigned-byte idx file")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(dims)):
         raise MpqError(f"{path}: truncated idx file")
@@ -364,8 +417,10 @@ def _read_cifar(name: str, root: Path):
                 ds = cls(str(root), train=train, download=True)
             except Exception:  # no network
                 folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-                raise MpqError(f"{name} not found and could not be downloaded (offline?): extract the python "
-                               f"version so that {root / folder} exists") from None
+                raise MpqError(
+                    f"{name} not found and could not be downloaded (offline?): extract the python "
+                    f"version so that {root / folder} exists"
+                ) from None
         out.append((torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)))
     return tuple(out)
 

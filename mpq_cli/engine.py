@@ -128,8 +128,10 @@ class PlainTraining:
 
     def param_groups(self, model, weight_decay):
         params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     def regularizer(self):
         return None
@@ -213,8 +215,9 @@ def _autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, amp: bool = False, reporter: Reporter | None = None,
-             description: str = "eval") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches, *, amp: bool = False, reporter: Reporter | None = None, description: str = "eval"
+) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean loss of ``model`` in evaluation mode."""
     reporter = reporter or Reporter()
     model.eval()
@@ -282,9 +285,19 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
     return probe
 
 
-def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks | None = None,
-        run_dir: Path | None = None, stage: str = "train", reporter: Reporter | None = None,
-        resume: dict | None = None, fingerprint: str | None = None) -> list[dict]:
+def fit(
+    model: nn.Module,
+    train,
+    val,
+    cfg: TrainConfig,
+    *,
+    hooks: TrainingHooks | None = None,
+    run_dir: Path | None = None,
+    stage: str = "train",
+    reporter: Reporter | None = None,
+    resume: dict | None = None,
+    fingerprint: str | None = None,
+) -> list[dict]:
     """Train ``model`` for ``cfg.epochs``, evaluating and checkpointing after every epoch.
 
     Args:
@@ -367,28 +380,46 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, hooks: TrainingHooks 
                         start = float(first_loss)
                         reference_loss = max(start if math.isfinite(start) else 0.0, math.log(out.shape[1]))
                     _check_divergence(window, reference_loss, epoch)
-                    reporter.advance(i + 1 - reported, loss=total_loss / seen,
-                                     acc=100.0 * float(correct) / seen, **hooks.progress())
+                    reporter.advance(
+                        i + 1 - reported, loss=total_loss / seen, acc=100.0 * float(correct) / seen, **hooks.progress()
+                    )
                     reported = i + 1
         finally:
             reporter.stop()
         train_loss = float(loss_sum) / max(seen, 1)
         result = evaluate(model, val, amp=cfg.amp, reporter=reporter, description=f"eval {epoch + 1}/{cfg.epochs}")
         _check_divergence(result["loss"], reference_loss, epoch, "validation ")
-        record = {"stage": stage, "epoch": epoch, "train_loss": train_loss, "train_acc": 100.0 * float(correct) / seen,
-                  "val_top1": result["top1"], "val_loss": result["loss"], "lr": lr, **hooks.progress(),
-                  "seconds": round(time.time() - started, 2)}
+        record = {
+            "stage": stage,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": 100.0 * float(correct) / seen,
+            "val_top1": result["top1"],
+            "val_loss": result["loss"],
+            "lr": lr,
+            **hooks.progress(),
+            "seconds": round(time.time() - started, 2),
+        }
         if "top5" in result:
             record["val_top5"] = result["top5"]
         records.append(record)
         reporter.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if run_dir:
             metrics.append(record)
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "stage": stage, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "method": json.dumps(hooks.state_dict()), "rng": torch.get_rng_state(), "fingerprint": fingerprint,
-                "elapsed": elapsed_before + time.time() - fit_started, "reference_loss": reference_loss,
-            })
+            save_checkpoint(
+                run_dir / "checkpoint.pt",
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "method": json.dumps(hooks.state_dict()),
+                    "rng": torch.get_rng_state(),
+                    "fingerprint": fingerprint,
+                    "elapsed": elapsed_before + time.time() - fit_started,
+                    "reference_loss": reference_loss,
+                },
+            )
     return records
 
 
@@ -398,7 +429,10 @@ def _check_divergence(loss: float, reference: float | None, epoch: int, what: st
     The checkpoint of the last finished epoch (if any) stays as it was, for ``--resume``."""
     if math.isfinite(loss) and (reference is None or loss <= DIVERGENCE_FACTOR * reference):
         return
-    why = f"{what}loss is {loss}" if not math.isfinite(loss) else \
-        f"{what}loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its start, {reference:.4g}"
+    why = (
+        f"{what}loss is {loss}"
+        if not math.isfinite(loss)
+        else f"{what}loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its start, {reference:.4g}"
+    )
     kept = f"; checkpoint.pt keeps epoch {epoch}" if epoch > 0 else ""
     raise MpqError(f"training diverged in epoch {epoch + 1} ({why}){kept}: lower --lr and start a new run")

@@ -60,8 +60,13 @@ def _form(forms: dict | None, name: str, codes: dict, state: dict) -> tuple[str,
         if not isinstance(forms.get(name), dict):
             raise MpqError(f"codes.safetensors records no form for layer {name!r}")
         return forms[name].get("weight"), forms[name].get("act")
-    act = "basis" if f"{name}.act_quantizer.gamma" in state else "pact" if f"{name}.act_quantizer.alpha" in state \
+    act = (
+        "basis"
+        if f"{name}.act_quantizer.gamma" in state
+        else "pact"
+        if f"{name}.act_quantizer.alpha" in state
         else None
+    )
     return ("basis" if f"{name}.signs" in codes else "codes"), act
 
 
@@ -77,7 +82,7 @@ def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[s
     for key, value in state.items():
         for name, (layer, method, act) in prefixes.items():
             if key.startswith(layer):
-                out[f"{name}.{key[len(layer):]}"] = value
+                out[f"{name}.{key[len(layer) :]}"] = value
                 break
             if key.startswith((method, act)):
                 break
@@ -132,11 +137,19 @@ def pack_run(run_dir: str | Path) -> PackedModel:
         "model": model,
         "method": config["method"],
         "method_config": config.get("method_config", {}),
-        "data": {"name": data["name"], "mean": list(mean), "std": list(std),
-                 "input_shape": [model["in_channels"], *model["input_size"]]},
+        "data": {
+            "name": data["name"],
+            "mean": list(mean),
+            "std": list(std),
+            "input_shape": [model["in_channels"], *model["input_size"]],
+        },
         "eval": {"data": data, "seed": config["train"]["seed"]},
-        "source": {"run": str(run_dir), "top1": summary.get("top1"), "fp_top1": config.get("fp_top1"),
-                   "fp32_checkpoint_bytes": config.get("checkpoint_bytes") or _checkpoint_bytes(run_dir, config)},
+        "source": {
+            "run": str(run_dir),
+            "top1": summary.get("top1"),
+            "fp_top1": config.get("fp_top1"),
+            "fp32_checkpoint_bytes": config.get("checkpoint_bytes") or _checkpoint_bytes(run_dir, config),
+        },
         "layers": entries,
     }
     return PackedModel(header, tensors)
@@ -148,14 +161,19 @@ def _encode_codes_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes:
     except KeyError:
         raise MpqError(f"{run_dir}/codes.safetensors has no codes for layer {name!r}") from None
     if tuple(layer_codes.shape) != shape:
-        raise MpqError(f"{run_dir}: codes of {name!r} have shape {list(layer_codes.shape)}, "
-                       f"the scheme says {list(shape)}")
+        raise MpqError(
+            f"{run_dir}: codes of {name!r} have shape {list(layer_codes.shape)}, the scheme says {list(shape)}"
+        )
     encoded = encode_codes(layer_codes, step)
     # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
     decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, shape)
-    if not (torch.equal(decoded, layer_codes.to(torch.int32)) and
-            (encoded.encoding == "zero" or torch.equal(decoded_step.view(torch.int32),
-                                                       step.reshape(()).view(torch.int32)))):
+    if not (
+        torch.equal(decoded, layer_codes.to(torch.int32))
+        and (
+            encoded.encoding == "zero"
+            or torch.equal(decoded_step.view(torch.int32), step.reshape(()).view(torch.int32))
+        )
+    ):
         raise MpqError(f"internal error: layer {name!r} does not decode to its exact codes")
     return encoded
 
@@ -167,8 +185,9 @@ def _encode_basis_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes:
         raise MpqError(f"{run_dir}/codes.safetensors lacks the bases of layer {name!r}") from None
     groups, _, elements = basis.signs.shape
     if groups * elements != math.prod(shape) or sorted(basis.perm) != list(range(len(shape))):
-        raise MpqError(f"{run_dir}: the bases of {name!r} ({groups} groups of {elements}) do not fit shape "
-                       f"{list(shape)}")
+        raise MpqError(
+            f"{run_dir}: the bases of {name!r} ({groups} groups of {elements}) do not fit shape {list(shape)}"
+        )
     encoded = encode_basis(basis.signs, basis.coords, basis.group_bits, basis.perm)
     # the model evaluated basis.weight(shape); the decoder sums the same planes in the same order
     decoded = decode_weight(encoded.encoding, encoded.fields, encoded.tensors, shape)
@@ -209,12 +228,20 @@ def size_report(header: dict, tensor_bytes: dict[str, int], file_bytes: int) -> 
         weight_names.update(own)
         nbytes = sum(tensor_bytes[t] for t in own)
         quantized = entry["encoding"] != "float32"
-        layers.append({
-            "name": name, "kind": entry["kind"], "shape": entry["shape"], "params": entry["params"],
-            "bits": entry["nominal_bits"] if quantized else 32, "quantized": quantized, "encoding": entry["encoding"],
-            "stored_bits": 8 * nbytes / entry["params"], "bytes": nbytes,
-            "act_bits": (entry.get("act") or {}).get("bits"),
-        })
+        layers.append(
+            {
+                "name": name,
+                "kind": entry["kind"],
+                "shape": entry["shape"],
+                "params": entry["params"],
+                "bits": entry["nominal_bits"] if quantized else 32,
+                "quantized": quantized,
+                "encoding": entry["encoding"],
+                "stored_bits": 8 * nbytes / entry["params"],
+                "bytes": nbytes,
+                "act_bits": (entry.get("act") or {}).get("bits"),
+            }
+        )
     q = [row for row in layers if row["quantized"]]
     q_params = sum(row["params"] for row in q)
     weight_bytes = sum(row["bytes"] for row in layers)
@@ -260,4 +287,3 @@ def select_layers(report: dict, pattern: str | None, sort: str) -> list[dict]:
     elif sort != "order":
         raise MpqError(f"--sort must be order, size, bits or name, got {sort!r}")
     return rows
-

@@ -65,8 +65,11 @@ class LayerSelection:
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """All Conv2d/Linear layers in module order that still own an FP weight (not yet wrapped)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor)
+    }
 
 
 class QuantizedLayer(nn.Module):

@@ -33,9 +33,12 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
         ("average bits (nominal, parameter-weighted)", f"{summary['avg_bits']:.4f}"),
         ("average stored bits (packed encoding, sign included)", f"{summary['avg_stored_bits']:.4f}"),
         ("weight compression vs FP32 (nominal)", f"{summary['weight_compression']:.2f}x"),
-        ("model size, estimated from codes", f"{summary['model_bytes_estimated'] / 1024:.1f} KiB "
-                                             f"(FP32: {summary['fp32_bytes'] / 1024:.1f} KiB, "
-                                             f"{summary['model_compression_estimated']:.2f}x)"),
+        (
+            "model size, estimated from codes",
+            f"{summary['model_bytes_estimated'] / 1024:.1f} KiB "
+            f"(FP32: {summary['fp32_bytes'] / 1024:.1f} KiB, "
+            f"{summary['model_compression_estimated']:.2f}x)",
+        ),
     ]
     if "budget_met" in summary:
         rows.append(("within budget", "yes" if summary["budget_met"] else "NO"))
@@ -60,17 +63,26 @@ LAYER_HEADER = ["layer", "type", "shape", "params", "bits", "stored bits/weight"
 
 
 def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = None) -> str:
-    out = [f"# mpq {summary['method']} run: {summary['model']} on {summary['data']}", "", "## Summary", "",
-           "| | |", "|---|---|"]
+    out = [
+        f"# mpq {summary['method']} run: {summary['model']} on {summary['data']}",
+        "",
+        "## Summary",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     out += [f"| {k} | {v} |" for k, v in summary_lines(summary)]
     out += ["", "## Layers", "", "| " + " | ".join(LAYER_HEADER) + " |", "|" + "---|" * len(LAYER_HEADER)]
     out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme)]
-    out += ["", f"Bits are nominal bits as {summary['method']} counts them ({bits_convention(summary['method'])}). "
-            "Stored bits per weight are "
-            "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included; for "
-            "binary bases, one sign bit per basis, the coordinates and group widths counted in the size); a "
-            "layer at 0 bits is all zero and stores nothing but its shape. Sizes are estimates from the codes; "
-            "`mpq export` and `mpq inspect` measure the packed file."]
+    out += [
+        "",
+        f"Bits are nominal bits as {summary['method']} counts them ({bits_convention(summary['method'])}). "
+        "Stored bits per weight are "
+        "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included; for "
+        "binary bases, one sign bit per basis, the coordinates and group widths counted in the size); a "
+        "layer at 0 bits is all zero and stores nothing but its shape. Sizes are estimates from the codes; "
+        "`mpq export` and `mpq inspect` measure the packed file.",
+    ]
     for note in notes or []:
         out += ["", note]
     return "\n".join(out) + "\n"
@@ -91,32 +103,44 @@ def markdown_size_report(report: dict, file_name: str) -> str:
     def kib(n):
         return f"{n / 1024:.1f} KiB"
 
-    lines = [f"# Packed model: {file_name}", "",
-             f"Format `{report['format']}`, model `{report['model']}`, method `{report['method']}`.", "",
-             "| layer | type | shape | params | nominal bits | encoding | stored bits/weight | bytes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Packed model: {file_name}",
+        "",
+        f"Format `{report['format']}`, model `{report['model']}`, method `{report['method']}`.",
+        "",
+        "| layer | type | shape | params | nominal bits | encoding | stored bits/weight | bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["layers"]:
         bits = format_bits(r["bits"]) if r["quantized"] else "FP32"
-        lines.append(f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['params']:,} | {bits} | "
-                     f"{r['encoding']} | {r['stored_bits']:.3f} | {r['bytes']:,} |")
-    lines += ["", f"Nominal bits are the method's count ({bits_convention(report['method'])}); "
-              "stored bits are measured on the file: packed codes, sign, scales and tables of each layer, "
-              "divided by its weights.", "",
-              f"- average nominal bits: {report['avg_bits']:.4f}",
-              f"- average stored bits: {report['avg_stored_bits']:.4f}",
-              f"- weight bytes: {report['weight_bytes']:,} ({kib(report['weight_bytes'])})",
-              f"- other tensors (biases, BatchNorm, clips): {report['other_bytes']:,} bytes",
-              f"- file: {report['file_bytes']:,} bytes ({kib(report['file_bytes'])}), header "
-              f"{report['header_bytes']:,} bytes",
-              f"- FP32 equivalent: {report['fp32_bytes']:,} bytes; compression {report['compression']:.2f}x"]
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['params']:,} | {bits} | "
+            f"{r['encoding']} | {r['stored_bits']:.3f} | {r['bytes']:,} |"
+        )
+    lines += [
+        "",
+        f"Nominal bits are the method's count ({bits_convention(report['method'])}); "
+        "stored bits are measured on the file: packed codes, sign, scales and tables of each layer, "
+        "divided by its weights.",
+        "",
+        f"- average nominal bits: {report['avg_bits']:.4f}",
+        f"- average stored bits: {report['avg_stored_bits']:.4f}",
+        f"- weight bytes: {report['weight_bytes']:,} ({kib(report['weight_bytes'])})",
+        f"- other tensors (biases, BatchNorm, clips): {report['other_bytes']:,} bytes",
+        f"- file: {report['file_bytes']:,} bytes ({kib(report['file_bytes'])}), header "
+        f"{report['header_bytes']:,} bytes",
+        f"- FP32 equivalent: {report['fp32_bytes']:,} bytes; compression {report['compression']:.2f}x",
+    ]
     if report.get("fp32_checkpoint_bytes"):
-        lines.append(f"- FP32 checkpoint file: {report['fp32_checkpoint_bytes']:,} bytes; "
-                     f"{report['compression_vs_checkpoint']:.2f}x smaller")
+        lines.append(
+            f"- FP32 checkpoint file: {report['fp32_checkpoint_bytes']:,} bytes; "
+            f"{report['compression_vs_checkpoint']:.2f}x smaller"
+        )
     if report.get("top1_at_export") is not None:
-        lines.append(f"- top-1 of the run at export: {report['top1_at_export']:.2f} % "
-                     "(`mpq eval FILE` measures the file)")
+        lines.append(
+            f"- top-1 of the run at export: {report['top1_at_export']:.2f} % (`mpq eval FILE` measures the file)"
+        )
     return "\n".join(lines) + "\n"
-
 
 
 def _bits_bar(bits: int | float | None, quantized: bool, width: int = 6) -> str:
@@ -135,23 +159,42 @@ def rich_size_table(report: dict, rows: list[dict], title: str):
 
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for i, col in enumerate(["layer", "type", "shape", "params", "bits", "enc", "b/w", "bytes", "%"]):
-        table.add_column(col, justify="left" if i < 3 or i == 5 else "right", no_wrap=i != 0,
-                         min_width=12 if i == 0 else None, overflow="fold")
+        table.add_column(
+            col,
+            justify="left" if i < 3 or i == 5 else "right",
+            no_wrap=i != 0,
+            min_width=12 if i == 0 else None,
+            overflow="fold",
+        )
     for r in rows:
-        table.add_row(r["name"], r["kind"], "x".join(map(str, r["shape"])), f"{r['params']:,}",
-                      _bits_bar(r["bits"], r["quantized"]), r["encoding"], f"{r['stored_bits']:.2f}",
-                      f"{r['bytes']:,}", f"{100 * r['share']:.1f}")
+        table.add_row(
+            r["name"],
+            r["kind"],
+            "x".join(map(str, r["shape"])),
+            f"{r['params']:,}",
+            _bits_bar(r["bits"], r["quantized"]),
+            r["encoding"],
+            f"{r['stored_bits']:.2f}",
+            f"{r['bytes']:,}",
+            f"{100 * r['share']:.1f}",
+        )
     return table
 
 
 def size_summary_lines(report: dict) -> list[tuple[str, str]]:
-    rows = [("model", f"{report['model']} ({report['method']})"),
-            ("average bits (nominal)", f"{report['avg_bits']:.4f}"),
-            ("average stored bits (measured)", f"{report['avg_stored_bits']:.4f}"),
-            ("weight bytes", f"{report['weight_bytes']:,}"),
-            ("file bytes", f"{report['file_bytes']:,}"),
-            ("FP32 equivalent", f"{report['fp32_bytes']:,} bytes ({report['compression']:.2f}x)")]
+    rows = [
+        ("model", f"{report['model']} ({report['method']})"),
+        ("average bits (nominal)", f"{report['avg_bits']:.4f}"),
+        ("average stored bits (measured)", f"{report['avg_stored_bits']:.4f}"),
+        ("weight bytes", f"{report['weight_bytes']:,}"),
+        ("file bytes", f"{report['file_bytes']:,}"),
+        ("FP32 equivalent", f"{report['fp32_bytes']:,} bytes ({report['compression']:.2f}x)"),
+    ]
     if report.get("fp32_checkpoint_bytes"):
-        rows.append(("FP32 checkpoint file", f"{report['fp32_checkpoint_bytes']:,} bytes "
-                                             f"({report['compression_vs_checkpoint']:.2f}x)"))
+        rows.append(
+            (
+                "FP32 checkpoint file",
+                f"{report['fp32_checkpoint_bytes']:,} bytes ({report['compression_vs_checkpoint']:.2f}x)",
+            )
+        )
     return rows

@@ -51,7 +51,7 @@ def _pid_alive(pid: int) -> bool:
 def _sweep_stale_temps(path: Path) -> None:
     """Remove temporary files of ``path`` left by a writer that was killed (SIGKILL cannot be caught)."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
+        parts = tmp.name[len(path.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
             tmp.unlink(missing_ok=True)
 
@@ -248,8 +248,10 @@ class RunDirLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MpqError(f"{self.path} is being written by another mpq process; wait for it to finish "
-                               "or choose another --out") from None
+                raise MpqError(
+                    f"{self.path} is being written by another mpq process; wait for it to finish "
+                    "or choose another --out"
+                ) from None
             raise
         self.fd = fd
         return self

@@ -135,14 +135,23 @@ class Scheme:
         }
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "method": self.method, "other_params": self.other_params,
-                "layers": [asdict(e) for e in self.layers], "summary": self.summary()}
+        return {
+            "version": self.version,
+            "method": self.method,
+            "other_params": self.other_params,
+            "layers": [asdict(e) for e in self.layers],
+            "summary": self.summary(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Scheme:
         try:
-            return cls(method=d["method"], layers=[LayerEntry(**e) for e in d["layers"]],
-                       other_params=int(d.get("other_params", 0)), version=int(d.get("version", 1)))
+            return cls(
+                method=d["method"],
+                layers=[LayerEntry(**e) for e in d["layers"]],
+                other_params=int(d.get("other_params", 0)),
+                version=int(d.get("version", 1)),
+            )
         except (KeyError, TypeError) as exc:
             raise MpqError(f"malformed scheme: {exc}") from None
 

@@ -37,7 +37,7 @@ def tiny_factory_file(tmp_path):
     """A user model file for `--model path.py:factory`."""
     src = Path(__file__).read_text()
     path = tmp_path / "usernet.py"
-    path.write_text(src.split("REAL_FMNIST")[0] + src[src.index("class TinyNet"):src.index("@pytest.fixture")])
+    path.write_text(src.split("REAL_FMNIST")[0] + src[src.index("class TinyNet") : src.index("@pytest.fixture")])
     return f"{path}:tiny_net"
 
 
@@ -51,8 +51,18 @@ def real_fmnist():
 
 
 # -- CLI helpers and runs shared by the CLI, export and inspect tests ---------------------------
-SMALL = ["--data", "synthetic", "--input-size", "1,16,16", "--batch-size", "32", "--limit-train-batches", "3",
-         "--device", "cpu"]
+SMALL = [
+    "--data",
+    "synthetic",
+    "--input-size",
+    "1,16,16",
+    "--batch-size",
+    "32",
+    "--limit-train-batches",
+    "3",
+    "--device",
+    "cpu",
+]
 
 
 def invoke(*args):
@@ -81,8 +91,24 @@ def fp_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def csq_run(fp_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "csq"
-    summary = run_json("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
-                       fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.01", "--out", out)
+    summary = run_json(
+        "search",
+        "--method",
+        "csq",
+        "--target-bits",
+        "2",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--out",
+        out,
+    )
     return out, summary
 
 
@@ -107,8 +133,10 @@ def rewrite_packed(src, dst, edit_header=None, edit_tensors=None, *, mpq_text=No
     if mpq_text is not None:
         save_file(tensors, str(dst), metadata={**metadata, "mpq": mpq_text})
     elif resign:
-        save_file(tensors, str(dst), metadata={"format": "pt",
-                                               **packed_metadata({k: v for k, v in header.items() if k != "digests"},
-                                                                 tensors)})
+        save_file(
+            tensors,
+            str(dst),
+            metadata={"format": "pt", **packed_metadata({k: v for k, v in header.items() if k != "digests"}, tensors)},
+        )
     else:
         save_file(tensors, str(dst), metadata={**metadata, "mpq": json.dumps(header)})

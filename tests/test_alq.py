@@ -44,7 +44,11 @@ def test_default_groups_follow_the_paper():
     method.prepare(model)
     q = method.quantizers()
     assert [(q[n].structure, q[n].groups, q[n].group_size) for n in q] == [
-        ("kernel", 20, 25), ("kernel", 1000, 25), ("subchannel:2", 1000, 400), ("channel", 10, 500)]
+        ("kernel", 20, 25),
+        ("kernel", 1000, 25),
+        ("subchannel:2", 1000, 400),
+        ("channel", 10, 500),
+    ]
     resnet = ALQ(ALQConfig(groups="layer1.*=kernel"))
     resnet.prepare(resnet20(10, 3, (32, 32)))
     rq = resnet.quantizers()
@@ -67,8 +71,18 @@ def test_max_bits_default_is_6_for_built_in_models_and_8_for_others():
 
 def test_plan_gives_each_round_a_pruning_epoch_then_bases_then_coordinates():
     plan = plan_epochs(10, 3, 1 / 3)
-    assert [k for _, k in plan] == ["prune", "basis", "coord", "prune", "basis", "coord",
-                                    "prune", "basis", "coord", "coord"]
+    assert [k for _, k in plan] == [
+        "prune",
+        "basis",
+        "coord",
+        "prune",
+        "basis",
+        "coord",
+        "prune",
+        "basis",
+        "coord",
+        "coord",
+    ]
     assert [k for _, k in plan_epochs(31, 1, 1 / 3)].count("basis") == 10  # the paper's 10 + 20
     assert [k for _, k in plan_epochs(2, 1, 1 / 3)] == ["prune", "basis"]
 
@@ -168,8 +182,24 @@ def test_state_round_trip_restores_bases_and_history():
 @pytest.fixture(scope="module")
 def alq_run(tmp_path_factory, fp_run):
     out = tmp_path_factory.mktemp("runs") / "alq"
-    summary = run_json("search", "--method", "alq", "--model", "lenet5", "--checkpoint", fp_run[0], *SMALL,
-                       "--epochs", "4", "--rounds", "2", "--target-bits", "0.7", "--out", out)
+    summary = run_json(
+        "search",
+        "--method",
+        "alq",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "4",
+        "--rounds",
+        "2",
+        "--target-bits",
+        "0.7",
+        "--out",
+        out,
+    )
     return out, summary
 
 
@@ -239,8 +269,24 @@ def test_basis_activation_takes_the_nearest_level_and_fits_the_data():
 
 def test_act_bits_quantizes_every_input_but_the_image_and_the_file_matches(tmp_path):
     out = tmp_path / "alq-act"
-    summary = run_json("search", "--method", "alq", "--model", "lenet5", *SMALL, "--epochs", "2", "--rounds", "1",
-                       "--target-bits", "2", "--act-bits", "2", "--out", out)
+    summary = run_json(
+        "search",
+        "--method",
+        "alq",
+        "--model",
+        "lenet5",
+        *SMALL,
+        "--epochs",
+        "2",
+        "--rounds",
+        "1",
+        "--target-bits",
+        "2",
+        "--act-bits",
+        "2",
+        "--out",
+        out,
+    )
     scheme = json.loads((out / "scheme.json").read_text())
     assert [e["act_bits"] for e in scheme["layers"]] == [None, 2, 2, 2]
     packed = tmp_path / "alq-act.safetensors"
@@ -252,8 +298,10 @@ def test_act_bits_quantizes_every_input_but_the_image_and_the_file_matches(tmp_p
     result = invoke("search", "--method", "alq", *SMALL, "--epochs", "1", "--act-bits", "12", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "--act-bits must be in 1..8" in result.output
     # a file whose activation record or levels are wrong is refused in one line
-    for edit, message in ((lambda h, t: h["layers"][1]["act"].update(bits=9), "act must be"),
-                          (lambda h, t: t.pop("features.3.input_quant.gamma"), "input_quant.gamma is missing")):
+    for edit, message in (
+        (lambda h, t: h["layers"][1]["act"].update(bits=9), "act must be"),
+        (lambda h, t: t.pop("features.3.input_quant.gamma"), "input_quant.gamma is missing"),
+    ):
         bad = tmp_path / "bad.safetensors"
         box = {}
         rewrite_packed(packed, bad, lambda h, box=box: box.update(h=h), lambda t, e=edit, box=box: e(box["h"], t))

@@ -67,8 +67,9 @@ def test_weighted_fit_solves_the_regularised_normal_equations():
         k = int(active[g].sum())
         basis = alq.plus_minus(signs[g, :k]).T.double()  # (E, k)
         h = torch.diag(hessian[g].double())
-        expected = torch.linalg.solve(basis.T @ h @ basis + alq.RIDGE * torch.eye(k, dtype=torch.float64),
-                                      basis.T @ h @ target[g].double())
+        expected = torch.linalg.solve(
+            basis.T @ h @ basis + alq.RIDGE * torch.eye(k, dtype=torch.float64), basis.T @ h @ target[g].double()
+        )
         assert torch.allclose(fitted[g, :k].double(), expected, atol=1e-4)
         assert bool((fitted[g, k:] == 0).all())
 

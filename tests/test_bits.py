@@ -17,7 +17,7 @@ def test_bit_planes_worked_example():
 @given(n_bits=st.integers(1, 12), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 99))
 def test_bit_planes_round_trip(n_bits, shape, seed):
     gen = torch.Generator().manual_seed(seed)
-    limit = 2 ** n_bits - 1
+    limit = 2**n_bits - 1
     codes = torch.randint(-limit, limit + 1, shape, generator=gen)
     pos, neg = to_bit_planes(codes, n_bits)
     assert not (pos & neg).any()
@@ -38,14 +38,17 @@ def test_bit_values():
     assert bit_values(4).tolist() == [1.0, 2.0, 4.0, 8.0]
 
 
-@pytest.mark.parametrize("codes,shift,bits", [
-    ([0, 0], 0, 0),
-    ([1, -3, 2], 0, 2),
-    ([32, -96, 224], 5, 3),  # bits {5,6,7} selected: 3 magnitude bits after shifting
-    ([9, -8, 1], 0, 4),  # bits {0,3}: not contiguous, costs 4 magnitude bits
-    ([-4, 12], 2, 2),
-])
+@pytest.mark.parametrize(
+    "codes,shift,bits",
+    [
+        ([0, 0], 0, 0),
+        ([1, -3, 2], 0, 2),
+        ([32, -96, 224], 5, 3),  # bits {5,6,7} selected: 3 magnitude bits after shifting
+        ([9, -8, 1], 0, 4),  # bits {0,3}: not contiguous, costs 4 magnitude bits
+        ([-4, 12], 2, 2),
+    ],
+)
 def test_canonicalize_codes(codes, shift, bits):
     reduced, got_shift, got_bits = canonicalize_codes(torch.tensor(codes))
     assert (got_shift, got_bits) == (shift, bits)
-    assert torch.equal(reduced * 2 ** got_shift, torch.tensor(codes))
+    assert torch.equal(reduced * 2**got_shift, torch.tensor(codes))

@@ -177,8 +177,14 @@ def test_infeasible_budget_is_a_clear_error_before_training():
 
 
 def test_bad_config_is_refused():
-    for bad in ({"bits": "2,x"}, {"bits": [1, 4]}, {"edge_bits": 17}, {"warmup_epochs": 0},
-                {"target_bits": 3, "budget_bytes": 100}, {"ties": [3]}):
+    for bad in (
+        {"bits": "2,x"},
+        {"bits": [1, 4]},
+        {"edge_bits": 17},
+        {"warmup_epochs": 0},
+        {"target_bits": 3, "budget_bytes": 100},
+        {"ties": [3]},
+    ):
         with pytest.raises(MpqError):
             BMPQConfig(**bad)
     assert BMPQConfig(bits="4,2").bits == [2, 4]
@@ -232,8 +238,10 @@ def test_downsample_convs_are_tied_to_their_block_input_readers():
 def test_user_ties_and_fixed_bits_are_respected():
     torch.manual_seed(0)
     model = lenet5(10, 1, (28, 28))
-    method = BMPQ(BMPQConfig(bits=[2, 4, 8], warmup_epochs=1, interval=1, target_bits=4.0, edge_bits=None,
-                             ties=[["features.*"]]), LayerSelection(fix_bits={"classifier.3": 8}))
+    method = BMPQ(
+        BMPQConfig(bits=[2, 4, 8], warmup_epochs=1, interval=1, target_bits=4.0, edge_bits=None, ties=[["features.*"]]),
+        LayerSelection(fix_bits={"classifier.3": 8}),
+    )
     method.prepare(model)
     _train_steps(model, method)
     bits = method.layer_bits()
@@ -246,8 +254,26 @@ def test_user_ties_and_fixed_bits_are_respected():
 @pytest.fixture(scope="module")
 def bmpq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "bmpq"
-    summary = run_json("search", "--method", "bmpq", "--model", "lenet5", *SMALL, "--epochs", "3", "--bits", "2,4",
-                       "--warmup-epochs", "1", "--interval", "1", "--target-bits", "4.5", "--out", out)
+    summary = run_json(
+        "search",
+        "--method",
+        "bmpq",
+        "--model",
+        "lenet5",
+        *SMALL,
+        "--epochs",
+        "3",
+        "--bits",
+        "2,4",
+        "--warmup-epochs",
+        "1",
+        "--interval",
+        "1",
+        "--target-bits",
+        "4.5",
+        "--out",
+        out,
+    )
     return out, summary
 
 
@@ -287,8 +313,9 @@ def test_unknown_method_option_is_one_line_and_exit_2(tmp_path):
     result = invoke("search", "--method", "bmpq", *SMALL, "--epochs", "1", "--bitz", "2,4", "--out", tmp_path / "x")
     assert result.exit_code == 2
     assert "no such option --bitz" in result.output and "--bits" in result.output
-    result = invoke("search", "--method", "bmpq", *SMALL, "--epochs", "1", "--target-bits", "1.5",
-                    "--out", tmp_path / "y")
+    result = invoke(
+        "search", "--method", "bmpq", *SMALL, "--epochs", "1", "--target-bits", "1.5", "--out", tmp_path / "y"
+    )
     assert result.exit_code == 2 and "below the smallest scheme" in result.output
     assert "Traceback" not in result.output
 
@@ -316,7 +343,24 @@ def test_state_round_trip_restores_widths_activation_bits_and_history():
 
 
 def test_search_from_a_checkpoint(fp_run, tmp_path):
-    summary = run_json("search", "--method", "bmpq", "--model", "lenet5", "--checkpoint", fp_run[0], *SMALL,
-                       "--epochs", "2", "--warmup-epochs", "1", "--interval", "1", "--target-bits", "4.5",
-                       "--out", tmp_path / "ck")
+    summary = run_json(
+        "search",
+        "--method",
+        "bmpq",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--interval",
+        "1",
+        "--target-bits",
+        "4.5",
+        "--out",
+        tmp_path / "ck",
+    )
     assert summary["fp_top1"] is not None and summary["budget_met"] and summary["assignments"] == 1

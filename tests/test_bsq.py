@@ -45,8 +45,9 @@ def test_group_lasso_is_the_sum_of_plane_norms():
     with torch.no_grad():
         q.planes_pos.uniform_(0, 2)
         q.planes_neg.uniform_(0, 2)
-    expected = sum(torch.sqrt((q.planes_pos[..., b] ** 2).sum() + (q.planes_neg[..., b] ** 2).sum() + 1e-8)
-                   for b in range(3))
+    expected = sum(
+        torch.sqrt((q.planes_pos[..., b] ** 2).sum() + (q.planes_neg[..., b] ** 2).sum() + 1e-8) for b in range(3)
+    )
     assert float(q.group_lasso().detach()) == pytest.approx(float(expected), rel=1e-6)
 
 
@@ -93,8 +94,22 @@ def test_open_loop_larger_alpha_gives_fewer_bits(tmp_path):
     """The paper's mode: alpha fixed, the scheme is whatever it reaches (monotone on this tiny run)."""
     bits = []
     for alpha in (0.0, 5.0, 50.0):
-        summary = run_json("search", "--method", "bsq", "--model", "lenet5", *SMALL, "--epochs", "2",
-                           "--set", f"alpha={alpha}", "--set", "requant_every=0.5", "--out", tmp_path / f"a{alpha}")
+        summary = run_json(
+            "search",
+            "--method",
+            "bsq",
+            "--model",
+            "lenet5",
+            *SMALL,
+            "--epochs",
+            "2",
+            "--set",
+            f"alpha={alpha}",
+            "--set",
+            "requant_every=0.5",
+            "--out",
+            tmp_path / f"a{alpha}",
+        )
         assert summary["target_bits"] is None and "budget_met" not in summary
         bits.append(summary["avg_bits"])
     assert bits[0] >= bits[1] >= bits[2] and bits[0] > bits[2]
@@ -102,8 +117,9 @@ def test_open_loop_larger_alpha_gives_fewer_bits(tmp_path):
 
 def test_budget_mode_lands_in_the_window_and_exports_exactly(tmp_path):
     run = tmp_path / "bsq"
-    summary = run_json("search", "--method", "bsq", "--target-bits", "2", "--model", "lenet5", *SMALL, "--epochs", "2",
-                       "--out", run)
+    summary = run_json(
+        "search", "--method", "bsq", "--target-bits", "2", "--model", "lenet5", *SMALL, "--epochs", "2", "--out", run
+    )
     assert 1.9 - 1e-9 <= summary["avg_bits"] <= 2.0 + 1e-9 and summary["budget_met"]
     exported = run_json("export", run, "-o", tmp_path / "bsq.safetensors")
     assert exported["avg_bits"] == pytest.approx(summary["avg_bits"])
@@ -147,8 +163,8 @@ def test_projected_bits_match_what_requantization_gives():
         q = BSQWeight(torch.randn(8, 9), 6, 8, fixed=False)
         with torch.no_grad():
             q.planes_pos.mul_(torch.rand_like(q.planes_pos) * 2)
-            q.planes_pos[..., :seed % 3] = 0
-            q.planes_neg[..., :seed % 3] = 0
+            q.planes_pos[..., : seed % 3] = 0
+            q.planes_neg[..., : seed % 3] = 0
         projected = q.bits_after_requantization()
         assert projected == q.requantize()["bits_after"]
 
@@ -170,24 +186,29 @@ def test_scales_learn_slowly_in_search_and_finetune():
 # -- the budget-mode alpha controller (issue 13) ---------------------------------------------------------
 def _controller(monkeypatch, projected, **config):
     """A BSQ method whose projected average bits follow ``projected``, one value per controller update."""
-    method = BSQ(BSQConfig(target_bits=2.0, alpha=0.01, budget_tolerance=0.1, controller_gain=0.1,
-                           controller_window=3, **config))
+    method = BSQ(
+        BSQConfig(target_bits=2.0, alpha=0.01, budget_tolerance=0.1, controller_gain=0.1, controller_window=3, **config)
+    )
     method.prepare(TinyNet())
     values = iter(projected)
     monkeypatch.setattr(method, "_projected_average_bits", lambda: next(values))
     return method
 
 
-@pytest.mark.parametrize("projected,factors", [
-    # above the target and not falling: raise by exp(gain) each update
-    ([4.0, 4.0, 4.2], [1, 1, 1]),
-    # above and falling: hold while the newest is below the window's highest, raise once it is not
-    ([4.0, 3.5, 3.0, 2.8, 2.9, 2.9, 2.9], [1, 0, 0, 0, 0, 0, 1]),
-    # inside [target - tol, target]: hold; below: lower by exp(-2 gain)
-    ([2.0, 1.95, 1.5, 1.0], [0, 0, -2, -2]),
-    # a fall older than the window no longer holds alpha (window 3)
-    ([5.0, 3.0, 3.0, 3.0, 3.0], [1, 0, 0, 0, 1]),
-], ids=["above", "falling", "inside-and-below", "window"])
+@pytest.mark.parametrize(
+    "projected,factors",
+    [
+        # above the target and not falling: raise by exp(gain) each update
+        ([4.0, 4.0, 4.2], [1, 1, 1]),
+        # above and falling: hold while the newest is below the window's highest, raise once it is not
+        ([4.0, 3.5, 3.0, 2.8, 2.9, 2.9, 2.9], [1, 0, 0, 0, 0, 0, 1]),
+        # inside [target - tol, target]: hold; below: lower by exp(-2 gain)
+        ([2.0, 1.95, 1.5, 1.0], [0, 0, -2, -2]),
+        # a fall older than the window no longer holds alpha (window 3)
+        ([5.0, 3.0, 3.0, 3.0, 3.0], [1, 0, 0, 0, 1]),
+    ],
+    ids=["above", "falling", "inside-and-below", "window"],
+)
 def test_alpha_controller_raises_holds_and_lowers(monkeypatch, projected, factors):
     import math
 

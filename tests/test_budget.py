@@ -23,8 +23,9 @@ def brute_force(options, params, low, high):
 def test_matches_brute_force(seed):
     rng = random.Random(seed)
     layers = rng.randint(1, 4)
-    options = [[(b, rng.uniform(-1, 3)) for b in sorted(rng.sample(range(0, 9), rng.randint(1, 4)))]
-               for _ in range(layers)]
+    options = [
+        [(b, rng.uniform(-1, 3)) for b in sorted(rng.sample(range(0, 9), rng.randint(1, 4)))] for _ in range(layers)
+    ]
     params = [rng.choice([10, 100, 1000, 5000]) for _ in range(layers)]
     high = rng.uniform(1, 6)
     low = high - 0.5
@@ -66,8 +67,7 @@ def test_tens_of_millions_of_weights_stay_within_the_budget_to_the_bit(seed):
 
     rng = random.Random(seed)
     params = [rng.randint(1_000_000, 12_000_000) for _ in range(5)]  # 5..60 M weights in all
-    options = [[(b, -rng.uniform(0.5, 2.0) * b + rng.uniform(0, 0.01)) for b in (2, 3, 4, 6, 8)]
-               for _ in params]
+    options = [[(b, -rng.uniform(0.5, 2.0) * b + rng.uniform(0, 0.01)) for b in (2, 3, 4, 6, 8)] for _ in params]
     edge = [rng.randrange(5) for _ in params]
     high_bits = sum(options[i][k][0] * params[i] for i, k in enumerate(edge))
     low_bits = high_bits - rng.choice([1, 1000, 10**6])

@@ -18,14 +18,22 @@ def test_train_writes_checkpoint(fp_run):
 
 def test_search_run_directory(csq_run):
     out, summary = csq_run
-    for name in ("config.json", "model.safetensors", "method.json", "codes.safetensors", "scheme.json",
-                 "metrics.jsonl", "report.md", "summary.json", "checkpoint.pt"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "method.json",
+        "codes.safetensors",
+        "scheme.json",
+        "metrics.jsonl",
+        "report.md",
+        "summary.json",
+        "checkpoint.pt",
+    ):
         assert (out / name).is_file(), name
     assert 1.9 - 1e-9 <= summary["avg_bits"] <= 2.0 + 1e-9
     assert summary["fp_top1"] is not None and "top1" in summary
     scheme = json.loads((out / "scheme.json").read_text())
-    assert [layer["name"] for layer in scheme["layers"]] == ["features.0", "features.3", "classifier.1",
-                                                               "classifier.3"]
+    assert [layer["name"] for layer in scheme["layers"]] == ["features.0", "features.3", "classifier.1", "classifier.3"]
     report = (out / "report.md").read_text()
     assert "synthetic data" in report and "classifier.1" in report
     config = json.loads((out / "config.json").read_text())
@@ -65,9 +73,24 @@ def test_finetune_keeps_the_scheme(csq_run, tmp_path):
 
 
 def test_uniform_baseline(tmp_path):
-    summary = run_json("search", "--method", "uniform", "--target-bits", "3", "--model", "lenet5", *SMALL,
-                       "--epochs", "1", "--keep-fp", "features.0", "--fix-bits", "classifier.3=8",
-                       "--out", tmp_path / "u")
+    summary = run_json(
+        "search",
+        "--method",
+        "uniform",
+        "--target-bits",
+        "3",
+        "--model",
+        "lenet5",
+        *SMALL,
+        "--epochs",
+        "1",
+        "--keep-fp",
+        "features.0",
+        "--fix-bits",
+        "classifier.3=8",
+        "--out",
+        tmp_path / "u",
+    )
     scheme = json.loads((tmp_path / "u" / "scheme.json").read_text())
     bits = {e["name"]: e["bits"] for e in scheme["layers"]}
     assert bits == {"features.0": None, "features.3": 3, "classifier.1": 3, "classifier.3": 8}
@@ -86,10 +109,14 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
     assert mismatch.exit_code == 2 and "different configuration" in mismatch.output
 
 
-@pytest.mark.parametrize("method_args", [
-    ["--method", "csq", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
-    ["--method", "alq", "--target-bits", "1", "--epochs", "3", "--rounds", "1"],  # cut inside its schedule
-], ids=["csq", "alq"])
+@pytest.mark.parametrize(
+    "method_args",
+    [
+        ["--method", "csq", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
+        ["--method", "alq", "--target-bits", "1", "--epochs", "3", "--rounds", "1"],  # cut inside its schedule
+    ],
+    ids=["csq", "alq"],
+)
 def test_resume_after_interruption(tmp_path, monkeypatch, method_args):
     """Kill a run after its first epoch; --resume finishes it with the same result as an uninterrupted run."""
     import mpq_cli.engine as engine
@@ -123,18 +150,22 @@ def test_methods_and_models_listing():
     assert "lenet5" in models["builtin"] and "resnet18" in models["torchvision"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["search", "--model", "no_such_net", *SMALL], "unknown model"),
-    (["search", "--fix-bits", "oops", *SMALL], "NAME=BITS"),
-    (["search", "--keep-fp", "nothing.matches", *SMALL], "matches no"),
-    (["search", "--checkpoint", "/nonexistent.pt", *SMALL], "not found"),
-    (["search", "--target-bits", "12", *SMALL], "exceeds"),
-    (["search", "--set", "bogus=1", *SMALL], "unknown fields"),
-    (["train", "--data", "nope"], "unknown dataset"),
-    (["train", "--data", "mnist", "--data-dir", "/nonexistent"], "could not be downloaded"),
-    (["finetune", "/nonexistent"], "not an mpq run"),
-    (["train", "--optimizer", "lbfgs", *SMALL], "--optimizer"),
-], ids=["model", "fix-bits", "keep-fp", "checkpoint", "bits", "set", "dataset", "offline", "finetune", "optim"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["search", "--model", "no_such_net", *SMALL], "unknown model"),
+        (["search", "--fix-bits", "oops", *SMALL], "NAME=BITS"),
+        (["search", "--keep-fp", "nothing.matches", *SMALL], "matches no"),
+        (["search", "--checkpoint", "/nonexistent.pt", *SMALL], "not found"),
+        (["search", "--target-bits", "12", *SMALL], "exceeds"),
+        (["search", "--set", "bogus=1", *SMALL], "unknown fields"),
+        (["train", "--data", "nope"], "unknown dataset"),
+        (["train", "--data", "mnist", "--data-dir", "/nonexistent"], "could not be downloaded"),
+        (["finetune", "/nonexistent"], "not an mpq run"),
+        (["train", "--optimizer", "lbfgs", *SMALL], "--optimizer"),
+    ],
+    ids=["model", "fix-bits", "keep-fp", "checkpoint", "bits", "set", "dataset", "offline", "finetune", "optim"],
+)
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke(*args, "--quiet") if args[0] != "finetune" else invoke(*args)
@@ -160,11 +191,30 @@ def test_the_python_api_trains_exactly_as_the_command_line(fp_run, tmp_path):
     from mpq_cli.data import DataConfig
 
     cli_run, api_run = tmp_path / "cli", tmp_path / "api"
-    run_json("search", "--method", "bsq", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0],
-             *SMALL, "--epochs", "1", "--out", cli_run)
+    run_json(
+        "search",
+        "--method",
+        "bsq",
+        "--target-bits",
+        "2",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "1",
+        "--out",
+        cli_run,
+    )
     data = DataConfig("synthetic", batch_size=32, input_size=(1, 16, 16), limit_train_batches=3)
-    mpq_cli.search(ModelOptions("lenet5", None, str(fp_run[0])), data, {"epochs": 1, "device": "cpu"},
-                   SearchOptions("bsq", {"target_bits": 2}), out=str(api_run))
+    mpq_cli.search(
+        ModelOptions("lenet5", None, str(fp_run[0])),
+        data,
+        {"epochs": 1, "device": "cpu"},
+        SearchOptions("bsq", {"target_bits": 2}),
+        out=str(api_run),
+    )
     cli_config, api_config = (json.loads((r / "config.json").read_text()) for r in (cli_run, api_run))
     assert api_config["train"] == cli_config["train"]
     assert api_config["train"]["optimizer"] == "sgd" and api_config["train"]["lr"] != 0.05  # BSQ's, not generic

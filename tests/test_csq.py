@@ -25,8 +25,12 @@ def test_reconstruction_matches_eq5_bit_by_bit():
         q.mask_logits.normal_()
     q.temperature = 3.0
     f = lambda m: torch.sigmoid(3.0 * m)  # noqa: E731
-    expected = sum((f(q.bit_logits_pos[..., b]) - f(q.bit_logits_neg[..., b])) * 2 ** b * f(q.mask_logits[b])
-                   for b in range(8)) * q.scale / 255 / q.gate_gain()
+    expected = (
+        sum((f(q.bit_logits_pos[..., b]) - f(q.bit_logits_neg[..., b])) * 2**b * f(q.mask_logits[b]) for b in range(8))
+        * q.scale
+        / 255
+        / q.gate_gain()
+    )
     assert torch.allclose(q.train_weight(), expected, atol=1e-6)
 
 
@@ -114,8 +118,11 @@ def test_preconditioner_divides_logit_gradients_by_bit_weight_squared():
     assert torch.allclose(_logit_grads(q), plain / kappa.pow(2), rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode,search,fixed", [("none", False, False), ("fixed", False, True),
-                                               ("always", True, True)], ids=["none", "fixed", "always"])
+@pytest.mark.parametrize(
+    "mode,search,fixed",
+    [("none", False, False), ("fixed", False, True), ("always", True, True)],
+    ids=["none", "fixed", "always"],
+)
 def test_precondition_modes(tiny, mode, search, fixed):
     from mpq_cli.layers import LayerSelection
 
@@ -169,21 +176,23 @@ def _loss_probe(model, x, y):
         model.eval()
         with torch.no_grad():
             return float(F.cross_entropy(model(x), y))
+
     return probe
 
 
 @pytest.mark.parametrize("start_bits,target", [(8, 2.0), (1, 5.0), (3, 3.0)], ids=["drop", "add", "already-in"])
 def test_budget_guarantee(start_bits, target):
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8),
-                                torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)
+    )
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     method = _csq(model, loss_probe=_loss_probe(model, x, y), target_bits=target)
     with torch.no_grad():
         for q in method.quantizers().values():
             q.mask_logits.copy_(torch.linspace(-1, 1, 8))
             q.mask_logits[: 8 - start_bits] = -torch.rand(8 - start_bits) - 0.1
-            q.mask_logits[8 - start_bits:] = torch.rand(start_bits) + 0.1
+            q.mask_logits[8 - start_bits :] = torch.rand(start_bits) + 0.1
     info = method.finalize()
     assert info.budget_met
     assert target - 0.1 <= method.average_bits() <= target + 1e-9
@@ -195,6 +204,7 @@ def test_budget_guarantee(start_bits, target):
 def test_budget_step_is_loss_aware():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
     def probe():  # only layer "0" matters to this loss: the budget step must take the bit from layer "1"
         return 1.0 + (8 - method.layer_bits()["0"])
 
@@ -208,6 +218,7 @@ def test_budget_step_is_loss_aware():
 def test_budget_step_never_zeroes_the_output_layer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
     def probe():  # a broken model: the probe "prefers" a constant output (layer "1" at 0 bits)
         bits = method.layer_bits()
         return 1.0 + (0 if bits["1"] == 0 else 5) + 0.01 * (8 - bits["0"])

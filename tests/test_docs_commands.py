@@ -52,8 +52,17 @@ def shortened(command: str) -> list[str]:
         out.append(arg)
         i += 1
     if verb in TRAINING:
-        out += ["--device", "cpu", "--batch-size", "16", "--limit-train-batches", "2", "--limit-val-batches", "1",
-                "--quiet"]
+        out += [
+            "--device",
+            "cpu",
+            "--batch-size",
+            "16",
+            "--limit-train-batches",
+            "2",
+            "--limit-val-batches",
+            "1",
+            "--quiet",
+        ]
         if "--epochs" not in out:
             out += ["--epochs", "2"]
         if verb != "train" and "--lr" not in out:

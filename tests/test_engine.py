@@ -82,8 +82,9 @@ def test_gradients_are_clipped_before_a_method_rescales_them(monkeypatch):
             return optimizer
 
         monkeypatch.setattr(engine, "make_optimizer", spy)
-        _, train, val = load_data(DataConfig("synthetic", batch_size=32, input_size=(1, 8, 8),
-                                             limit_train_batches=1, limit_val_batches=1))
+        _, train, val = load_data(
+            DataConfig("synthetic", batch_size=32, input_size=(1, 8, 8), limit_train_batches=1, limit_val_batches=1)
+        )
         fit(model, train, val, TrainConfig(epochs=1, lr=0.01, clip_grad=clip), hooks=Rescales(model, factor))
         return seen
 

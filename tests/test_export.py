@@ -61,8 +61,9 @@ def test_payload_is_what_the_stored_bits_promise(exported):
     """Packed weight bytes are within 1 % of sum(params x stored bits / 8) plus the scales."""
     run, out, _ = exported
     scheme = json.loads((run / "scheme.json").read_text())
-    promised = sum(e["params"] * e["stored_bits"] / 8 + 4 * e["scales"] for e in scheme["layers"]
-                   if e["bits"] is not None)
+    promised = sum(
+        e["params"] * e["stored_bits"] / 8 + 4 * e["scales"] for e in scheme["layers"] if e["bits"] is not None
+    )
     report = run_json("inspect", out)
     payload = sum(layer["bytes"] for layer in report["layers"] if layer["quantized"])
     assert abs(payload - promised) <= 0.01 * promised
@@ -94,8 +95,9 @@ def test_every_method_and_bit_width_round_trips_through_a_file(method, bits, tmp
     model = TinyNet()
     cls = get_method(method)
     extra = {"max_bits": 16} if method in ("csq", "bsq") else {}
-    quant = cls(cls.config_class.from_dict({"target_bits": max(1, min(bits, 8)), **extra}),
-                LayerSelection(fix_bits={"*": bits}))
+    quant = cls(
+        cls.config_class.from_dict({"target_bits": max(1, min(bits, 8)), **extra}), LayerSelection(fix_bits={"*": bits})
+    )
     quant.prepare(model)
     model.eval()
     tensors, entries = {}, []
@@ -112,8 +114,24 @@ def test_every_method_and_bit_width_round_trips_through_a_file(method, bits, tmp
 
 def test_activation_quantization_and_fp_layers_survive_export(tmp_path, tiny_factory_file):
     run = tmp_path / "uni"
-    summary = run_json("search", "--method", "uniform", "--target-bits", "3", "--model", tiny_factory_file,
-                       *SMALL, "--epochs", "1", "--act-bits", "4", "--keep-fp", "fc", "--out", run)
+    summary = run_json(
+        "search",
+        "--method",
+        "uniform",
+        "--target-bits",
+        "3",
+        "--model",
+        tiny_factory_file,
+        *SMALL,
+        "--epochs",
+        "1",
+        "--act-bits",
+        "4",
+        "--keep-fp",
+        "fc",
+        "--out",
+        run,
+    )
     out = tmp_path / "uni.safetensors"
     run_json("export", run, "-o", out)
     report = run_json("inspect", out)
@@ -158,19 +176,23 @@ CORRUPT = {
     "random-bytes": (lambda src, dst: dst.write_bytes(bytes(range(256)) * 4), "not a safetensors file"),
     "not-mpq": (lambda src, dst: save_file({"w": torch.ones(3)}, str(dst)), "not an mpq packed file"),
     "wrong-version": (lambda s, d: _rewrite(s, d, lambda h: h.update(format="mpq.packed/9")), "unsupported format"),
-    "shape-lies": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(shape=[500, 801], params=400500)),
-                   "bytes"),
+    "shape-lies": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(shape=[500, 801], params=400500)), "bytes"),
     "params-lie": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(params=7)), "params"),
     "bits-lie": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(width=_layer(h)["width"] + 1)), "bytes"),
     "bits-out-of-range": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(nominal_bits=40)), "0..16"),
-    "fractional-int-bits": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(nominal_bits=2.5)),
-                            "an integer in 0..16"),
-    "missing-tensor": (lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.weight.step")),
-                       "classifier.1.weight.step is missing"),
-    "missing-bias": (lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.bias")),
-                     "classifier.1.bias is missing"),
-    "unknown-encoding": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(encoding="fp4")),
-                         "unknown encoding"),
+    "fractional-int-bits": (
+        lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(nominal_bits=2.5)),
+        "an integer in 0..16",
+    ),
+    "missing-tensor": (
+        lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.weight.step")),
+        "classifier.1.weight.step is missing",
+    ),
+    "missing-bias": (
+        lambda s, d: _rewrite(s, d, edit_tensors=lambda t: t.pop("classifier.1.bias")),
+        "classifier.1.bias is missing",
+    ),
+    "unknown-encoding": (lambda s, d: _rewrite(s, d, lambda h: _layer(h).update(encoding="fp4")), "unknown encoding"),
     "header-not-json": (lambda s, d: _rewrite_raw(s, d, "{not json"), "not valid JSON"),
 }
 
@@ -183,8 +205,15 @@ def _rewrite_raw(src, dst, mpq_text):
 HEADER_ONLY_MISSES = {"missing-bias"}
 
 
-@pytest.mark.parametrize("case,command", [(case, command) for case in CORRUPT for command in ("inspect", "eval")
-                                          if not (command == "inspect" and case in HEADER_ONLY_MISSES)])
+@pytest.mark.parametrize(
+    "case,command",
+    [
+        (case, command)
+        for case in CORRUPT
+        for command in ("inspect", "eval")
+        if not (command == "inspect" and case in HEADER_ONLY_MISSES)
+    ],
+)
 def test_corrupt_files_give_one_line_and_exit_2(case, command, exported, tmp_path):
     make, message = CORRUPT[case]
     bad = tmp_path / "bad.safetensors"

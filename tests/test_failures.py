@@ -89,8 +89,20 @@ def test_a_run_directory_naming_code_never_runs_it(csq_run, fp_run, tmp_path, mo
 
 def test_a_user_factory_runs_when_the_caller_names_it(tmp_path, tiny_factory_file):
     run = tmp_path / "uni"
-    run_json("search", "--method", "uniform", "--target-bits", "3", "--model", tiny_factory_file, *SMALL,
-             "--epochs", "1", "--out", run)
+    run_json(
+        "search",
+        "--method",
+        "uniform",
+        "--target-bits",
+        "3",
+        "--model",
+        tiny_factory_file,
+        *SMALL,
+        "--epochs",
+        "1",
+        "--out",
+        run,
+    )
     _one_line_exit_2(invoke("eval", run), "--model")
     assert 0 <= run_json("eval", run, "--model", tiny_factory_file)["top1"] <= 100
     ft = run_json("finetune", run, "--epochs", "1", "--model", tiny_factory_file, "--out", tmp_path / "ft")
@@ -102,8 +114,25 @@ def test_a_refused_resume_changes_no_byte(csq_run, fp_run, tmp_path):
     run = tmp_path / "csq"
     shutil.copytree(csq_run[0], run)
     before = _snapshot(run)
-    result = invoke("search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint",
-                    fp_run[0], *SMALL, "--epochs", "2", "--lr", "0.02", "--out", run, "--resume")
+    result = invoke(
+        "search",
+        "--method",
+        "csq",
+        "--target-bits",
+        "2",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "2",
+        "--lr",
+        "0.02",
+        "--out",
+        run,
+        "--resume",
+    )
     _one_line_exit_2(result, "different configuration")
     assert _snapshot(run) == before
     assert run_json("eval", run, "--device", "cpu")["top1"] == csq_run[1]["top1"]  # still usable
@@ -111,8 +140,22 @@ def test_a_refused_resume_changes_no_byte(csq_run, fp_run, tmp_path):
 
 def test_resume_continues_and_the_report_counts_every_epoch(fp_run, tmp_path):
     run = tmp_path / "csq"
-    args = ["search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0],
-            *SMALL, "--lr", "0.01", "--out", run]
+    args = [
+        "search",
+        "--method",
+        "csq",
+        "--target-bits",
+        "2",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--lr",
+        "0.01",
+        "--out",
+        run,
+    ]
     first = run_json(*args, "--epochs", "2")
     # the same configuration, continued: the checkpoint of epoch 2 of 2 finishes at once
     result = invoke(*args, "--epochs", "2", "--resume")
@@ -139,8 +182,27 @@ def test_a_second_writer_is_refused(tmp_path):
 def test_two_processes_into_one_run_directory(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mpq_cli", "train", "--model", "lenet5", "--data", "synthetic", "--input-size",
-           "1,16,16", "--batch-size", "8", "--device", "cpu", "--epochs", "40", "-q", "--out", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpq_cli",
+        "train",
+        "--model",
+        "lenet5",
+        "--data",
+        "synthetic",
+        "--input-size",
+        "1,16,16",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--epochs",
+        "40",
+        "-q",
+        "--out",
+        str(run),
+    ]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -152,8 +214,13 @@ def test_two_processes_into_one_run_directory(tmp_path):
     finally:
         first.kill()  # a stale lock: the kernel drops it with the process
         first.wait()
-    resumed = subprocess.run(cmd[:-5] + ["--epochs", "1", "-q", "--out", str(tmp_path / "other")], env=env,
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        cmd[:-5] + ["--epochs", "1", "-q", "--out", str(tmp_path / "other")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     # the killed run's directory is not locked any more
     from mpq_cli.rundir import RunDirLock
@@ -185,8 +252,9 @@ def test_every_method_stops_when_it_diverges(method, fp_run, tmp_path):
 
 def test_train_and_finetune_stop_when_they_diverge(csq_run, tmp_path):
     _one_line_exit_2(invoke("train", *DIVERGE, "--out", tmp_path / "t"), "diverged")
-    _one_line_exit_2(invoke("finetune", csq_run[0], "--epochs", "1", "--lr", "1e6", "--out", tmp_path / "f"),
-                     "diverged")
+    _one_line_exit_2(
+        invoke("finetune", csq_run[0], "--epochs", "1", "--lr", "1e6", "--out", tmp_path / "f"), "diverged"
+    )
 
 
 class _Blows(nn.Module):
@@ -251,8 +319,9 @@ def test_every_json_file_and_output_is_strict(csq_run, exported_csq, tmp_path, m
 
     from mpq_cli import api
 
-    monkeypatch.setattr(api, "evaluate_run", lambda *a, **k: {"top1": float("nan"), "loss": float("inf"),
-                                                                "command": "eval", "out": "x"})
+    monkeypatch.setattr(
+        api, "evaluate_run", lambda *a, **k: {"top1": float("nan"), "loss": float("inf"), "command": "eval", "out": "x"}
+    )
     out = _strict(invoke("eval", exported_csq, "--json").stdout)
     assert out["top1"] is None and out["loss"] is None
 
@@ -316,8 +385,10 @@ USER_ERRORS = {
     "lr-inf": ([*FP, "--lr", "inf"], "--lr must be"),
     "warmup-negative": ([*FP, "--lr-warmup-epochs", "-1"], "--lr-warmup-epochs must be"),
     "weight-decay-negative": ([*FP, "--weight-decay", "-0.1"], "--weight-decay must be"),
-    "input-too-small": ([*FP[:-6], "--input-size", "1,4,4", "--epochs", "1", "--device", "cpu"],
-                        "cannot take inputs of shape [1, 4, 4]"),
+    "input-too-small": (
+        [*FP[:-6], "--input-size", "1,4,4", "--epochs", "1", "--device", "cpu"],
+        "cannot take inputs of shape [1, 4, 4]",
+    ),
     "reg-strength-text": ([*SEARCH, "--method", "csq", "--reg-strength", "abc"], "--reg-strength must be"),
     "reg-strength-nan": ([*SEARCH, "--method", "csq", "--reg-strength", "NaN"], "--reg-strength must be"),
     "max-bits-fraction": ([*SEARCH, "--method", "alq", "--max-bits", "2.5"], "--max-bits must be an integer"),
@@ -342,8 +413,20 @@ def test_a_raising_factory_is_a_user_error(tmp_path):
 def test_an_empty_image_folder_is_a_user_error(tmp_path):
     for split in ("train", "val"):
         (tmp_path / "images" / split / "cat").mkdir(parents=True)
-    _one_line_exit_2(invoke("train", "--model", "resnet18", "--data", f"imagefolder:{tmp_path / 'images'}",
-                            "--device", "cpu", "--out", tmp_path / "r"), "imagefolder:")
+    _one_line_exit_2(
+        invoke(
+            "train",
+            "--model",
+            "resnet18",
+            "--data",
+            f"imagefolder:{tmp_path / 'images'}",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "r",
+        ),
+        "imagefolder:",
+    )
 
 
 def test_out_naming_a_file_is_a_user_error(tmp_path):
@@ -374,12 +457,16 @@ def _main(argv, capsys):
     return code, captured.err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--no-such-option"], "no such option"),
-    (["train", "--epochs", "many"], "valid integer"),
-    (["frobnicate"], "No such command"),
-    (["export"], "Missing argument"),
-], ids=["option", "value", "command", "argument"])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--no-such-option"], "no such option"),
+        (["train", "--epochs", "many"], "valid integer"),
+        (["frobnicate"], "No such command"),
+        (["export"], "Missing argument"),
+    ],
+    ids=["option", "value", "command", "argument"],
+)
 def test_typer_usage_errors_are_one_line(argv, message, capsys):
     code, err = _main(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and "╭" not in err, err
@@ -422,12 +509,14 @@ def test_temporary_files_of_a_killed_writer_are_swept(tmp_path):
 def test_sigterm_during_export_leaves_no_temporary_file(csq_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "x.safetensors"
-    code = ("import signal, os, mpq_cli.rundir as r\n"
-            "def slow(tmp):\n"
-            "    open(tmp, 'w').close(); os.kill(os.getpid(), signal.SIGTERM)\n"
-            "from mpq_cli.cli import main, _on_sigterm\n"
-            "signal.signal(signal.SIGTERM, _on_sigterm)\n"
-            f"r._atomic({str(out)!r}, slow)\n")
+    code = (
+        "import signal, os, mpq_cli.rundir as r\n"
+        "def slow(tmp):\n"
+        "    open(tmp, 'w').close(); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from mpq_cli.cli import main, _on_sigterm\n"
+        "signal.signal(signal.SIGTERM, _on_sigterm)\n"
+        f"r._atomic({str(out)!r}, slow)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert list(tmp_path.iterdir()) == []
@@ -441,9 +530,27 @@ def test_models_lists_a_models_layers():
 
 def test_a_search_that_misses_its_budget_is_written_and_fails(fp_run, tmp_path):
     run = tmp_path / "csq"
-    result = invoke("search", "--method", "csq", "--target-bits", "2", "--fix-bits", "classifier.1=8", "--model",
-                    "lenet5", "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", run,
-                    "--json")
+    result = invoke(
+        "search",
+        "--method",
+        "csq",
+        "--target-bits",
+        "2",
+        "--fix-bits",
+        "classifier.1=8",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--out",
+        run,
+        "--json",
+    )
     assert result.exit_code == 2
     assert "outside the budget" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     summary = _strict(result.stdout)
@@ -458,7 +565,7 @@ def test_no_verify_skips_the_tensor_digests_only(exported_csq, tmp_path):
         header_len = int.from_bytes(exported_csq.read_bytes()[:8], "little")
         bias = f.get_tensor("classifier.3.bias")
     data = bytearray(exported_csq.read_bytes())
-    start = 8 + header_len + json.loads(data[8:8 + header_len])["classifier.3.bias"]["data_offsets"][0]
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])["classifier.3.bias"]["data_offsets"][0]
     data[start + 3] ^= 0x01  # the low mantissa bits of one bias value: still finite
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
@@ -468,7 +575,7 @@ def test_no_verify_skips_the_tensor_digests_only(exported_csq, tmp_path):
     assert not torch.equal(changed, bias)  # what the digests exist to catch
     assert invoke("eval", bad, "--no-verify", "--json").exit_code == 0
     header = bytearray(exported_csq.read_bytes())
-    header[header.index(b'producer') + 2] ^= 0x01  # inside the mpq header: refused even without tensor checks
+    header[header.index(b"producer") + 2] ^= 0x01  # inside the mpq header: refused even without tensor checks
     bad.write_bytes(bytes(header))
     with pytest.raises(MpqError):
         mpq_cli.load_packed(bad, verify=False)
@@ -489,8 +596,14 @@ def test_a_tiny_file_cannot_make_the_reader_allocate_a_huge_model(exported_csq, 
         for layer in header["layers"]:
             shape = shapes[layer["name"]]
             layer.clear()
-            layer.update(name=next(n for n in shapes if shapes[n] == shape), kind="linear", shape=shape,
-                         params=int(torch.Size(shape).numel()), encoding="zero", nominal_bits=0)
+            layer.update(
+                name=next(n for n in shapes if shapes[n] == shape),
+                kind="linear",
+                shape=shape,
+                params=int(torch.Size(shape).numel()),
+                encoding="zero",
+                nominal_bits=0,
+            )
 
     def drop_weights(tensors):
         for name in [n for n in tensors if ".weight." in n]:
@@ -511,8 +624,12 @@ def test_the_eval_record_cannot_ask_for_another_input_size(exported_csq, tmp_pat
 
 
 def test_synthetic_data_too_large_for_memory_is_refused(tmp_path):
-    _one_line_exit_2(invoke("train", "--model", "lenet5", "--data", "synthetic", "--input-size", "64,4096,4096",
-                            "--out", tmp_path / "r"), "GiB")
+    _one_line_exit_2(
+        invoke(
+            "train", "--model", "lenet5", "--data", "synthetic", "--input-size", "64,4096,4096", "--out", tmp_path / "r"
+        ),
+        "GiB",
+    )
 
 
 @pytest.mark.parametrize("edit", ["no-selection", "odd-selection", "method-list", "method-config-list"])
@@ -533,13 +650,17 @@ def test_a_malformed_run_record_is_one_line(edit, csq_run, tmp_path):
     _one_line_exit_2(invoke("finetune", run, "--out", tmp_path / "ft"), "config.json")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--seed", str(10**23)], "--seed must be"),
-    (["--method", "bsq", "--set", "init_bits_by_layer=abc"], "--init-bits-by-layer must be"),
-    (["--method", "bsq", "--set", 'init_bits_by_layer={"conv*": "x"}'], "wrong type"),
-    (["--method", "bsq", "--set", "init_bits=0"], "initial bits 0 must be in 1.."),
-    (["--method", "csq", "--set", "version=7"], "--set version"),
-], ids=["seed", "dict-text", "dict-value", "init-bits-zero", "version"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", str(10**23)], "--seed must be"),
+        (["--method", "bsq", "--set", "init_bits_by_layer=abc"], "--init-bits-by-layer must be"),
+        (["--method", "bsq", "--set", 'init_bits_by_layer={"conv*": "x"}'], "wrong type"),
+        (["--method", "bsq", "--set", "init_bits=0"], "initial bits 0 must be in 1.."),
+        (["--method", "csq", "--set", "version=7"], "--set version"),
+    ],
+    ids=["seed", "dict-text", "dict-value", "init-bits-zero", "version"],
+)
 def test_more_option_values_are_one_line(args, message):
     _one_line_exit_2(invoke(*SEARCH, *args), message)
 

@@ -45,8 +45,24 @@ def sources(fp_run, tmp_path_factory):
     for method, extra in METHODS.items():
         run = folder / method
         start = [] if method == "bmpq" else ["--checkpoint", fp_run[0]]
-        run_json("search", "--method", method, "--model", "lenet5", *SMALL, *start, *extra, "--epochs", "1",
-                 "--lr", "0.01", "--limit-val-batches", "1", "--out", run)
+        run_json(
+            "search",
+            "--method",
+            method,
+            "--model",
+            "lenet5",
+            *SMALL,
+            *start,
+            *extra,
+            "--epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "--limit-val-batches",
+            "1",
+            "--out",
+            run,
+        )
         files[method] = folder / f"{method}.safetensors"
         run_json("export", run, "-o", files[method])
     return files
@@ -66,8 +82,9 @@ def _resigned(tensors: dict, header: dict, edit) -> bytes:
     edited = copy.deepcopy(header)
     edit(edited)
     text = json.dumps(edited, separators=(",", ":"))
-    return save(tensors, metadata={"format": "pt", METADATA_KEY: text,
-                                   DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()})
+    return save(
+        tensors, metadata={"format": "pt", METADATA_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    )
 
 
 def _header_length(data: bytes) -> int:
@@ -75,13 +92,43 @@ def _header_length(data: bytes) -> int:
 
 
 # values a hostile header may put in any field
-ODD_VALUES = [None, True, -1, 0, 1, 3, 17, 2**31, 2**63, -(2**40), 1e308, 0.5, "", "x", "../../etc/passwd",
-              "evil.py:f", "os:system", [], [0], [1, 2, 3], [-1, 5], [10**9, 10**9], {}, {"a": 1}, [[1]], "int",
-              "lut", "basis", "zero", "float32"]
+ODD_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1,
+    3,
+    17,
+    2**31,
+    2**63,
+    -(2**40),
+    1e308,
+    0.5,
+    "",
+    "x",
+    "../../etc/passwd",
+    "evil.py:f",
+    "os:system",
+    [],
+    [0],
+    [1, 2, 3],
+    [-1, 5],
+    [10**9, 10**9],
+    {},
+    {"a": 1},
+    [[1]],
+    "int",
+    "lut",
+    "basis",
+    "zero",
+    "float32",
+]
 
 
 def _random_edit(rng: random.Random):
     """An edit of one field somewhere in the header: a layer entry, the model or eval record, or the top level."""
+
     def edit(header):
         where = rng.random()
         if where < 0.6 and header.get("layers"):
@@ -100,6 +147,7 @@ def _random_edit(rng: random.Random):
             target.pop(key, None)
         else:
             target[key] = rng.choice(ODD_VALUES)
+
     return edit
 
 

@@ -60,8 +60,12 @@ def state(tiny):
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module-prefix"])
 def test_pt_checkpoint_variants_load(tiny, state, tmp_path, wrap):
-    obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
-           "module-prefix": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    obj = {
+        "plain": state,
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "model": {"model": state},
+        "module-prefix": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
     path = tmp_path / "ck.pt"
     torch.save(obj, path)
     fresh = type(tiny)()

@@ -34,8 +34,9 @@ def test_worked_example_from_the_docstring():
 @given(width=st.integers(1, 32), data=st.data())
 def test_pack_unpack_round_trip(width, data):
     count = data.draw(st.integers(0, 300))
-    values = np.array(data.draw(st.lists(st.integers(0, (1 << width) - 1), min_size=count, max_size=count)),
-                      dtype=np.int64)
+    values = np.array(
+        data.draw(st.lists(st.integers(0, (1 << width) - 1), min_size=count, max_size=count)), dtype=np.int64
+    )
     packed = pack_bits(values, width)
     assert packed.dtype == np.uint8 and packed.size == packed_nbytes(count, width) == math.ceil(count * width / 8)
     assert np.array_equal(unpack_bits(packed, width, count), values)
@@ -106,9 +107,13 @@ def test_all_zero_layer_costs_nothing():
 
 
 @settings(max_examples=150, deadline=None)
-@given(bits=st.integers(0, 16), shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
-       step=st.floats(-1.0, 1.0, allow_nan=False, width=32).filter(lambda s: s != 0), seed=st.integers(0, 2**16),
-       sparse=st.booleans())
+@given(
+    bits=st.integers(0, 16),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    step=st.floats(-1.0, 1.0, allow_nan=False, width=32).filter(lambda s: s != 0),
+    seed=st.integers(0, 2**16),
+    sparse=st.booleans(),
+)
 def test_codes_round_trip_exactly(bits, shape, step, seed, sparse):
     gen = torch.Generator().manual_seed(seed)
     high = max_code(bits)
@@ -136,12 +141,16 @@ def _random_basis(seed, shape, perm, groups, max_planes):
     return signs, coords, group_bits
 
 
-@pytest.mark.parametrize("shape,perm,groups", [
-    ((4, 3, 3, 3), (0, 1, 2, 3), 4),       # channel-wise
-    ((4, 3, 3, 3), (0, 1, 2, 3), 12),      # kernel-wise
-    ((4, 3, 3, 3), (0, 2, 3, 1), 36),      # pixel-wise: a group is the input channels at one (out, y, x)
-    ((10, 24), (0, 1), 30),                # sub-channel-wise linear
-], ids=["channel", "kernel", "pixel", "subchannel"])
+@pytest.mark.parametrize(
+    "shape,perm,groups",
+    [
+        ((4, 3, 3, 3), (0, 1, 2, 3), 4),  # channel-wise
+        ((4, 3, 3, 3), (0, 1, 2, 3), 12),  # kernel-wise
+        ((4, 3, 3, 3), (0, 2, 3, 1), 36),  # pixel-wise: a group is the input channels at one (out, y, x)
+        ((10, 24), (0, 1), 30),  # sub-channel-wise linear
+    ],
+    ids=["channel", "kernel", "pixel", "subchannel"],
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_basis_round_trip_exactly(shape, perm, groups, seed):
     signs, coords, group_bits = _random_basis(seed, shape, perm, groups, max_planes=4)
@@ -157,22 +166,58 @@ def test_basis_round_trip_exactly(shape, perm, groups, seed):
     assert torch.equal(to_groups(decoded, perm, groups), basis_weight(signs, coords, group_bits))
 
 
-@pytest.mark.parametrize("encoding,fields,tensors,message", [
-    ("int", {"width": 3, "shift": 0}, {"packed": torch.zeros(1, dtype=torch.uint8), "step": torch.tensor(1.0)},
-     "holds 1 bytes"),
-    ("int", {"width": 18, "shift": 0}, {"packed": torch.zeros(9, dtype=torch.uint8), "step": torch.tensor(1.0)},
-     "width"),
-    ("int", {"width": 10, "shift": 9}, {"packed": torch.zeros(5, dtype=torch.uint8), "step": torch.tensor(1.0)},
-     "code range"),
-    ("int", {"width": 2, "shift": 0}, {"packed": torch.zeros(1, dtype=torch.uint8),
-                                       "step": torch.tensor(float("nan"))}, "finite"),
-    ("lut", {"width": 2}, {"packed": torch.tensor([0xFF], dtype=torch.uint8), "table": torch.tensor([0, 1, 2],
-     dtype=torch.int32), "step": torch.tensor(1.0)}, "exceeds the table"),
-    ("lut", {"width": 2}, {"packed": torch.zeros(1, dtype=torch.uint8), "table": torch.tensor([2, 1],
-     dtype=torch.int32), "step": torch.tensor(1.0)}, "ascending"),
-    ("int", {"width": 2, "shift": 0}, {"packed": torch.zeros(1, dtype=torch.uint8)}, "missing tensor"),
-    ("nope", {}, {}, "unknown encoding"),
-], ids=["bytes", "width", "shift", "step", "index", "table", "missing", "encoding"])
+@pytest.mark.parametrize(
+    "encoding,fields,tensors,message",
+    [
+        (
+            "int",
+            {"width": 3, "shift": 0},
+            {"packed": torch.zeros(1, dtype=torch.uint8), "step": torch.tensor(1.0)},
+            "holds 1 bytes",
+        ),
+        (
+            "int",
+            {"width": 18, "shift": 0},
+            {"packed": torch.zeros(9, dtype=torch.uint8), "step": torch.tensor(1.0)},
+            "width",
+        ),
+        (
+            "int",
+            {"width": 10, "shift": 9},
+            {"packed": torch.zeros(5, dtype=torch.uint8), "step": torch.tensor(1.0)},
+            "code range",
+        ),
+        (
+            "int",
+            {"width": 2, "shift": 0},
+            {"packed": torch.zeros(1, dtype=torch.uint8), "step": torch.tensor(float("nan"))},
+            "finite",
+        ),
+        (
+            "lut",
+            {"width": 2},
+            {
+                "packed": torch.tensor([0xFF], dtype=torch.uint8),
+                "table": torch.tensor([0, 1, 2], dtype=torch.int32),
+                "step": torch.tensor(1.0),
+            },
+            "exceeds the table",
+        ),
+        (
+            "lut",
+            {"width": 2},
+            {
+                "packed": torch.zeros(1, dtype=torch.uint8),
+                "table": torch.tensor([2, 1], dtype=torch.int32),
+                "step": torch.tensor(1.0),
+            },
+            "ascending",
+        ),
+        ("int", {"width": 2, "shift": 0}, {"packed": torch.zeros(1, dtype=torch.uint8)}, "missing tensor"),
+        ("nope", {}, {}, "unknown encoding"),
+    ],
+    ids=["bytes", "width", "shift", "step", "index", "table", "missing", "encoding"],
+)
 def test_decoders_refuse_bad_input(encoding, fields, tensors, message):
     with pytest.raises(ValueError, match=message):
         decode_weight(encoding, fields, tensors, (4,))

@@ -24,14 +24,45 @@ def test_reads_the_real_files(real_fmnist):
 def test_short_fp_then_csq(real_fmnist, tmp_path):
     runner = CliRunner()
     common = ["--data", "fashion-mnist", "--batch-size", "256", "--device", "cpu", "--quiet", "--json"]
-    fp = runner.invoke(app, ["train", "--model", "lenet5", *common, "--epochs", "1", "--limit-train-batches", "60",
-                             "--out", str(tmp_path / "fp")])
+    fp = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "lenet5",
+            *common,
+            "--epochs",
+            "1",
+            "--limit-train-batches",
+            "60",
+            "--out",
+            str(tmp_path / "fp"),
+        ],
+    )
     assert fp.exit_code == 0, fp.output
     fp_top1 = json.loads(fp.stdout)["top1"]
     assert fp_top1 > 70
-    csq = runner.invoke(app, ["search", "--method", "csq", "--target-bits", "2", "--checkpoint", str(tmp_path / "fp"),
-                              *common, "--epochs", "1", "--limit-train-batches", "40", "--lr", "0.01",
-                              "--out", str(tmp_path / "csq")])  # CSQ's lr 0.1 wrecks a 60-batch model in 20 steps
+    csq = runner.invoke(
+        app,
+        [
+            "search",
+            "--method",
+            "csq",
+            "--target-bits",
+            "2",
+            "--checkpoint",
+            str(tmp_path / "fp"),
+            *common,
+            "--epochs",
+            "1",
+            "--limit-train-batches",
+            "40",
+            "--lr",
+            "0.01",
+            "--out",
+            str(tmp_path / "csq"),
+        ],
+    )  # CSQ's lr 0.1 wrecks a 60-batch model in 20 steps
     assert csq.exit_code == 0, csq.output
     summary = json.loads(csq.stdout)
     assert 1.9 - 1e-9 <= summary["avg_bits"] <= 2.0 + 1e-9 and summary["budget_met"]

@@ -18,7 +18,7 @@ def test_uniform_eval_weight_is_exact_codes(bits):
     q = UniformWeight(torch.randn(6, 5), bits)
     q.eval()
     codes, step = q.exact_codes()
-    assert codes.abs().max() <= 2 ** bits - 1
+    assert codes.abs().max() <= 2**bits - 1
     assert torch.equal(q(), dequantize(codes, step))
     q.train()
     assert torch.allclose(q(), q.eval()(), atol=1e-6)  # the STE forward is the same grid
@@ -48,8 +48,9 @@ def test_scheme_statistics_are_parameter_weighted(tiny):
 
 
 def test_scheme_json_round_trip(tmp_path):
-    scheme = Scheme("csq", [LayerEntry("a", "conv2d", [2, 2], 4, 3, 4), LayerEntry("b", "linear", [4, 4], 16, None)],
-                    other_params=7)
+    scheme = Scheme(
+        "csq", [LayerEntry("a", "conv2d", [2, 2], 4, 3, 4), LayerEntry("b", "linear", [4, 4], 16, None)], other_params=7
+    )
     scheme.save(tmp_path / "s.json")
     again = Scheme.load(tmp_path / "s.json")
     assert again == scheme

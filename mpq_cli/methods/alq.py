@@ -126,8 +126,16 @@ class ALQWeight(WeightQuantizer):
     ``dL/dw_hat`` on it (``last_weight.grad``): the method's steps read it there.
     """
 
-    def __init__(self, weight: torch.Tensor, perm: tuple[int, ...], groups: int, max_bits: int, sigma: float,
-                 fixed: bool, structure: str = "custom"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        perm: tuple[int, ...],
+        groups: int,
+        max_bits: int,
+        sigma: float,
+        fixed: bool,
+        structure: str = "custom",
+    ):
         super().__init__(tuple(weight.shape))
         self.perm, self.groups, self.fixed, self.structure = tuple(perm), groups, fixed, structure
         rows = to_groups(weight.detach().float(), self.perm, groups)
@@ -136,8 +144,14 @@ class ALQWeight(WeightQuantizer):
         self.register_buffer("coords", coords)
         self.register_buffer("active", active)
         # AMSGrad moments: in the weight domain for the basis step, in the alpha domain for the others
-        for name, like in (("w_m", rows), ("w_v", rows), ("w_vmax", rows),
-                           ("a_m", coords), ("a_v", coords), ("a_vmax", coords)):
+        for name, like in (
+            ("w_m", rows),
+            ("w_v", rows),
+            ("w_vmax", rows),
+            ("a_m", coords),
+            ("a_v", coords),
+            ("a_vmax", coords),
+        ):
             self.register_buffer(name, torch.zeros_like(like))
         self.register_buffer("w_t", torch.zeros((), dtype=torch.float32, device=weight.device))
         self.register_buffer("a_t", torch.zeros((), dtype=torch.float32, device=weight.device))
@@ -188,8 +202,8 @@ class ALQWeight(WeightQuantizer):
         m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
         v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
         torch.maximum(vmax, v, out=vmax)
-        m_hat = m / (1 - BETA1 ** t)
-        return m_hat, (vmax / (1 - BETA2 ** t)).sqrt() + EPS
+        m_hat = m / (1 - BETA1**t)
+        return m_hat, (vmax / (1 - BETA2**t)).sqrt() + EPS
 
     def alpha_grad(self, grad_rows: torch.Tensor, decay: float) -> torch.Tensor:
         """Eq. 14: ``dL/dalpha = B^T dL/dw_hat`` (plus the L2 term), zero on inactive slots."""
@@ -238,10 +252,17 @@ class ALQWeight(WeightQuantizer):
     @torch.no_grad()
     def prune(self, mask: torch.Tensor) -> None:
         active = self.active & ~mask
-        signs, coords, active, *moments = alq.compact(self.signs, self.coords * active, active,
-                                                      self.a_m, self.a_v, self.a_vmax)
-        for name, value in (("signs", signs), ("coords", coords), ("active", active),
-                            ("a_m", moments[0]), ("a_v", moments[1]), ("a_vmax", moments[2])):
+        signs, coords, active, *moments = alq.compact(
+            self.signs, self.coords * active, active, self.a_m, self.a_v, self.a_vmax
+        )
+        for name, value in (
+            ("signs", signs),
+            ("coords", coords),
+            ("active", active),
+            ("a_m", moments[0]),
+            ("a_v", moments[1]),
+            ("a_vmax", moments[2]),
+        ):
             getattr(self, name).copy_(value)
 
 
@@ -364,8 +385,10 @@ class ALQ(Method):
         self._model = None
         fixed = sum(int(q.weight_bits()) for q in self.quantizers().values() if q.fixed)
         if self.target_weight_bits() < fixed:  # refused before any training
-            raise MpqError(f"--target-bits {self.config.target_bits} is below what the --fix-bits layers alone take "
-                           f"({fixed / self.total_params():.4f} average bits)")
+            raise MpqError(
+                f"--target-bits {self.config.target_bits} is below what the --fix-bits layers alone take "
+                f"({fixed / self.total_params():.4f} average bits)"
+            )
 
     def make_weight_quantizer(self, name, layer, fixed_bits):
         structure, parts = default_structure(self._model, layer, name == self._first_conv, name == self._last_layer)
@@ -377,8 +400,15 @@ class ALQ(Method):
             raise MpqError(f"--fix-bits {name}={fixed_bits}: ALQ bases per group must be in 0..16")
         max_bits = self.max_bits if fixed_bits is None else fixed_bits
         label = structure if structure != "subchannel" else f"subchannel:{parts}"
-        return ALQWeight(layer.weight, perm, groups, max_bits, self.config.sigma if fixed_bits is None else 0.0,
-                         fixed_bits is not None, label)
+        return ALQWeight(
+            layer.weight,
+            perm,
+            groups,
+            max_bits,
+            self.config.sigma if fixed_bits is None else 0.0,
+            fixed_bits is not None,
+            label,
+        )
 
     def make_act_quantizer(self, name, first):
         """Sec. 4: every layer's input but the image, at one global ``act_bits``, as binary bases."""
@@ -421,8 +451,11 @@ class ALQ(Method):
         if start <= end:
             needed = 1
         else:
-            needed = max(1, math.ceil(math.log(end / start) / math.log(1 - self.config.prune_ratio) - 1e-9)) \
-                if end > 0 else max(1, epochs // 3)
+            needed = (
+                max(1, math.ceil(math.log(end / start) / math.log(1 - self.config.prune_ratio) - 1e-9))
+                if end > 0
+                else max(1, epochs // 3)
+            )
         return max(1, min(needed, epochs // 3 if epochs >= 3 else 1))
 
     # -- training hooks ------------------------------------------------------------------------------------
@@ -451,8 +484,15 @@ class ALQ(Method):
         if kind == "prune" and self.phase == Phase.SEARCH:
             target = self.round_targets()[round_]
             start = self.weight_bits()
-            self._prune = {"round": round_, "start": start, "target": min(start, target), "removed": 0,
-                           "steps": steps_per_epoch, "step": 0, "bits_before": self.average_bits()}
+            self._prune = {
+                "round": round_,
+                "start": start,
+                "target": min(start, target),
+                "removed": 0,
+                "steps": steps_per_epoch,
+                "step": 0,
+                "bits_before": self.average_bits(),
+            }
 
     def _lr(self, base: float) -> float:
         """Tenfold lower in the second half of a block (Appendix B.2)."""
@@ -505,11 +545,15 @@ class ALQ(Method):
 
     def _close_round(self) -> None:
         state = self._prune
-        self.history.append({
-            "round": state["round"] + 1, "bits_before": state["bits_before"], "bits_after": self.average_bits(),
-            "target_bits": state["target"] / self.total_params(),
-            "layers": {n: q.nominal_bits() for n, q in self.quantizers().items()},
-        })
+        self.history.append(
+            {
+                "round": state["round"] + 1,
+                "bits_before": state["bits_before"],
+                "bits_after": self.average_bits(),
+                "target_bits": state["target"] / self.total_params(),
+                "layers": {n: q.nominal_bits() for n, q in self.quantizers().items()},
+            }
+        )
 
     # -- results ---------------------------------------------------------------------------------------------
     def pruned_channels(self) -> dict[str, tuple[int, int]]:
@@ -529,9 +573,13 @@ class ALQ(Method):
         pruned = self.pruned_channels()
         return FinalizeResult(
             budget_met=avg <= self.config.target_bits + 1e-12,
-            facts={"initial_bits": self.initial_weight_bits / max(self.total_params(), 1),
-                   "rounds": len(self.history), "pruned_channels": sum(p for p, _ in pruned.values()),
-                   "output_channels": sum(c for _, c in pruned.values())})
+            facts={
+                "initial_bits": self.initial_weight_bits / max(self.total_params(), 1),
+                "rounds": len(self.history),
+                "pruned_channels": sum(p for p, _ in pruned.values()),
+                "output_channels": sum(c for _, c in pruned.values()),
+            },
+        )
 
     def start_finetune(self) -> None:
         self.phase = Phase.FINETUNE
@@ -541,29 +589,44 @@ class ALQ(Method):
         names = list(self.layers)
         quantizers = self.quantizers()
         pruned = self.pruned_channels()
-        lines = ["## ALQ groups and pruned channels", "",
-                 "| layer | structure | groups | weights per group | bits | groups without a basis | "
-                 "pruned output channels |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "## ALQ groups and pruned channels",
+            "",
+            "| layer | structure | groups | weights per group | bits | groups without a basis | "
+            "pruned output channels |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name in names:
             q = quantizers[name]
             empty = int((q.active.sum(1) == 0).sum())
-            lines.append(f"| {name} | {q.structure} | {q.groups:,} | {q.group_size} | "
-                         f"{q.nominal_bits():.3f} | {empty:,} | {pruned[name][0]} of {pruned[name][1]} |")
+            lines.append(
+                f"| {name} | {q.structure} | {q.groups:,} | {q.group_size} | "
+                f"{q.nominal_bits():.3f} | {empty:,} | {pruned[name][0]} of {pruned[name][1]} |"
+            )
         notes = ["\n".join(lines)]
         if self.history:
             head = "| round | target bits | bits before | bits after | " + " | ".join(names) + " |"
             rows = [head, "|" + "---|" * (4 + len(names))]
             for h in self.history:
-                rows.append(f"| {h['round']} | {h['target_bits']:.4f} | {h['bits_before']:.4f} | "
-                            f"{h['bits_after']:.4f} | " + " | ".join(f"{h['layers'][n]:.3f}" for n in names) + " |")
-            notes.append("## ALQ pruning rounds\n\nAverage bases per weight before and after each pruning "
-                         f"round (initial sketch: {self.initial_weight_bits / max(self.total_params(), 1):.4f}); "
-                         "per layer after the round.\n\n" + "\n".join(rows))
+                rows.append(
+                    f"| {h['round']} | {h['target_bits']:.4f} | {h['bits_before']:.4f} | "
+                    f"{h['bits_after']:.4f} | " + " | ".join(f"{h['layers'][n]:.3f}" for n in names) + " |"
+                )
+            notes.append(
+                "## ALQ pruning rounds\n\nAverage bases per weight before and after each pruning "
+                f"round (initial sketch: {self.initial_weight_bits / max(self.total_params(), 1):.4f}); "
+                "per layer after the round.\n\n" + "\n".join(rows)
+            )
         return notes
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "initial_weight_bits": self.initial_weight_bits, "history": self.history,
-                "rounds": self.rounds, "plan": [list(p) for p in self.plan]}
+        return {
+            **super().state_dict(),
+            "initial_weight_bits": self.initial_weight_bits,
+            "history": self.history,
+            "rounds": self.rounds,
+            "plan": [list(p) for p in self.plan],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

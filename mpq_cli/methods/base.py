@@ -133,8 +133,9 @@ def _check_field_types(config) -> None:
             continue  # a field of another type: the method checks it
         coerced = _coerce(value, scalars)
         if coerced is None:
-            kinds = " or ".join({int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}[t]
-                                for t in scalars)
+            kinds = " or ".join(
+                {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}[t] for t in scalars
+            )
             raise MpqError(f"{_option(f.name)} must be {kinds}, got {value!r}")
         setattr(config, f.name, coerced)
 

@@ -177,9 +177,10 @@ class BMPQConfig(MethodConfig):
             raise MpqError(f"--interval must be >= 1 epoch, got {self.interval}")
         if isinstance(self.ties, str):
             self.ties = [self.ties]
-        if not all(isinstance(t, str) or (isinstance(t, list) and all(isinstance(p, str) for p in t))
-                   for t in self.ties):
-            raise MpqError("BMPQ ties must be globs or lists of globs, e.g. '[\"layer1.*\", [\"fc1\", \"fc2\"]]'")
+        if not all(
+            isinstance(t, str) or (isinstance(t, list) and all(isinstance(p, str) for p in t)) for t in self.ties
+        ):
+            raise MpqError('BMPQ ties must be globs or lists of globs, e.g. \'["layer1.*", ["fc1", "fc2"]]\'')
 
 
 # -- the weight quantizer -----------------------------------------------------------------------------
@@ -316,8 +317,11 @@ class BMPQ(Method):
 
     def fixed_widths(self) -> dict[str, int]:
         """Layers outside the integer program: the edges and ``--fix-bits``."""
-        return {n: q.bits for n, q in self.quantizers().items()
-                if n in self.edges or self.selection.fixed_bits(n) is not None}
+        return {
+            n: q.bits
+            for n, q in self.quantizers().items()
+            if n in self.edges or self.selection.fixed_bits(n) is not None
+        }
 
     def ties(self) -> list[list[str]]:
         return [*(self.traced_ties or []), *self.user_ties]
@@ -361,6 +365,7 @@ class BMPQ(Method):
             def record(module, args):
                 if module.training and args:
                     seen.append((name, args[0]))
+
             return record
 
         handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in self.layers.items()]
@@ -380,21 +385,31 @@ class BMPQ(Method):
 
     def enbg(self) -> dict[str, float]:
         """ENBG per layer: the mean of the epoch NBGs collected since the last assignment (0 if none)."""
-        return {n: (sum(v) / len(v) if v else 0.0) for n, v in
-                ((name, self.epoch_nbgs.get(name, [])) for name in self.layers)}
+        return {
+            n: (sum(v) / len(v) if v else 0.0)
+            for n, v in ((name, self.epoch_nbgs.get(name, [])) for name in self.layers)
+        }
 
     @torch.no_grad()
     def assign(self, epoch: int | None) -> dict[str, int]:
         """Solve Eq. 8-9 with the current ENBG and apply the widths (weights and activations)."""
         sensitivity = self.enbg()
-        widths = assign_bits(sensitivity, self.params, self.config.bits, self.budget_bits, self.fixed_widths(),
-                             self.ties())
+        widths = assign_bits(
+            sensitivity, self.params, self.config.bits, self.budget_bits, self.fixed_widths(), self.ties()
+        )
         before = self.layer_bits()
         for name, bits in widths.items():
             self._set_layer_bits(name, bits)
-        self.history.append({"epoch": epoch, "enbg": sensitivity, "bits_before": before, "bits": widths,
-                             "avg_bits": self.average_bits(), "epochs_measured": {n: len(v) for n, v in
-                                                                                  self.epoch_nbgs.items()}})
+        self.history.append(
+            {
+                "epoch": epoch,
+                "enbg": sensitivity,
+                "bits_before": before,
+                "bits": widths,
+                "avg_bits": self.average_bits(),
+                "epochs_measured": {n: len(v) for n, v in self.epoch_nbgs.items()},
+            }
+        )
         self.epoch_nbgs = {name: [] for name in self.layers}
         if epoch is not None:
             self.last_assigned_epoch = epoch
@@ -412,24 +427,36 @@ class BMPQ(Method):
             self._close_epoch()
             if self._trace is not None:
                 self._finish_tie_trace()
-            if not any(h["epoch"] is not None for h in self.history) or \
-                    self._weight_bits() > self.budget_bits * (1 + 1e-12):
+            if not any(h["epoch"] is not None for h in self.history) or self._weight_bits() > self.budget_bits * (
+                1 + 1e-12
+            ):
                 self.assign(None)  # too short for an assignment during training: assign now, untrained
                 self.assigned_at_end = True
             else:  # the last interval's sensitivities, for the report; the scheme stays
-                self.history.append({"epoch": "end", "enbg": self.enbg(), "bits_before": self.layer_bits(),
-                                     "bits": self.layer_bits(), "avg_bits": self.average_bits(),
-                                     "epochs_measured": {n: len(v) for n, v in self.epoch_nbgs.items()}})
+                self.history.append(
+                    {
+                        "epoch": "end",
+                        "enbg": self.enbg(),
+                        "bits_before": self.layer_bits(),
+                        "bits": self.layer_bits(),
+                        "avg_bits": self.average_bits(),
+                        "epochs_measured": {n: len(v) for n, v in self.epoch_nbgs.items()},
+                    }
+                )
         for q in self.quantizers().values():
             q.recording = False
         self.phase = Phase.FINAL
         total = sum(self.params.values())
         return FinalizeResult(
             budget_met=self._weight_bits() <= self.budget_bits,
-            facts={"budget_bits": self.budget_bits, "budget_avg_bits": self.budget_bits / total,
-                   "weight_bits": self._weight_bits(),
-                   "assignments": sum(1 for h in self.history if h["epoch"] != "end"),
-                   "assigned_at_end": self.assigned_at_end})
+            facts={
+                "budget_bits": self.budget_bits,
+                "budget_avg_bits": self.budget_bits / total,
+                "weight_bits": self._weight_bits(),
+                "assignments": sum(1 for h in self.history if h["epoch"] != "end"),
+                "assigned_at_end": self.assigned_at_end,
+            },
+        )
 
     def _weight_bits(self) -> int:
         return sum(self.layers[n].params * b for n, b in self.layer_bits().items())
@@ -445,12 +472,17 @@ class BMPQ(Method):
             return []
         columns = list(self.history)
         header = ["layer", "params", *[self._column_title(h) for h in columns]]
-        lines = ["## BMPQ assignments", "",
-                 "ENBG (x1e3) and the width each assignment gave (two's complement bits, sign included); "
-                 "`fixed` layers are outside the integer program. Budget: "
-                 f"{self.budget_bits / sum(self.params.values()):.4f} average bits "
-                 f"({self.budget_bits / 8:,.0f} bytes of weight codes).", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [
+            "## BMPQ assignments",
+            "",
+            "ENBG (x1e3) and the width each assignment gave (two's complement bits, sign included); "
+            "`fixed` layers are outside the integer program. Budget: "
+            f"{self.budget_bits / sum(self.params.values()):.4f} average bits "
+            f"({self.budget_bits / 8:,.0f} bytes of weight codes).",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         fixed = self.fixed_widths()
         for name in self.layers:
             cells = [f"`{name}`" + (" (fixed)" if name in fixed else ""), f"{self.layers[name].params:,}"]
@@ -463,8 +495,11 @@ class BMPQ(Method):
         if ties:
             lines += ["", "Tied (one width each): " + "; ".join(", ".join(f"`{n}`" for n in t) for t in ties) + "."]
         if self.assigned_at_end:
-            lines += ["", "The search was too short for an assignment during training (warm-up "
-                      "plus one interval): the widths were assigned at its end and never trained under."]
+            lines += [
+                "",
+                "The search was too short for an assignment during training (warm-up "
+                "plus one interval): the widths were assigned at its end and never trained under.",
+            ]
         return ["\n".join(lines)]
 
     @staticmethod
@@ -477,9 +512,14 @@ class BMPQ(Method):
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"phase": self.phase.value, "history": self.history, "epoch_nbgs": self.epoch_nbgs,
-                "traced_ties": self.traced_ties, "last_assigned_epoch": self.last_assigned_epoch,
-                "assigned_at_end": self.assigned_at_end}
+        return {
+            "phase": self.phase.value,
+            "history": self.history,
+            "epoch_nbgs": self.epoch_nbgs,
+            "traced_ties": self.traced_ties,
+            "last_assigned_epoch": self.last_assigned_epoch,
+            "assigned_at_end": self.assigned_at_end,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.phase = Phase(state["phase"])
@@ -496,5 +536,13 @@ class BMPQ(Method):
                 layer.act_quantizer.bits = q.bits
 
 
-__all__ = ["BMPQ", "BMPQConfig", "BMPQWeight", "bit_gradients", "fixed_point_codes", "normalized_bit_gradient",
-           "place_values", "ternary_codes"]
+__all__ = [
+    "BMPQ",
+    "BMPQConfig",
+    "BMPQWeight",
+    "bit_gradients",
+    "fixed_point_codes",
+    "normalized_bit_gradient",
+    "place_values",
+    "ternary_codes",
+]

@@ -110,8 +110,11 @@ class BSQConfig(MethodConfig):
                 raise MpqError(f"initial bits {bits} must be in {low}..max_bits ({self.max_bits})")
         if self.target_bits is not None and self.target_bits > self.max_bits:
             raise MpqError(f"--target-bits {self.target_bits} exceeds BSQ's max_bits {self.max_bits}")
-        if min(self.alpha, self.scale_lr, self.budget_tolerance) < 0 or self.requant_every <= 0 \
-                or min(self.controller_every, self.controller_window) < 1:
+        if (
+            min(self.alpha, self.scale_lr, self.budget_tolerance) < 0
+            or self.requant_every <= 0
+            or min(self.controller_every, self.controller_window) < 1
+        ):
             raise MpqError("BSQ needs alpha, scale_lr, budget_tolerance >= 0, requant_every > 0, controller_every >= 1")
         if not 0.0 < self.project_at <= 1.0:
             raise MpqError("project_at must be in (0, 1]")
@@ -205,7 +208,7 @@ class BSQWeight(WeightQuantizer):
         if rounded:  # would outgrow its planes: keep the best `capacity` bits
             reduced, extra = round_to_bits(reduced, self.capacity, bits)
             reduced, shift, bits = reduced >> extra, shift + extra, self.capacity
-        self.load_codes(reduced.to(torch.int32), step * 2 ** shift, bits)
+        self.load_codes(reduced.to(torch.int32), step * 2**shift, bits)
         return {"bits_before": bits_before, "bits_after": bits, "rounded": rounded}
 
     @torch.no_grad()
@@ -290,9 +293,14 @@ class BSQ(Method):
         # fine-tuning or a resume thaws them. The scales learn at scale_lr times the rate (see BSQConfig).
         scales = {id(q.scale) for q in self.quantizers().values()}
         params = list(model.parameters())
-        return [{"params": [p for p in params if id(p) not in scales], "weight_decay": weight_decay},
-                {"params": [p for p in params if id(p) in scales], "weight_decay": weight_decay,
-                 "lr_scale": self.config.scale_lr}]
+        return [
+            {"params": [p for p in params if id(p) not in scales], "weight_decay": weight_decay},
+            {
+                "params": [p for p in params if id(p) in scales],
+                "weight_decay": weight_decay,
+                "lr_scale": self.config.scale_lr,
+            },
+        ]
 
     # -- training hooks -----------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
@@ -308,8 +316,11 @@ class BSQ(Method):
         if self.phase is not Phase.SEARCH or self.alpha == 0:
             return None
         total = sum(layer.params for layer in self.layers.values())
-        terms = [q.group_lasso() * (self.layers[n].params * q.bits / total)
-                 for n, q in self.quantizers().items() if not bool(q.fixed) and q.bits > 0]
+        terms = [
+            q.group_lasso() * (self.layers[n].params * q.bits / total)
+            for n, q in self.quantizers().items()
+            if not bool(q.fixed) and q.bits > 0
+        ]
         return self.alpha * torch.stack(terms).sum() if terms else None
 
     def on_step_end(self) -> None:
@@ -339,15 +350,19 @@ class BSQ(Method):
     def requantize_all(self) -> None:
         """Sec. 3.3 for every layer; momentum is reset afterwards (as the public code recreates its optimizer)."""
         changes = {name: q.requantize() for name, q in self.quantizers().items()}
-        self.requantizations.append({"step": self._step, "avg_bits": self.average_bits(),
-                                     "rounded_layers": [n for n, c in changes.items() if c["rounded"]],
-                                     "bits": {n: c["bits_after"] for n, c in changes.items()}})
+        self.requantizations.append(
+            {
+                "step": self._step,
+                "avg_bits": self.average_bits(),
+                "rounded_layers": [n for n, c in changes.items() if c["rounded"]],
+                "bits": {n: c["bits_after"] for n, c in changes.items()},
+            }
+        )
         self._reset_optimizer = True
 
     def _projected_average_bits(self) -> float:
         total = sum(layer.params for layer in self.layers.values())
-        return sum(q.bits_after_requantization() * self.layers[n].params
-                   for n, q in self.quantizers().items()) / total
+        return sum(q.bits_after_requantization() * self.layers[n].params for n, q in self.quantizers().items()) / total
 
     def _update_alpha(self) -> None:
         """Raise alpha while the projected bits sit above the target and stopped falling; lower it below.
@@ -363,7 +378,7 @@ class BSQ(Method):
                 self.alpha *= math.exp(gain)
         elif projected < target - tol - AVERAGE_SLACK:
             self.alpha *= math.exp(-2 * gain)
-        self._projected_history = [*self._projected_history, projected][-self.config.controller_window:]
+        self._projected_history = [*self._projected_history, projected][-self.config.controller_window :]
 
     def project(self) -> None:
         """Budget mode: re-quantize, move into the window, fix every layer's precision."""
@@ -384,7 +399,7 @@ class BSQ(Method):
         def relaxed_codes(q: BSQWeight, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
             """The layer's continuous plane sum rounded onto ``bits`` bits of the finest lattice (step / 2^e)."""
             extra = self.config.max_bits - q.bits
-            fine = torch.round(q.plane_sum().detach() * 2 ** extra).to(torch.int64)
+            fine = torch.round(q.plane_sum().detach() * 2**extra).to(torch.int64)
             rounded, shift = round_to_bits(fine, bits, self.config.max_bits)
             return (rounded >> shift).to(torch.int32), q.step().detach() * 2.0 ** (shift - extra)
 
@@ -401,11 +416,26 @@ class BSQ(Method):
         names = list(self.layers)
         quantizers = [self.layers[n].weight_quantizer for n in names]
         # an option must use its bits: codes that fit fewer would only pad the nominal count
-        candidates = {n: [b for b in range(self.config.max_bits + 1) if b == 0 or
-                          canonicalize_codes(relaxed_codes(q, b)[0])[2] == b]
-                      for n, q in zip(names, quantizers, strict=True) if not bool(q.fixed)}
-        return budget_step(names, [self.layers[n].params for n in names], [q.bits for q in quantizers], candidates,
-                           apply, loss_probe, target, tol, never_zero=self._never_zero(names))
+        candidates = {
+            n: [
+                b
+                for b in range(self.config.max_bits + 1)
+                if b == 0 or canonicalize_codes(relaxed_codes(q, b)[0])[2] == b
+            ]
+            for n, q in zip(names, quantizers, strict=True)
+            if not bool(q.fixed)
+        }
+        return budget_step(
+            names,
+            [self.layers[n].params for n in names],
+            [q.bits for q in quantizers],
+            candidates,
+            apply,
+            loss_probe,
+            target,
+            tol,
+            never_zero=self._never_zero(names),
+        )
 
     # -- end of search, fine-tuning ------------------------------------------------------------------
     def finalize(self) -> FinalizeResult:
@@ -426,9 +456,12 @@ class BSQ(Method):
             return FinalizeResult(facts=info)
         target, tol = self.config.target_bits, self.config.budget_tolerance
         before = self.avg_bits_before_projection
-        return FinalizeResult(budget_met=in_window(after, target, tol),
-                              avg_bits_before_budget_step=before if before is not None else after,
-                              budget_changes=self.budget_changes, facts=info)
+        return FinalizeResult(
+            budget_met=in_window(after, target, tol),
+            avg_bits_before_budget_step=before if before is not None else after,
+            budget_changes=self.budget_changes,
+            facts=info,
+        )
 
     def start_finetune(self) -> None:
         for q in self.quantizers().values():
@@ -438,10 +471,16 @@ class BSQ(Method):
         self._reset_optimizer = True
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase.value, "alpha": self.alpha, "step": self._step,
-                "projected_history": self._projected_history,
-                "next_requant": self._next_requant, "requantizations": self.requantizations,
-                "budget_changes": self.budget_changes, "avg_bits_before_projection": self.avg_bits_before_projection}
+        return {
+            "phase": self.phase.value,
+            "alpha": self.alpha,
+            "step": self._step,
+            "projected_history": self._projected_history,
+            "next_requant": self._next_requant,
+            "requantizations": self.requantizations,
+            "budget_changes": self.budget_changes,
+            "avg_bits_before_projection": self.avg_bits_before_projection,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.phase = Phase(state["phase"])

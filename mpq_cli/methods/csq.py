@@ -166,8 +166,9 @@ class CSQWeight(WeightQuantizer):
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
         codes = quantize_codes(weight.detach(), max_abs, n)
         target = weight.detach().float() if cfg.carry_residual else None
-        self.load_codes(codes, (max_abs / self.levels).float(), torch.ones(n, device=device), fixed=False,
-                        target=target)
+        self.load_codes(
+            codes, (max_abs / self.levels).float(), torch.ones(n, device=device), fixed=False, target=target
+        )
         if fixed_bits is not None:
             if fixed_bits > n:
                 raise MpqError(f"--fix-bits {fixed_bits} exceeds CSQ's {n} bit planes")
@@ -178,7 +179,7 @@ class CSQWeight(WeightQuantizer):
 
     @property
     def levels(self) -> int:
-        return 2 ** self.n_bits - 1
+        return 2**self.n_bits - 1
 
     def soft_mask(self) -> torch.Tensor:
         if bool(self.mask_is_fixed):
@@ -242,8 +243,14 @@ class CSQWeight(WeightQuantizer):
         return int(self.hard_mask().sum())
 
     @torch.no_grad()
-    def load_codes(self, codes: torch.Tensor, step: torch.Tensor, mask: torch.Tensor, fixed: bool,
-                   target: torch.Tensor | None = None) -> None:
+    def load_codes(
+        self,
+        codes: torch.Tensor,
+        step: torch.Tensor,
+        mask: torch.Tensor,
+        fixed: bool,
+        target: torch.Tensor | None = None,
+    ) -> None:
         """Re-initialise the logits so that the layer holds exactly ``codes * step`` with ``mask``.
 
         Bits map to logits ``+-c`` and ``s = step * (2^n - 1)``; with the gate-gain
@@ -266,7 +273,7 @@ class CSQWeight(WeightQuantizer):
         selected = torch.nonzero(mask.bool()).flatten()
         if target is not None and len(selected) and float(step) > 0:
             low = int(selected[0])  # the lowest selected bit: its digit carries the residual
-            unit = float(step) * 2 ** low
+            unit = float(step) * 2**low
             residual = ((target.to(logits_pos) - codes.to(logits_pos) * float(step)) / unit).clamp(-0.49, 0.49)
             digit = (pos[..., low].float() - neg[..., low].float()) + residual  # wanted relaxed digit, in (-1.5, 1.5)
             beta = self.temperature
@@ -301,7 +308,7 @@ class CSQWeight(WeightQuantizer):
             codes = torch.clamp(torch.round(self.train_weight() / step), -limit, limit).to(torch.int32)
         mask = torch.zeros(self.n_bits, device=codes.device)
         new_codes, shift = round_to_bits(codes, bits, self.n_bits)
-        mask[shift:shift + bits] = 1
+        mask[shift : shift + bits] = 1
         return new_codes.to(torch.int32), step, mask
 
 
@@ -334,8 +341,10 @@ class CSQ(Method):
         no_decay = {id(q.mask_logits) for q in self.quantizers().values()}
         no_decay |= {id(q.scale) for q in self.quantizers().values()}
         params = list(model.parameters())  # frozen masks included: they thaw on --resume of a search
-        return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-                {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        ]
 
     # -- temperature schedule (Alg. 1) ------------------------------------------------------
     @property
@@ -359,8 +368,11 @@ class CSQ(Method):
 
     def on_step_end(self) -> None:
         self._step += 1
-        if (self.phase is Phase.SEARCH and self.config.project_at < 1.0
-                and self._step >= self.config.project_at * self._total_steps):
+        if (
+            self.phase is Phase.SEARCH
+            and self.config.project_at < 1.0
+            and self._step >= self.config.project_at * self._total_steps
+        ):
             self.project()
         self._apply_beta()
 
@@ -431,8 +443,12 @@ class CSQ(Method):
         # met in nominal bits, and in what the file stores by the same count (magnitude bits plus a sign)
         met = in_window(after, target, tol) and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
-        return FinalizeResult(budget_met=met, avg_bits_before_budget_step=before, budget_changes=self.budget_changes,
-                              facts={"made_contiguous": self.made_contiguous})
+        return FinalizeResult(
+            budget_met=met,
+            avg_bits_before_budget_step=before,
+            budget_changes=self.budget_changes,
+            facts={"made_contiguous": self.made_contiguous},
+        )
 
     @torch.no_grad()
     def _stored_code_bits(self) -> float:
@@ -485,8 +501,17 @@ class CSQ(Method):
         names = list(self.layers)
         quantizers = [self.layers[n].weight_quantizer for n in names]
         candidates = {n: range(q.n_bits + 1) for n, q in self.searchable().items()}
-        return budget_step(names, [self.layers[n].params for n in names], [q.nominal_bits() for q in quantizers],
-                           candidates, apply, loss_probe, target, tol, never_zero=self._never_zero(names))
+        return budget_step(
+            names,
+            [self.layers[n].params for n in names],
+            [q.nominal_bits() for q in quantizers],
+            candidates,
+            apply,
+            loss_probe,
+            target,
+            tol,
+            never_zero=self._never_zero(names),
+        )
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:
@@ -497,10 +522,15 @@ class CSQ(Method):
         self.budget_changes, self.avg_bits_before_projection = [], None
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase.value, "step": self._step, "total_steps": self._total_steps,
-                "ramp_start": self._ramp_start, "budget_changes": self.budget_changes,
-                "avg_bits_before_projection": self.avg_bits_before_projection,
-                "made_contiguous": self.made_contiguous}
+        return {
+            "phase": self.phase.value,
+            "step": self._step,
+            "total_steps": self._total_steps,
+            "ramp_start": self._ramp_start,
+            "budget_changes": self.budget_changes,
+            "avg_bits_before_projection": self.avg_bits_before_projection,
+            "made_contiguous": self.made_contiguous,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.phase = Phase(state["phase"])

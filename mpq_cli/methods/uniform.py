@@ -30,8 +30,10 @@ class UniformConfig(MethodConfig):
         if self.target_bits is None:
             raise MpqError("this method needs --target-bits")
         if not float(self.target_bits).is_integer():
-            raise MpqError(f"uniform puts every layer at one width: --target-bits must be a whole number, got "
-                           f"{self.target_bits:g} (a mixed-precision method reaches fractional averages)")
+            raise MpqError(
+                f"uniform puts every layer at one width: --target-bits must be a whole number, got "
+                f"{self.target_bits:g} (a mixed-precision method reaches fractional averages)"
+            )
 
 
 class UniformWeight(WeightQuantizer):

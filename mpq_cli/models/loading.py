@@ -55,8 +55,12 @@ class ModelSpec:
     def from_dict(cls, d: dict, source: str | None = None) -> ModelSpec:
         """The spec a run or file recorded; ``source`` names it in the error for a malformed record."""
         where = f"{source}: " if source else ""
-        if not isinstance(d, dict) or set(d) - {"name", "weights", "num_classes", "in_channels", "input_size"} \
-                or "name" not in d or not isinstance(d.get("input_size", ()), list | tuple):
+        if (
+            not isinstance(d, dict)
+            or set(d) - {"name", "weights", "num_classes", "in_channels", "input_size"}
+            or "name" not in d
+            or not isinstance(d.get("input_size", ()), list | tuple)
+        ):
             raise MpqError(f"{where}malformed model record {str(d)[:200]}")
         d = dict(d)
         if "input_size" in d:
@@ -103,8 +107,10 @@ def recorded_model(spec_dict, source: str, model: str | None) -> ModelSpec:
     if model is not None:
         return ModelSpec(model, None, spec.num_classes, spec.in_channels, spec.input_size)
     if spec.kind == "user":
-        raise MpqError(f"{source} was made with the user model {spec.name}; mpq does not run code that a file "
-                       f"names: pass --model {spec.name} (Python: model=...) if you trust it")
+        raise MpqError(
+            f"{source} was made with the user model {spec.name}; mpq does not run code that a file "
+            f"names: pass --model {spec.name} (Python: model=...) if you trust it"
+        )
     return ModelSpec(spec.name, None, spec.num_classes, spec.in_channels, spec.input_size)
 
 
@@ -127,8 +133,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
             return BUILTIN[spec.name](spec.num_classes, spec.in_channels, tuple(spec.input_size))
         except RuntimeError as exc:  # e.g. an input too small for the model's kernels and strides
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise MpqError(f"model {spec.name} cannot take inputs of shape "
-                           f"{[spec.in_channels, *spec.input_size]}: {first}") from None
+            raise MpqError(
+                f"model {spec.name} cannot take inputs of shape {[spec.in_channels, *spec.input_size]}: {first}"
+            ) from None
     if spec.kind == "user":
         return _build_user(spec)
     return _build_torchvision(spec)
@@ -240,7 +247,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise MpqError(f"{path}: expected a dict of tensors (a state_dict)")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state, metadata
 
 
@@ -253,8 +260,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, str]:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {_first(missing)}")

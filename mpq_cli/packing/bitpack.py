@@ -59,13 +59,13 @@ def pack_bits(fields: np.ndarray, width: int) -> np.ndarray:
         return flat.astype(flat.dtype.newbyteorder("<"), copy=False).view(np.uint8).copy()
     out = np.empty(packed_nbytes(flat.size, width), dtype=np.uint8)
     for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start:start + _CHUNK]
+        chunk = flat[start : start + _CHUNK]
         bits = np.empty((chunk.size, width), dtype=np.uint8)  # (fields, width): row j is field j, LSB first
         for t in range(width):
             bits[:, t] = (chunk >> t) & 1
         packed = np.packbits(bits.reshape(-1), bitorder="little")
         offset = start * width // 8
-        out[offset:offset + packed.size] = packed
+        out[offset : offset + packed.size] = packed
     return out
 
 
@@ -90,12 +90,13 @@ def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
     for start in range(0, count, _CHUNK):
         n = min(_CHUNK, count - start)
         offset = start * width // 8
-        bits = np.unpackbits(data[offset:offset + packed_nbytes(n, width)], count=n * width,
-                             bitorder="little").reshape(n, width)
+        bits = np.unpackbits(
+            data[offset : offset + packed_nbytes(n, width)], count=n * width, bitorder="little"
+        ).reshape(n, width)
         values = np.zeros(n, dtype=_container(width))
         for t in range(width):
             values |= bits[:, t].astype(values.dtype) << t
-        out[start:start + n] = values
+        out[start : start + n] = values
     return out
 
 

@@ -53,8 +53,12 @@ CODE_MIN, CODE_MAX = -(1 << (CODE_BITS - 1)), (1 << (CODE_BITS - 1)) - 1
 MAX_PLANES = 16
 ENCODINGS = ("zero", "int", "lut", "basis")
 # tensors each encoding stores, by suffix (the file names them LAYER.weight.SUFFIX)
-TENSORS = {"zero": (), "int": ("packed", "step"), "lut": ("packed", "table", "step"),
-           "basis": ("packed", "coords", "group_bits")}
+TENSORS = {
+    "zero": (),
+    "int": ("packed", "step"),
+    "lut": ("packed", "table", "step"),
+    "basis": ("packed", "coords", "group_bits"),
+}
 
 
 @dataclass
@@ -139,16 +143,22 @@ def encode_codes(codes: torch.Tensor, step: torch.Tensor | float) -> EncodedWeig
         return EncodedWeight("zero")
     if plan.encoding == "int":
         fields_ = to_twos_complement(flat >> plan.shift, plan.width)
-        return EncodedWeight("int", {"width": plan.width, "shift": plan.shift},
-                             {"packed": torch.from_numpy(pack_bits(fields_, plan.width)), "step": step.clone()})
+        return EncodedWeight(
+            "int",
+            {"width": plan.width, "shift": plan.shift},
+            {"packed": torch.from_numpy(pack_bits(fields_, plan.width)), "step": step.clone()},
+        )
     indices = np.searchsorted(plan.table.numpy().astype(np.int64), flat)
-    return EncodedWeight("lut", {"width": plan.width},
-                         {"packed": torch.from_numpy(pack_bits(indices, plan.width)), "table": plan.table.clone(),
-                          "step": step.clone()})
+    return EncodedWeight(
+        "lut",
+        {"width": plan.width},
+        {"packed": torch.from_numpy(pack_bits(indices, plan.width)), "table": plan.table.clone(), "step": step.clone()},
+    )
 
 
-def encode_basis(signs: torch.Tensor, coords: torch.Tensor, group_bits: torch.Tensor,
-                 perm: tuple[int, ...]) -> EncodedWeight:
+def encode_basis(
+    signs: torch.Tensor, coords: torch.Tensor, group_bits: torch.Tensor, perm: tuple[int, ...]
+) -> EncodedWeight:
     """Encode binary bases (:mod:`mpq_cli.quant.basis`).
 
     Args:
@@ -172,8 +182,12 @@ def encode_basis(signs: torch.Tensor, coords: torch.Tensor, group_bits: torch.Te
     return EncodedWeight(
         "basis",
         {"groups": groups, "group_size": elements, "perm": list(perm), "max_planes": int(group_bits.max())},
-        {"packed": torch.from_numpy(pack_bits(bits, 1)), "coords": coords[used].to(torch.float32).contiguous(),
-         "group_bits": group_bits.to(torch.uint8).contiguous()})
+        {
+            "packed": torch.from_numpy(pack_bits(bits, 1)),
+            "coords": coords[used].to(torch.float32).contiguous(),
+            "group_bits": group_bits.to(torch.uint8).contiguous(),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -184,8 +198,10 @@ def _require(condition: bool, message: str) -> None:
 
 def _int_field(fields: dict, key: str, low: int, high: int) -> int:
     value = fields.get(key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-             f"header field {key!r} must be an integer in {low}..{high}, got {value!r}")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+        f"header field {key!r} must be an integer in {low}..{high}, got {value!r}",
+    )
     return value
 
 
@@ -200,8 +216,10 @@ def _packed(tensors: dict[str, torch.Tensor], count: int, width: int) -> np.ndar
     packed = tensors["packed"]
     _require(packed.dtype == torch.uint8 and packed.dim() == 1, "packed must be a 1-d uint8 tensor")
     expected = packed_nbytes(count, width)
-    _require(packed.numel() == expected,
-             f"packed holds {packed.numel()} bytes; {count} weights at {width} bits need {expected}")
+    _require(
+        packed.numel() == expected,
+        f"packed holds {packed.numel()} bytes; {count} weights at {width} bits need {expected}",
+    )
     return unpack_bits(packed.numpy(), width, count)
 
 
@@ -213,8 +231,9 @@ def check_tensors(encoding: str, tensors: dict[str, torch.Tensor]) -> None:
     _require(not extra, f"unexpected tensor(s) {', '.join(extra)} for encoding {encoding!r}")
 
 
-def decode_codes(encoding: str, fields: dict, tensors: dict[str, torch.Tensor],
-                 shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_codes(
+    encoding: str, fields: dict, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer ``(codes, step)`` of an integer encoding; ``codes`` is int32 of ``shape``."""
     check_tensors(encoding, tensors)
     count = math.prod(shape)
@@ -229,20 +248,26 @@ def decode_codes(encoding: str, fields: dict, tensors: dict[str, torch.Tensor],
     if encoding == "lut":
         width = _int_field(fields, "width", 1, CODE_BITS)
         table = tensors["table"]
-        _require(table.dtype == torch.int32 and table.dim() == 1 and 1 <= table.numel() <= (1 << width),
-                 f"table must be 1..{1 << width} int32 codes")
+        _require(
+            table.dtype == torch.int32 and table.dim() == 1 and 1 <= table.numel() <= (1 << width),
+            f"table must be 1..{1 << width} int32 codes",
+        )
         _require(bool((table[1:] > table[:-1]).all()), "table must be strictly ascending")
-        _require(int(table.min()) >= CODE_MIN and int(table.max()) <= CODE_MAX,
-                 f"table codes exceed the {CODE_BITS}-bit range")
+        _require(
+            int(table.min()) >= CODE_MIN and int(table.max()) <= CODE_MAX,
+            f"table codes exceed the {CODE_BITS}-bit range",
+        )
         indices = _packed(tensors, count, width)
-        _require(count == 0 or int(indices.max()) < table.numel(),
-                 f"an index exceeds the table's {table.numel()} entries")
+        _require(
+            count == 0 or int(indices.max()) < table.numel(), f"an index exceeds the table's {table.numel()} entries"
+        )
         return table[torch.from_numpy(indices)].reshape(shape), _step(tensors)
     raise ValueError(f"encoding {encoding!r} does not hold integer codes")
 
 
-def decode_weight(encoding: str, fields: dict, tensors: dict[str, torch.Tensor],
-                  shape: tuple[int, ...]) -> torch.Tensor:
+def decode_weight(
+    encoding: str, fields: dict, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]
+) -> torch.Tensor:
     """The float32 weight of ``shape`` that an encoded layer holds."""
     check_tensors(encoding, tensors)
     if encoding == "zero":
@@ -255,15 +280,19 @@ def decode_weight(encoding: str, fields: dict, tensors: dict[str, torch.Tensor],
     elements = _int_field(fields, "group_size", 1, max(count, 1))
     _require(groups * elements == count, f"groups {groups} x group_size {elements} != {count} weights")
     perm = fields.get("perm")
-    _require(isinstance(perm, list) and sorted(perm) == list(range(len(shape))),
-             f"perm must be a permutation of the {len(shape)} weight dimensions, got {perm!r}")
+    _require(
+        isinstance(perm, list) and sorted(perm) == list(range(len(shape))),
+        f"perm must be a permutation of the {len(shape)} weight dimensions, got {perm!r}",
+    )
     planes = _int_field(fields, "max_planes", 1, MAX_PLANES)
     group_bits, coords = tensors["group_bits"], tensors["coords"]
     _require(group_bits.dtype == torch.uint8 and group_bits.shape == (groups,), f"group_bits must be uint8 ({groups},)")
     _require(int(group_bits.max()) <= planes, f"group_bits exceed max_planes {planes}")
     used_planes = int(group_bits.to(torch.int64).sum())
-    _require(coords.dtype == torch.float32 and coords.shape == (used_planes,),
-             f"coords must be float32 ({used_planes},), the sum of group_bits")
+    _require(
+        coords.dtype == torch.float32 and coords.shape == (used_planes,),
+        f"coords must be float32 ({used_planes},), the sum of group_bits",
+    )
     _require(bool(torch.isfinite(coords).all()), "coords must be finite")
     bits = _packed(tensors, used_planes * elements, 1)
     used = plane_mask(group_bits, planes)

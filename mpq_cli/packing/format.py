@@ -80,8 +80,12 @@ def _valid_act(act) -> bool:
         return False
     if act.get("kind") == "basis":
         return 1 <= act["bits"] <= 8 and set(act) == {"kind", "bits"}
-    return 1 <= act["bits"] <= 16 and isinstance(act.get("signed"), bool) and set(act) <= {"kind", "bits", "signed"} \
+    return (
+        1 <= act["bits"] <= 16
+        and isinstance(act.get("signed"), bool)
+        and set(act) <= {"kind", "bits", "signed"}
         and act.get("kind", "pact") == "pact"
+    )
 
 
 def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo], int]:
@@ -98,8 +102,10 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, str], dict[str, Tensor
                 raise MpqError(f"{path}: not a safetensors file (only {size} bytes)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise MpqError(f"{path}: not a safetensors file (header length {header_len} does not fit the "
-                               f"{size}-byte file; truncated, or a pickle/other format)")
+                raise MpqError(
+                    f"{path}: not a safetensors file (header length {header_len} does not fit the "
+                    f"{size}-byte file; truncated, or a pickle/other format)"
+                )
             raw = f.read(header_len)
     except OSError as exc:
         raise MpqError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -150,8 +156,10 @@ class PackedFile:
             raise MpqError(f"{path} not found" if not path.exists() else f"{path} is not a file")
         metadata, tensors, size = read_safetensors_index(path)
         if METADATA_KEY not in metadata:
-            raise MpqError(f"{path} is a safetensors file but not an mpq packed file (no 'mpq' header); "
-                           "`mpq export RUN` writes one")
+            raise MpqError(
+                f"{path} is a safetensors file but not an mpq packed file (no 'mpq' header); "
+                "`mpq export RUN` writes one"
+            )
         try:
             header = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
@@ -177,8 +185,11 @@ class PackedFile:
         if _sha256(metadata[METADATA_KEY].encode("utf-8")) != expected:
             self._fail("the 'mpq' header does not match its SHA-256 digest: the file is corrupt or was edited")
         digests = self.header.get("digests")
-        if not (isinstance(digests, dict) and digests.get("algorithm") == "sha256"
-                and isinstance(digests.get("tensors"), dict)):
+        if not (
+            isinstance(digests, dict)
+            and digests.get("algorithm") == "sha256"
+            and isinstance(digests.get("tensors"), dict)
+        ):
             self._fail("header 'digests' must be {'algorithm': 'sha256', 'tensors': {name: hex}}")
         listed = digests["tensors"]
         if set(listed) != set(self.tensors):
@@ -220,8 +231,9 @@ class PackedFile:
                 if info is None:
                     self._fail(f"layer {name!r}: tensor {name}.weight is missing")
                 if info.dtype != "F32" or list(info.shape) != shape:
-                    self._fail(f"tensor {name}.weight: {info.dtype} {list(info.shape)} does not match the header "
-                               f"(F32 {shape})")
+                    self._fail(
+                        f"tensor {name}.weight: {info.dtype} {list(info.shape)} does not match the header (F32 {shape})"
+                    )
                 claimed.add(f"{name}.weight")
                 continue
             if not isinstance(encoding, str) or encoding not in TENSORS:
@@ -240,8 +252,10 @@ class PackedFile:
             act = entry.get("act")
             if act is not None:
                 if not _valid_act(act):
-                    self._fail(f"layer {name!r}: act must be {{'bits': 1..16, 'signed': bool}} or "
-                               f"{{'kind': 'basis', 'bits': 1..8}}, got {act!r}")
+                    self._fail(
+                        f"layer {name!r}: act must be {{'bits': 1..16, 'signed': bool}} or "
+                        f"{{'kind': 'basis', 'bits': 1..8}}, got {act!r}"
+                    )
                 for tensor in act_tensor_names(name, act):
                     if tensor not in self.tensors:
                         self._fail(f"tensor {tensor} is missing (layer {name!r} quantizes its input)")
@@ -257,8 +271,10 @@ class PackedFile:
             tensor = weight_tensor_name(name, suffix)
             found = self.tensors[tensor]
             if found.dtype != dtype or len(found.shape) not in ndims:
-                self._fail(f"tensor {tensor} must be {dtype} with {' or '.join(map(str, ndims))} dimension(s), "
-                           f"got {found.dtype} {list(found.shape)}")
+                self._fail(
+                    f"tensor {tensor} must be {dtype} with {' or '.join(map(str, ndims))} dimension(s), "
+                    f"got {found.dtype} {list(found.shape)}"
+                )
             return tensor, found
 
         if encoding in ("int", "lut"):
@@ -267,8 +283,10 @@ class PackedFile:
                 self._fail(f"layer {name!r}: width must be an integer in 1..{CODE_BITS}, got {width!r}")
             tensor, packed = info("packed", "U8")
             if packed.nbytes != packed_nbytes(params, width):
-                self._fail(f"tensor {tensor} holds {packed.nbytes} bytes; {params} weights at {width} bits need "
-                           f"{packed_nbytes(params, width)}")
+                self._fail(
+                    f"tensor {tensor} holds {packed.nbytes} bytes; {params} weights at {width} bits need "
+                    f"{packed_nbytes(params, width)}"
+                )
             step_name, step = info("step", "F32", (0, 1))
             if math.prod(step.shape) != 1:
                 self._fail(f"tensor {step_name} must hold one value")
@@ -282,8 +300,10 @@ class PackedFile:
                 self._fail(f"layer {name!r}: group_size must be a positive integer, got {group_size!r}")
             expected = packed_nbytes(coords.shape[0] * group_size, 1)
             if packed.nbytes != expected:
-                self._fail(f"tensor {tensor} holds {packed.nbytes} bytes; {coords.shape[0]} bases of {group_size} "
-                           f"weights need {expected}")
+                self._fail(
+                    f"tensor {tensor} holds {packed.nbytes} bytes; {coords.shape[0]} bases of {group_size} "
+                    f"weights need {expected}"
+                )
             info("group_bits", "U8")
 
     # -- reading ------------------------------------------------------------------------------
@@ -364,8 +384,11 @@ def packed_metadata(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str,
     and the header's own digest."""
     from ..rundir import dumps
 
-    full = {"format": FORMAT, **header,
-            "digests": {"algorithm": "sha256", "tensors": {n: _tensor_sha256(t) for n, t in sorted(tensors.items())}}}
+    full = {
+        "format": FORMAT,
+        **header,
+        "digests": {"algorithm": "sha256", "tensors": {n: _tensor_sha256(t) for n, t in sorted(tensors.items())}},
+    }
     text = dumps(full, separators=(",", ":"))
     return {METADATA_KEY: text, DIGEST_KEY: _sha256(text.encode("utf-8"))}
 
@@ -385,8 +408,14 @@ def serialized_size(header: dict, tensors: dict[str, torch.Tensor]) -> int:
     return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-def layer_entry(name: str, kind: str, shape: list[int], nominal_bits: int | float | None,
-                encoded: EncodedWeight | None, act: dict | None) -> dict:
+def layer_entry(
+    name: str,
+    kind: str,
+    shape: list[int],
+    nominal_bits: int | float | None,
+    encoded: EncodedWeight | None,
+    act: dict | None,
+) -> dict:
     """One header layer; ``encoded`` None means an FP32 weight."""
     entry = {"name": name, "kind": kind, "shape": list(shape), "params": math.prod(shape)}
     if encoded is None:
@@ -413,8 +442,9 @@ def _attach_input_quantizer(layer: nn.Module, act_entry: dict) -> None:
     layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
 
 
-def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: str | None = None,
-                verify: bool = True) -> nn.Module:
+def load_packed(
+    path: str | Path, device: str | torch.device = "cpu", *, model: str | None = None, verify: bool = True
+) -> nn.Module:
     """Build the model a packed file describes, with its decoded weights, in eval mode.
 
     No pickle is involved and no code the file names is run: the architecture comes from
@@ -463,8 +493,10 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", *, model: 
         raise MpqError(f"{packed.path}: tensor {unexpected[0]} is not part of model {spec.name}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise MpqError(f"{packed.path}: tensor {key} has shape {list(value.shape)}, the model expects "
-                           f"{list(expected[key].shape)}")
+            raise MpqError(
+                f"{packed.path}: tensor {key} has shape {list(value.shape)}, the model expects "
+                f"{list(expected[key].shape)}"
+            )
         if value.dtype != expected[key].dtype:
             raise MpqError(f"{packed.path}: tensor {key} is {value.dtype}, the model expects {expected[key].dtype}")
     model.load_state_dict(state, strict=True)
@@ -489,13 +521,17 @@ def _build_checked(packed: PackedFile, spec) -> nn.Module:
             if name not in shapes:
                 raise MpqError(f"{packed.path}: layer {name} of model {spec.name} is not in the header")
             if list(module.weight.shape) != shapes[name]:
-                raise MpqError(f"{packed.path}: layer {name} has shape {shapes[name]}, model {spec.name} expects "
-                               f"{list(module.weight.shape)}")
+                raise MpqError(
+                    f"{packed.path}: layer {name} has shape {shapes[name]}, model {spec.name} expects "
+                    f"{list(module.weight.shape)}"
+                )
     state = skeleton.state_dict()
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if model_bytes > MAX_MODEL_BYTES + MAX_EXPANSION * packed.file_bytes:
-        raise MpqError(f"{packed.path}: its model would take {model_bytes / 2**30:.1f} GiB in memory, from a "
-                       f"{packed.file_bytes:,}-byte file; refused (more than {MAX_EXPANSION}x the file plus 1 GiB)")
+        raise MpqError(
+            f"{packed.path}: its model would take {model_bytes / 2**30:.1f} GiB in memory, from a "
+            f"{packed.file_bytes:,}-byte file; refused (more than {MAX_EXPANSION}x the file plus 1 GiB)"
+        )
     persistent = set(state)
     if any(name not in persistent for name, _ in skeleton.named_buffers()):
         return build_model(spec)

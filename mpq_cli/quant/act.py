@@ -26,8 +26,9 @@ class PACT(nn.Module):
             raise ValueError(f"activation bits must be in 1..16, got {bits}")
         self.bits = bits
         self.fixed_clip = clip is not None
-        self.alpha = nn.Parameter(torch.tensor(clip if clip is not None else 1.0),
-                                  requires_grad=clip is None)  # clip value, PACT's alpha
+        self.alpha = nn.Parameter(
+            torch.tensor(clip if clip is not None else 1.0), requires_grad=clip is None
+        )  # clip value, PACT's alpha
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("initialised", torch.tensor(False))
 

@@ -26,8 +26,13 @@ def rows_of(signs: torch.Tensor, coords: torch.Tensor, active: torch.Tensor) -> 
     return torch.einsum("gpe,gp->ge", plus_minus(signs), coords * active)
 
 
-def weighted_fit(signs: torch.Tensor, active: torch.Tensor, target: torch.Tensor,
-                 weights: torch.Tensor | None = None, ridge: float = RIDGE) -> torch.Tensor:
+def weighted_fit(
+    signs: torch.Tensor,
+    active: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ridge: float = RIDGE,
+) -> torch.Tensor:
     """Coordinates minimising ``sum_e weights_e (B alpha - target)_e^2`` per group, inactive slots 0.
 
     ``alpha = (B^T H B + ridge I)^-1 B^T H target`` (Eq. 23 with ``target = w - g/H``;
@@ -48,8 +53,9 @@ def flip_negative(signs: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tens
     return signs ^ negative.unsqueeze(-1), coords.abs()
 
 
-def compact(signs: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
-            *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def compact(
+    signs: torch.Tensor, coords: torch.Tensor, active: torch.Tensor, *extra: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """Move active slots first, the largest coordinate first; ``extra`` ``(G, P)`` tensors follow along."""
     key = torch.where(active, coords, torch.full_like(coords, -float("inf")))
     order = torch.argsort(key, dim=1, descending=True, stable=True)
@@ -119,8 +125,9 @@ def nearest_patterns(coords: torch.Tensor, active: torch.Tensor, target: torch.T
     return patterns[chosen].permute(0, 2, 1)  # (G, P, E)
 
 
-def basis_step(signs: torch.Tensor, coords: torch.Tensor, active: torch.Tensor, step_target: torch.Tensor,
-               hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def basis_step(
+    signs: torch.Tensor, coords: torch.Tensor, active: torch.Tensor, step_target: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise the bases with the speed-up (Alg. 3): nearest patterns, then Eq. 23, then flips.
 
     Args:
@@ -140,8 +147,13 @@ def pruning_increment(coords: torch.Tensor, grad_moment: torch.Tensor, hessian: 
     return -grad_moment * coords + 0.5 * hessian * coords.pow(2)
 
 
-def select_pruned(increments: list[torch.Tensor], actives: list[torch.Tensor], group_sizes: list[int],
-                  quota_bits: int, top_fraction: float) -> list[torch.Tensor]:
+def select_pruned(
+    increments: list[torch.Tensor],
+    actives: list[torch.Tensor],
+    group_sizes: list[int],
+    quota_bits: int,
+    top_fraction: float,
+) -> list[torch.Tensor]:
     """Alg. 2's choice: which active coordinates to remove so that ``quota_bits`` weight-bits go.
 
     Each layer offers its ``top_fraction`` lowest increments (at least one; all of its

@@ -50,8 +50,8 @@ def basis_weight(signs: torch.Tensor, coords: torch.Tensor, group_bits: torch.Te
     weight = torch.zeros(groups, elements, dtype=torch.float32, device=signs.device)
     pm_one = signs.to(torch.float32) * 2 - 1  # (G, P, E) in {-1, +1}
     for i in range(planes):  # a fixed summation order: the result is defined to the bit
-        term = coords[:, i:i + 1].to(torch.float32) * pm_one[:, i]
-        weight = torch.where(used[:, i:i + 1], weight + term, weight)
+        term = coords[:, i : i + 1].to(torch.float32) * pm_one[:, i]
+        weight = torch.where(used[:, i : i + 1], weight + term, weight)
     return weight
 
 
@@ -60,7 +60,6 @@ def nominal_basis_bits(group_bits: torch.Tensor, group_size: int) -> float:
     total = group_bits.to(torch.int64).sum().item() * group_size
     count = group_bits.numel() * group_size
     return total / count if count else 0.0
-
 
 
 @dataclass
@@ -89,12 +88,18 @@ class BasisForm:
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors a run's ``codes.safetensors`` holds for this layer."""
-        return {f"{prefix}.signs": self.signs.to(torch.uint8).contiguous(),
-                f"{prefix}.coords": self.coords.to(torch.float32).contiguous(),
-                f"{prefix}.group_bits": self.group_bits.to(torch.int32).contiguous(),
-                f"{prefix}.perm": torch.tensor(self.perm, dtype=torch.int64)}
+        return {
+            f"{prefix}.signs": self.signs.to(torch.uint8).contiguous(),
+            f"{prefix}.coords": self.coords.to(torch.float32).contiguous(),
+            f"{prefix}.group_bits": self.group_bits.to(torch.int32).contiguous(),
+            f"{prefix}.perm": torch.tensor(self.perm, dtype=torch.int64),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> BasisForm:
-        return cls(tensors[f"{prefix}.signs"].bool(), tensors[f"{prefix}.coords"].float(),
-                   tensors[f"{prefix}.group_bits"].to(torch.int64), tuple(int(p) for p in tensors[f"{prefix}.perm"]))
+        return cls(
+            tensors[f"{prefix}.signs"].bool(),
+            tensors[f"{prefix}.coords"].float(),
+            tensors[f"{prefix}.group_bits"].to(torch.int64),
+            tuple(int(p) for p in tensors[f"{prefix}.perm"]),
+        )

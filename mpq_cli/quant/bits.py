@@ -88,9 +88,10 @@ def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.
     if bits == 0:
         return torch.zeros_like(codes), 0
     top = max(int(codes.abs().max()).bit_length() - 1, bits - 1)
-    shifts = torch.arange(0, min(max(top - bits + 1, 0), max(max_bits - bits, 0)) + 1, device=codes.device,
-                          dtype=torch.float64)
-    limit = 2 ** bits - 1
+    shifts = torch.arange(
+        0, min(max(top - bits + 1, 0), max(max_bits - bits, 0)) + 1, device=codes.device, dtype=torch.float64
+    )
+    limit = 2**bits - 1
     scales = torch.pow(2.0, shifts).view(-1, *([1] * codes.dim()))
     candidates = torch.clamp(torch.round(codes.double() / scales), -limit, limit) * scales  # (shifts, *codes.shape)
     # the block with the least squared error: clipping a few large weights can beat a coarse step
