@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SMALL, invoke, run_json
 
 
@@ -114,8 +115,26 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path):
     [
         ["--method", "csq", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
         ["--method", "alq", "--target-bits", "1", "--epochs", "3", "--rounds", "1"],  # cut inside its schedule
+        ["--method", "bsq", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
+        [
+            "--method",
+            "bmpq",
+            "--bits",
+            "2,4",
+            "--target-bits",
+            "4",
+            "--edge-bits",
+            "8",
+            "--epochs",
+            "2",
+            "--interval",
+            "1",
+            "--lr",
+            "0.01",
+        ],
+        ["--method", "uniform", "--target-bits", "2", "--epochs", "2", "--lr", "0.01"],
     ],
-    ids=["csq", "alq"],
+    ids=["csq", "alq", "bsq", "bmpq", "uniform"],
 )
 def test_resume_after_interruption(tmp_path, monkeypatch, method_args):
     """Kill a run after its first epoch; --resume finishes it with the same result as an uninterrupted run."""
@@ -139,6 +158,18 @@ def test_resume_after_interruption(tmp_path, monkeypatch, method_args):
     resumed = run_json(*args, "--out", tmp_path / "cut", "--resume")
     assert resumed["top1"] == pytest.approx(full["top1"])
     assert resumed["avg_bits"] == pytest.approx(full["avg_bits"])
+    # not only the same accuracy (both may sit at chance on these data): the same codes, weights and optimizer
+    from safetensors.torch import load_file
+
+    from mpq_cli.rundir import load_checkpoint_state
+
+    for name in ("codes.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (load_checkpoint_state(tmp_path / run / "checkpoint.pt")["optimizer"]["state"] for run in ("full", "cut"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_methods_and_models_listing():

@@ -25,11 +25,14 @@ def test_reconstruction_matches_eq5_bit_by_bit():
         q.mask_logits.normal_()
     q.temperature = 3.0
     f = lambda m: torch.sigmoid(3.0 * m)  # noqa: E731
+    # the gain of an unmoved bit (logits +-1) through a searched gate (m_B = 0.5), from the sigmoids themselves
+    gain = (f(torch.tensor(1.0)) - f(torch.tensor(-1.0))) * f(torch.tensor(0.5))
+    assert q.gate_gain() == pytest.approx(float(gain), rel=1e-6)
     expected = (
         sum((f(q.bit_logits_pos[..., b]) - f(q.bit_logits_neg[..., b])) * 2**b * f(q.mask_logits[b]) for b in range(8))
         * q.scale
         / 255
-        / q.gate_gain()
+        / gain
     )
     assert torch.allclose(q.train_weight(), expected, atol=1e-6)
 
@@ -163,11 +166,14 @@ def test_temperature_schedule_reaches_beta_max(tiny):
     method = _csq(tiny, project_at=1.0)
     method.on_epoch_start(0, 2, 5)
     assert method.beta == pytest.approx(1.0)
+    seen = []
     for epoch in range(2):
         method.on_epoch_start(epoch, 2, 5)
         for _ in range(5):
             method.on_step_end()
-    assert method.beta == pytest.approx(200.0)
+            seen.append(method.beta)
+    # geometric from beta_0 = 1 to 200 over the 10 steps' 9 intervals, then held
+    assert seen == pytest.approx([200.0 ** min(i / 9, 1.0) for i in range(1, 11)], rel=1e-9)
     assert all(q.temperature == pytest.approx(200.0) for q in method.quantizers().values())
 
 

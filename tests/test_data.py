@@ -21,12 +21,18 @@ def test_shuffling_is_seeded_by_epoch():
 
 
 def test_random_crop_keeps_shape_and_content_window():
-    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1)
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4).repeat(32, 1, 1, 1)
     out = _random_crop(x, 1, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    for img in out:  # each crop is a shifted window of the zero-padded image
-        nonzero = img[img != 0]
-        assert set(nonzero.tolist()) <= set(range(16))
+    padded = torch.nn.functional.pad(x[0, 0], (1, 1, 1, 1))
+    offsets = set()
+    for img in out:  # each crop is exactly a 4x4 window of the zero-padded image, at one of its 9 offsets
+        found = [
+            (dy, dx) for dy in range(3) for dx in range(3) if torch.equal(img[0], padded[dy : dy + 4, dx : dx + 4])
+        ]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) >= 5  # random per image, not one offset for the batch
 
 
 def test_limit_batches():

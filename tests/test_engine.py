@@ -1,5 +1,7 @@
 import copy
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,3 +95,32 @@ def test_gradients_are_clipped_before_a_method_rescales_them(monkeypatch):
     rescaled = run(1e4, 0.05)
     assert not torch.equal(plain[0], clipped[0])  # the clip does act on these gradients
     assert torch.equal(clipped[0], rescaled[0])  # the first step's clip ignores the rescale (later steps differ)
+
+
+# -- schedules and --amp (issue 13) ------------------------------------------------------------------------------
+def test_learning_rate_schedules():
+    from mpq_cli.engine import TrainConfig, lr_at
+
+    warm = TrainConfig(epochs=10, lr=0.1, warmup_epochs=2, schedule="constant")
+    assert [round(lr_at(warm, e), 6) for e in (0.0, 1.0, 2.0, 5.0)] == [round(0.1 * 1e-3 / 2, 6), 0.05005, 0.1, 0.1]
+    step = TrainConfig(epochs=10, lr=0.1, schedule="step", step_epochs=3, gamma=0.5)
+    assert [lr_at(step, e) for e in (0, 2.9, 3, 6.5, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.025, 0.0125])
+    cosine = TrainConfig(epochs=10, lr=0.1, warmup_epochs=2, schedule="cosine")
+    assert lr_at(cosine, 2) == pytest.approx(0.1) and lr_at(cosine, 6) == pytest.approx(0.05)
+    assert lr_at(cosine, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_amp_trains_in_bf16_on_the_cpu():
+    from mpq_cli.data import DataConfig, load_data
+    from mpq_cli.engine import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    dtypes = set()
+    model[1].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    _, train, val = load_data(DataConfig("synthetic", batch_size=32, input_size=(1, 8, 8), limit_train_batches=2))
+    records = fit(model, train, val, TrainConfig(epochs=1, lr=0.01, amp=True))
+    assert dtypes == {torch.bfloat16} and math.isfinite(records[0]["train_loss"])
+    dtypes.clear()
+    fit(model, train, val, TrainConfig(epochs=1, lr=0.01, amp=False))
+    assert dtypes == {torch.float32}
