@@ -271,7 +271,9 @@ WdOpt = Annotated[float | None, typer.Option(help="Weight decay (default: the me
 WarmupOpt = Annotated[float, typer.Option("--lr-warmup-epochs", help="Linear learning-rate warm-up epochs.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for parameters, data order and augmentation.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
-AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast (CUDA, and the CPU: fast only on CPUs with bf16 units).")]
+AmpOpt = Annotated[
+    bool, typer.Option("--amp", help="bf16 autocast (CUDA, and the CPU: fast only on CPUs with bf16 units).")
+]
 LimitTrainOpt = Annotated[int | None, typer.Option(help="Stop each training epoch after N batches.")]
 LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on at most N batches.")]
 NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
