@@ -433,10 +433,27 @@ def search(
     config["fingerprint"] = fingerprint(config)
     config["checkpoint_bytes"] = checkpoint_bytes(model.checkpoint)  # for the export's size comparison
     config["versions"] = versions()
-    with _claim_run_dir(out, options.method, model.name, resume) as run_dir:
-        state = _resume_state(run_dir, resume, "search", config["fingerprint"], reporter)
+    run_dir = _claim_run_dir(out, options.method, model.name, resume)
+    return _train_quantized(run_dir, resume, config, method, ctx, train_cfg, fp_top1, reporter, "search")
+
+
+def _train_quantized(
+    claim,
+    resume: bool,
+    config: dict,
+    method: Method,
+    ctx: Context,
+    train_cfg: TrainConfig,
+    fp_top1: float | None,
+    reporter: Reporter,
+    command: str,
+) -> dict:
+    """A search's or fine-tuning's run: take the run directory (``claim``, locked for the run), check a
+    ``--resume`` against ``config`` before writing anything, train, fix the scheme and save the run."""
+    with claim as run_dir:
+        state = _resume_state(run_dir, resume, command, config["fingerprint"], reporter)
         write_json(run_dir / "config.json", config)
-        started = time.time()
+        started = time.time() - _elapsed_before(state)
         records = fit(
             ctx.model,
             ctx.train,
@@ -444,23 +461,12 @@ def search(
             train_cfg,
             hooks=method,
             run_dir=run_dir,
-            stage="search",
+            stage=command,
             reporter=reporter,
             resume=state,
             fingerprint=config["fingerprint"],
         )
-        return _finish(
-            run_dir,
-            config,
-            method,
-            ctx,
-            train_cfg,
-            records,
-            fp_top1,
-            started - _elapsed_before(state),
-            reporter,
-            command="search",
-        )
+        return _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command=command)
 
 
 def _elapsed_before(state: dict | None) -> float:
@@ -600,34 +606,10 @@ def finetune(
     ft_config["fingerprint"] = fingerprint(ft_config)
     ft_config["checkpoint_bytes"] = config.get("checkpoint_bytes")
     ft_config["versions"] = versions()
-    with _claim_run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume) as run_dir:
-        state = _resume_state(run_dir, resume, "finetune", ft_config["fingerprint"], reporter)
-        write_json(run_dir / "config.json", ft_config)
-        started = time.time()
-        records = fit(
-            ctx.model,
-            ctx.train,
-            ctx.val,
-            train_cfg,
-            hooks=method,
-            run_dir=run_dir,
-            stage="finetune",
-            reporter=reporter,
-            resume=state,
-            fingerprint=ft_config["fingerprint"],
-        )
-        return _finish(
-            run_dir,
-            ft_config,
-            method,
-            ctx,
-            train_cfg,
-            records,
-            config.get("fp_top1"),
-            started - _elapsed_before(state),
-            reporter,
-            command="finetune",
-        )
+    claim = _claim_run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume)
+    return _train_quantized(
+        claim, resume, ft_config, method, ctx, train_cfg, config.get("fp_top1"), reporter, "finetune"
+    )
 
 
 def evaluate_run(

@@ -104,6 +104,21 @@ def choose_options_within(
     raise MpqError(f"no per-layer bit choice puts the average in [{low_bits / total:.3f}, {high_bits / total:.3f}]")
 
 
+def trial(module, change: Callable[[], None], restore: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Apply ``change`` to ``module`` (a quantizer) and return the function that undoes it: the
+    module's state is saved first and loaded back, then ``restore`` runs for what a state dict
+    does not hold (e.g. ``requires_grad``). The ``apply`` that :func:`budget_step` takes."""
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    change()
+
+    def undo() -> None:
+        module.load_state_dict(saved)
+        if restore is not None:
+            restore()
+
+    return undo
+
+
 def budget_step(
     names: Sequence[str],
     params: Sequence[int],

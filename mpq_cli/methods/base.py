@@ -22,13 +22,14 @@ import math
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..budget import budget_step, in_window
 from ..errors import MpqError
 from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
 from ..quant.act import PACT
@@ -347,6 +348,31 @@ class Method(ABC):
 
     def start_finetune(self) -> None:
         raise MpqError(f"method {self.name} has no fine-tuning phase")
+
+    def _budget_step(
+        self,
+        current: dict[str, int],
+        candidates: dict[str, Sequence[int]],
+        apply: Callable[[str, int], Callable[[], None]],
+    ) -> list[dict]:
+        """Move the scheme into ``[target - budget_tolerance, target]`` at the least measured loss, or do
+        nothing if it is there: :func:`mpq_cli.budget.budget_step` over every layer, with ``current`` bits,
+        ``candidates`` per searchable layer and ``apply(name, bits)`` returning its undo."""
+        target, tol = self.config.target_bits, self.config.budget_tolerance
+        if in_window(self.average_bits(), target, tol):
+            return []
+        names = list(self.layers)
+        return budget_step(
+            names,
+            [self.layers[n].params for n in names],
+            [current[n] for n in names],
+            candidates,
+            apply,
+            self._require_probe(),
+            target,
+            tol,
+            never_zero=self._never_zero(names),
+        )
 
     def _never_zero(self, names: list[str]) -> list[str]:
         """Layers a budget step may not put at 0 bits: every layer unless ``allow_zero_bits``, and

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..budget import AVERAGE_SLACK, budget_step, in_window
+from ..budget import AVERAGE_SLACK, in_window, trial
 from ..errors import MpqError
 from ..quant.act import PACT
 from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
@@ -384,17 +384,16 @@ class BSQ(Method):
         """Budget mode: re-quantize, move into the window, fix every layer's precision."""
         self.requantize_all()
         self.avg_bits_before_projection = self.average_bits()
-        self.budget_changes = self._meet_budget(self._require_probe())
+        self.budget_changes = self._meet_budget()
         for q in self.quantizers().values():
             q.fixed.fill_(True)
         self.phase = Phase.FINETUNE
         self._reset_optimizer = True
 
     @torch.no_grad()
-    def _meet_budget(self, loss_probe) -> list[dict]:
-        target, tol = self.config.target_bits, self.config.budget_tolerance
-        if in_window(self.average_bits(), target, tol):
-            return []
+    def _meet_budget(self) -> list[dict]:
+        """Move the scheme into the window at the least measured loss: per layer, its continuous plane
+        sum rounded onto each number of bits it really uses (:func:`mpq_cli.budget.budget_step`)."""
 
         def relaxed_codes(q: BSQWeight, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
             """The layer's continuous plane sum rounded onto ``bits`` bits of the finest lattice (step / 2^e)."""
@@ -405,16 +404,9 @@ class BSQ(Method):
 
         def apply(name: str, bits: int):
             q = self.layers[name].weight_quantizer
-            saved = {k: v.clone() for k, v in q.state_dict().items()}
-            q.load_codes(*relaxed_codes(q, bits), bits)
+            return trial(q, lambda: q.load_codes(*relaxed_codes(q, bits), bits))
 
-            def undo():
-                q.load_state_dict(saved)
-
-            return undo
-
-        names = list(self.layers)
-        quantizers = [self.layers[n].weight_quantizer for n in names]
+        quantizers = self.quantizers()
         # an option must use its bits: codes that fit fewer would only pad the nominal count
         candidates = {
             n: [
@@ -422,20 +414,10 @@ class BSQ(Method):
                 for b in range(self.config.max_bits + 1)
                 if b == 0 or canonicalize_codes(relaxed_codes(q, b)[0])[2] == b
             ]
-            for n, q in zip(names, quantizers, strict=True)
+            for n, q in quantizers.items()
             if not bool(q.fixed)
         }
-        return budget_step(
-            names,
-            [self.layers[n].params for n in names],
-            [q.bits for q in quantizers],
-            candidates,
-            apply,
-            loss_probe,
-            target,
-            tol,
-            never_zero=self._never_zero(names),
-        )
+        return self._budget_step({n: q.bits for n, q in quantizers.items()}, candidates, apply)
 
     # -- end of search, fine-tuning ------------------------------------------------------------------
     def finalize(self) -> FinalizeResult:
@@ -445,7 +427,7 @@ class BSQ(Method):
             self.requantize_all()
             if self.budget_mode:
                 self.avg_bits_before_projection = self.average_bits()
-                self.budget_changes = self._meet_budget(self._require_probe())
+                self.budget_changes = self._meet_budget()
         elif self.phase is Phase.FINETUNE and not any(bool(q.finetuning) for q in self.quantizers().values()):
             self.requantize_all()  # planes trained under a fixed scheme: binarise them
         self.phase = Phase.FINAL

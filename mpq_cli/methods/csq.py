@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import AVERAGE_SLACK, budget_step, in_window
+from ..budget import AVERAGE_SLACK, in_window, trial
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, round_to_bits, to_bit_planes
@@ -383,14 +383,14 @@ class CSQ(Method):
 
     def project(self) -> None:
         """Meet the budget now, fix the scheme, and restart the bits from the exact codes (Alg. 1 stage 2)."""
-        probe = self._require_probe()
+        self._require_probe()
         self.avg_bits_before_projection = self.average_bits()
         relaxed = None
         if self.config.carry_residual:
             with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
                 relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
         self.made_contiguous = self._make_contiguous()
-        self.budget_changes = self._meet_budget(probe)
+        self.budget_changes = self._meet_budget()
         self._ramp_start = self._step
         self._restart_fixed(relaxed)
         self.phase = Phase.FINETUNE
@@ -436,7 +436,7 @@ class CSQ(Method):
         if self.phase is Phase.SEARCH:  # not projected during training (project_at = 1.0 or a short run)
             self.avg_bits_before_projection = self.average_bits()
             self.made_contiguous = self._make_contiguous()
-            self.budget_changes = self._meet_budget(self._require_probe())
+            self.budget_changes = self._meet_budget()
         self.phase = Phase.FINAL
         after = self.average_bits()
         target, tol = self.config.target_bits, self.config.budget_tolerance
@@ -477,41 +477,23 @@ class CSQ(Method):
         return changed
 
     @torch.no_grad()
-    def _meet_budget(self, loss_probe) -> list[dict]:
+    def _meet_budget(self) -> list[dict]:
         """Move the hard scheme into ``[target - tol, target]`` at the least measured loss.
 
         Options per searchable layer: leave it, or round its relaxed weight onto 0..n
         contiguous bits (:func:`mpq_cli.budget.budget_step`).
         """
-        target, tol = self.config.target_bits, self.config.budget_tolerance
-        if in_window(self.average_bits(), target, tol):
-            return []
 
         def apply(name: str, bits: int):
             q = self.layers[name].weight_quantizer
-            saved = {k: v.clone() for k, v in q.state_dict().items()}
-            q.load_codes(*q.requantized(bits, relaxed=True), fixed=True)
+            return trial(
+                q,
+                lambda: q.load_codes(*q.requantized(bits, relaxed=True), fixed=True),
+                lambda: q.mask_logits.requires_grad_(True),
+            )
 
-            def undo():
-                q.load_state_dict(saved)
-                q.mask_logits.requires_grad_(True)
-
-            return undo
-
-        names = list(self.layers)
-        quantizers = [self.layers[n].weight_quantizer for n in names]
-        candidates = {n: range(q.n_bits + 1) for n, q in self.searchable().items()}
-        return budget_step(
-            names,
-            [self.layers[n].params for n in names],
-            [q.nominal_bits() for q in quantizers],
-            candidates,
-            apply,
-            loss_probe,
-            target,
-            tol,
-            never_zero=self._never_zero(names),
-        )
+        current = {n: q.nominal_bits() for n, q in self.quantizers().items()}
+        return self._budget_step(current, {n: range(q.n_bits + 1) for n, q in self.searchable().items()}, apply)
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:
