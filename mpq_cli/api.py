@@ -368,6 +368,12 @@ def _save_quantized_run(
             f"{result.avg_bits_before_budget_step:.4f} average bits; the loss-aware budget "
             "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
             f" -> {changes[0]['probe_loss_after']:.4f}."
+            + (
+                " The layers interacted (the first choice measured worse than its parts predicted): every option was "
+                "measured again from it, and the second choice measured better."
+                if changes[0].get("passes") == 2
+                else ""
+            )
         )
     notes += method.report_notes()
     if records:

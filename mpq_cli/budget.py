@@ -119,6 +119,39 @@ def trial(module, change: Callable[[], None], restore: Callable[[], None] | None
     return undo
 
 
+# *ours*: the layers' loss changes are measured one at a time and assumed to add up; when the chosen
+# scheme's measured loss exceeds that prediction by more than this share of the predicted rise (plus
+# INTERACTION_SLACK), the layers interact, and the step measures every option again from the chosen
+# scheme and keeps the second choice only if its measured loss is lower.
+INTERACTION_SHARE = 0.5
+INTERACTION_SLACK = 1e-3
+
+
+def _measure(names, current, candidates, apply, loss_probe, never_zero) -> tuple[float, list[list[tuple[int, float]]]]:
+    """The probe loss now, and per layer ``(bits, loss change)`` of staying (0) and of each candidate alone."""
+    base_loss = loss_probe()
+    options: list[list[tuple[int, float]]] = []
+    for name, bits_now in zip(names, current, strict=True):
+        layer_options = [(bits_now, 0.0)]
+        for bits in candidates.get(name, ()):
+            if bits == 0 and name in never_zero:
+                continue
+            undo = apply(name, bits)
+            layer_options.append((bits, loss_probe() - base_loss))
+            undo()
+        options.append(layer_options)
+    return base_loss, options
+
+
+def _choose(options, params, target: float, tolerance: float) -> list[int] | None:
+    for low in (target - tolerance, 0.0):  # in the window, or at least under the target
+        try:
+            return choose_options(options, list(params), low, target)
+        except MpqError:
+            continue
+    return None
+
+
 def budget_step(
     names: Sequence[str],
     params: Sequence[int],
@@ -133,55 +166,63 @@ def budget_step(
     """Move a scheme into ``[target - tolerance, target]`` at the least measured loss.
 
     Each layer's options are: stay at ``current`` bits, or any of ``candidates[name]``;
-    layers in ``never_zero`` are not offered 0 bits (the output layer: at 0 bits the
-    model's logits are its bias alone, which a probe of a half-trained model can
-    measure as an improvement).
+    layers in ``never_zero`` are not offered 0 bits (at 0 bits a layer's output is its
+    bias alone, which a probe of a half-trained model can measure as an improvement).
     Every option's probe loss is measured with the other layers unchanged
     (``apply(name, bits)`` sets the option and returns a function that undoes it), and
     :func:`choose_options` picks one option per layer, assuming the layers' loss changes
     add up. If no choice fits the window, the scheme at least goes under ``target``.
-    The chosen options are applied for good.
+    The chosen scheme's loss is then measured; if the layers interact (it is worse than
+    predicted, :data:`INTERACTION_SHARE`), every option is measured again from the chosen
+    scheme and the second choice replaces the first only if its measured loss is lower.
 
     Returns:
         One record per changed layer: ``layer``, ``bits_before``, ``bits_after``,
-        ``probe_loss_change_alone``, ``probe_loss_before``, ``probe_loss_after``.
+        ``probe_loss_change_alone`` (measured in the pass that chose it), ``probe_loss_before``,
+        ``probe_loss_after``, ``passes`` (1, or 2 when a second measurement was kept).
     """
-    base_loss = loss_probe()
-    options: list[list[tuple[int, float]]] = []
-    for name, bits_now in zip(names, current, strict=True):
-        layer_options = [(bits_now, 0.0)]
-        for bits in candidates.get(name, ()):
-            if bits == 0 and name in never_zero:
-                continue
-            undo = apply(name, bits)
-            layer_options.append((bits, loss_probe() - base_loss))
-            undo()
-        options.append(layer_options)
-    picks = None
-    for low in (target - tolerance, 0.0):
-        try:
-            picks = choose_options(options, list(params), low, target)
-            break
-        except MpqError:
-            continue
+    base_loss, options = _measure(names, current, candidates, apply, loss_probe, never_zero)
+    picks = _choose(options, params, target, tolerance)
     if picks is None:
         return []
-    changes = []
-    for name, pick, opts, bits_now in zip(names, picks, options, current, strict=True):
-        if pick == 0:
-            continue
-        apply(name, opts[pick][0])
-        changes.append(
-            {
-                "layer": name,
-                "bits_before": bits_now,
-                "bits_after": opts[pick][0],
-                "probe_loss_change_alone": opts[pick][1],
-            }
-        )
+    chosen = {}
+    for name, pick, opts in zip(names, picks, options, strict=True):
+        if pick:
+            apply(name, opts[pick][0])
+            chosen[name] = opts[pick]
     final_loss = loss_probe()
-    for change in changes:
-        change["probe_loss_before"], change["probe_loss_after"] = base_loss, final_loss
+    predicted = base_loss + sum(change for _, change in chosen.values())
+    passes = 1
+    if final_loss > predicted + INTERACTION_SHARE * max(predicted - base_loss, 0.0) + INTERACTION_SLACK:
+        now = [chosen[n][0] if n in chosen else bits for n, bits in zip(names, current, strict=True)]
+        second_base, second = _measure(names, now, candidates, apply, loss_probe, never_zero)
+        picks = _choose(second, params, target, tolerance)
+        undos, replaced = [], {}
+        for name, pick, opts in zip(names, picks or [], second, strict=True):
+            if pick:
+                undos.append(apply(name, opts[pick][0]))
+                replaced[name] = opts[pick]
+        second_loss = loss_probe() if replaced else second_base
+        if replaced and second_loss < final_loss:
+            chosen.update(replaced)
+            final_loss, passes = second_loss, 2
+        else:
+            for undo in reversed(undos):
+                undo()
+    changes = []
+    for name, bits_now in zip(names, current, strict=True):
+        if name in chosen:  # same bits too: re-rounded from what the layer learned
+            changes.append(
+                {
+                    "layer": name,
+                    "bits_before": bits_now,
+                    "bits_after": chosen[name][0],
+                    "probe_loss_change_alone": chosen[name][1],
+                    "probe_loss_before": base_loss,
+                    "probe_loss_after": final_loss,
+                    "passes": passes,
+                }
+            )
     return changes
 
 

@@ -101,3 +101,57 @@ def test_bmpq_assignment_on_an_eleven_million_weight_model_is_within_its_budget(
     budget = 3.0 * sum(params.values()) - 7  # a few bits under an even average, as a byte budget lands
     bits = assign_bits(sensitivity, params, [2, 4], budget)
     assert sum(bits[n] * params[n] for n in names) <= budget
+
+
+# -- layers that interact: the chosen scheme's measured loss is checked (issue 13) ---------------------------
+class _Scheme:
+    """Three equal layers at 8 bits; a probe whose loss changes add up except for one pair."""
+
+    def __init__(self, pair_penalty):
+        self.bits = {"a": 8, "b": 8, "c": 8}
+        self.pair_penalty = pair_penalty
+
+    def apply(self, name, bits):
+        before = self.bits[name]
+        self.bits[name] = bits
+
+        def undo():
+            self.bits[name] = before
+
+        return undo
+
+    def probe(self):
+        alone = {"a": 0.1, "b": 0.1, "c": 0.3}
+        loss = 1.0 + sum(alone[n] * (8 - b) for n, b in self.bits.items())
+        if self.bits["a"] < 8 and self.bits["b"] < 8:
+            loss += self.pair_penalty  # a and b cannot both lose bits: measured alone, nobody sees it
+        return loss
+
+
+def _step(scheme):
+    from mpq_cli.budget import budget_step
+
+    return budget_step(
+        ["a", "b", "c"],
+        [100, 100, 100],
+        [8, 8, 8],
+        {n: [7, 8] for n in "abc"},
+        scheme.apply,
+        scheme.probe,
+        target=22 / 3,
+        tolerance=0.05,
+    )
+
+
+def test_when_layers_interact_the_step_measures_again_and_keeps_the_better_scheme():
+    scheme = _Scheme(pair_penalty=1.0)
+    changes = _step(scheme)
+    assert sorted(b for b in scheme.bits.values()) == [7, 7, 8] and scheme.bits["c"] == 7  # not a and b together
+    assert abs(scheme.probe() - 1.4) < 1e-9 and changes[0]["passes"] == 2
+    assert all(c["probe_loss_after"] == scheme.probe() for c in changes)
+
+
+def test_additive_layers_keep_the_first_choice():
+    scheme = _Scheme(pair_penalty=0.0)
+    changes = _step(scheme)
+    assert scheme.bits == {"a": 7, "b": 7, "c": 8} and {c["passes"] for c in changes} == {1}
