@@ -82,7 +82,9 @@ def _default_input(name: str) -> tuple[int, int, int]:
     return (3, 224, 224)
 
 
-def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -> Context:
+def _setup(
+    model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig, reporter: Reporter | None = None
+) -> Context:
     channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
     info, train_b, val_b = load_data(
         data, channels=channels, default_input=_default_input(model_opts.name), seed=train_cfg.seed
@@ -92,7 +94,12 @@ def _setup(model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig) -
     seed_everything(train_cfg.seed)
     model = build_model(spec)
     if model_opts.checkpoint:
-        load_checkpoint(model, model_opts.checkpoint)
+        _, initialised = load_checkpoint(model, model_opts.checkpoint)
+        if initialised and reporter is not None:
+            reporter.log(
+                f"checkpoint {model_opts.checkpoint} is a backbone without the classifier: "
+                f"{', '.join(initialised)} initialised for {spec.num_classes} classes"
+            )
     ctx = _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
     check_forward(ctx.model, ctx.val, spec)
     return ctx
@@ -197,7 +204,7 @@ def train(
     """
     reporter = reporter or Reporter()
     train_cfg = training(train_cfg, FP_DEFAULTS)
-    ctx = _setup(model, data, train_cfg)
+    ctx = _setup(model, data, train_cfg, reporter)
     config = {
         "command": "train",
         "model": ctx.spec.to_dict(),
@@ -417,7 +424,7 @@ def search(
     method_cls = get_method(options.method)
     method_cfg = method_cls.config_class.from_dict(options.method_config)
     train_cfg = training(train_cfg, {"epochs": SEARCH_EPOCHS, **method_cls.training_defaults})
-    ctx = _setup(model, data, train_cfg)
+    ctx = _setup(model, data, train_cfg, reporter)
     fp_top1 = None
     if model.checkpoint:
         fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]

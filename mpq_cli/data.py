@@ -149,8 +149,11 @@ class TensorBatches:
         seed=0,
         limit=None,
         channels=None,
+        size=None,
     ):
         self.images, self.labels = images, labels
+        # (H, W) the model takes; images of another size are resized (bilinear) after augmentation
+        self.size = tuple(size) if size is not None and tuple(size) != tuple(images.shape[2:]) else None
         self.batch_size, self.shuffle = batch_size, shuffle
         self.crop_padding, self.flip = crop_padding, flip
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -189,6 +192,8 @@ class TensorBatches:
                 x = torch.where(flip, x.flip(-1), x)
             if x.shape[1] != self.channels:
                 x = x.expand(-1, self.channels, -1, -1)
+            if self.size is not None:
+                x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
@@ -266,9 +271,9 @@ def load_data(
     channels = channels or in_ch
     if channels not in (in_ch, 3) or (channels == 3 and in_ch not in (1, 3)):
         raise MpqError(f"model takes {channels} input channels but {cfg.name} has {in_ch}")
-    info = DatasetInfo(
-        cfg.name, classes, channels, tuple(xtr.shape[2:]), mean * (channels // in_ch), std * (channels // in_ch)
-    )
+    # --input-size resizes (e.g. CIFAR's 32 px to 96 for MobileNetV2, whose strides leave 1 px of 32)
+    size = tuple(cfg.input_size[1:]) if cfg.input_size else tuple(xtr.shape[2:])
+    info = DatasetInfo(cfg.name, classes, channels, size, mean * (channels // in_ch), std * (channels // in_ch))
     train = TensorBatches(
         xtr,
         ytr,
@@ -281,8 +286,9 @@ def load_data(
         seed=seed,
         limit=cfg.limit_train_batches,
         channels=channels,
+        size=size,
     )
-    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels)
+    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels, size=size)
     return info, train, val
 
 

@@ -206,7 +206,18 @@ def alq_run(tmp_path_factory, fp_run):
 def test_cli_search_reaches_a_sub_one_bit_target_and_reports_rounds(alq_run):
     out, summary = alq_run
     assert summary["budget_met"] and summary["avg_bits"] <= 0.7 and summary["rounds"] == 2
-    assert 0 <= summary["pruned_channels"] <= summary["output_channels"]
+    assert summary["output_channels"] == 20 + 50 + 500 + 10  # lenet5's output channels and neurons
+    from safetensors.torch import load_file
+
+    from mpq_cli.quant.basis import BasisForm
+
+    codes = load_file(str(out / "codes.safetensors"))
+    layers = json.loads((out / "scheme.json").read_text())["layers"]
+    pruned = 0
+    for entry in layers:  # output channels whose every weight the saved bases make zero
+        weight = BasisForm.from_tensors(codes, entry["name"]).weight(tuple(entry["shape"]))
+        pruned += int((weight.reshape(weight.shape[0], -1) == 0).all(1).sum())
+    assert summary["pruned_channels"] == pruned
     report = (out / "report.md").read_text()
     assert "## ALQ pruning rounds" in report and "## ALQ groups and pruned channels" in report
     scheme = json.loads((out / "scheme.json").read_text())

@@ -52,3 +52,31 @@ def test_canonicalize_codes(codes, shift, bits):
     reduced, got_shift, got_bits = canonicalize_codes(torch.tensor(codes))
     assert (got_shift, got_bits) == (shift, bits)
     assert torch.equal(reduced * 2**got_shift, torch.tensor(codes))
+
+
+# -- round_to_bits against a brute-force reference (issue 13) -------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+def test_round_to_bits_picks_the_least_squared_error_block(seed, bits):
+    from mpq_cli.quant.bits import round_to_bits
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = (torch.randn(200, generator=gen) * 40).round().clamp(-255, 255).to(torch.int64)
+    new, shift = round_to_bits(codes, bits, 8)
+    step, limit = 2**shift, 2**bits - 1
+    assert bool((new % step == 0).all()) and int(new.abs().max()) <= limit * step
+    top = max(int(codes.abs().max()).bit_length() - 1, bits - 1)
+    best = None
+    for s in range(0, max(min(top - bits + 1, 8 - bits), 0) + 1):  # every block at or below the top bit
+        cand = [max(-limit, min(limit, round(c / 2**s))) * 2**s for c in codes.tolist()]
+        err = sum((a - b) ** 2 for a, b in zip(cand, codes.tolist(), strict=True))
+        if best is None or err < best[0]:
+            best = (err, s, cand)
+    assert shift == best[1] and new.tolist() == best[2]
+
+
+def test_round_to_bits_zero_bits_is_all_zero():
+    from mpq_cli.quant.bits import round_to_bits
+
+    new, shift = round_to_bits(torch.tensor([3, -7, 1]), 0, 8)
+    assert new.tolist() == [0, 0, 0] and shift == 0

