@@ -180,3 +180,22 @@ def test_input_size_resizes_a_small_image_dataset(tmp_path):
     plain = next(iter(load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=4))[2]))[0]
     expected = torch.nn.functional.interpolate(plain, size=(96, 96), mode="bilinear", align_corners=False)
     assert torch.allclose(x, expected)
+
+
+@pytest.mark.realdata
+def test_the_shared_mobilenet_v2_backbone_loads_with_a_new_head():
+    from mpq_cli.models.loading import ModelSpec, build_model, load_checkpoint
+
+    path = SHARED_CIFAR.with_name("mobilenet_v2-imagenet-features.safetensors")
+    if not path.is_file():
+        if os.environ.get("MPQ_REQUIRE_REALDATA"):
+            pytest.fail(f"{path} missing")
+        pytest.skip("the shared MobileNetV2 backbone is not here")
+    model = build_model(ModelSpec("mobilenet_v2", None, 10, 3, (96, 96)))
+    _, initialised = load_checkpoint(model, path)
+    assert initialised == ["classifier.1.weight", "classifier.1.bias"]
+    from safetensors.torch import load_file
+
+    backbone = load_file(str(path))
+    assert torch.equal(model.state_dict()["features.0.0.weight"], backbone["features.0.0.weight"])
+    assert sum(v.numel() for v in backbone.values()) == 2_257_984  # every features.* tensor, as its README says

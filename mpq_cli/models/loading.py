@@ -271,7 +271,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> tuple[dict[str, str],
     """
     state, metadata = read_state_dict(path)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    # BatchNorm's step counter matters only without momentum; checkpoints often leave it out, and BatchNorm's
+    # own loader then sets it (to 0), as for the shared MobileNetV2 backbone
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     head = classifier_keys(model)
     if (
         missing
