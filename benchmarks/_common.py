@@ -12,14 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MPQ = [sys.executable, "-m", "mpq_cli"]
 
 
-def run(args: list[str], log: list[str], quiet: bool = True) -> dict:
-    """Run ``mpq ARGS --json [--quiet]`` from the repository root; record the command in ``log``."""
+def run(args: list[str], log: list[str], quiet: bool = True, check: bool = True) -> dict:
+    """Run ``mpq ARGS --json [--quiet]`` from the repository root; record the command in ``log``.
+
+    A failing command ends the benchmark, or with ``check=False`` returns ``{"error": its one-line message}``."""
     log.append("mpq " + " ".join(args))
     started = time.time()
     out = subprocess.run(
         [*MPQ, *args, "--json", *(["--quiet"] if quiet else [])], cwd=ROOT, capture_output=True, text=True
     )
     if out.returncode != 0:
+        if not check:
+            return {"error": (out.stderr.strip().splitlines() or ["?"])[-1].removeprefix("error: ")}
         sys.exit(f"failed: mpq {' '.join(args)}\n{out.stderr}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = round(time.time() - started, 1)

@@ -212,6 +212,8 @@ def test_help_documents_defaults():
     assert result.exit_code == 0
     for option in ("--target-bits", "--keep-fp", "--fix-bits", "--act-bits", "--resume", "--json"):
         assert option in result.output
+    for default in ("[default: csq]", "[default: lenet5]", "[default: 128]"):
+        assert default in result.output
 
 
 def test_the_python_api_trains_exactly_as_the_command_line(fp_run, tmp_path):

@@ -481,7 +481,9 @@ def test_finetune_of_an_fp_run_says_what_to_do(fp_run):
 def test_export_from_another_folder_finds_the_checkpoint_size(csq_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = run_json("export", csq_run[0], "-o", "x.safetensors")
-    assert report["fp32_checkpoint_bytes"] and report["compression_vs_checkpoint"] > 1
+    checkpoint = Path(json.loads((csq_run[0] / "config.json").read_text())["checkpoint"]) / "model.safetensors"
+    assert report["fp32_checkpoint_bytes"] == checkpoint.stat().st_size
+    assert report["compression_vs_checkpoint"] == pytest.approx(checkpoint.stat().st_size / report["file_bytes"])
 
 
 def test_files_follow_the_umask(csq_run, tmp_path):

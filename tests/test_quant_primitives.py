@@ -39,7 +39,9 @@ def test_fake_quantize_matches_codes_and_passes_gradient():
     q.sum().backward()
     inside = (w.detach().abs() <= 1.5).float()
     assert torch.equal(w.grad, inside)  # straight-through inside the clip range, zero outside
-    assert s.grad is not None and torch.isfinite(s.grad)
+    # d/ds of round(clamp(w/s) 7) s / 7 with the rounding straight through: round(n)/7 - w/s inside the clip
+    n = torch.clamp(w.detach() / 1.5, -1, 1) * 7
+    assert float(s.grad) == pytest.approx(float((torch.round(n) / 7 - inside * w.detach() / 1.5).sum()), abs=1e-5)
 
 
 def test_ste_round_gradient_is_identity():

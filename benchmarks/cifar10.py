@@ -1,0 +1,226 @@
+"""CIFAR-10 on real RGB images: resnet20 and an ImageNet-pretrained MobileNetV2, every method against uniform.
+
+Run from the repository root after `bash scripts/setup.sh`, in the background (hours on a 2-core CPU):
+
+    .venv/bin/python benchmarks/cifar10.py            # writes benchmarks/results/cifar10.md
+
+Data: the shared CIFAR-10 JPEGs (`--data-dir ../shared/data`, decoded once into a cache). Rows:
+
+- resnet20: an FP32 reference trained from scratch; from it, at 2 and 3 average bits (each
+  method's own count), CSQ, BSQ (budget mode), BMPQ with support {2,4} and {2,3,4} (from
+  scratch as its paper, and from the checkpoint), uniform QAT at the same stored bits (its
+  nominal bits are the methods' for CSQ/BSQ: both store a sign), and ALQ at 1 bit;
+- mobilenet_v2: the shared ImageNet backbone with a new head, fine-tuned at 96 px (CIFAR
+  upsampled: at 32 px its strides leave 1 px) as the FP32 reference; from it every method at
+  an average of 4 bits and uniform 4 bits, and ALQ at 2.
+
+Every row trains the same epochs (`--epochs`, MobileNetV2 rows `--mbv2-epochs` of
+`--mbv2-batches` batches: a full 96-px epoch takes ~20 min here). Each finished run is
+reused when the script is run again (its summary.json exists), so an interrupted
+benchmark continues; the results page is rewritten after every row. Every row's top-1 is
+measured from its exported file (`mpq eval FILE`), with nominal and stored bits, file
+bytes and wall seconds; `--seeds 0,1` repeats the searches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, run, write_results  # noqa: E402
+
+BACKBONE = "../shared/data/mobilenet_v2-imagenet-features.safetensors"
+
+
+def rows_for(args) -> list[dict]:
+    """Every run of the benchmark, in order: ``name``, ``command`` (mpq arguments), ``model``."""
+    r20 = ["--model", "resnet20", "--data", "cifar10", "--data-dir", args.data_dir, "--batch-size", "128"]
+    mb = [
+        "--model",
+        "mobilenet_v2",
+        "--data",
+        "cifar10",
+        "--data-dir",
+        args.data_dir,
+        "--input-size",
+        "3,96,96",
+        "--batch-size",
+        "64",
+        "--limit-train-batches",
+        str(args.mbv2_batches),
+    ]
+    out = Path(args.out)
+    rows = [
+        dict(
+            name="resnet20 FP32",
+            model="resnet20",
+            run=out / "r20-fp32",
+            fp=True,
+            command=["train", *r20, "--epochs", str(args.fp_epochs), "--seed", "0"],
+        )
+    ]
+    r20_fp = str(out / "r20-fp32")
+    for seed in args.seeds:
+        common = [*r20, "--epochs", str(args.epochs), "--seed", str(seed)]
+        for bits in (2, 3):
+            for method, extra, start in (
+                ("csq", [], True),
+                ("bsq", [], True),
+                ("uniform", [], True),
+                ("bmpq", ["--bits", "2,4"], False),
+                ("bmpq", ["--bits", "2,4"], True),
+                ("bmpq", ["--bits", "2,3,4"], False),
+                ("bmpq", ["--bits", "2,3,4"], True),
+            ):
+                if method == "bmpq" and bits not in (2, 3):
+                    continue
+                sign = "sign included" if method == "bmpq" else "+sign"
+                target = bits  # each method's own count (BMPQ's includes the sign: it stores fewer bits)
+                label = f"{method} {','.join(extra[1:]) or ''}".strip()
+                label += " from FP32" if (start and method == "bmpq") else (" from scratch" if method == "bmpq" else "")
+                rows.append(
+                    dict(
+                        name=f"resnet20 {label}, {bits} bits ({sign}), seed {seed}",
+                        model="resnet20",
+                        target=target,
+                        run=out
+                        / f"r20-{method}{''.join(extra[1:]).replace(',', '')}-{'ck' if start else 'sc'}-{bits}-s{seed}",
+                        command=[
+                            "search",
+                            "--method",
+                            method,
+                            "--target-bits",
+                            str(target),
+                            *extra,
+                            *common,
+                            *(["--checkpoint", r20_fp] if start else []),
+                        ],
+                    )
+                )
+        rows.append(
+            dict(
+                name=f"resnet20 alq 1 bit, seed {seed}",
+                model="resnet20",
+                target=1,
+                run=out / f"r20-alq-1-s{seed}",
+                command=["search", "--method", "alq", "--target-bits", "1", *common, "--checkpoint", r20_fp],
+            )
+        )
+    rows.append(
+        dict(
+            name="mobilenet_v2 FP32 (ImageNet backbone, fine-tuned)",
+            model="mobilenet_v2",
+            run=out / "mb-fp32",
+            fp=True,
+            command=["train", *mb, "--checkpoint", BACKBONE, "--epochs", str(args.mbv2_epochs), "--seed", "0"],
+        )
+    )
+    mb_fp = str(out / "mb-fp32")
+    for seed in args.seeds:
+        common = [*mb, "--epochs", str(args.mbv2_epochs), "--seed", str(seed), "--checkpoint", mb_fp]
+        for method, target in (("uniform", 4), ("csq", 4), ("bsq", 4), ("bmpq", 4), ("alq", 2)):
+            extra = ["--bits", "2,4,6"] if method == "bmpq" else []
+            rows.append(
+                dict(
+                    name=f"mobilenet_v2 {method} {target} bits, seed {seed}",
+                    model="mobilenet_v2",
+                    target=target,
+                    run=out / f"mb-{method}-{target}-s{seed}",
+                    command=["search", "--method", method, "--target-bits", str(target), *extra, *common],
+                )
+            )
+    smoke = ["--limit-train-batches", str(args.smoke), "--limit-val-batches", "2"] if args.smoke else []
+    for row in rows:
+        command = row["command"]
+        if smoke and "--limit-train-batches" in command:  # MobileNetV2's subset, shortened further
+            i = command.index("--limit-train-batches")
+            command = command[:i] + command[i + 2 :]
+        row["command"] = [*command, *smoke, "--out", str(row["run"])]
+    return rows
+
+
+def measure(row: dict, log: list[str]) -> dict:
+    """The run's summary (run now, or read back), its exported file's size and top-1 measured from the file."""
+    run_dir = ROOT / row["run"]
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        log.append("mpq " + " ".join(row["command"]) + "   # reused")
+    else:
+        summary = run(row["command"], log, check=False)
+        if "error" in summary:  # a budget the method cannot reach is reported, not skipped
+            return summary
+        summary["wall_seconds_measured"] = summary.pop("wall_seconds")
+    if row.get("fp"):
+        return {**summary, "file_bytes": (run_dir / "model.safetensors").stat().st_size, "file_top1": summary["top1"]}
+    packed = run_dir.with_suffix(".safetensors")
+    report = run(["export", str(row["run"]), "-o", str(packed.relative_to(ROOT))], log)
+    evaluated = run(["eval", str(packed.relative_to(ROOT))], log)
+    return {
+        **summary,
+        "file_bytes": report["file_bytes"],
+        "file_top1": evaluated["top1"],
+        "file_stored_bits": report["avg_stored_bits"],
+    }
+
+
+def page(rows: list[dict], results: dict[str, dict], log: list[str], args) -> list[str]:
+    lines = [
+        "# CIFAR-10: resnet20 and MobileNetV2, every method against uniform",
+        "",
+        f"Machine: {platform.machine()}, 2-core CPU, no GPU. Data: the shared CIFAR-10 JPEGs (re-encoded at "
+        "quality ~75: accuracies sit below published CIFAR-10 figures; compare rows, not papers). "
+        f"resnet20 rows: {args.epochs} epochs each (FP32 reference {args.fp_epochs}); MobileNetV2 rows: "
+        f"{args.mbv2_epochs} epochs of {args.mbv2_batches} batches of 64 at 96 px. Command: "
+        "`.venv/bin/python benchmarks/cifar10.py` (arguments above are its defaults).",
+        "",
+        "| run | avg bits (nominal, the method's count) | avg stored bits (file) | top-1 % (from the file) | "
+        "file bytes | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = results.get(row["name"])
+        if r is None:
+            lines.append(f"| {row['name']} | pending | | | | |")
+            continue
+        if "error" in r:
+            lines.append(f"| {row['name']} | refused: {r['error']} | | | | |")
+            continue
+        bits = "32" if row.get("fp") else f"{r['avg_bits']:.3f}"
+        stored = "32" if row.get("fp") else f"{r['file_stored_bits']:.3f}"
+        wall = r.get("wall_seconds_measured", r.get("seconds", ""))
+        lines.append(f"| {row['name']} | {bits} | {stored} | {r['file_top1']:.2f} | {r['file_bytes']:,} | {wall} |")
+    lines += ["", "Commands, in order:", "", "```", *log, "```"]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench-cifar10", help="folder for the run directories (reused)")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--fp-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--mbv2-epochs", type=int, default=2)
+    parser.add_argument("--mbv2-batches", type=int, default=100)
+    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0])
+    parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    parser.add_argument(
+        "--smoke", type=int, default=0, help="N > 0: N training batches per epoch (a check, not a result)"
+    )
+    parser.add_argument("--results", default="benchmarks/results/cifar10.md")
+    args = parser.parse_args()
+    rows = rows_for(args)
+    results: dict[str, dict] = {}
+    log: list[str] = []
+    for row in rows:
+        if args.only and args.only not in row["name"] and not row.get("fp"):
+            continue
+        results[row["name"]] = measure(row, log)
+        write_results(args.results, page(rows, results, log, args))
+
+
+if __name__ == "__main__":
+    main()
