@@ -143,7 +143,7 @@ def rows_for(args) -> list[dict]:
     return rows
 
 
-def measure(row: dict, log: list[str]) -> dict:
+def measure(row: dict, log: list[str], data_dir: str) -> dict:
     """The run's summary (run now, or read back), its exported file's size and top-1 measured from the file."""
     run_dir = ROOT / row["run"]
     if (run_dir / "summary.json").is_file():
@@ -158,7 +158,7 @@ def measure(row: dict, log: list[str]) -> dict:
         return {**summary, "file_bytes": (run_dir / "model.safetensors").stat().st_size, "file_top1": summary["top1"]}
     packed = run_dir.with_suffix(".safetensors")
     report = run(["export", str(row["run"]), "-o", str(packed.relative_to(ROOT))], log)
-    evaluated = run(["eval", str(packed.relative_to(ROOT))], log)
+    evaluated = run(["eval", str(packed.relative_to(ROOT)), "--data-dir", data_dir], log)
     return {
         **summary,
         "file_bytes": report["file_bytes"],
@@ -218,7 +218,7 @@ def main() -> None:
     for row in rows:
         if args.only and args.only not in row["name"] and not row.get("fp"):
             continue
-        results[row["name"]] = measure(row, log)
+        results[row["name"]] = measure(row, log, args.data_dir)
         write_results(args.results, page(rows, results, log, args))
 
 
