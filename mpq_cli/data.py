@@ -500,6 +500,7 @@ def _read_cifar_batches(name: str, folder: Path):
 
 
 MAX_CACHED_IMAGE_BYTES = 2 << 30  # an image folder decoded whole into memory, at most
+_CACHE_ORDER_SEED = 0  # the fixed order a decoded image set is stored in
 
 
 def _small_uniform_images(root: Path, splits: tuple[str, str]) -> tuple[int, int] | None:
@@ -596,7 +597,7 @@ def _cached_image_splits(source: Path, splits: tuple[str, str], classes: tuple[s
     archive = source.is_file()
     members = None if archive else _image_members(source, splits)
     stat = source.stat()
-    key = [str(source.resolve()), list(splits), list(classes or [])]
+    key = [str(source.resolve()), list(splits), list(classes or []), f"order-{_CACHE_ORDER_SEED}"]
     if archive:
         key += [stat.st_size, stat.st_mtime_ns]
     else:
@@ -626,8 +627,10 @@ def _cached_image_splits(source: Path, splits: tuple[str, str], classes: tuple[s
     tensors = {}
     for split in splits:
         images = _decode_all(source, [m for _, m in members[split]])
-        tensors[f"{split}.images"] = images
-        tensors[f"{split}.labels"] = torch.tensor([index[c] for c, _ in members[split]], dtype=torch.int64)
+        labels = torch.tensor([index[c] for c, _ in members[split]], dtype=torch.int64)
+        # files come sorted by class; a fixed shuffle makes every prefix (--limit-val-batches) a fair sample
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_CACHE_ORDER_SEED))
+        tensors[f"{split}.images"], tensors[f"{split}.labels"] = images[order].contiguous(), labels[order]
     try:
         save_safetensors(cache, tensors, {"mpq.classes": ",".join(classes), "mpq.source": str(source)})
     except OSError:  # no writable cache folder: decode again next time
