@@ -330,8 +330,8 @@ def _save_quantized_run(
     final: dict,
     result: FinalizeResult,
     records: list[dict],
+    codes: dict,
 ) -> dict:
-    codes = method.layer_codes()  # one computation feeds the scheme and codes.safetensors
     scheme = build_scheme(method, model, codes)
     save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
     write_json(run_dir / "method.json", method.state_dict())
@@ -510,7 +510,8 @@ def _probe(ctx: Context, batches: int):
 
 def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
     result = method.finalize()
-    _refuse_collapsed_layers(method)
+    codes = method.layer_codes()  # one computation feeds the collapse check, the scheme and codes.safetensors
+    _refuse_collapsed_layers(method, codes)
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
     base = {
@@ -523,15 +524,15 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         "fp_top1": fp_top1,
         "seconds": round(time.time() - started, 1),
     }
-    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records)
+    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
 
 
-def _refuse_collapsed_layers(method: Method) -> None:
+def _refuse_collapsed_layers(method: Method, codes: dict | None = None) -> None:
     """A layer whose every code is zero outputs its bias alone: a collapse, unless 0 bits were asked for
     (``--fix-bits NAME=0``, or ``--allow-zero-bits true`` for the methods that may choose it)."""
-    allowed = getattr(method.config, "allow_zero_bits", False)
+    allowed = method.config.allow_zero_bits
     collapsed = []
-    for name, lc in method.layer_codes().items():
+    for name, lc in (codes if codes is not None else method.layer_codes()).items():
         if method.selection.fixed_bits(name) == 0 or allowed:
             continue
         empty = int(lc.basis.group_bits.sum()) == 0 if lc.basis is not None else not bool(lc.codes.any())
