@@ -10,8 +10,8 @@ def _pact(bits, alpha, signed=False):
     q = PACT(bits)
     with torch.no_grad():
         q.alpha.fill_(alpha)
-    q.signed.fill_(signed)
-    q.initialised.fill_(True)
+    q.set_host("signed", signed)
+    q.set_host("initialised", True)
     return q
 
 

@@ -34,6 +34,7 @@ from ..errors import MpqError
 from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
 from ..quant.act import PACT
 from ..quant.basis import BasisForm
+from ..quant.host import HostMirrored
 from ..quant.primitives import dequantize
 
 METHODS: dict[str, type[Method]] = {}
@@ -180,7 +181,7 @@ def _coerce(value, kinds: list[type]):
     return None
 
 
-class WeightQuantizer(nn.Module, ABC):
+class WeightQuantizer(HostMirrored, ABC):
     """Produces one layer's weight; exact in evaluation mode: ``codes * step``, or for a
     quantizer whose exact form is binary bases (ALQ) ``exact_basis().weight(shape)``."""
 

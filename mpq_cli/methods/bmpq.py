@@ -192,8 +192,7 @@ class BMPQWeight(WeightQuantizer):
         self.weight = nn.Parameter(weight.detach().clone())
         self.q_max = q_max
         self.ternary = ternary
-        self.bits = bits
-        self.register_buffer("width", torch.tensor(bits, device=weight.device))  # persists self.bits
+        self.register_host_buffer("width", int(bits), device=weight.device)
         # sums of the per-step NBG and the number of steps, since the last epoch boundary
         self.register_buffer("nbg_sum", torch.zeros((), dtype=torch.float64, device=weight.device))
         self.register_buffer("nbg_steps", torch.zeros((), dtype=torch.int64, device=weight.device))
@@ -202,13 +201,12 @@ class BMPQWeight(WeightQuantizer):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ternary={self.ternary and self.bits == 2}"
 
-    def set_bits(self, bits: int) -> None:
-        self.bits = int(bits)
-        self.width.fill_(self.bits)
+    @property
+    def bits(self) -> int:
+        return self.host("width")
 
-    def sync_from_buffers(self) -> None:
-        """After loading a state dict: the Python-side width follows the stored one."""
-        self.bits = int(self.width)
+    def set_bits(self, bits: int) -> None:
+        self.set_host("width", int(bits))
 
     def codes_and_step(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bits == 2 and self.ternary:
@@ -530,7 +528,6 @@ class BMPQ(Method):
         self.assigned_at_end = bool(state.get("assigned_at_end", False))
         for layer in self.layers.values():
             q = layer.weight_quantizer
-            q.sync_from_buffers()
             q.recording = self.phase is Phase.SEARCH
             if isinstance(layer.act_quantizer, PACT) and self.config.act_bits is None:
                 layer.act_quantizer.bits = q.bits

@@ -138,9 +138,9 @@ class BSQWeight(WeightQuantizer):
         self.scale = nn.Parameter(torch.ones((), device=device))  # s
         self.latent = nn.Parameter(weight.detach().clone(), requires_grad=False)  # fine-tuning's FP weight
         self.register_buffer("bit_values", bit_values(capacity, device))  # 2^b
-        self.register_buffer("precision", torch.tensor(bits, device=device))  # n
-        self.register_buffer("fixed", torch.tensor(fixed, device=device))
-        self.register_buffer("finetuning", torch.tensor(False, device=device))
+        self.register_host_buffer("precision", int(bits), device=device)  # n
+        self.register_host_buffer("fixed", bool(fixed), device=device)
+        self.register_host_buffer("finetuning", False, device=device)
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
         self.load_codes(quantize_codes(weight.detach(), max_abs, bits), max_abs / max(max_code(bits), 1), bits)
 
@@ -149,7 +149,7 @@ class BSQWeight(WeightQuantizer):
 
     @property
     def bits(self) -> int:
-        return int(self.precision)
+        return self.host("precision")
 
     def active(self) -> torch.Tensor:
         """``(capacity,)`` 1 for the planes below the precision, else 0."""
@@ -163,12 +163,12 @@ class BSQWeight(WeightQuantizer):
         return self.scale / max(max_code(self.bits), 1)
 
     def train_weight(self) -> torch.Tensor:
-        if bool(self.finetuning):
+        if self.host("finetuning"):
             return fake_quantize(self.latent, self.scale.abs() + 1e-12, self.bits)
         return ste_round(self.plane_sum()) * self.step()
 
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if bool(self.finetuning):
+        if self.host("finetuning"):
             scale = self.scale.detach().abs() + 1e-12
             codes = quantize_codes(self.latent.detach(), scale, self.bits)
             return codes, (scale / max(max_code(self.bits), 1)).to(torch.float32)
@@ -186,12 +186,12 @@ class BSQWeight(WeightQuantizer):
         pos, neg = to_bit_planes(codes, self.capacity)
         self.planes_pos.copy_(pos.float())
         self.planes_neg.copy_(neg.float())
-        self.precision.fill_(bits)
+        self.set_host("precision", bits)
         self.scale.copy_(step.reshape(()) * max(max_code(bits), 1))
 
     @torch.no_grad()
     def clamp_planes(self) -> None:
-        high = 1.0 if bool(self.fixed) else 2.0
+        high = 1.0 if self.host("fixed") else 2.0
         self.planes_pos.clamp_(0.0, high).mul_(self.active())
         self.planes_neg.clamp_(0.0, high).mul_(self.active())
 
@@ -200,7 +200,7 @@ class BSQWeight(WeightQuantizer):
         """Sec. 3.3: exact codes, drop all-zero MSBs and LSBs, re-split; the function is unchanged."""
         codes, step = self.exact_codes()
         bits_before = self.bits
-        if bool(self.fixed):  # planes in [0, 1]: the codes fit the fixed precision
+        if self.host("fixed"):  # planes in [0, 1]: the codes fit the fixed precision
             self.load_codes(codes, step, bits_before)
             return {"bits_before": bits_before, "bits_after": bits_before, "rounded": False}
         reduced, shift, bits = canonicalize_codes(codes)
@@ -214,7 +214,7 @@ class BSQWeight(WeightQuantizer):
     @torch.no_grad()
     def bits_after_requantization(self) -> int:
         """The precision :meth:`requantize` would give now, computed on the layer's device."""
-        if bool(self.fixed):
+        if self.host("fixed"):
             return self.bits
         codes = self.exact_codes()[0].to(torch.int64)
         nonzero = codes != 0
@@ -229,7 +229,7 @@ class BSQWeight(WeightQuantizer):
         """Latent weight = the exact weight; from here on it trains (the planes do not)."""
         codes, step = self.exact_codes()
         self.latent.copy_(codes.float() * step)
-        self.finetuning.fill_(True)
+        self.set_host("finetuning", True)
         self.latent.requires_grad_(True)
         self.planes_pos.requires_grad_(False)
         self.planes_neg.requires_grad_(False)
@@ -319,13 +319,13 @@ class BSQ(Method):
         terms = [
             q.group_lasso() * (self.layers[n].params * q.bits / total)
             for n, q in self.quantizers().items()
-            if not bool(q.fixed) and q.bits > 0
+            if not q.host("fixed") and q.bits > 0
         ]
         return self.alpha * torch.stack(terms).sum() if terms else None
 
     def on_step_end(self) -> None:
         self._step += 1
-        if self.phase is Phase.FINETUNE and all(bool(q.finetuning) for q in self.quantizers().values()):
+        if self.phase is Phase.FINETUNE and all(q.host("finetuning") for q in self.quantizers().values()):
             return
         for q in self.quantizers().values():
             q.clamp_planes()
@@ -386,7 +386,7 @@ class BSQ(Method):
         self.avg_bits_before_projection = self.average_bits()
         self.budget_changes = self._meet_budget()
         for q in self.quantizers().values():
-            q.fixed.fill_(True)
+            q.set_host("fixed", True)
         self.phase = Phase.FINETUNE
         self._reset_optimizer = True
 
@@ -415,7 +415,7 @@ class BSQ(Method):
                 if b == 0 or canonicalize_codes(relaxed_codes(q, b)[0])[2] == b
             ]
             for n, q in quantizers.items()
-            if not bool(q.fixed)
+            if not q.host("fixed")
         }
         return self._budget_step({n: q.bits for n, q in quantizers.items()}, candidates, apply)
 
@@ -428,7 +428,7 @@ class BSQ(Method):
             if self.budget_mode:
                 self.avg_bits_before_projection = self.average_bits()
                 self.budget_changes = self._meet_budget()
-        elif self.phase is Phase.FINETUNE and not any(bool(q.finetuning) for q in self.quantizers().values()):
+        elif self.phase is Phase.FINETUNE and not any(q.host("finetuning") for q in self.quantizers().values()):
             self.requantize_all()  # planes trained under a fixed scheme: binarise them
         self.phase = Phase.FINAL
         after = self.average_bits()
@@ -474,7 +474,7 @@ class BSQ(Method):
         self.budget_changes = state.get("budget_changes", [])
         self.avg_bits_before_projection = state.get("avg_bits_before_projection")
         for q in self.quantizers().values():
-            finetuning = bool(q.finetuning)
+            finetuning = q.host("finetuning")
             q.latent.requires_grad_(finetuning)
             q.planes_pos.requires_grad_(not finetuning)
             q.planes_neg.requires_grad_(not finetuning)

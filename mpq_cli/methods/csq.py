@@ -160,7 +160,7 @@ class CSQWeight(WeightQuantizer):
         self.scale = nn.Parameter(torch.ones((), device=device))  # s
         self.register_buffer("bit_values", bit_values(n, device))  # 2^b
         self.register_buffer("fixed_mask", torch.ones(n, device=device))  # q_B once the scheme is fixed
-        self.register_buffer("mask_is_fixed", torch.tensor(False, device=device))
+        self.register_host_buffer("mask_is_fixed", False, device=device)
         self.temperature = cfg.beta_start  # beta, set by the method every step
         self.precondition = False  # divide the bit logits' gradients by kappa_b^2; set by the method
         max_abs = weight.detach().abs().max().clamp(min=1e-8)
@@ -182,12 +182,12 @@ class CSQWeight(WeightQuantizer):
         return 2**self.n_bits - 1
 
     def soft_mask(self) -> torch.Tensor:
-        if bool(self.mask_is_fixed):
+        if self.host("mask_is_fixed"):
             return self.fixed_mask
         return torch.sigmoid(self.temperature * self.mask_logits)
 
     def hard_mask(self) -> torch.Tensor:
-        if bool(self.mask_is_fixed):
+        if self.host("mask_is_fixed"):
             return self.fixed_mask
         return (self.mask_logits >= 0).to(self.fixed_mask.dtype)
 
@@ -200,7 +200,7 @@ class CSQWeight(WeightQuantizer):
         """
         beta = self.temperature
         gain = math.tanh(beta * self.init_bit_logit / 2)
-        if not bool(self.mask_is_fixed):
+        if not self.host("mask_is_fixed"):
             gain /= 1 + math.exp(-beta * self.init_mask_logit)
         return gain
 
@@ -287,7 +287,7 @@ class CSQWeight(WeightQuantizer):
         self.bit_logits_pos.copy_(logits_pos)
         self.bit_logits_neg.copy_(logits_neg)
         self.fixed_mask.copy_(mask.float())
-        self.mask_is_fixed.fill_(fixed)
+        self.set_host("mask_is_fixed", fixed)
         sign = torch.where(mask.bool(), 1.0, -1.0).to(self.mask_logits.device)
         self.mask_logits.copy_(sign * abs(self.init_mask_logit))
         self.mask_logits.requires_grad_(not fixed)
@@ -335,7 +335,7 @@ class CSQ(Method):
         return CSQWeight(layer.weight, self.config, fixed_bits)
 
     def searchable(self) -> dict[str, CSQWeight]:
-        return {n: q for n, q in self.quantizers().items() if not bool(q.mask_is_fixed)}
+        return {n: q for n, q in self.quantizers().items() if not q.host("mask_is_fixed")}
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         no_decay = {id(q.mask_logits) for q in self.quantizers().values()}
@@ -359,7 +359,7 @@ class CSQ(Method):
         mode = self.config.precondition
         for q in self.quantizers().values():
             q.temperature = beta
-            q.precondition = mode == "always" or (mode == "fixed" and bool(q.mask_is_fixed))
+            q.precondition = mode == "always" or (mode == "fixed" and q.host("mask_is_fixed"))
 
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
         self._total_steps = epochs * steps_per_epoch
@@ -523,5 +523,5 @@ class CSQ(Method):
         self.avg_bits_before_projection = state.get("avg_bits_before_projection")
         self.made_contiguous = list(state.get("made_contiguous", []))
         for q in self.quantizers().values():
-            q.mask_logits.requires_grad_(not bool(q.mask_is_fixed))
+            q.mask_logits.requires_grad_(not q.host("mask_is_fixed"))
         self._apply_beta()

@@ -436,8 +436,8 @@ def _attach_input_quantizer(layer: nn.Module, act_entry: dict) -> None:
         act = BasisActivation(act_entry["bits"])
     else:
         act = PACT(act_entry["bits"])
-        act.signed.fill_(act_entry["signed"])
-    act.initialised.fill_(True)
+        act.set_host("signed", bool(act_entry["signed"]))
+    act.set_host("initialised", True)
     layer.input_quant = act
     layer.register_forward_pre_hook(lambda module, args: (module.input_quant(args[0]), *args[1:]))
 

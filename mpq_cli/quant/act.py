@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .host import HostMirrored
 from .primitives import max_code
 
 
-class PACT(nn.Module):
+class PACT(HostMirrored):
     """Quantize a layer's input to ``bits`` bits inside a learnable clip ``[0, alpha]``.
 
     Inputs that can be negative (the normalised image, a linear bottleneck) are
@@ -29,23 +30,24 @@ class PACT(nn.Module):
         self.alpha = nn.Parameter(
             torch.tensor(clip if clip is not None else 1.0), requires_grad=clip is None
         )  # clip value, PACT's alpha
-        self.register_buffer("signed", torch.tensor(False))
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_host_buffer("signed", False)
+        self.register_host_buffer("initialised", False)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialised):
+        if not self.host("initialised"):
             with torch.no_grad():
-                self.signed.fill_(bool(x.min() < 0))
+                self.set_host("signed", bool(x.min() < 0))  # once, on the first batch
                 if not self.fixed_clip:
-                    self.alpha.fill_(float(x.detach().abs().max().clamp(min=1e-3)))
-                self.initialised.fill_(True)
+                    self.alpha.copy_(x.detach().abs().max().clamp(min=1e-3))
+                self.set_host("initialised", True)
+        signed = self.host("signed")
         alpha = self.alpha.abs() + 1e-8
-        lower = -alpha if bool(self.signed) else torch.zeros_like(alpha)
+        lower = -alpha if signed else torch.zeros_like(alpha)
         clipped = torch.minimum(torch.maximum(x, lower), alpha)
-        levels = max_code(self.bits) if not bool(self.signed) else max_code(self.bits - 1) or 1
+        levels = max_code(self.bits) if not signed else max_code(self.bits - 1) or 1
         step = alpha / levels
         quantized = torch.round(clipped / step) * step
         # PACT's straight-through estimate (Eq. 3): the rounding passes the gradient unchanged, so
@@ -54,7 +56,7 @@ class PACT(nn.Module):
         return clipped + (quantized - clipped).detach()
 
 
-class BasisActivation(nn.Module):
+class BasisActivation(HostMirrored):
     """ALQ's activation quantizer (Qu et al. 2020, Sec. 4): ``x ~ x_ref + D gamma``.
 
     ``D`` is in ``{-1, +1}^(N x bits)`` and ``gamma > 0``, so an input takes the nearest
@@ -75,7 +77,7 @@ class BasisActivation(nn.Module):
         self.bits, self.momentum, self.sample = bits, momentum, sample
         self.register_buffer("gamma", torch.zeros(bits))
         self.register_buffer("x_ref", torch.zeros(()))
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_host_buffer("initialised", False)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -101,12 +103,12 @@ class BasisActivation(nn.Module):
         flat = x.detach().float().reshape(-1)
         if flat.numel() > self.sample:  # a strided sample keeps the fit cheap on large maps
             flat = flat[:: flat.numel() // self.sample][: self.sample]
-        if not bool(self.initialised):
+        if not self.host("initialised"):
             mean = flat.mean()
             _, coords, _ = sketch((flat - mean).unsqueeze(0), self.bits, sigma=0.0)
             self.gamma.copy_(coords[0])
             self.x_ref.copy_(mean)
-            self.initialised.fill_(True)
+            self.set_host("initialised", True)
             return
         levels_pm = self.patterns()  # rows b; value x_ref + b^T gamma
         values = self.x_ref + levels_pm @ self.gamma
@@ -115,13 +117,13 @@ class BasisActivation(nn.Module):
         nearest = order[torch.searchsorted((ordered[1:] + ordered[:-1]) / 2, flat.contiguous())]
         design = torch.cat([levels_pm[nearest], torch.ones_like(flat).unsqueeze(1)], 1)  # (N, bits + 1)
         gram = design.T @ design + 1e-6 * torch.eye(self.bits + 1, device=flat.device)
-        solution = torch.linalg.solve(gram, design.T @ flat)
+        solution = torch.linalg.solve_ex(gram, design.T @ flat)[0]  # positive definite; _ex does not sync
         gamma, x_ref = solution[:-1].abs(), solution[-1]  # a negative gamma is its basis flipped
         self.gamma.mul_(self.momentum).add_(gamma, alpha=1 - self.momentum)
         self.x_ref.mul_(self.momentum).add_(x_ref, alpha=1 - self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not bool(self.initialised):
+        if self.training or not self.host("initialised"):
             self._fit(x)
         quantized = self.quantize(x)
         if not self.training:

@@ -44,7 +44,8 @@ def weighted_fit(
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     gram = gram + ridge * eye + torch.diag_embed((~active).to(gram.dtype))  # inactive: identity, rhs 0
     rhs = torch.einsum("gpe,ge->gp", weighted, target)
-    return torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1) * active
+    # positive definite by the ridge; solve_ex skips the error check, a host sync on a GPU
+    return torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))[0].squeeze(-1) * active
 
 
 def flip_negative(signs: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
