@@ -286,6 +286,30 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
     return probe
 
 
+def train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, hooks: TrainingHooks, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step with the method's hooks; returns the detached ``(loss, logits)``.
+
+    Nothing here reads a tensor into Python (tests/test_host_sync.py): on a GPU that would
+    wait for the device every step."""
+    with _autocast(x.device, cfg.amp):
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+    reg = hooks.regularizer()
+    total = loss if reg is None else loss + reg
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.clip_grad:  # on the loss's own gradients, before a method rescales any (CSQ)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    hooks.before_optimizer_step()
+    optimizer.step()
+    hooks.on_step_end()
+    if hooks.wants_optimizer_reset():
+        optimizer.state.clear()
+    return loss.detach(), out.detach()
+
+
 def fit(
     model: nn.Module,
     train,
@@ -354,24 +378,11 @@ def fit(
                 lr = lr_at(cfg, epoch + i / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # a method may slow a group down
-                with _autocast(device, cfg.amp):
-                    out = model(x)
-                    loss = F.cross_entropy(out.float(), y)
-                reg = hooks.regularizer()
-                total = loss if reg is None else loss + reg
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.clip_grad:  # on the loss's own gradients, before a method rescales any (CSQ)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                hooks.before_optimizer_step()
-                optimizer.step()
-                hooks.on_step_end()
-                if hooks.wants_optimizer_reset():
-                    optimizer.state.clear()
+                loss, out = train_step(model, x, y, optimizer, hooks, cfg)
                 if reference_loss is None and first_loss is None:
-                    first_loss = loss.detach()  # the starting model's loss (read at the next logging step)
-                loss_sum += loss.detach() * len(y)
-                correct += (out.detach().argmax(1) == y).sum()
+                    first_loss = loss  # the starting model's loss (read at the next logging step)
+                loss_sum += loss * len(y)
+                correct += (out.argmax(1) == y).sum()
                 seen += len(y)
                 if i % LOG_EVERY == LOG_EVERY - 1 or i == steps - 1:
                     total_loss = float(loss_sum)
