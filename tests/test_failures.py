@@ -156,13 +156,15 @@ def test_resume_continues_and_the_report_counts_every_epoch(fp_run, tmp_path):
         "--out",
         run,
     ]
-    first = run_json(*args, "--epochs", "2")
+    run_json(*args, "--epochs", "2")
+    trained = torch.load(run / "checkpoint.pt", weights_only=True)["elapsed"]  # the first process's epochs
     # the same configuration, continued: the checkpoint of epoch 2 of 2 finishes at once
     result = invoke(*args, "--epochs", "2", "--resume")
     assert result.exit_code == 0, result.output
     assert "continuing" in result.stderr and "from epoch 3" in result.stderr
     again = json.loads((run / "summary.json").read_text())
-    assert again["seconds"] >= first["seconds"] - 0.1  # the first process's seconds are counted
+    # the first process's training seconds are counted (its finalisation, timed again here, may differ under load)
+    assert again["seconds"] >= trained > 0
     assert "Trained 2 epoch(s)" in (run / "report.md").read_text()
 
 
