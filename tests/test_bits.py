@@ -3,7 +3,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpq_cli.quant.bits import bit_values, canonicalize_codes, from_bit_planes, to_bit_planes
+from mpq_cli.quant.bits import (
+    bit_values,
+    canonicalize_codes,
+    from_bit_planes,
+    gated_plane_sum,
+    linear_plane_sum,
+    to_bit_planes,
+)
 
 
 def test_bit_planes_worked_example():
@@ -80,3 +87,56 @@ def test_round_to_bits_zero_bits_is_all_zero():
 
     new, shift = round_to_bits(torch.tensor([3, -7, 1]), 0, 8)
     assert new.tolist() == [0, 0, 0] and shift == 0
+
+
+# -- the fused plane sums (issue 15): same values and gradients as the plain expressions --------------------------
+@pytest.mark.parametrize("shape", [(3,), (4, 3, 2, 2)])
+@pytest.mark.parametrize("beta", [1.0, 37.5])
+def test_gated_plane_sum_matches_autograd_of_the_plain_expression(shape, beta):
+    gen = torch.Generator().manual_seed(0)
+    n = 5
+    pos = torch.randn(*shape, n, generator=gen, dtype=torch.float64).mul_(0.2).requires_grad_()
+    neg = torch.randn(*shape, n, generator=gen, dtype=torch.float64).mul_(0.2).requires_grad_()
+    mask_logits = torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def plain():
+        weights = bit_values(n, dtype=torch.float64) * torch.sigmoid(mask_logits)
+        return torch.matmul(torch.sigmoid(beta * pos) - torch.sigmoid(beta * neg), weights)
+
+    def fused():
+        weights = bit_values(n, dtype=torch.float64) * torch.sigmoid(mask_logits)
+        return gated_plane_sum(pos, neg, weights, beta)
+
+    results = []
+    for f in (plain, fused):
+        out = f()
+        grads = torch.autograd.grad((out * upstream).sum(), (pos, neg, mask_logits))
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    weights = mask_logits.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, q, w: gated_plane_sum(p, q, w, beta), (pos, neg, weights))
+    # the graph keeps the logits and the plane weights only, no (*shape, n) intermediate
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        gated_plane_sum(pos, neg, weights, beta)
+    assert sum(saved) == 2 * pos.numel() + n
+
+
+def test_linear_plane_sum_matches_the_plain_expression_and_rejects_learned_weights():
+    gen = torch.Generator().manual_seed(1)
+    pos = torch.rand(6, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    neg = torch.rand(6, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    upstream = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    plain = torch.autograd.grad((torch.matmul(pos - neg, weights) * upstream).sum(), (pos, neg))
+    out = linear_plane_sum(pos, neg, weights)
+    torch.testing.assert_close(out, torch.matmul(pos - neg, weights))
+    fused = torch.autograd.grad((out * upstream).sum(), (pos, neg))
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(b, a)
+    with pytest.raises(ValueError):
+        linear_plane_sum(pos, neg, weights.clone().requires_grad_())

@@ -50,3 +50,38 @@ def test_ste_round_gradient_is_identity():
     assert y.tolist() == [0.0, 2.0, -2.0]
     y.sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def _saved_elements(fn) -> int:
+    """Elements autograd keeps for the backward pass while ``fn()`` builds its graph."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_fake_quantize_matches_the_plain_graph_and_keeps_only_its_inputs():
+    # the straight-through expression it replaces, boundary values (|w| = s) included
+    torch.manual_seed(1)
+    w = torch.cat([torch.randn(200, dtype=torch.float64), torch.tensor([1.25, -1.25, 0.0], dtype=torch.float64)])
+    w.requires_grad_()
+    s = torch.tensor(1.25, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(w.shape, dtype=torch.float64)
+    levels = max_code(3)
+
+    def plain():
+        return ste_round(torch.clamp(w / s, -1.0, 1.0) * levels) * (s / levels)
+
+    expected = torch.autograd.grad((plain() * upstream).sum(), (w, s))
+    got = torch.autograd.grad((fake_quantize(w, s, 3) * upstream).sum(), (w, s))
+    torch.testing.assert_close(fake_quantize(w, s, 3), plain(), rtol=0, atol=1e-15)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    # what the graph keeps: the weight and the scale, not the ~5 weight-sized temporaries of plain()
+    assert _saved_elements(lambda: fake_quantize(w, s, 3)) == w.numel() + 1
+    assert _saved_elements(plain) >= 3 * w.numel()

@@ -53,7 +53,7 @@ from torch import nn
 from ..budget import AVERAGE_SLACK, in_window, trial
 from ..errors import MpqError
 from ..quant.act import PACT
-from ..quant.bits import bit_values, canonicalize_codes, round_to_bits, to_bit_planes
+from ..quant.bits import bit_values, canonicalize_codes, linear_plane_sum, round_to_bits, to_bit_planes
 from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -157,7 +157,7 @@ class BSQWeight(WeightQuantizer):
 
     def plane_sum(self) -> torch.Tensor:
         """``sum_b (W_p^(b) - W_n^(b)) 2^b`` over the active planes (before rounding)."""
-        return torch.matmul(self.planes_pos - self.planes_neg, self.bit_values * self.active())
+        return linear_plane_sum(self.planes_pos, self.planes_neg, self.bit_values * self.active())
 
     def step(self) -> torch.Tensor:
         return self.scale / max(max_code(self.bits), 1)

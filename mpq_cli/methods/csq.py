@@ -56,7 +56,7 @@ from torch import nn
 from ..budget import AVERAGE_SLACK, in_window, trial
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
-from ..quant.bits import bit_values, round_to_bits, to_bit_planes
+from ..quant.bits import bit_values, gated_plane_sum, round_to_bits, to_bit_planes
 from ..quant.primitives import quantize_codes
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -227,10 +227,9 @@ class CSQWeight(WeightQuantizer):
                 logits.grad.mul_(inverse)
 
     def train_weight(self) -> torch.Tensor:
-        beta = self.temperature
-        digits = torch.sigmoid(beta * self.bit_logits_pos) - torch.sigmoid(beta * self.bit_logits_neg)
         step = self.scale / (self.levels * self.gate_gain())
-        return torch.matmul(digits, self.bit_values * self.soft_mask()) * step
+        plane_weights = self.bit_values * self.soft_mask() * step  # (n,): what each relaxed digit is worth
+        return gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
 
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         digits = (self.bit_logits_pos >= 0).to(torch.int32) - (self.bit_logits_neg >= 0).to(torch.int32)

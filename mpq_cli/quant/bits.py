@@ -98,3 +98,68 @@ def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.
     errors = (candidates - codes.double()).pow(2).flatten(1).sum(1)
     best = int(errors.argmin())
     return candidates[best].to(codes.dtype), int(shifts[best])
+
+
+class _GatedPlanes(torch.autograd.Function):
+    """``sum_b (sigmoid(beta p_b) - sigmoid(beta n_b)) * w_b``, saving nothing but its inputs.
+
+    Autograd's own graph of this expression keeps both sigmoid outputs and their
+    difference, three tensors of shape ``(*S, n_bits)`` per layer, until the backward
+    pass; here the backward recomputes the sigmoids from the logits (parameters, kept
+    anyway), so a step holds no per-bit activation.
+    """
+
+    @staticmethod
+    def forward(ctx, pos, neg, plane_weights, beta):
+        ctx.save_for_backward(pos, neg, plane_weights)
+        ctx.beta = beta
+        digits = torch.sigmoid(pos * beta).sub_(torch.sigmoid(neg * beta))
+        return torch.matmul(digits, plane_weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, neg, plane_weights = ctx.saved_tensors
+        beta = ctx.beta
+        gate_pos = torch.sigmoid(pos * beta)
+        gate_neg = torch.sigmoid(neg * beta)
+        grad_weights = None
+        if ctx.needs_input_grad[2]:
+            digits = (gate_pos - gate_neg).reshape(-1, pos.shape[-1])
+            grad_weights = torch.matmul(grad.reshape(-1), digits)
+        # d/dp_b = grad * w_b * beta * s(1 - s): one outer product, then sigmoid's own backward kernel
+        outer = grad.unsqueeze(-1) * (plane_weights * beta)
+        grad_pos = torch.ops.aten.sigmoid_backward(outer, gate_pos) if ctx.needs_input_grad[0] else None
+        grad_neg = torch.ops.aten.sigmoid_backward(outer, gate_neg).neg_() if ctx.needs_input_grad[1] else None
+        return grad_pos, grad_neg, grad_weights, None
+
+
+class _LinearPlanes(torch.autograd.Function):
+    """``sum_b (p_b - n_b) * w_b`` with ``w`` constant, without keeping ``p - n`` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, pos, neg, plane_weights):
+        ctx.save_for_backward(plane_weights)
+        return torch.matmul(pos - neg, plane_weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (plane_weights,) = ctx.saved_tensors
+        grad_pos = grad.unsqueeze(-1) * plane_weights
+        return grad_pos, -grad_pos, None
+
+
+def gated_plane_sum(pos: torch.Tensor, neg: torch.Tensor, plane_weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """CSQ's relaxed code ``sum_b (sigmoid(beta pos_b) - sigmoid(beta neg_b)) * plane_weights_b``.
+
+    ``pos``/``neg`` are logits of shape ``(*S, n)``, ``plane_weights`` has shape ``(n,)``
+    (and may require grad); the result has shape ``S``. Same values and gradients as
+    the plain expression, with no ``(*S, n)`` tensor kept between forward and backward.
+    """
+    return _GatedPlanes.apply(pos, neg, plane_weights, float(beta))
+
+
+def linear_plane_sum(pos: torch.Tensor, neg: torch.Tensor, plane_weights: torch.Tensor) -> torch.Tensor:
+    """BSQ's ``sum_b (pos_b - neg_b) * plane_weights_b`` over planes ``(*S, n)``; ``plane_weights`` is constant."""
+    if plane_weights.requires_grad:
+        raise ValueError("linear_plane_sum takes constant plane weights")
+    return _LinearPlanes.apply(pos, neg, plane_weights)

@@ -56,5 +56,38 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
     levels = max_code(bits)
     if levels == 0:
         return torch.zeros_like(weight)
-    normalised = torch.clamp(weight / scale, -1.0, 1.0) * levels
-    return ste_round(normalised) * (scale / levels)
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), device=weight.device, dtype=weight.dtype)
+    return _FakeQuantize.apply(weight, scale, levels)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """:func:`fake_quantize` keeping only its inputs for the backward pass.
+
+    Autograd's graph of ``round(clamp(w / s) * L) * s / L`` with a straight-through round
+    keeps about five weight-sized tensors per layer until the backward pass; the gradients
+    below are recomputed from ``w`` and ``s``: ``dq/dw = 1`` strictly inside the clip range (0 at
+    its bounds and beyond, as torch.clamp's gradient), ``dq/ds = round(n) / L - w / s`` inside
+    and ``round(n) / L = sign(w)`` elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale, levels):
+        ctx.save_for_backward(weight, scale)
+        ctx.levels = levels
+        codes = torch.round(torch.clamp(weight / scale, -1.0, 1.0) * levels)
+        return codes * (scale / levels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        levels = ctx.levels
+        ratio = weight / scale
+        inside = ratio.abs() < 1.0  # as torch.clamp's gradient: zero at the bounds too
+        grad_weight = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            codes = torch.round(torch.clamp(ratio, -1.0, 1.0) * levels)
+            per_weight = codes.div_(levels).sub_(ratio.mul_(inside))
+            grad_scale = (grad * per_weight).sum_to_size(scale.shape)
+        return grad_weight, grad_scale, None
