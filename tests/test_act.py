@@ -57,3 +57,16 @@ def test_first_batch_sets_the_clip_and_the_sign():
     fixed = PACT(4, clip=6.0)
     fixed(torch.tensor([0.5, 9.0]))
     assert float(fixed.alpha.detach()) == 6.0 and not fixed.alpha.requires_grad
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_backward_keeps_one_byte_per_input(signed):
+    q = _pact(4, 1.0, signed)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert sum(t.numel() * t.element_size() for t in saved) <= x.numel() + 16  # the region bytes, alpha for abs()
+    y.sum().backward()  # and the gradients still come from the regions (tests above)
+    inside = (x.detach() < 1.0) & ((x.detach() > -1.0) if signed else (x.detach() >= 0))
+    assert torch.equal(x.grad, inside.float())

@@ -45,15 +45,44 @@ class PACT(HostMirrored):
                 self.set_host("initialised", True)
         signed = self.host("signed")
         alpha = self.alpha.abs() + 1e-8
+        levels = max_code(self.bits) if not signed else max_code(self.bits - 1) or 1
+        return _ClipRound.apply(x, alpha, signed, levels)
+
+
+class _ClipRound(torch.autograd.Function):
+    """``round(clip(x) / step) * step`` with ``step = alpha / levels`` and PACT's gradients (Eq. 3).
+
+    The clip is ``[0, alpha]``, or ``[-alpha, alpha]`` when ``signed``. The rounding passes the
+    gradient unchanged, so ``dy/dx = 1`` inside the clip (``0 <= x < alpha``; signed
+    ``-alpha < x < alpha``) and ``dy/dalpha`` comes from the clip alone: 1 where ``x >= alpha``,
+    -1 where ``x <= -alpha`` when signed, with no term from the step's dependence on alpha
+    (that term is LSQ's, not PACT's). The backward pass needs only which region each input
+    fell in, kept as one byte per input instead of the float tensors autograd's own graph of
+    the clip and the straight-through round holds (an activation-sized float each).
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, signed, levels):
         lower = -alpha if signed else torch.zeros_like(alpha)
         clipped = torch.minimum(torch.maximum(x, lower), alpha)
-        levels = max_code(self.bits) if not signed else max_code(self.bits - 1) or 1
         step = alpha / levels
-        quantized = torch.round(clipped / step) * step
-        # PACT's straight-through estimate (Eq. 3): the rounding passes the gradient unchanged, so
-        # dy/dalpha comes from the clip alone (1 where x >= alpha, -1 where x <= -alpha when signed),
-        # with no term from the step's dependence on alpha (that term is LSQ's, not PACT's)
-        return clipped + (quantized - clipped).detach()
+        # region: 0 inside, 1 at or above alpha, 2 below the clip
+        region = (x >= alpha).to(torch.uint8)
+        region += (x <= lower if signed else x < lower).to(torch.uint8) * 2
+        ctx.save_for_backward(region)
+        ctx.signed = signed
+        return torch.round(clipped / step) * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        (region,) = ctx.saved_tensors
+        grad_x = grad * (region == 0) if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = (grad * (region == 1)).sum()
+            if ctx.signed:
+                grad_alpha = grad_alpha - (grad * (region == 2)).sum()
+        return grad_x, grad_alpha, None, None
 
 
 class BasisActivation(HostMirrored):
