@@ -13,8 +13,9 @@ byte 1, ``0x01``. Two bytes: ``ceil(9 / 8)``.
 
 Signed fields use two's complement of ``width`` bits (:func:`to_twos_complement`).
 
-Everything is vectorised with NumPy; the only Python loops run over the ``width``
-bit positions and over chunks of a million fields (to bound temporary memory).
+Everything is vectorised with NumPy; the only Python loops run over a field's bit
+positions (below 8 bits) or the eight fields of a group (above), and over chunks of a
+million fields (to bound temporary memory).
 """
 
 from __future__ import annotations
@@ -60,13 +61,74 @@ def pack_bits(fields: np.ndarray, width: int) -> np.ndarray:
     out = np.empty(packed_nbytes(flat.size, width), dtype=np.uint8)
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]
-        bits = np.empty((chunk.size, width), dtype=np.uint8)  # (fields, width): row j is field j, LSB first
-        for t in range(width):
-            bits[:, t] = (chunk >> t) & 1
-        packed = np.packbits(bits.reshape(-1), bitorder="little")
+        packed = _pack_bit_matrix(chunk, width) if width < 8 else _pack_groups(chunk, width)
         offset = start * width // 8
         out[offset : offset + packed.size] = packed
     return out
+
+
+# Two ways to the same stream, each the faster one for its widths (benchmarks/packing.py). Below 8
+# bits: a (fields, width) matrix of bits, packed by np.packbits; the Python loop runs over the
+# width's bit positions.
+def _pack_bit_matrix(chunk: np.ndarray, width: int) -> np.ndarray:
+    bits = np.empty((chunk.size, width), dtype=np.uint8)  # row j is field j, LSB first
+    for t in range(width):
+        bits[:, t] = (chunk >> t) & 1
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def _unpack_bit_matrix(data: np.ndarray, width: int, count: int, dtype) -> np.ndarray:
+    bits = np.unpackbits(data, count=count * width, bitorder="little").reshape(count, width)
+    values = np.zeros(count, dtype=_container(width))
+    for t in range(width):
+        values |= bits[:, t].astype(values.dtype) << t
+    return values.astype(dtype)
+
+
+# Above 8 bits: eight fields of ``width`` bits are exactly ``width`` bytes of the stream. Each group of eight is
+# assembled in ``ceil(width / 8)`` little-endian 64-bit words (field i at stream bit i * width of
+# its group, split across two words where it straddles one), whose first ``width`` bytes are the
+# group's bytes. The Python loops run over the eight fields of a group and the words, never over
+# weights or bits.
+_GROUP = 8
+
+
+def _pack_groups(chunk: np.ndarray, width: int) -> np.ndarray:
+    count = chunk.size
+    groups = -(-count // _GROUP)
+    padded = np.zeros(groups * _GROUP, dtype=np.uint64)
+    padded[:count] = chunk
+    fields = np.ascontiguousarray(padded.reshape(groups, _GROUP).T)  # row i: field i of every group
+    words = np.zeros((-(-width // 8), groups), dtype="<u8")  # row w: word w of every group
+    for i in range(_GROUP):
+        word, shift = divmod(i * width, 64)
+        words[word] |= fields[i] << np.uint64(shift)
+        if shift + width > 64:  # the field's high bits continue in the next word
+            words[word + 1] |= fields[i] >> np.uint64(64 - shift)
+    group_bytes = np.ascontiguousarray(words.T).view(np.uint8)  # (groups, 8 * words), little-endian
+    return group_bytes[:, :width].reshape(-1)[: packed_nbytes(count, width)]
+
+
+def _unpack_groups(data: np.ndarray, width: int, count: int, dtype) -> np.ndarray:
+    groups = -(-count // _GROUP)
+    n_words = -(-width // 8)
+    raw = np.zeros((groups, 8 * n_words), dtype=np.uint8)
+    if data.size == groups * width:
+        raw[:, :width] = data.reshape(groups, width)
+    else:
+        buffer = np.zeros(groups * width, dtype=np.uint8)
+        buffer[: data.size] = data
+        raw[:, :width] = buffer.reshape(groups, width)
+    words = np.ascontiguousarray(raw.view("<u8").T)  # row w: word w of every group
+    mask = np.uint64((1 << width) - 1)
+    fields = np.empty((_GROUP, groups), dtype=np.uint64)
+    for i in range(_GROUP):
+        word, shift = divmod(i * width, 64)
+        value = words[word] >> np.uint64(shift)
+        if shift + width > 64:
+            value |= words[word + 1] << np.uint64(64 - shift)
+        np.bitwise_and(value, mask, out=fields[i])
+    return fields.T.reshape(-1)[:count].astype(dtype)
 
 
 def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
@@ -90,13 +152,8 @@ def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
     for start in range(0, count, _CHUNK):
         n = min(_CHUNK, count - start)
         offset = start * width // 8
-        bits = np.unpackbits(
-            data[offset : offset + packed_nbytes(n, width)], count=n * width, bitorder="little"
-        ).reshape(n, width)
-        values = np.zeros(n, dtype=_container(width))
-        for t in range(width):
-            values |= bits[:, t].astype(values.dtype) << t
-        out[start : start + n] = values
+        unpack = _unpack_bit_matrix if width < 8 else _unpack_groups
+        out[start : start + n] = unpack(data[offset : offset + packed_nbytes(n, width)], width, n, np.int64)
     return out
 
 
