@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -385,7 +385,8 @@ def _save_quantized_run(
     notes += method.report_notes()
     if records:
         notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
-    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes))
+    charts = _charts(run_dir, scheme, summary)
+    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes, charts))
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(
             dumps(
@@ -399,6 +400,21 @@ def _save_quantized_run(
             + "\n"
         )
     return summary
+
+
+def _charts(run_dir: Path, scheme: Scheme, summary: dict) -> list[tuple[str, str]]:
+    """Draw bits.png and training.png into the run directory; their captions and names for report.md."""
+    from .plots import bits_chart, training_chart
+
+    title = f"{summary['method']} on {summary['model']}: {scheme.avg_bits:.3f} nominal bits, "
+    title += f"{scheme.avg_stored_bits:.3f} stored bits per weight (average)"
+    layers = [{**asdict(e), "bits": None if e.is_fp else e.bits} for e in scheme.layers]
+    charts = [("bits per layer", bits_chart(layers, run_dir / "bits.png", title).name)]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    drawn = training_chart(records, run_dir / "training.png", f"{summary['method']} on {summary['model']}")
+    if drawn is not None:
+        charts.append(("training: top-1, loss and average bits per epoch", drawn.name))
+    return charts
 
 
 def search(
@@ -781,6 +797,24 @@ def export(run: str | Path, out: str | Path | None = None) -> dict:
         "out": str(out),
         "report": str(json_path),
     }
+
+
+def plot_layers(report: dict, layers: list[dict], path: str | Path) -> Path:
+    """Draw the bits per layer of an :func:`inspect` report (its ``layers``, or a selection of them) as a PNG."""
+    from .plots import bits_chart
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise MpqError(f"--plot writes a PNG: give a file name ending in .png, not {path.name!r}")
+    if not path.parent.is_dir():
+        raise MpqError(f"--plot: folder {path.parent} does not exist")
+    if not layers:
+        raise MpqError("--plot: no layer to draw (check --layers)")
+    title = f"{report['method']} on {report['model']}: {report['avg_bits']:.3f} nominal bits, "
+    title += f"{report['avg_stored_bits']:.3f} stored bits per weight (average, file)"
+    first = report["layers"][0]["name"] if report["layers"] else None
+    rows = [{**e, "bits": e["bits"] if e["quantized"] else None, "first": e["name"] == first} for e in layers]
+    return bits_chart(rows, path, title)
 
 
 def inspect(target: str | Path) -> dict:

@@ -628,6 +628,10 @@ def inspect(
     sort: Annotated[
         SortKey, typer.Option(help="Row order: module order, size (bytes, largest first), bits, name.")
     ] = SortKey.order,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also draw the bits per layer (in module order, the --layers selection) into this PNG."),
+    ] = None,
     as_json: JsonOpt = False,
 ):
     """Show the layer bit table: bits, encoding, stored bytes and share of each layer, and the totals.
@@ -638,6 +642,8 @@ def inspect(
 
     report = api.inspect(str(target))
     rows = select_layers(report, layers, sort.value if isinstance(sort, enum.Enum) else sort)
+    if plot is not None:
+        api.plot_layers(report, select_layers(report, layers, "order"), plot)
     if as_json:
         _print_json({**report, "layers": rows})
         return

@@ -62,7 +62,10 @@ def layer_rows(scheme: Scheme) -> list[list[str]]:
 LAYER_HEADER = ["layer", "type", "shape", "params", "bits", "stored bits/weight"]
 
 
-def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = None) -> str:
+def markdown_report(
+    summary: dict, scheme: Scheme, notes: list[str] | None = None, charts: list[tuple[str, str]] | None = None
+) -> str:
+    """The run's report.md; ``charts`` are ``(caption, file name)`` pairs of images beside it."""
     out = [
         f"# mpq {summary['method']} run: {summary['model']} on {summary['data']}",
         "",
@@ -72,6 +75,8 @@ def markdown_report(summary: dict, scheme: Scheme, notes: list[str] | None = Non
         "|---|---|",
     ]
     out += [f"| {k} | {v} |" for k, v in summary_lines(summary)]
+    for caption, name in charts or []:
+        out += ["", f"![{caption}]({name})"]
     out += ["", "## Layers", "", "| " + " | ".join(LAYER_HEADER) + " |", "|" + "---|" * len(LAYER_HEADER)]
     out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme)]
     out += [

@@ -9,7 +9,9 @@ Layout (``--out``, default ``runs/<method>-<model>-<timestamp>``)::
     scheme.json        the bit table and its statistics
     metrics.jsonl      one JSON object per epoch (and one for the final evaluation)
     summary.json       final numbers
-    report.md          the human-readable report
+    report.md          the human-readable report, embedding bits.png and training.png
+    bits.png           nominal and stored bits per layer (search/finetune)
+    training.png       top-1, loss and average bits per epoch (search/finetune)
     checkpoint.pt      last epoch's training state for --resume (tensors only)
 """
 
