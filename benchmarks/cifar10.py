@@ -189,7 +189,7 @@ def measure(row: dict, log: list[str], data_dir: str, smoke: bool = False) -> di
     if row.get("fp"):  # its training checked a slice of the test set: measure all of it
         evaluated = run(["eval", str(row["run"]), *whole], log)
         return {**summary, "file_bytes": (run_dir / "model.safetensors").stat().st_size, "file_top1": evaluated["top1"]}
-    packed = run_dir.with_suffix(".safetensors")
+    packed = run_dir.with_name(run_dir.name + ".safetensors")  # not with_suffix: "lr0.002" is no suffix
     report = run(["export", str(row["run"]), "-o", str(packed.relative_to(ROOT))], log)
     evaluated = run(["eval", str(packed.relative_to(ROOT)), *whole], log)
     return {

@@ -95,7 +95,7 @@ def searches(args, work: Path) -> list[dict]:
         if summary is None:
             rows.append({**row, "error": f"search: {error}"})
             continue
-        packed = run.with_suffix(".safetensors")
+        packed = run.with_name(run.name + ".safetensors")
         report, error, seconds = mpq(["export", str(run), "-o", str(packed)])
         row["export_s"] = seconds
         if report is None:

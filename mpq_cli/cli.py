@@ -531,6 +531,65 @@ def finetune(
     _exit_if_over_budget(summary)
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise MpqError(f"{option} expects numbers separated by commas, e.g. 2,3,4; got {text!r}") from None
+    if not values:
+        raise MpqError(f"{option} needs at least one value")
+    return values
+
+
+@app.command()
+@_handle_errors
+def sweep(
+    method: Annotated[str, typer.Option(help="Methods, comma-separated (e.g. csq,uniform).")] = "csq,uniform",
+    target_bits: Annotated[str, typer.Option(help="Budgets, comma-separated, as each method counts bits.")] = "2,3,4",
+    model: ModelOpt = "lenet5",
+    weights: WeightsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    input_size: InputSizeOpt = None,
+    batch_size: BatchOpt = 128,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    limit_train_batches: LimitTrainOpt = None,
+    limit_val_batches: LimitValOpt = None,
+    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits (see search).")] = None,
+    probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Folder of the sweep's runs (reused: finished runs are skipped).")
+    ] = "runs/sweep",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Search one model at several budgets and methods, export and evaluate each run, and chart accuracy against size.
+
+    Each (method, budget) is its own run directory under --out (METHOD-Bbits); run again, a sweep skips finished runs and resumes an interrupted one. Writes sweep.json, sweep.md (the table, the Pareto front marked) and sweep.png (top-1 against stored bits). Optimizer, lr and weight decay are each method's unless given.
+    """
+    from .sweep import Sweep, run_sweep
+
+    plan = Sweep(
+        methods=[m for m in method.replace(" ", "").split(",") if m],
+        targets=_float_list(target_bits, "--target-bits"),
+        out=Path(out),
+        model=api.ModelOptions(model, weights, checkpoint),
+        data=_data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False),
+        train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
+        method_config={"act_bits": act_bits},
+        probe_batches=probe_batches,
+    )
+    result = run_sweep(plan, reporter=RichReporter(quiet or as_json))
+    if as_json:
+        _print_json(result)
+        return
+    out_console.print(Path(out, "sweep.md").read_text(), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("eval")
 @_handle_errors
 def eval_(

@@ -136,3 +136,35 @@ def training_chart(records: list[dict], path: str | Path, title: str) -> Path | 
     figure.tight_layout()
     _save(figure, path)
     return Path(path)
+
+
+def sweep_chart(result: dict, path: str | Path) -> Path:
+    """Top-1 (from each exported file) against average stored bits, one line per method, the FP32
+    reference dashed and the Pareto-front points ringed."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.6))
+    ax = figure.add_subplot()
+    rows = [r for r in result["rows"] if r.get("top1") is not None]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["avg_stored_bits"], r["top1"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    front = [r for r in rows if r.get("pareto")]
+    if front:
+        ax.scatter(
+            [r["avg_stored_bits"] for r in front],
+            [r["top1"] for r in front],
+            s=160,
+            facecolors="none",
+            edgecolors="black",
+            label="Pareto front (file bytes, top-1)",
+        )
+    if result.get("fp32_top1") is not None:
+        ax.axhline(result["fp32_top1"], color="grey", linestyle="--", label="FP32 reference")
+    ax.set_xlabel("average stored bits per weight (file)")
+    ax.set_ylabel("top-1 % (exported file)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result.get('model')} on {result.get('data')}: accuracy against size", fontsize=10)
+    _save(figure, path)
+    return Path(path)

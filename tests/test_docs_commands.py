@@ -3,8 +3,9 @@
 Commands are taken from ```bash blocks in order, each file's in its own temporary folder,
 so a command that needs an earlier one's run directory finds it. Each is shortened:
 data become synthetic images of the model's documented shape, epochs and batches few,
-the device the CPU, and a search or fine-tuning that sets no learning rate trains at
-0.01 (the papers' SGD 0.1 diverges on two batches of random images, which mpq refuses).
+the device the CPU, a sweep keeps its first budget, and a search, sweep or fine-tuning that
+sets no learning rate trains at 0.01 (the papers' SGD 0.1 diverges on two batches of random
+images, which mpq refuses).
 """
 
 import re
@@ -16,7 +17,7 @@ import pytest
 from mpq_cli.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING = {"train", "search", "finetune"}
+TRAINING = {"train", "search", "finetune", "sweep"}
 INPUT = {"lenet5": "1,28,28"}  # the default model, Fashion-MNIST's size; others (resnet20, ...) at 3,32,32
 EPOCH_OPTIONS = {"--epochs": "2", "--warmup-epochs": "1", "--interval": "1", "--rounds": "1"}
 
@@ -67,7 +68,9 @@ def shortened(command: str) -> list[str]:
             out += ["--epochs", "2"]
         if verb != "train" and "--lr" not in out:
             out += ["--lr", "0.01"]
-    if verb in ("train", "search"):
+    if verb == "sweep" and "--target-bits" in out:  # one budget per method: the runs are the same code
+        out[out.index("--target-bits") + 1] = out[out.index("--target-bits") + 1].split(",")[0]
+    if verb in ("train", "search", "sweep"):
         model = args[args.index("--model") + 1] if "--model" in args else "lenet5"
         out += ["--data", "synthetic", "--input-size", INPUT.get(model, "3,32,32")]
     if verb == "eval":

@@ -1,0 +1,195 @@
+"""``mpq sweep``: one model searched at several budgets and methods, each run exported and evaluated.
+
+Every (method, target) pair gets its own run directory under the sweep's folder, so a sweep
+resumes where it stopped: a finished run (its ``summary.json`` exists) is read back, an
+interrupted one (its ``checkpoint.pt`` exists) continues with ``--resume``, and an exported
+file newer than its run is evaluated again rather than re-exported. A budget a method
+refuses (an error) or misses (``budget_met`` false) is a row of the table, not a gap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import MpqError
+from .rundir import write_json, write_text_atomic
+
+
+@dataclass
+class SweepRow:
+    """One (method, target) run of a sweep and what its exported file measured."""
+
+    method: str
+    target_bits: float
+    run: str
+    status: str = "pending"  # done, reused, over budget, refused
+    error: str | None = None
+    file: str | None = None
+    avg_bits: float | None = None
+    avg_stored_bits: float | None = None
+    file_bytes: int | None = None
+    top1: float | None = None  # measured on the exported file
+    run_top1: float | None = None  # the run's own final evaluation
+    seconds: float | None = None
+    pareto: bool = False
+
+    @property
+    def measured(self) -> bool:
+        return self.top1 is not None and self.file_bytes is not None
+
+
+def run_name(method: str, target: float) -> str:
+    """``csq-2bits``, ``alq-0.5bits``: the run directory of one row."""
+    return f"{method}-{target:g}bits"
+
+
+def pareto_front(rows: list[SweepRow]) -> None:
+    """Mark the rows no other row beats on both file bytes (fewer) and top-1 (higher)."""
+    measured = [r for r in rows if r.measured]
+    for r in measured:
+        r.pareto = not any(
+            o.file_bytes <= r.file_bytes and o.top1 >= r.top1 and (o.file_bytes < r.file_bytes or o.top1 > r.top1)
+            for o in measured
+        )
+
+
+@dataclass
+class Sweep:
+    """What ``mpq sweep`` runs: the methods and targets, and every run's shared settings."""
+
+    methods: list[str]
+    targets: list[float]
+    out: Path
+    model: object  # api.ModelOptions
+    data: object  # data.DataConfig
+    train: dict = field(default_factory=dict)  # TrainConfig fields over each method's defaults
+    method_config: dict = field(default_factory=dict)  # shared method fields (act_bits)
+    probe_batches: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.targets:
+            raise MpqError("mpq sweep needs at least one --method and one --target-bits")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.targets)) != len(self.targets):
+            raise MpqError("mpq sweep: a method or target is listed twice")
+        from .methods import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise MpqError(f"unknown method {unknown[0]!r} (choose from {', '.join(sorted(METHODS))})")
+
+
+def run_sweep(sweep: Sweep, reporter=None) -> dict:
+    """Run (or resume) every row, export and evaluate each, and write sweep.json, sweep.md and sweep.png."""
+    from . import api
+    from .engine import Reporter
+    from .layers import LayerSelection
+
+    reporter = reporter or Reporter()
+    out = Path(sweep.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[SweepRow] = []
+    fp_top1 = None
+    for method in sweep.methods:
+        for target in sweep.targets:
+            run_dir = out / run_name(method, target)
+            row = SweepRow(method, target, str(run_dir))
+            rows.append(row)
+            summary_path = run_dir / "summary.json"
+            if summary_path.is_file():
+                summary = json.loads(summary_path.read_text())
+                row.status = "reused"
+            else:
+                options = api.SearchOptions(
+                    method, {**sweep.method_config, "target_bits": target}, LayerSelection(), sweep.probe_batches
+                )
+                resume = (run_dir / "checkpoint.pt").is_file()
+                try:
+                    summary = api.search(
+                        sweep.model,
+                        sweep.data,
+                        dict(sweep.train),
+                        options,
+                        out=str(run_dir),
+                        resume=resume,
+                        reporter=reporter,
+                    )
+                except MpqError as exc:
+                    row.status, row.error = "refused", str(exc)
+                    _write(out, rows, fp_top1, sweep)
+                    continue
+                row.status = "done"
+            fp_top1 = summary.get("fp_top1", fp_top1)
+            row.run_top1, row.seconds = summary.get("top1"), summary.get("seconds")
+            if not summary.get("budget_met", True):
+                row.status = "over budget"
+            packed = out / f"{run_name(method, target)}.safetensors"
+            if not packed.is_file() or packed.stat().st_mtime < summary_path.stat().st_mtime:
+                api.export(run_dir, packed)
+            size = api.inspect(packed)
+            row.file = str(packed)
+            row.avg_bits, row.avg_stored_bits = size["avg_bits"], size["avg_stored_bits"]
+            row.file_bytes = size["file_bytes"]
+            data_dir = getattr(sweep.data, "data_dir", None)
+            evaluated = api.evaluate_packed(
+                packed,
+                {"data_dir": data_dir} if data_dir else None,
+                device=sweep.train.get("device"),
+                reporter=reporter,
+            )
+            row.top1 = evaluated["top1"]
+            _write(out, rows, fp_top1, sweep)
+    return _write(out, rows, fp_top1, sweep, final=True)
+
+
+def _write(out: Path, rows: list[SweepRow], fp_top1, sweep: Sweep, final: bool = False) -> dict:
+    """sweep.json and sweep.md after every row (an interrupted sweep leaves its table so far); the chart at the end."""
+    pareto_front(rows)
+    result = {
+        "command": "sweep",
+        "model": getattr(sweep.model, "name", None),
+        "data": getattr(sweep.data, "name", None),
+        "fp32_top1": fp_top1,
+        "rows": [asdict(r) for r in rows],
+        "out": str(out),
+    }
+    if final:
+        from .plots import sweep_chart
+
+        if any(r.measured for r in rows):
+            result["chart"] = str(sweep_chart(result, out / "sweep.png"))
+    write_json(out / "sweep.json", result)
+    write_text_atomic(out / "sweep.md", sweep_markdown(result))
+    return result
+
+
+def sweep_markdown(result: dict) -> str:
+    lines = [
+        f"# mpq sweep: {result['model']} on {result['data']}",
+        "",
+        "Top-1 measured on each exported file (`mpq eval FILE`); bits averaged over quantized weights, "
+        "nominal as each method counts them, stored as the file holds them. ★: on the Pareto front "
+        "(no other row has fewer file bytes and a higher top-1).",
+        "",
+    ]
+    if result.get("fp32_top1") is not None:
+        lines += [f"FP32 reference (the checkpoint): top-1 {result['fp32_top1']:.2f} %.", ""]
+    lines += [
+        "| method | target bits | status | nominal bits | stored bits | file bytes | top-1 % (file) | Pareto |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['method']} | {r['target_bits']:g} | refused: {r['error']} | | | | | |")
+            continue
+        if r["top1"] is None:
+            lines.append(f"| {r['method']} | {r['target_bits']:g} | {r['status']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['target_bits']:g} | {r['status']} | {r['avg_bits']:.3f} | "
+            f"{r['avg_stored_bits']:.3f} | {r['file_bytes']:,} | {r['top1']:.2f} | {'★' if r['pareto'] else ''} |"
+        )
+    if result.get("chart"):
+        lines += ["", f"![top-1 against stored bits]({Path(result['chart']).name})"]
+    return "\n".join(lines) + "\n"
