@@ -41,23 +41,35 @@ MethodName = enum.Enum("MethodName", {name: name for name in sorted(METHODS)}, t
 
 
 class RichReporter(Reporter):
-    """Progress bars and log lines on stderr."""
+    """Progress on stderr: on a terminal, a bar per epoch (steps, elapsed, ETA, loss, accuracy and the
+    method's average bits) above one line per epoch; in a pipe, or with ``--json`` (whose stdout is
+    the JSON alone), the epoch lines only; nothing with ``--quiet``."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, bars: bool | None = None):
         self.quiet = quiet
+        self.bars = err_console.is_terminal if bars is None else bars
         self.progress = None
         self.task = None
 
     def start(self, description, total):
-        if self.quiet:
+        if self.quiet or not self.bars:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=err_console,
             transient=True,
@@ -368,7 +380,7 @@ def train(
         cfg,
         out=out,
         resume=resume,
-        reporter=RichReporter(quiet or as_json),
+        reporter=RichReporter(quiet, bars=False if as_json else None),
     )
     _emit(summary, as_json, "FP32")
 
@@ -463,7 +475,7 @@ def search(
         options,
         out=out,
         resume=resume,
-        reporter=RichReporter(quiet or as_json),
+        reporter=RichReporter(quiet, bars=False if as_json else None),
     )
     _emit(summary, as_json, "search")
     _exit_if_over_budget(summary)
@@ -524,7 +536,7 @@ def finetune(
         data_overrides,
         out=out,
         resume=resume,
-        reporter=RichReporter(quiet or as_json),
+        reporter=RichReporter(quiet, bars=False if as_json else None),
         model=model,
     )
     _emit(summary, as_json, "finetune")
@@ -583,7 +595,7 @@ def sweep(
         method_config={"act_bits": act_bits},
         probe_batches=probe_batches,
     )
-    result = run_sweep(plan, reporter=RichReporter(quiet or as_json))
+    result = run_sweep(plan, reporter=RichReporter(quiet, bars=False if as_json else None))
     if as_json:
         _print_json(result)
         return
@@ -629,7 +641,7 @@ def eval_(
         str(target),
         overrides,
         device=device,
-        reporter=RichReporter(quiet or as_json),
+        reporter=RichReporter(quiet, bars=False if as_json else None),
         model=model,
         verify=not no_verify,
     )

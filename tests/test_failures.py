@@ -556,7 +556,9 @@ def test_a_search_that_misses_its_budget_is_written_and_fails(fp_run, tmp_path):
         "--json",
     )
     assert result.exit_code == 2
-    assert "outside the budget" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # stderr: the epoch lines (--json keeps stdout for the JSON), then the one line of the verdict
+    lines = result.stderr.strip().splitlines()
+    assert "outside the budget" in lines[-1] and all(line.startswith("stage=") for line in lines[:-1])
     summary = _strict(result.stdout)
     assert summary["budget_met"] is False and summary["avg_bits"] > 2
     assert (run / "summary.json").is_file()  # the finished run is kept for inspection
