@@ -124,3 +124,35 @@ def test_amp_trains_in_bf16_on_the_cpu():
     dtypes.clear()
     fit(model, train, val, TrainConfig(epochs=1, lr=0.01, amp=False))
     assert dtypes == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "method,config",
+    [
+        ("csq", {"target_bits": 3}),
+        ("bsq", {"target_bits": 3}),
+        ("uniform", {"target_bits": 3, "act_bits": 4}),
+        ("bmpq", {"target_bits": 3}),
+    ],
+)
+def test_every_bit_method_steps_under_amp(method, config):
+    """bf16 autocast reaches the methods' own autograd Functions (CSQ's gated planes, PACT's clip): their
+    backward passes take a bf16 gradient, and alpha's gradient is summed in fp32."""
+    from mpq_cli.engine import TrainConfig, make_optimizer, train_step
+    from mpq_cli.methods import get_method
+    from mpq_cli.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("lenet5", None, 10, 1, (28, 28)))
+    cls = get_method(method)
+    hooks = cls(cls.config_class.from_dict(config))
+    hooks.prepare(model)
+    hooks.on_epoch_start(0, 1, 100)
+    cfg = TrainConfig(epochs=1, lr=0.01, amp=True)
+    optimizer = make_optimizer(hooks.param_groups(model, 0.0), cfg)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        loss, _ = train_step(model, x, y, optimizer, hooks, cfg)
+    assert math.isfinite(float(loss))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

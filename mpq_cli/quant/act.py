@@ -79,6 +79,7 @@ class _ClipRound(torch.autograd.Function):
         grad_x = grad * (region == 0) if ctx.needs_input_grad[0] else None
         grad_alpha = None
         if ctx.needs_input_grad[1]:
+            grad = grad.float()  # summed in fp32: under --amp a bf16 sum of a whole activation loses alpha's gradient
             grad_alpha = (grad * (region == 1)).sum()
             if ctx.signed:
                 grad_alpha = grad_alpha - (grad * (region == 2)).sum()

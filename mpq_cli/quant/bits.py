@@ -124,6 +124,7 @@ class _GatedPlanes(torch.autograd.Function):
     def backward(ctx, grad):
         pos, neg, plane_weights = ctx.saved_tensors
         beta = ctx.beta
+        grad = grad.to(pos.dtype)  # bf16 under --amp (the forward's matmul ran in autocast); the logits are fp32
         gate_pos = torch.sigmoid(pos * beta)
         gate_neg = torch.sigmoid(neg * beta)
         grad_weights = None
