@@ -662,13 +662,46 @@ def export(
             help="File to write (default: RUN/packed.safetensors); FILE.report.json and FILE.report.md go beside it.",
         ),
     ] = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="packed (bit-packed safetensors) or onnx (opset 21, weights as INT4/INT8 codes with DequantizeLinear, checked with onnxruntime; needs pip install 'mpq-cli[onnx]').",
+        ),
+    ] = "packed",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Write bit-packed safetensors (format mpq.packed/1.1, docs/format.md) and a per-layer precision report.
+    """Write bit-packed safetensors (format mpq.packed/1.1, docs/format.md) and a per-layer precision report, or an ONNX model.
 
-    Every layer is checked to decode to the run's exact weights before the file is written.
+    Every layer is checked to decode to the run's exact weights before the file is written; an ONNX model is checked against the packed model's logits with onnxruntime.
     """
+    if format_ not in ("packed", "onnx"):
+        raise MpqError(f"--format must be packed or onnx, got {format_!r}")
+    if format_ == "onnx":
+        from .onnx_export import export_onnx
+
+        if out is None:
+            raise MpqError("--format onnx needs -o NAME.onnx")
+        summary = export_onnx(run, out)
+        if as_json:
+            _print_json(summary)
+            return
+        check = (
+            f"onnxruntime against load_packed on {summary['checked_images']} images: top-1 equal on "
+            f"{100 * summary['top1_agreement']:.1f} %, largest logit difference {summary['max_relative_difference']:.1e} "
+            "of the largest logit"
+        )
+        if summary.get("quantizers_exact"):
+            check += f"; {summary['quantizers_exact']} input quantizer(s) equal to PACT's bit for bit"
+        out_console.print(
+            f"written: {summary['out']} ({summary['onnx_bytes']:,} bytes; the packed file: {summary['packed_bytes']:,} "
+            f"bytes); {check}; report: {summary['report']}",
+            highlight=False,
+        )
+        for note in summary["notes"]:
+            out_console.print(f"note: {note}", highlight=False)
+        return
     summary = api.export(str(run), out)
     if as_json:
         _print_json(summary)
