@@ -77,12 +77,12 @@ def _pack_bit_matrix(chunk: np.ndarray, width: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1), bitorder="little")
 
 
-def _unpack_bit_matrix(data: np.ndarray, width: int, count: int, dtype) -> np.ndarray:
+def _unpack_bit_matrix(data: np.ndarray, width: int, count: int, dtype=None) -> np.ndarray:
     bits = np.unpackbits(data, count=count * width, bitorder="little").reshape(count, width)
     values = np.zeros(count, dtype=_container(width))
     for t in range(width):
         values |= bits[:, t].astype(values.dtype) << t
-    return values.astype(dtype)
+    return values  # in the narrow container: the caller's assignment widens it without another copy
 
 
 # Above 8 bits: eight fields of ``width`` bits are exactly ``width`` bytes of the stream. Each group of eight is
