@@ -77,7 +77,7 @@ def _pack_bit_matrix(chunk: np.ndarray, width: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1), bitorder="little")
 
 
-def _unpack_bit_matrix(data: np.ndarray, width: int, count: int, dtype=None) -> np.ndarray:
+def _unpack_bit_matrix(data: np.ndarray, width: int, count: int) -> np.ndarray:
     bits = np.unpackbits(data, count=count * width, bitorder="little").reshape(count, width)
     values = np.zeros(count, dtype=_container(width))
     for t in range(width):
@@ -109,7 +109,7 @@ def _pack_groups(chunk: np.ndarray, width: int) -> np.ndarray:
     return group_bytes[:, :width].reshape(-1)[: packed_nbytes(count, width)]
 
 
-def _unpack_groups(data: np.ndarray, width: int, count: int, dtype) -> np.ndarray:
+def _unpack_groups(data: np.ndarray, width: int, count: int) -> np.ndarray:
     groups = -(-count // _GROUP)
     n_words = -(-width // 8)
     raw = np.zeros((groups, 8 * n_words), dtype=np.uint8)
@@ -128,7 +128,7 @@ def _unpack_groups(data: np.ndarray, width: int, count: int, dtype) -> np.ndarra
         if shift + width > 64:
             value |= words[word + 1] << np.uint64(64 - shift)
         np.bitwise_and(value, mask, out=fields[i])
-    return fields.T.reshape(-1)[:count].astype(dtype)
+    return fields.T.reshape(-1)[:count]  # uint64; the caller's assignment widens it
 
 
 def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
@@ -153,7 +153,7 @@ def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
         n = min(_CHUNK, count - start)
         offset = start * width // 8
         unpack = _unpack_bit_matrix if width < 8 else _unpack_groups
-        out[start : start + n] = unpack(data[offset : offset + packed_nbytes(n, width)], width, n, np.int64)
+        out[start : start + n] = unpack(data[offset : offset + packed_nbytes(n, width)], width, n)
     return out
 
 
