@@ -62,6 +62,7 @@ def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
     mb_fp = str(out / "mb-fp32")
     for seed in args.seeds:
         common = [*mb, "--epochs", str(args.mbv2_epochs), "--seed", str(seed), "--checkpoint", mb_fp]
+        common += ["--probe-batches", str(args.mbv2_probe_batches)]
         for method, target, lr in (
             ("uniform", 4, args.mbv2_lr),
             ("uniform", 4, None),  # its own default lr too: the baseline gets the better of two
@@ -244,6 +245,13 @@ def main() -> None:
     parser.add_argument("--mbv2-batches", type=int, default=100)
     parser.add_argument(
         "--mbv2-lr", type=float, default=0.002, help="lr of every MobileNetV2 row from the FP32 reference"
+    )
+    parser.add_argument(
+        "--mbv2-probe-batches",
+        type=int,
+        default=8,
+        help="batches the MobileNetV2 rows' loss-aware budget step measures per option (mpq's default 8: "
+        "53 layers x 9 options x 8 forward passes took CSQ over 50 min here)",
     )
     parser.add_argument(
         "--r20-lr", type=float, default=0.01, help="lr of every resnet20 row started from the FP32 reference"
