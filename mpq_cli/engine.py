@@ -215,7 +215,7 @@ def lr_at(cfg: TrainConfig, epoch_progress: float) -> float:
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     # one fused kernel per update instead of a few passes per parameter tensor: the bit methods hold 16
-    # parameters per weight, and on a CPU the default (a loop of single-tensor ops) cost them a third of a step
+    # parameters per weight, and on a CPU the default is a loop of single-tensor ops
     fused = all(p.is_floating_point() for g in groups for p in g["params"])
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, fused=fused)

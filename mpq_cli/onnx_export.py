@@ -14,6 +14,7 @@ logits (1e-4 relative) and top-1.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -72,10 +73,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, batch=None) -> dict:
         write_packed(packed_path, packed.header, packed.tensors)
         packed_bytes = packed_path.stat().st_size
         reference = load_packed(packed_path)
-        plain = load_packed(packed_path)
+    plain = copy.deepcopy(reference)  # the graph to export; its input quantizers become ONNX ops below
     codes, forms = _read_codes(run_dir / "codes.safetensors")
     layers = {e["name"]: e for e in packed.header["layers"]}
-    for name, entry in layers.items():  # the exported graph gets its activation quantizers as ONNX ops below
+    for name, entry in layers.items():
         if entry.get("act"):
             plain.get_submodule(name).input_quant = nn.Identity()
     spec = packed.header["model"]

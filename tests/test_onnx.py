@@ -4,7 +4,6 @@ import builtins
 import json
 
 import onnx
-import pytest
 from conftest import SMALL, invoke, run_json
 
 
@@ -62,10 +61,9 @@ def test_onnx_export_refuses_a_bad_name_and_says_how_to_install(csq_run, tmp_pat
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("bits", [2])
-def test_alq_bases_are_decoded_and_said_so(fp_run, tmp_path, bits):
+def test_alq_bases_are_decoded_and_said_so(fp_run, tmp_path):
     run = tmp_path / "alq"
-    args = ["search", "--method", "alq", "--target-bits", str(bits), "--model", "lenet5", "--checkpoint", fp_run[0]]
+    args = ["search", "--method", "alq", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0]]
     run_json(*args, *SMALL, "--epochs", "1", "--lr", "0.01", "--out", run)
     summary = run_json("export", run, "--format", "onnx", "-o", tmp_path / "alq.onnx")
     assert all("ALQ binary bases, decoded" in v for k, v in summary["weights"].items() if "FP32 (kept" not in v)

@@ -160,10 +160,9 @@ _COMPILED = contextvars.ContextVar("mpq_compiled_kernels", default=False)
 def compiled_kernels(enabled: bool = True):
     """Inside this block the plane sums run as ``torch.compile``'d kernels (``--compile``).
 
-    One fused loop per layer instead of a pass per elementwise op: on this repository's
-    2-core CPU it took CSQ's relaxed weight of a 512x512x3x3 layer from 0.92 s to 0.53 s
-    (forward and backward, benchmarks/step_overhead.py --compile measures whole steps). The
-    first call compiles (tens of seconds on a CPU), so it is off by default.
+    One fused loop per layer instead of a pass per elementwise op
+    (``benchmarks/step_overhead.py --compile`` times whole steps with it). The first call
+    compiles (tens of seconds on a CPU), so it is off by default.
     """
     token = _COMPILED.set(enabled)
     try:
