@@ -155,3 +155,17 @@ def test_additive_layers_keep_the_first_choice():
     scheme = _Scheme(pair_penalty=0.0)
     changes = _step(scheme)
     assert scheme.bits == {"a": 7, "b": 7, "c": 8} and {c["passes"] for c in changes} == {1}
+
+
+def test_the_budget_step_looks_near_the_learned_bits_unless_the_window_is_out_of_reach():
+    from mpq_cli.budget import narrow_candidates
+
+    names, params, every = ["a", "b", "c"], [100, 100, 100], list(range(9))
+    cands = {n: every for n in names}
+    near = narrow_candidates(names, params, [4, 5, 6], cands, 2, target=4.0, tolerance=0.1)
+    assert near == {"a": [2, 3, 4, 5, 6], "b": [3, 4, 5, 6, 7], "c": [4, 5, 6, 7, 8]}
+    # average 5 -> at most 3 within two bits of each layer's bits: a target of 2 needs the full range
+    assert narrow_candidates(names, params, [4, 5, 6], cands, 2, target=2.0, tolerance=0.1) == cands
+    # a layer that may not reach 0 bits counts with its lowest allowed option (1 of 3 layers: 1/3 > 0.3)
+    assert narrow_candidates(names, params, [1, 1, 1], cands, 2, 0.3, 0.1, never_zero=["a"]) == cands
+    assert narrow_candidates(names, params, [4, 5, 6], cands, 0, 4.0, 0.1) == cands

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..budget import budget_step, in_window
+from ..budget import budget_step, in_window, narrow_candidates
 from ..errors import MpqError
 from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
 from ..quant.act import PACT
@@ -358,22 +358,18 @@ class Method(ABC):
     ) -> list[dict]:
         """Move the scheme into ``[target - budget_tolerance, target]`` at the least measured loss, or do
         nothing if it is there: :func:`mpq_cli.budget.budget_step` over every layer, with ``current`` bits,
-        ``candidates`` per searchable layer and ``apply(name, bits)`` returning its undo."""
+        ``candidates`` per searchable layer (those within the config's ``budget_span`` of the current bits,
+        :func:`mpq_cli.budget.narrow_candidates`) and ``apply(name, bits)`` returning its undo."""
         target, tol = self.config.target_bits, self.config.budget_tolerance
         if in_window(self.average_bits(), target, tol):
             return []
         names = list(self.layers)
-        return budget_step(
-            names,
-            [self.layers[n].params for n in names],
-            [current[n] for n in names],
-            candidates,
-            apply,
-            self._require_probe(),
-            target,
-            tol,
-            never_zero=self._never_zero(names),
-        )
+        params = [self.layers[n].params for n in names]
+        now = [current[n] for n in names]
+        never_zero = self._never_zero(names)
+        span = getattr(self.config, "budget_span", 0)
+        candidates = narrow_candidates(names, params, now, candidates, span, target, tol, never_zero)
+        return budget_step(names, params, now, candidates, apply, self._require_probe(), target, tol, never_zero)
 
     def _never_zero(self, names: list[str]) -> list[str]:
         """Layers a budget step may not put at 0 bits: every layer unless ``allow_zero_bits``, and

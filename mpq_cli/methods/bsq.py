@@ -73,6 +73,8 @@ class BSQConfig(MethodConfig):
         alpha: group-Lasso strength (Eq. 5; Table 1: 3e-3 ... 2e-2 over 350 epochs; short runs need more).
         requant_every: epochs between re-quantizations (App. A.1: 100 of 350; A.2: 10 of 90).
         budget_tolerance: *ours*: width of the budget window below ``target_bits``.
+        budget_span: *ours*: the budget step probes each layer's options within this many bits of
+            its learned bits (all of them when those cannot reach the window; 0: always all).
         controller_every: *ours*: steps between two alpha updates in budget mode.
         controller_gain: *ours*: alpha is multiplied by ``exp(gain)`` when the projected bits are above
             the target and have not fallen over the last ``controller_window`` updates, by
@@ -94,6 +96,7 @@ class BSQConfig(MethodConfig):
     alpha: float = 5e-3
     requant_every: float = 1.0
     budget_tolerance: float = 0.1
+    budget_span: int = 2
     controller_every: int = 10
     controller_gain: float = 0.1
     controller_window: int = 5
@@ -111,11 +114,14 @@ class BSQConfig(MethodConfig):
         if self.target_bits is not None and self.target_bits > self.max_bits:
             raise MpqError(f"--target-bits {self.target_bits} exceeds BSQ's max_bits {self.max_bits}")
         if (
-            min(self.alpha, self.scale_lr, self.budget_tolerance) < 0
+            min(self.alpha, self.scale_lr, self.budget_tolerance, self.budget_span) < 0
             or self.requant_every <= 0
             or min(self.controller_every, self.controller_window) < 1
         ):
-            raise MpqError("BSQ needs alpha, scale_lr, budget_tolerance >= 0, requant_every > 0, controller_every >= 1")
+            raise MpqError(
+                "BSQ needs alpha, scale_lr, budget_tolerance, budget_span >= 0, "
+                "requant_every > 0, controller_every >= 1"
+            )
         if not 0.0 < self.project_at <= 1.0:
             raise MpqError("project_at must be in (0, 1]")
 

@@ -76,6 +76,8 @@ class CSQConfig(MethodConfig):
             still flip in a short run; ahead of 0.25 over three seeds, benchmarks/csq_vs_uniform.py).
         init_mask_logit: *ours*: initial m_B (positive: every bit selected).
         budget_tolerance: *ours*: the final average bits lands in [target - tol, target].
+        budget_span: *ours*: the budget step probes each layer's options within this many bits of
+            its learned bits (all of them when those cannot reach the window; 0: always all).
         reg_weighting: ``paper``: Eq. 7's plain sum of R(m_B) over layers; ``size`` (*ours*):
             each layer's R weighted by its share of the parameters (times the number of
             layers, so lambda keeps its scale), i.e. by what its bits cost in the average.
@@ -106,6 +108,7 @@ class CSQConfig(MethodConfig):
     init_bit_logit: float = 1.0
     init_mask_logit: float = 0.5
     budget_tolerance: float = 0.1
+    budget_span: int = 2
     reg_weighting: str = "paper"
     project_at: float = 0.5
     carry_residual: bool = True
@@ -138,8 +141,8 @@ class CSQConfig(MethodConfig):
             raise MpqError(f"--target-bits {self.target_bits} exceeds CSQ's {self.max_bits} bit planes")
         if self.beta_start <= 0 or self.beta_max < self.beta_start:
             raise MpqError("CSQ needs 0 < beta_start <= beta_max")
-        if self.reg_strength < 0 or self.budget_tolerance < 0:
-            raise MpqError("reg_strength and budget_tolerance must be >= 0")
+        if self.reg_strength < 0 or self.budget_tolerance < 0 or self.budget_span < 0:
+            raise MpqError("reg_strength, budget_tolerance and budget_span must be >= 0")
         if self.init_bit_logit <= 0:
             raise MpqError("init_bit_logit must be > 0")
         if not isinstance(self.carry_residual, bool):
