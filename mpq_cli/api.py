@@ -7,6 +7,7 @@ and writes a run directory; it returns a summary dict (what ``--json`` prints).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .data import DataConfig, DatasetInfo, default_data_dir, load_data
 from .engine import Reporter, TrainConfig, evaluate, fit, loss_probe, resolve_device, seed_everything
 from .errors import MpqError
@@ -134,21 +136,46 @@ def _place(model: nn.Module, spec: ModelSpec, info: DatasetInfo, train_b, val_b,
     return Context(spec, model, info, train_b.to(device), val_b.to(device), device)
 
 
+def _in_session(command):
+    """Run a command inside torchrun's process group when it was launched by torchrun (else as is)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with distributed.session():
+            return command(*args, **kwargs)
+
+    return run
+
+
 @contextmanager
 def _claim_run_dir(out: str | None, prefix: str, model: str, resume: bool):
     """The run directory, locked against a second writer for the ``with`` block.
 
     A directory that is empty, or holds only the ``config.json`` of a run that never
-    finished an epoch, may be started afresh; anything else needs ``--resume``.
+    finished an epoch, may be started afresh; anything else needs ``--resume``. Under
+    torchrun rank 0 claims it (and names it) and tells the other ranks, which only read it.
     """
-    path = Path(out) if out else default_run_dir(prefix, model)
-    if path.exists() and not path.is_dir():
-        raise MpqError(f"--out {path} is a file; give a directory for the run")
-    path.mkdir(parents=True, exist_ok=True)
-    with RunDirLock(path):
-        if not resume and not is_fresh_run_dir(path):
-            raise MpqError(f"{path} already exists and is not empty; pass --resume to continue it or choose --out")
+    path = distributed.broadcast_object(Path(out) if out else default_run_dir(prefix, model))
+    if not distributed.world().is_main:
+        refused = distributed.broadcast_object(None)
+        if refused:
+            raise MpqError(refused)
         yield path
+        return
+    told = False
+    try:
+        if path.exists() and not path.is_dir():
+            raise MpqError(f"--out {path} is a file; give a directory for the run")
+        path.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(path):
+            if not resume and not is_fresh_run_dir(path):
+                raise MpqError(f"{path} already exists and is not empty; pass --resume to continue it or choose --out")
+            told = distributed.broadcast_object(None) is None
+            yield path
+    except MpqError as exc:
+        if not told:
+            distributed.broadcast_object(str(exc))
+        raise
 
 
 def _resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, reporter: Reporter) -> dict | None:
@@ -189,6 +216,7 @@ def training(given: TrainConfig | dict | None, defaults: dict) -> TrainConfig:
         raise MpqError(f"training settings: {exc}") from None
 
 
+@_in_session
 def train(
     model: ModelOptions,
     data: DataConfig,
@@ -216,7 +244,8 @@ def train(
     config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k != "versions"})
     with _claim_run_dir(out, "train", model.name, resume) as run_dir:
         state = _resume_state(run_dir, resume, "train", config["fingerprint"], reporter)
-        write_json(run_dir / "config.json", config)
+        if distributed.world().is_main:
+            write_json(run_dir / "config.json", config)
         fit(
             ctx.model,
             ctx.train,
@@ -235,6 +264,8 @@ def _finish_train(
     run_dir: Path, ctx: Context, model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, reporter: Reporter
 ) -> dict:
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    if not distributed.world().is_main:
+        return {**distributed.broadcast_object(None), "rank": distributed.world().rank}  # once rank 0 wrote it
     metadata = {
         "mpq.model": json.dumps(ctx.spec.to_dict()),
         "mpq.data": data.name,
@@ -255,7 +286,7 @@ def _finish_train(
         "out": str(run_dir),
     }
     write_json(run_dir / "summary.json", summary)
-    return summary
+    return distributed.broadcast_object(summary)  # the other ranks return when the run is written
 
 
 # ------------------------------------------------------------------------------- search & co.
@@ -417,6 +448,7 @@ def _charts(run_dir: Path, scheme: Scheme, summary: dict) -> list[tuple[str, str
     return charts
 
 
+@_in_session
 def search(
     model: ModelOptions,
     data: DataConfig,
@@ -481,7 +513,8 @@ def _train_quantized(
     ``--resume`` against ``config`` before writing anything, train, fix the scheme and save the run."""
     with claim as run_dir:
         state = _resume_state(run_dir, resume, command, config["fingerprint"], reporter)
-        write_json(run_dir / "config.json", config)
+        if distributed.world().is_main:
+            write_json(run_dir / "config.json", config)
         started = time.time() - _elapsed_before(state)
         records = fit(
             ctx.model,
@@ -528,7 +561,13 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
     result = method.finalize()
     codes = method.layer_codes()  # one computation feeds the collapse check, the scheme and codes.safetensors
     _refuse_collapsed_layers(method, codes)
+    here = distributed.world()
+    if here.active:  # the final scheme too: the budget step ran on every rank
+        codes_digest = distributed.digest(method.agreement_tensors())
+        distributed.check_agreement({"codes and bits": codes_digest}, "the final scheme")
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    if not here.is_main:  # rank 0 writes the run; the others return its summary once it is written
+        return {**distributed.broadcast_object(None), "rank": here.rank, "codes_sha256": codes_digest}
     records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
     base = {
         "command": command,
@@ -540,7 +579,8 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         "fp_top1": fp_top1,
         "seconds": round(time.time() - started, 1),
     }
-    return _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
+    summary = _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
+    return distributed.broadcast_object(summary)
 
 
 def _refuse_collapsed_layers(method: Method, codes: dict | None = None) -> None:
@@ -608,6 +648,7 @@ def load_run(
     return config, ctx, method, data, train_cfg
 
 
+@_in_session
 def finetune(
     run: str,
     train_overrides: dict,
@@ -642,6 +683,7 @@ def finetune(
     )
 
 
+@_in_session
 def evaluate_run(
     target: str,
     data_overrides: dict | None = None,
@@ -687,6 +729,7 @@ def evaluate_run(
     }
 
 
+@_in_session
 def evaluate_packed(
     path: str | Path,
     data_overrides: dict | None = None,

@@ -46,7 +46,7 @@ class RichReporter(Reporter):
     the JSON alone), the epoch lines only; nothing with ``--quiet``."""
 
     def __init__(self, quiet: bool, bars: bool | None = None):
-        self.quiet = quiet
+        self.quiet = quiet or _rank() != 0  # under torchrun, rank 0 speaks for every rank
         self.bars = err_console.is_terminal if bars is None else bars
         self.progress = None
         self.task = None
@@ -93,13 +93,22 @@ class RichReporter(Reporter):
             err_console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MpqError as exc:
-            err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            where = f"rank {_rank()}: " if _rank() else ""
+            err_console.print(f"error: {where}{exc}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
@@ -222,10 +231,13 @@ def _exit_if_over_budget(summary: dict) -> None:
 
 
 def _print_json(obj) -> None:
-    sys.stdout.write(dumps(obj) + "\n")
+    if _rank() == 0:
+        sys.stdout.write(dumps(obj) + "\n")
 
 
 def _emit(summary: dict, as_json: bool, title: str) -> None:
+    if _rank() != 0:  # under torchrun, rank 0 prints the result
+        return
     if as_json:
         _print_json(summary)
         return

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import world
 from .errors import MpqError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -162,6 +163,7 @@ class TensorBatches:
         self.channels = channels or images.shape[1]
         self.device = torch.device("cpu")
         self.channels_last = False
+        self.rank, self.ranks = 0, 1
 
     def to(self, device) -> TensorBatches:
         self.device = torch.device(device)
@@ -169,17 +171,29 @@ class TensorBatches:
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 
+    def shard(self, rank: int, ranks: int) -> TensorBatches:
+        """Read only this rank's share of every epoch (see :func:`shard_order`)."""
+        self.rank, self.ranks = rank, ranks
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self, gen: torch.Generator) -> torch.Tensor:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        if self.ranks == 1:
+            return order
+        return shard_order(order, self.rank, self.ranks, pad=self.shuffle, keep=_kept(self))
+
     def __len__(self) -> int:
-        n = -(-len(self.labels) // self.batch_size)
-        return min(n, self.limit) if self.limit else n
+        return _batch_count(len(self.labels), self)
 
     def __iter__(self):
-        n = len(self.labels)
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = self._order(gen)
+        if self.ranks > 1:  # the same permutation on every rank, its own crops and flips
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * self.ranks + self.rank)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
@@ -197,6 +211,36 @@ class TensorBatches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
+
+
+def shard_order(order: torch.Tensor, rank: int, ranks: int, *, pad: bool, keep: int | None = None) -> torch.Tensor:
+    """Rank ``rank``'s share of one epoch's sample ``order`` (the same on every rank): every ``ranks``-th
+    sample from ``rank`` on, as ``torch.utils.data.DistributedSampler`` does, so that batch ``i`` of all
+    ranks together holds the samples of batch ``i`` of one process with a ``ranks`` times larger batch.
+
+    Training (``pad``) repeats the order's first samples so every rank takes as many steps; an
+    evaluation keeps its first ``keep`` samples and pads nothing, so each sample counts once.
+    """
+    if keep is not None:
+        order = order[:keep]
+    if pad and len(order) % ranks:
+        extra = ranks - len(order) % ranks
+        order = torch.cat([order, order.repeat(-(-extra // len(order)))[:extra]])
+    return order[rank::ranks]
+
+
+def _kept(batches) -> int | None:
+    """Samples a sharded evaluation keeps before sharding: ``limit`` batches of every rank."""
+    return batches.limit * batches.batch_size * batches.ranks if batches.limit and not batches.shuffle else None
+
+
+def _batch_count(samples: int, batches) -> int:
+    """Batches one rank reads per epoch from ``samples``, after its shard and the limit."""
+    if batches.ranks > 1:
+        kept = min(samples, _kept(batches) or samples)
+        samples = -(-kept // batches.ranks) if batches.shuffle else len(range(batches.rank, kept, batches.ranks))
+    count = -(-samples // batches.batch_size)
+    return min(count, batches.limit) if batches.limit else count
 
 
 def _random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
@@ -219,24 +263,35 @@ class LoaderBatches:
         self.workers, self.seed, self.limit, self.epoch = workers, seed, limit, 0
         self.device = torch.device("cpu")
         self.channels_last = False
+        self.rank, self.ranks = 0, 1
 
     def to(self, device) -> LoaderBatches:
         self.device = torch.device(device)
+        return self
+
+    def shard(self, rank: int, ranks: int) -> LoaderBatches:
+        """Read only this rank's share of every epoch (see :func:`shard_order`)."""
+        self.rank, self.ranks = rank, ranks
         return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = -(-len(self.dataset) // self.batch_size)
-        return min(n, self.limit) if self.limit else n
+        return _batch_count(len(self.dataset), self)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        sampler = None
+        if self.ranks > 1:  # this rank's indices of the epoch's order, which every rank draws alike
+            n = len(self.dataset)
+            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+            sampler = shard_order(order, self.rank, self.ranks, pad=self.shuffle, keep=_kept(self)).tolist()
         loader = torch.utils.data.DataLoader(
             self.dataset,
             self.batch_size,
-            shuffle=self.shuffle,
+            shuffle=self.shuffle and sampler is None,
+            sampler=sampler,
             generator=gen,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
@@ -253,7 +308,7 @@ class LoaderBatches:
 def load_data(
     cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32), seed: int = 0
 ) -> tuple[DatasetInfo, object, object]:
-    """Build ``(info, train_batches, val_batches)``.
+    """Build ``(info, train_batches, val_batches)``; under torchrun, each rank's shard of both.
 
     Args:
         cfg: the data configuration.
@@ -261,6 +316,15 @@ def load_data(
         default_input: ``(C, H, W)`` synthetic data takes unless ``cfg.input_size`` says otherwise.
         seed: shuffling and synthetic-data seed.
     """
+    info, train, val = _load_data(cfg, channels, default_input, seed)
+    here = world()
+    if here.active:
+        train.shard(here.rank, here.size)
+        val.shard(here.rank, here.size)
+    return info, train, val
+
+
+def _load_data(cfg: DataConfig, channels: int | None, default_input: tuple[int, int, int], seed: int):
     if cfg.name == "synthetic":
         return _synthetic(cfg, cfg.input_size or default_input, seed, channels)
     if cfg.name.startswith("imagefolder:"):

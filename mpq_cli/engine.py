@@ -3,7 +3,8 @@
 The loop knows nothing about methods: a method plugs in through the
 :class:`TrainingHooks` it implements (extra loss, epoch/step hooks, progress
 numbers, optimizer groups). Devices, bf16 autocast, learning-rate schedules,
-metrics, per-epoch checkpoints and resuming live here.
+metrics, per-epoch checkpoints and resuming live here, and so does running under torchrun
+(``DistributedDataParallel``, sharded evaluation, rank 0 writing; :mod:`mpq_cli.distributed`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import MpqError
 from .quant.bits import compiled_kernels
 from .rundir import MetricsLog, save_checkpoint
@@ -130,6 +133,8 @@ class TrainingHooks(Protocol):
     def wants_optimizer_reset(self) -> bool: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def distributed_gradients(self) -> list[torch.Tensor]: ...
+    def agreement_tensors(self) -> list[torch.Tensor]: ...
 
 
 class PlainTraining:
@@ -166,6 +171,12 @@ class PlainTraining:
     def load_state_dict(self, state):
         pass
 
+    def distributed_gradients(self):
+        return []
+
+    def agreement_tensors(self):
+        return []  # the parameters, which DDP keeps equal, are compared by the loop itself
+
 
 class Reporter:
     """Progress sink; library code reports here and never prints. The CLI renders it."""
@@ -184,6 +195,7 @@ class Reporter:
 
 
 def resolve_device(name: str) -> torch.device:
+    name = distributed.device_for(name)  # under torchrun, each rank its own GPU
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -252,6 +264,10 @@ def evaluate(
             reporter.advance()
     finally:
         reporter.stop()
+    if distributed.world().active:  # each rank saw its shard: the sums over ranks are the whole set's
+        totals = torch.stack([correct1, correct5, loss_sum, torch.tensor(float(count), device=device)]).double()
+        distributed.all_reduce_sum([totals])
+        correct1, correct5, loss_sum, count = totals[0], totals[1], totals[2], int(totals[3])
     if count == 0:
         raise MpqError("the evaluation set is empty")
     result = {"top1": 100.0 * float(correct1) / count, "loss": float(loss_sum) / count, "samples": count}
@@ -269,6 +285,9 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
     (a relaxed or latent weight), and a probe of exact weights against them can read a
     working network as broken (a ResNet-20 CSQ search measured loss 4 where the exact
     model was fine, and its budget step then zeroed whole blocks).
+
+    Under torchrun each rank probes its shard of those batches and the loss is their mean over
+    every rank's samples, the same number everywhere, so every rank takes the same decisions.
     """
     fixed = []
     for i, batch in enumerate(batches):
@@ -284,15 +303,17 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
         model.eval()
         for m in norms:
             m.train()
-        total, n = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # loss, samples
         try:
             for x, y in fixed:
-                total += float(F.cross_entropy(model(x), y, reduction="sum"))
-                n += len(y)
+                sums[0] += F.cross_entropy(model(x), y, reduction="sum").double()
+                sums[1] += len(y)
         finally:
             for m, state in zip(norms, saved, strict=True):
                 m.load_state_dict(state)
             model.train(was_training)
+        distributed.all_reduce_sum([sums])
+        total, n = sums.tolist()
         return total / max(n, 1)
 
     return probe
@@ -311,7 +332,9 @@ def train_step(
     reg = hooks.regularizer()
     total = loss if reg is None else loss + reg
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward()  # under DDP, this also averages the parameters' gradients over the ranks
+    if distributed.world().active:  # and these, which are no parameters: the tensors a method's own step reads
+        distributed.average_gradients(hooks.distributed_gradients())
     if cfg.clip_grad:  # on the loss's own gradients, before a method rescales any (CSQ)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     hooks.before_optimizer_step()
@@ -354,8 +377,9 @@ def fit(
     hooks = hooks or PlainTraining()
     reporter = reporter or Reporter()
     device = next(model.parameters()).device
+    here = distributed.world()
     optimizer = make_optimizer(hooks.param_groups(model, cfg.weight_decay), cfg)
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if run_dir else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if run_dir and here.is_main else None
     start_epoch = 0
     elapsed_before = float(resume.get("elapsed", 0.0)) if resume is not None else 0.0
     reference_loss = resume.get("reference_loss") if resume is not None else None
@@ -374,6 +398,7 @@ def fit(
     steps = len(train)
     if steps == 0:
         raise MpqError("the training set is empty")
+    step_model, trainable = model, None
     records = []
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
@@ -390,34 +415,42 @@ def fit(
                 lr = lr_at(cfg, epoch + i / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # a method may slow a group down
-                loss, out = train_step(model, x, y, optimizer, hooks, cfg)
+                if here.active and trainable != (now := tuple(p.requires_grad for p in model.parameters())):
+                    step_model, trainable = _data_parallel(model, device), now  # a method froze or freed some
+                loss, out = train_step(step_model, x, y, optimizer, hooks, cfg)
                 if reference_loss is None and first_loss is None:
                     first_loss = loss  # the starting model's loss (read at the next logging step)
                 loss_sum += loss * len(y)
                 correct += (out.argmax(1) == y).sum()
                 seen += len(y)
                 if i % LOG_EVERY == LOG_EVERY - 1 or i == steps - 1:
-                    total_loss = float(loss_sum)
-                    window = (total_loss - window_sum) / (seen - window_seen)
-                    window_sum, window_seen = total_loss, seen
+                    total_loss, total_correct, total_seen = _epoch_totals(loss_sum, correct, seen)
+                    window = (total_loss - window_sum) / (total_seen - window_seen)
+                    window_sum, window_seen = total_loss, total_seen
                     if reference_loss is None:
                         start = float(first_loss)
                         reference_loss = max(start if math.isfinite(start) else 0.0, math.log(out.shape[1]))
                     _check_divergence(window, reference_loss, epoch)
                     reporter.advance(
-                        i + 1 - reported, loss=total_loss / seen, acc=100.0 * float(correct) / seen, **hooks.progress()
+                        i + 1 - reported,
+                        loss=total_loss / total_seen,
+                        acc=100.0 * total_correct / total_seen,
+                        **hooks.progress(),
                     )
                     reported = i + 1
         finally:
             reporter.stop()
-        train_loss = float(loss_sum) / max(seen, 1)
+        train_loss = total_loss / max(total_seen, 1)
+        if here.active:
+            _average_norm_statistics(model)
+            _check_ranks_agree(model, hooks, epoch)
         result = evaluate(model, val, amp=cfg.amp, reporter=reporter, description=f"eval {epoch + 1}/{cfg.epochs}")
         _check_divergence(result["loss"], reference_loss, epoch, "validation ")
         record = {
             "stage": stage,
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_acc": 100.0 * float(correct) / seen,
+            "train_acc": 100.0 * total_correct / max(total_seen, 1),
             "val_top1": result["top1"],
             "val_loss": result["loss"],
             "lr": lr,
@@ -428,7 +461,7 @@ def fit(
             record["val_top5"] = result["top5"]
         records.append(record)
         reporter.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if run_dir:
+        if run_dir and here.is_main:
             metrics.append(record)
             save_checkpoint(
                 run_dir / "checkpoint.pt",
@@ -445,6 +478,54 @@ def fit(
                 },
             )
     return records
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel for the training steps (the method keeps the bare model).
+
+    DDP fixes the parameters it reduces when it is built, so the loop builds it again when a method
+    stops or starts training some (CSQ fixing its masks): rare, and cheaper than DDP's search for
+    unused parameters at every step. Buffers are synchronised from rank 0 when it is built but not
+    at every forward pass (DDP's default): a method's buffers change alike on every rank or hold a
+    rank's own sums that the method reduces itself (BMPQ's bit gradients). BatchNorm's running
+    statistics are averaged over the ranks at every epoch's end instead."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not any(p.requires_grad for p in model.parameters()):
+        return model  # nothing to reduce: DDP refuses such a model
+    # channels_last weights whose gradient arrives in another layout cost DDP one copy: not worth a warning
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, init_sync=True, forward_sync_buffers=False)
+
+
+def _epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
+    """The epoch's summed loss, correct predictions and samples so far, over every rank (one host read)."""
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=loss_sum.device)])
+    distributed.all_reduce_sum([totals])
+    total_loss, total_correct, total_seen = totals.tolist()
+    return total_loss, total_correct, int(total_seen)
+
+
+def _average_norm_statistics(model: nn.Module) -> None:
+    """BatchNorm running statistics averaged over ranks (each rank's were collected on its own shard)."""
+    stats = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    ]
+    distributed.all_reduce_mean(stats)
+
+
+def _check_ranks_agree(model: nn.Module, hooks, epoch: int) -> None:
+    """Stop the run unless every rank holds the same parameters and method state (its codes and bits).
+
+    Buffers are left to the method's ``agreement_tensors``: some hold a rank's own running sums."""
+    digests = {name: distributed.digest([p]) for name, p in model.named_parameters()}
+    digests["method state (codes, bits)"] = distributed.digest(list(hooks.agreement_tensors()))
+    distributed.check_agreement(digests, f"the model and its scheme after epoch {epoch + 1}")
 
 
 def _check_divergence(loss: float, reference: float | None, epoch: int, what: str = "") -> None:

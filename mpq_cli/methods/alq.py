@@ -498,6 +498,11 @@ class ALQ(Method):
         """Tenfold lower in the second half of a block (Appendix B.2)."""
         return base * (0.1 if self._block_step >= self._block_steps / 2 else 1.0)
 
+    def distributed_gradients(self) -> list[torch.Tensor]:
+        """The weights ``B alpha`` this step computed with: the basis, coordinate and pruning steps read
+        their ``.grad`` and run their own AMSGrad, so under torchrun it must be every rank's mean."""
+        return [q.last_weight for q in self.quantizers().values() if q.last_weight is not None]
+
     def on_step_end(self) -> None:
         if self.phase not in (Phase.SEARCH, Phase.FINETUNE):
             return

@@ -406,6 +406,25 @@ class Method(ABC):
             out[name] = LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), q.nominal_bits())
         return out
 
+    # -- several processes (torchrun): what the engine must reduce or compare ---------------------------
+    def distributed_gradients(self) -> list[torch.Tensor]:
+        """Tensors that are not parameters but whose ``.grad`` the method's step reads (DDP averages only
+        the parameters'); the engine averages these gradients over ranks after every backward pass."""
+        return []
+
+    @torch.no_grad()
+    def agreement_tensors(self) -> list[torch.Tensor]:
+        """What every rank must hold alike after an epoch besides the parameters: each layer's exact
+        codes and step (or binary basis) and its bits. The engine compares a hash of them."""
+        out = []
+        for lc in self.layer_codes().values():
+            if lc.basis is not None:
+                out += [lc.basis.signs, lc.basis.coords, lc.basis.group_bits]
+            else:
+                out += [lc.codes, lc.step]
+            out.append(torch.tensor(float(lc.nominal_bits)))
+        return out
+
     def state_dict(self) -> dict:
         """JSON-able state beyond the model's tensors."""
         return {"phase": self.phase.value}

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..budget import assign_bits
 from ..errors import MpqError
 from ..layers import quantizable_layers
@@ -350,6 +351,10 @@ class BMPQ(Method):
             self._finish_tie_trace()
 
     def _close_epoch(self) -> None:
+        # each rank recorded the bit gradients of its own batches: ENBG is their mean over every rank's steps
+        quantizers = list(self.quantizers().values())
+        distributed.all_reduce_sum([q.nbg_sum for q in quantizers])
+        distributed.all_reduce_sum([q.nbg_steps for q in quantizers])
         for name, q in self.quantizers().items():
             value = q.take_epoch_nbg()
             if value is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .host import HostMirrored
 from .primitives import max_code
 
@@ -38,10 +39,13 @@ class PACT(HostMirrored):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.host("initialised"):
-            with torch.no_grad():
-                self.set_host("signed", bool(x.min() < 0))  # once, on the first batch
+            with torch.no_grad():  # once, on the first batch (in training, every rank's first batch)
+                seen = torch.stack([x.detach().abs().max().float(), (x.detach().min() < 0).float()])
+                if self.training:
+                    distributed.all_reduce_max([seen])
+                self.set_host("signed", bool(seen[1] > 0))
                 if not self.fixed_clip:
-                    self.alpha.copy_(x.detach().abs().max().clamp(min=1e-3))
+                    self.alpha.copy_(seen[0].clamp(min=1e-3))
                 self.set_host("initialised", True)
         signed = self.host("signed")
         alpha = self.alpha.abs() + 1e-8
@@ -138,6 +142,8 @@ class BasisActivation(HostMirrored):
             _, coords, _ = sketch((flat - mean).unsqueeze(0), self.bits, sigma=0.0)
             self.gamma.copy_(coords[0])
             self.x_ref.copy_(mean)
+            if self.training:  # under torchrun, the mean of every rank's fit: one quantizer everywhere
+                distributed.all_reduce_mean([self.gamma, self.x_ref])
             self.set_host("initialised", True)
             return
         levels_pm = self.patterns()  # rows b; value x_ref + b^T gamma
@@ -148,9 +154,10 @@ class BasisActivation(HostMirrored):
         design = torch.cat([levels_pm[nearest], torch.ones_like(flat).unsqueeze(1)], 1)  # (N, bits + 1)
         gram = design.T @ design + 1e-6 * torch.eye(self.bits + 1, device=flat.device)
         solution = torch.linalg.solve_ex(gram, design.T @ flat)[0]  # positive definite; _ex does not sync
-        gamma, x_ref = solution[:-1].abs(), solution[-1]  # a negative gamma is its basis flipped
+        gamma, x_ref = solution[:-1].abs(), solution[-1:]  # a negative gamma is its basis flipped
+        distributed.all_reduce_mean([gamma, x_ref])
         self.gamma.mul_(self.momentum).add_(gamma, alpha=1 - self.momentum)
-        self.x_ref.mul_(self.momentum).add_(x_ref, alpha=1 - self.momentum)
+        self.x_ref.mul_(self.momentum).add_(x_ref[0], alpha=1 - self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.host("initialised"):

@@ -1,0 +1,50 @@
+"""Run under torchrun by tests/test_distributed.py (not a test module): every method's search on a
+small lenet5 run, a sharded evaluation, and a forced disagreement; each rank writes what it saw to
+``OUT/rank-N.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mpq_cli import api, distributed
+from mpq_cli.data import DataConfig
+from mpq_cli.errors import MpqError
+
+# one per method; budgets each method can meet on lenet5 (BMPQ counts the sign)
+METHODS = {
+    "uniform": {"target_bits": 2},
+    "csq": {"target_bits": 3},
+    "bsq": {"target_bits": 3},
+    "bmpq": {"target_bits": 3, "bits": [2, 4]},
+    "alq": {"target_bits": 2},
+}
+PER_RANK_BATCH = 16
+TRAIN = {"epochs": 2, "seed": 0, "device": "cpu"}
+
+
+def data(batch_size: int) -> DataConfig:
+    return DataConfig("synthetic", batch_size=batch_size, limit_train_batches=4, augment=False)
+
+
+def main(out: Path) -> None:
+    with distributed.session() as here:
+        seen: dict = {"rank": here.rank, "size": here.size, "runs": {}}
+        for method, config in METHODS.items():
+            options = api.SearchOptions(method, config, probe_batches=2)
+            summary = api.search(
+                api.ModelOptions("lenet5"), data(PER_RANK_BATCH), TRAIN, options, out=str(out / method)
+            )
+            _, _, saved, _, _ = api.load_run(out / method)  # the run rank 0 wrote, read back on every rank
+            seen["runs"][method] = {**summary, "saved_sha256": distributed.digest(saved.agreement_tensors())}
+        seen["eval"] = api.evaluate_run(str(out / "uniform"))
+        try:
+            distributed.check_agreement({"value": str(here.rank)}, "a value that differs on purpose")
+        except MpqError as exc:
+            seen["disagreement"] = str(exc)
+        (out / f"rank-{here.rank}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
