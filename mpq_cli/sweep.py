@@ -86,6 +86,10 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
     from .engine import Reporter
     from .layers import LayerSelection
 
+    from .distributed import launched
+
+    if launched():  # every rank would run and write every row
+        raise MpqError("mpq sweep runs in one process; run each search under torchrun instead (README, Several GPUs)")
     reporter = reporter or Reporter()
     out = Path(sweep.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,10 @@ def test_sweep_refuses_bad_lists(tmp_path):
         result = invoke("sweep", *args, "--out", tmp_path / "s")
         assert result.exit_code != 0 and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; every rank would write every row
+    result = invoke("sweep", "--method", "uniform", "--target-bits", "2", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "mpq sweep runs in one process" in result.output
+    assert not (tmp_path / "s").exists()
