@@ -83,10 +83,9 @@ class Sweep:
 def run_sweep(sweep: Sweep, reporter=None) -> dict:
     """Run (or resume) every row, export and evaluate each, and write sweep.json, sweep.md and sweep.png."""
     from . import api
+    from .distributed import launched
     from .engine import Reporter
     from .layers import LayerSelection
-
-    from .distributed import launched
 
     if launched():  # every rank would run and write every row
         raise MpqError("mpq sweep runs in one process; run each search under torchrun instead (README, Several GPUs)")
