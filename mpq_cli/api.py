@@ -19,7 +19,16 @@ from torch import nn
 
 from . import distributed
 from .data import DataConfig, DatasetInfo, default_data_dir, load_data
-from .engine import Reporter, TrainConfig, evaluate, fit, loss_probe, resolve_device, seed_everything
+from .engine import (
+    Reporter,
+    TrainConfig,
+    evaluate,
+    fit,
+    loss_probe,
+    ranks_state_digests,
+    resolve_device,
+    seed_everything,
+)
 from .errors import MpqError
 from .export import pack_run, size_report
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
@@ -560,11 +569,12 @@ def _probe(ctx: Context, batches: int):
 def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
     result = method.finalize()
     codes = method.layer_codes()  # one computation feeds the collapse check, the scheme and codes.safetensors
-    _refuse_collapsed_layers(method, codes)
     here = distributed.world()
-    if here.active:  # the final scheme too: the budget step ran on every rank
+    if here.active:  # the final model too (the budget step ran on every rank), before any rank may stop
         codes_digest = distributed.digest(method.agreement_tensors())
-        distributed.check_agreement({"codes and bits": codes_digest}, "the final scheme")
+        digests = ranks_state_digests(ctx.model, method, buffers=True)
+        distributed.check_agreement({**digests, "codes and bits": codes_digest}, "the final model and scheme")
+    _refuse_collapsed_layers(method, codes)
     final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
     if not here.is_main:  # rank 0 writes the run; the others return its summary once it is written
         return {**distributed.broadcast_object(None), "rank": here.rank, "codes_sha256": codes_digest}

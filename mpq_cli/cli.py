@@ -218,6 +218,8 @@ def _parse_method_options(args: list[str], method: str) -> dict:
 def _exit_if_over_budget(summary: dict) -> None:
     """A finished search whose scheme misses its budget is written and reported, and the command
     still fails (exit 2): a script must not take "within budget: NO" for success."""
+    if summary.get("budget_met") is False and _rank() != 0:
+        raise typer.Exit(2)  # rank 0 says why
     if summary.get("budget_met") is False:
         err_console.print(
             f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, outside "
@@ -658,7 +660,7 @@ def eval_(
         verify=not no_verify,
     )
     _emit(summary, as_json, "eval")
-    if not as_json and summary.get("top1_at_export") is not None:
+    if not as_json and summary.get("top1_at_export") is not None and _rank() == 0:
         out_console.print(f"the run measured {summary['top1_at_export']:.2f} % at export", highlight=False)
 
 

@@ -287,6 +287,8 @@ class LoaderBatches:
             n = len(self.dataset)
             order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
             sampler = shard_order(order, self.rank, self.ranks, pad=self.shuffle, keep=_kept(self)).tolist()
+            # the workers' augmentation seeds come from the generator: each rank its own crops and flips
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * self.ranks + self.rank)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             self.batch_size,
@@ -316,11 +318,22 @@ def load_data(
         default_input: ``(C, H, W)`` synthetic data takes unless ``cfg.input_size`` says otherwise.
         seed: shuffling and synthetic-data seed.
     """
-    info, train, val = _load_data(cfg, channels, default_input, seed)
     here = world()
-    if here.active:
-        train.shard(here.rank, here.size)
-        val.shard(here.rank, here.size)
+    if not here.active:
+        return _load_data(cfg, channels, default_input, seed)
+    # rank 0 downloads, decodes and caches first; the others then read its cache
+    if not here.is_main:
+        torch.distributed.barrier()
+    try:
+        info, train, val = _load_data(cfg, channels, default_input, seed)
+    finally:
+        if here.is_main:
+            torch.distributed.barrier()
+    held_out = len(val.labels) if isinstance(val, TensorBatches) else len(val.dataset)
+    if min(held_out, _kept(val.shard(0, here.size)) or held_out) < here.size:
+        raise MpqError(f"the validation set has fewer samples than the {here.size} processes; use fewer processes")
+    train.shard(here.rank, here.size)
+    val.shard(here.rank, here.size)
     return info, train, val
 
 

@@ -76,7 +76,7 @@ def session():
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and local < torch.cuda.device_count()
     if cuda:
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
@@ -94,12 +94,22 @@ def session():
 
 
 def device_for(name: str) -> str:
-    """The device a rank trains on: ``cuda`` (and ``auto`` on a CUDA machine) becomes ``cuda:LOCAL_RANK``."""
-    if not _world.active or name.startswith("cuda:") or name == "cpu":
+    """The device a rank trains on: ``cuda``, ``cuda:N`` (a run's recorded device too) and ``auto`` on a
+    CUDA machine become ``cuda:LOCAL_RANK``, one GPU per process as torchrun lays them out."""
+    if not _world.active or name == "cpu":
         return name
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
+        if local_rank_gpus() <= _world.local_rank:
+            raise MpqError(
+                f"process {_world.local_rank} on this machine has no GPU of its own "
+                f"({local_rank_gpus()} visible); start at most that many processes per machine"
+            )
         return f"cuda:{_world.local_rank}"
     return name
+
+
+def local_rank_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:

@@ -9,6 +9,8 @@ metrics, per-epoch checkpoints and resuming live here, and so does running under
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import time
@@ -427,8 +429,10 @@ def fit(
                     total_loss, total_correct, total_seen = _epoch_totals(loss_sum, correct, seen)
                     window = (total_loss - window_sum) / (total_seen - window_seen)
                     window_sum, window_seen = total_loss, total_seen
-                    if reference_loss is None:
-                        start = float(first_loss)
+                    if reference_loss is None:  # the first step's loss, averaged over ranks: one reference
+                        first = first_loss.double().clone()
+                        distributed.all_reduce_mean([first])
+                        start = float(first)
                         reference_loss = max(start if math.isfinite(start) else 0.0, math.log(out.shape[1]))
                     _check_divergence(window, reference_loss, epoch)
                     reporter.advance(
@@ -496,7 +500,9 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     # channels_last weights whose gradient arrives in another layout cost DDP one copy: not worth a warning
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, init_sync=True, forward_sync_buffers=False)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch
+        return DistributedDataParallel(model, device_ids=ids, init_sync=True, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def _epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
@@ -519,13 +525,21 @@ def _average_norm_statistics(model: nn.Module) -> None:
     distributed.all_reduce_mean(stats)
 
 
-def _check_ranks_agree(model: nn.Module, hooks, epoch: int) -> None:
-    """Stop the run unless every rank holds the same parameters and method state (its codes and bits).
+def ranks_state_digests(model: nn.Module, hooks, *, buffers: bool = False) -> dict[str, str]:
+    """Hashes of what every rank must hold alike: each parameter (and with ``buffers``, each buffer),
+    the method's ``agreement_tensors`` (codes, bits) and its JSON state (schedules, alpha, history).
 
-    Buffers are left to the method's ``agreement_tensors``: some hold a rank's own running sums."""
-    digests = {name: distributed.digest([p]) for name, p in model.named_parameters()}
-    digests["method state (codes, bits)"] = distributed.digest(list(hooks.agreement_tensors()))
-    distributed.check_agreement(digests, f"the model and its scheme after epoch {epoch + 1}")
+    Buffers are compared at the end only: during an epoch some hold a rank's own running sums."""
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    digests = {name: distributed.digest([t]) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    digests["method codes and bits"] = distributed.digest(list(hooks.agreement_tensors()))
+    digests["method state"] = hashlib.sha256(json.dumps(hooks.state_dict(), sort_keys=True).encode()).hexdigest()
+    return digests
+
+
+def _check_ranks_agree(model: nn.Module, hooks, epoch: int) -> None:
+    """Stop the run unless every rank holds the same parameters and method state."""
+    distributed.check_agreement(ranks_state_digests(model, hooks), f"the model and its scheme after epoch {epoch + 1}")
 
 
 def _check_divergence(loss: float, reference: float | None, epoch: int, what: str = "") -> None:

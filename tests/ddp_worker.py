@@ -15,10 +15,10 @@ from mpq_cli.errors import MpqError
 # one per method; budgets each method can meet on lenet5 (BMPQ counts the sign)
 METHODS = {
     "uniform": {"target_bits": 2},
-    "csq": {"target_bits": 3},
+    "csq": {"target_bits": 3, "act_bits": 4},  # PACT's first-batch clip is agreed across ranks
     "bsq": {"target_bits": 3},
     "bmpq": {"target_bits": 3, "bits": [2, 4]},
-    "alq": {"target_bits": 2},
+    "alq": {"target_bits": 2, "act_bits": 2},  # and ALQ's basis activations fit on every rank's batch
 }
 PER_RANK_BATCH = 16
 TRAIN = {"epochs": 2, "seed": 0, "device": "cpu"}
@@ -39,6 +39,8 @@ def main(out: Path) -> None:
             _, _, saved, _, _ = api.load_run(out / method)  # the run rank 0 wrote, read back on every rank
             seen["runs"][method] = {**summary, "saved_sha256": distributed.digest(saved.agreement_tensors())}
         seen["eval"] = api.evaluate_run(str(out / "uniform"))
+        seen["finetune"] = api.finetune(str(out / "bmpq"), {"epochs": 1, "device": "cpu"}, out=str(out / "bmpq-ft"))
+        seen["train"] = api.train(api.ModelOptions("lenet5"), data(PER_RANK_BATCH), TRAIN, out=str(out / "fp"))
         try:
             distributed.check_agreement({"value": str(here.rank)}, "a value that differs on purpose")
         except MpqError as exc:

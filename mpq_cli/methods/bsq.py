@@ -263,6 +263,7 @@ class BSQ(Method):
         self._steps_per_epoch = 1
         self._total_steps = 1
         self._next_requant = 0
+        self._saved_steps_per_epoch: int | None = None  # from a checkpoint, until the next epoch starts
         self._reset_optimizer = False
         self.requantizations: list[dict] = []
         self._projected_history: list[float] = []
@@ -310,6 +311,9 @@ class BSQ(Method):
 
     # -- training hooks -----------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        saved, self._saved_steps_per_epoch = self._saved_steps_per_epoch, None
+        if saved and saved != steps_per_epoch:  # resumed with another number of processes: steps are longer
+            self._next_requant = round(self._next_requant * steps_per_epoch / saved)
         self._steps_per_epoch, self._total_steps = steps_per_epoch, epochs * steps_per_epoch
         self._step = epoch * steps_per_epoch
         if self._next_requant == 0:
@@ -465,6 +469,7 @@ class BSQ(Method):
             "step": self._step,
             "projected_history": self._projected_history,
             "next_requant": self._next_requant,
+            "steps_per_epoch": self._steps_per_epoch,
             "requantizations": self.requantizations,
             "budget_changes": self.budget_changes,
             "avg_bits_before_projection": self.avg_bits_before_projection,
@@ -475,6 +480,7 @@ class BSQ(Method):
         self.alpha = float(state.get("alpha", self.config.alpha))
         self._step = int(state.get("step", 0))
         self._next_requant = int(state.get("next_requant", 0))
+        self._saved_steps_per_epoch = state.get("steps_per_epoch")
         self._projected_history = list(state.get("projected_history", []))
         self.requantizations = state.get("requantizations", [])
         self.budget_changes = state.get("budget_changes", [])

@@ -328,6 +328,8 @@ class CSQ(Method):
         self._step = 0
         self._total_steps = 1
         self._ramp_start = 0  # step at which the current beta ramp began (0, or the projection step)
+        self._steps_per_epoch = 1
+        self._saved_steps_per_epoch: int | None = None  # from a checkpoint, until the next epoch starts
         self._reset_optimizer = False
         self.budget_changes: list[dict] = []
         self.avg_bits_before_projection: float | None = None
@@ -364,6 +366,10 @@ class CSQ(Method):
             q.precondition = mode == "always" or (mode == "fixed" and q.host("mask_is_fixed"))
 
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        saved, self._saved_steps_per_epoch = self._saved_steps_per_epoch, None
+        if saved and saved != steps_per_epoch:  # resumed with another number of processes: steps are longer
+            self._ramp_start = round(self._ramp_start * steps_per_epoch / saved)
+        self._steps_per_epoch = steps_per_epoch
         self._total_steps = epochs * steps_per_epoch
         self._step = epoch * steps_per_epoch
         self._apply_beta()
@@ -511,6 +517,7 @@ class CSQ(Method):
             "step": self._step,
             "total_steps": self._total_steps,
             "ramp_start": self._ramp_start,
+            "steps_per_epoch": self._steps_per_epoch,
             "budget_changes": self.budget_changes,
             "avg_bits_before_projection": self.avg_bits_before_projection,
             "made_contiguous": self.made_contiguous,
@@ -521,6 +528,7 @@ class CSQ(Method):
         self._step = int(state.get("step", 0))
         self._total_steps = int(state.get("total_steps", 1))
         self._ramp_start = int(state.get("ramp_start", 0))
+        self._saved_steps_per_epoch = state.get("steps_per_epoch")
         self.budget_changes = state.get("budget_changes", [])
         self.avg_bits_before_projection = state.get("avg_bits_before_projection")
         self.made_contiguous = list(state.get("made_contiguous", []))

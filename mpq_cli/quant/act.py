@@ -41,8 +41,7 @@ class PACT(HostMirrored):
         if not self.host("initialised"):
             with torch.no_grad():  # once, on the first batch (in training, every rank's first batch)
                 seen = torch.stack([x.detach().abs().max().float(), (x.detach().min() < 0).float()])
-                if self.training:
-                    distributed.all_reduce_max([seen])
+                distributed.all_reduce_max([seen])  # every rank's first batch: one clip everywhere
                 self.set_host("signed", bool(seen[1] > 0))
                 if not self.fixed_clip:
                     self.alpha.copy_(seen[0].clamp(min=1e-3))
@@ -142,8 +141,7 @@ class BasisActivation(HostMirrored):
             _, coords, _ = sketch((flat - mean).unsqueeze(0), self.bits, sigma=0.0)
             self.gamma.copy_(coords[0])
             self.x_ref.copy_(mean)
-            if self.training:  # under torchrun, the mean of every rank's fit: one quantizer everywhere
-                distributed.all_reduce_mean([self.gamma, self.x_ref])
+            distributed.all_reduce_mean([self.gamma, self.x_ref])  # every rank's fit: one quantizer everywhere
             self.set_host("initialised", True)
             return
         levels_pm = self.patterns()  # rows b; value x_ref + b^T gamma

@@ -54,10 +54,10 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
     ``scale`` through both the normalisation and the step (as in LSQ/PACT).
     """
     levels = max_code(bits)
-    if levels == 0:
-        return torch.zeros_like(weight)
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=weight.device, dtype=weight.dtype)
+    if levels == 0:  # all zeros, still a function of weight and scale: zero gradients, not absent ones (DDP)
+        return weight * 0.0 + scale * 0.0
     return _FakeQuantize.apply(weight, scale, levels)
 
 
