@@ -93,7 +93,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(ddp_runs, tmp_
     bits within 0.05: its pruning ranks coordinates whose increments can tie within float noise,
     features.3 at 2.469 and 2.474 bits) and top-1 is within 1 point; a tiny layer's options can
     sit within float noise of each other in the budget step's probe (CSQ with PACT inputs:
-    features.0, 500 of 430,500 weights, 5 bits in one process and 7 in two). Uniform, with no decision to take, reaches the same top-1 exactly."""
+    features.0, 500 of 430,500 weights, 5 bits in one process and 7 in two). Uniform, with no
+    decision to take, reaches the same top-1 exactly."""
     out, ranks = ddp_runs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran
