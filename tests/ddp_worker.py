@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from mpq_cli import api, distributed
+import torch
+
+from mpq_cli import api, distributed, engine
 from mpq_cli.data import DataConfig
 from mpq_cli.errors import MpqError
 
@@ -45,6 +47,14 @@ def main(out: Path) -> None:
             distributed.check_agreement({"value": str(here.rank)}, "a value that differs on purpose")
         except MpqError as exc:
             seen["disagreement"] = str(exc)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        torch.nn.init.zeros_(model[0].weight)
+        with torch.no_grad():
+            model[1].bias.fill_(here.rank)  # one parameter differs between the ranks
+        try:
+            engine._check_ranks_agree(model, engine.PlainTraining(), epoch=2)
+        except MpqError as exc:
+            seen["epoch_disagreement"] = str(exc)
         (out / f"rank-{here.rank}.json").write_text(json.dumps(seen))
 
 

@@ -142,7 +142,10 @@ def test_a_sharded_evaluation_equals_one_process_exactly(ddp_runs):
 
 def test_ranks_that_disagree_stop_with_an_error_naming_what_differs(ddp_runs):
     _, ranks = ddp_runs
-    for rank in ranks:
+    for rank in ranks:  # the loop's own check after an epoch, on a parameter set apart on purpose
+        assert rank["epoch_disagreement"].startswith(
+            "ranks disagree on the model and its scheme after epoch 3: rank(s) 1 differ from rank 0 in 1.bias;"
+        )
         assert (
             "ranks disagree on a value that differs on purpose: rank(s) 1 differ from rank 0 in value"
             in (rank["disagreement"])
