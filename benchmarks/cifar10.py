@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, run, write_results  # noqa: E402
 
 BACKBONE = "../shared/data/mobilenet_v2-imagenet-features.safetensors"
+EVERY_BATCH = 10**9  # a --limit-val-batches no test set reaches: the whole test set
 
 
 def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
@@ -178,7 +179,8 @@ def rows_for(args) -> list[dict]:
 def measure(row: dict, log: list[str], data_dir: str, smoke: bool = False) -> dict:
     """The run's summary (run now, or read back), its exported file's size and top-1 measured from the file."""
     run_dir = ROOT / row["run"]
-    whole = ["--data-dir", data_dir, *(["--limit-val-batches", "2"] if smoke else [])]
+    # mpq eval replays the run's recorded --limit-val-batches (the in-training check's slice): ask for all
+    whole = ["--data-dir", data_dir, "--limit-val-batches", "2" if smoke else str(EVERY_BATCH)]
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
         log.append("mpq " + " ".join(row["command"]) + "   # reused")
@@ -189,7 +191,8 @@ def measure(row: dict, log: list[str], data_dir: str, smoke: bool = False) -> di
         summary["wall_seconds_measured"] = summary.pop("wall_seconds")
     if row.get("fp"):  # its training checked a slice of the test set: measure all of it
         evaluated = run(["eval", str(row["run"]), *whole], log)
-        return {**summary, "file_bytes": (run_dir / "model.safetensors").stat().st_size, "file_top1": evaluated["top1"]}
+        size = (run_dir / "model.safetensors").stat().st_size
+        return {**summary, "file_bytes": size, "file_top1": evaluated["top1"], "file_images": evaluated["samples"]}
     packed = run_dir.with_name(run_dir.name + ".safetensors")  # not with_suffix: "lr0.002" is no suffix
     report = run(["export", str(row["run"]), "-o", str(packed.relative_to(ROOT))], log)
     evaluated = run(["eval", str(packed.relative_to(ROOT)), *whole], log)
@@ -197,6 +200,7 @@ def measure(row: dict, log: list[str], data_dir: str, smoke: bool = False) -> di
         **summary,
         "file_bytes": report["file_bytes"],
         "file_top1": evaluated["top1"],
+        "file_images": evaluated["samples"],
         "file_stored_bits": report["avg_stored_bits"],
     }
 
@@ -214,21 +218,24 @@ def page(rows: list[dict], results: dict[str, dict], log: list[str], args) -> li
         "`.venv/bin/python benchmarks/cifar10.py` (arguments above are its defaults).",
         "",
         "| run | avg bits (nominal, the method's count) | avg stored bits (file) | top-1 % (from the file) | "
-        "file bytes | wall s |",
-        "|---|---|---|---|---|---|",
+        "test images | file bytes | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = results.get(row["name"])
         if r is None:
-            lines.append(f"| {row['name']} | pending | | | | |")
+            lines.append(f"| {row['name']} | pending | | | | | |")
             continue
         if "error" in r:
-            lines.append(f"| {row['name']} | refused: {r['error']} | | | | |")
+            lines.append(f"| {row['name']} | refused: {r['error']} | | | | | |")
             continue
         bits = "32" if row.get("fp") else f"{r['avg_bits']:.3f}"
         stored = "32" if row.get("fp") else f"{r['file_stored_bits']:.3f}"
         wall = r.get("wall_seconds_measured", r.get("seconds", ""))
-        lines.append(f"| {row['name']} | {bits} | {stored} | {r['file_top1']:.2f} | {r['file_bytes']:,} | {wall} |")
+        images = f"{r['file_images']:,}"
+        lines.append(
+            f"| {row['name']} | {bits} | {stored} | {r['file_top1']:.2f} | {images} | {r['file_bytes']:,} | {wall} |"
+        )
     lines += ["", "Commands, in order:", "", "```", *log, "```"]
     return lines
 
