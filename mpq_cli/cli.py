@@ -29,7 +29,8 @@ from .rundir import dumps, loads
 
 app = typer.Typer(
     name="mpq",
-    help="Find mixed-precision weight quantization schemes for PyTorch vision models and ship them bit-packed.",
+    help="Find mixed-precision weight quantization schemes for PyTorch vision models and ship them bit-packed. "
+    "Several GPUs: torchrun --nproc-per-node N -m mpq_cli train|search|finetune|eval ... (README, Several GPUs).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
@@ -866,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``mpq`` entry point. Usage errors (Typer's own) are one line on stderr and exit 2, like
     every other user error."""
     import typer._click as click
+    from typer.exceptions import Abort  # not in typer._click.exceptions: naming it there broke this handler
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -877,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"mpq {exc.ctx.info_name} " if getattr(exc, "ctx", None) and exc.ctx.parent else "mpq "
         print(f"error: {message} (see `{command.strip()} --help`)", file=sys.stderr)
         code = 2
-    except click.exceptions.Abort:
+    except Abort:
         print("interrupted", file=sys.stderr)
         code = 130
     return _exit(code if isinstance(code, int) else 0, argv)

@@ -179,21 +179,11 @@ class TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self, gen: torch.Generator) -> torch.Tensor:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        if self.ranks == 1:
-            return order
-        return shard_order(order, self.rank, self.ranks, pad=self.shuffle, keep=_kept(self))
-
     def __len__(self) -> int:
         return _batch_count(len(self.labels), self)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = self._order(gen)
-        if self.ranks > 1:  # the same permutation on every rank, its own crops and flips
-            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * self.ranks + self.rank)
+        order, gen = _epoch_order(len(self.labels), self)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
@@ -227,6 +217,19 @@ def shard_order(order: torch.Tensor, rank: int, ranks: int, *, pad: bool, keep: 
         extra = ranks - len(order) % ranks
         order = torch.cat([order, order.repeat(-(-extra // len(order)))[:extra]])
     return order[rank::ranks]
+
+
+def _epoch_order(samples: int, batches) -> tuple[torch.Tensor, torch.Generator]:
+    """This rank's sample order for the epoch and the generator its augmentation draws from.
+
+    The permutation comes from ``(seed, epoch)`` alone, the same on every rank; under torchrun
+    each rank then takes its shard and augments from a generator of its own."""
+    gen = torch.Generator().manual_seed(epoch_seed(batches.seed, batches.epoch))
+    order = torch.randperm(samples, generator=gen) if batches.shuffle else torch.arange(samples)
+    if batches.ranks == 1:
+        return order, gen
+    order = shard_order(order, batches.rank, batches.ranks, pad=batches.shuffle, keep=_kept(batches))
+    return order, torch.Generator().manual_seed(epoch_seed(batches.seed, batches.epoch) * batches.ranks + batches.rank)
 
 
 def _kept(batches) -> int | None:
@@ -283,12 +286,9 @@ class LoaderBatches:
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         sampler = None
-        if self.ranks > 1:  # this rank's indices of the epoch's order, which every rank draws alike
-            n = len(self.dataset)
-            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-            sampler = shard_order(order, self.rank, self.ranks, pad=self.shuffle, keep=_kept(self)).tolist()
-            # the workers' augmentation seeds come from the generator: each rank its own crops and flips
-            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) * self.ranks + self.rank)
+        if self.ranks > 1:  # this rank's indices; the workers' augmentation seeds come from its generator
+            order, gen = _epoch_order(len(self.dataset), self)
+            sampler = order.tolist()
         loader = torch.utils.data.DataLoader(
             self.dataset,
             self.batch_size,
@@ -330,7 +330,9 @@ def load_data(
         if here.is_main:
             torch.distributed.barrier()
     held_out = len(val.labels) if isinstance(val, TensorBatches) else len(val.dataset)
-    if min(held_out, _kept(val.shard(0, here.size)) or held_out) < here.size:
+    if val.limit:
+        held_out = min(held_out, val.limit * val.batch_size * here.size)
+    if held_out < here.size:  # a rank with nothing to evaluate would leave the others waiting
         raise MpqError(f"the validation set has fewer samples than the {here.size} processes; use fewer processes")
     train.shard(here.rank, here.size)
     val.shard(here.rank, here.size)

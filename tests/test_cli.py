@@ -252,3 +252,16 @@ def test_the_python_api_trains_exactly_as_the_command_line(fp_run, tmp_path):
     assert api_config["train"] == cli_config["train"]
     assert api_config["train"]["optimizer"] == "sgd" and api_config["train"]["lr"] != 0.05  # BSQ's, not generic
     assert api_config["fingerprint"] != "" and api_config["method_config"] == cli_config["method_config"]
+
+
+def test_an_abort_is_one_line_and_exit_130(monkeypatch, capsys):
+    from typer.exceptions import Abort
+
+    from mpq_cli import cli
+
+    def abort(*args, **kwargs):
+        raise Abort()
+
+    monkeypatch.setattr(cli, "app", abort)
+    assert cli.main(["methods"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
