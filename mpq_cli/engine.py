@@ -226,6 +226,20 @@ def lr_at(cfg: TrainConfig, epoch_progress: float) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def group_lr(group: dict, lr: float, cfg: TrainConfig) -> float:
+    """A parameter group's learning rate when the schedule is at ``lr``.
+
+    A method may slow a group down (``lr_scale``), or give it its own peak rate under SGD
+    (``sgd_peak_lr``, following the schedule's shape), for parameters whose regulariser was tuned to
+    one rate whatever rate fine-tunes the weights. Adam's steps do not scale with the gradient, so
+    there the group follows ``--lr``.
+    """
+    peak = group.get("sgd_peak_lr")
+    if peak is not None and cfg.optimizer == "sgd" and cfg.lr > 0:
+        lr = peak * lr / cfg.lr
+    return lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     # one fused kernel per update instead of a few passes per parameter tensor: the bit methods hold 16
@@ -416,7 +430,7 @@ def fit(
             for i, (x, y) in enumerate(train):
                 lr = lr_at(cfg, epoch + i / steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # a method may slow a group down
+                    group["lr"] = group_lr(group, lr, cfg)
                 if here.active and trainable != (now := tuple(p.requires_grad for p in model.parameters())):
                     step_model, trainable = _data_parallel(model, device), now  # a method froze or freed some
                 loss, out = train_step(step_model, x, y, optimizer, hooks, cfg)
