@@ -157,7 +157,7 @@ def load_time(path: Path, repeat: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=RESNET50_WEIGHTS)
-    parser.add_argument("--widths", default="1,2,3,4,5,8,9,17")
+    parser.add_argument("--widths", default=",".join(str(w) for w in range(1, 18)))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", default="runs/bench-packing")
     parser.add_argument("--results", default="benchmarks/results/packing.md")

@@ -396,10 +396,10 @@ def test_group_lr_gives_a_group_its_own_peak_under_sgd_only():
 def test_masks_move_at_a_fine_tuning_lr(mask_lr):
     """At --lr 0.002 (fine-tuning a pretrained model) the paper's lambda hardly moves masks learning at
     that rate: on MobileNetV2 no bit had dropped before the budget step. At their own rate they do."""
+    from conftest import TinyNet
+
     from mpq_cli.data import DataConfig, load_data
     from mpq_cli.engine import TrainConfig, fit
-
-    from conftest import TinyNet
 
     torch.manual_seed(0)
     model = TinyNet()

@@ -42,7 +42,7 @@ def test_pack_unpack_round_trip(width, data):
     assert np.array_equal(unpack_bits(packed, width, count), values)
 
 
-@pytest.mark.parametrize("width", [3, 8, 13, 16, 32])
+@pytest.mark.parametrize("width", [3, 8, 13, 16, 17, 31, 32])
 def test_pack_across_chunk_boundaries(width):
     rng = np.random.default_rng(width)
     values = rng.integers(0, 1 << width, size=(1 << 20) + 37, dtype=np.int64)

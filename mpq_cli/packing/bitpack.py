@@ -14,8 +14,8 @@ byte 1, ``0x01``. Two bytes: ``ceil(9 / 8)``.
 Signed fields use two's complement of ``width`` bits (:func:`to_twos_complement`).
 
 Everything is vectorised with NumPy; the only Python loops run over a field's bit
-positions (below 8 bits) or the eight fields of a group (above), and over chunks of a
-million fields (to bound temporary memory).
+positions (below 8 bits) or the 32 fields of a group (above), and over chunks of 2**18
+fields (to bound temporary memory and keep each pass in cache).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 MAX_WIDTH = 32
-_CHUNK = 1 << 20  # fields per chunk; a multiple of 8, so every chunk starts on a byte boundary
+_CHUNK = 1 << 18  # fields per chunk; a multiple of 32, so every chunk starts on a byte (and group) boundary
 
 
 def packed_nbytes(count: int, width: int) -> int:
@@ -41,6 +41,11 @@ def _check_width(width: int) -> None:
         raise ValueError(f"field width must be in 1..{MAX_WIDTH}, got {width}")
 
 
+def _check_range(fields: np.ndarray, width: int) -> None:
+    if fields.size and (fields.min() < 0 or int(fields.max()) >= (1 << width)):
+        raise ValueError(f"fields must lie in [0, 2**{width})")
+
+
 def pack_bits(fields: np.ndarray, width: int) -> np.ndarray:
     """Pack unsigned ``fields`` (any shape, read in C order) at ``width`` bits each.
 
@@ -53,14 +58,15 @@ def pack_bits(fields: np.ndarray, width: int) -> np.ndarray:
     """
     _check_width(width)
     flat = np.ascontiguousarray(fields).reshape(-1)
-    if flat.size and (flat.min() < 0 or int(flat.max()) >= (1 << width)):
-        raise ValueError(f"fields must lie in [0, 2**{width})")
-    flat = flat.astype(_container(width), copy=False)
+    container = np.dtype(_container(width))
     if width in (8, 16, 32):  # byte-aligned fields: the layout is plain little-endian bytes
-        return flat.astype(flat.dtype.newbyteorder("<"), copy=False).view(np.uint8).copy()
+        _check_range(flat, width)
+        return flat.astype(container.newbyteorder("<"), copy=False).view(np.uint8).copy()
     out = np.empty(packed_nbytes(flat.size, width), dtype=np.uint8)
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]
+        _check_range(chunk, width)  # chunk by chunk: each is still in cache when it is packed
+        chunk = chunk.astype(container, copy=False)
         packed = _pack_bit_matrix(chunk, width) if width < 8 else _pack_groups(chunk, width)
         offset = start * width // 8
         out[offset : offset + packed.size] = packed
@@ -85,50 +91,54 @@ def _unpack_bit_matrix(data: np.ndarray, width: int, count: int) -> np.ndarray:
     return values  # in the narrow container: the caller's assignment widens it without another copy
 
 
-# Above 8 bits: eight fields of ``width`` bits are exactly ``width`` bytes of the stream. Each group of eight is
-# assembled in ``ceil(width / 8)`` little-endian 64-bit words (field i at stream bit i * width of
-# its group, split across two words where it straddles one), whose first ``width`` bytes are the
-# group's bytes. The Python loops run over the eight fields of a group and the words, never over
-# weights or bits.
-_GROUP = 8
+# Above 8 bits: 32 fields of ``width`` bits are exactly ``width`` little-endian 32-bit words of the
+# stream (field i starts at bit i * width of its group, split across two words where it straddles
+# one). Both directions first lay the chunk out as 32 contiguous rows (field i of every group, or
+# word w of every group), so that each of the 32 shift-and-or passes reads and writes contiguous
+# memory; a chunk of 2**18 fields keeps those passes in cache. The Python loops run over the 32
+# fields of a group, never over weights or bits.
+_GROUP = 32
 
 
 def _pack_groups(chunk: np.ndarray, width: int) -> np.ndarray:
     count = chunk.size
     groups = -(-count // _GROUP)
-    padded = np.zeros(groups * _GROUP, dtype=np.uint64)
-    padded[:count] = chunk
-    fields = np.ascontiguousarray(padded.reshape(groups, _GROUP).T)  # row i: field i of every group
-    words = np.zeros((-(-width // 8), groups), dtype="<u8")  # row w: word w of every group
+    if count % _GROUP:
+        padded = np.zeros(groups * _GROUP, dtype=chunk.dtype)
+        padded[:count] = chunk
+        chunk = padded
+    fields = np.ascontiguousarray(chunk.reshape(groups, _GROUP).T)  # row i: field i of every group
+    words = np.zeros((width, groups), dtype=np.uint32)  # row w: word w of every group
+    part = np.empty(groups, dtype=np.uint32)
     for i in range(_GROUP):
-        word, shift = divmod(i * width, 64)
-        words[word] |= fields[i] << np.uint64(shift)
-        if shift + width > 64:  # the field's high bits continue in the next word
-            words[word + 1] |= fields[i] >> np.uint64(64 - shift)
-    group_bytes = np.ascontiguousarray(words.T).view(np.uint8)  # (groups, 8 * words), little-endian
-    return group_bytes[:, :width].reshape(-1)[: packed_nbytes(count, width)]
+        word, shift = divmod(i * width, 32)
+        np.left_shift(fields[i], np.uint32(shift), out=part, casting="unsafe")  # bits past 32 fall off
+        np.bitwise_or(words[word], part, out=words[word])
+        if shift + width > 32:  # the field's high bits continue in the next word
+            np.right_shift(fields[i], np.uint32(32 - shift), out=part, casting="unsafe")
+            np.bitwise_or(words[word + 1], part, out=words[word + 1])
+    group_words = np.ascontiguousarray(words.T).astype("<u4", copy=False)  # (groups, width)
+    return group_words.view(np.uint8).reshape(-1)[: packed_nbytes(count, width)]
 
 
 def _unpack_groups(data: np.ndarray, width: int, count: int) -> np.ndarray:
     groups = -(-count // _GROUP)
-    n_words = -(-width // 8)
-    raw = np.zeros((groups, 8 * n_words), dtype=np.uint8)
-    if data.size == groups * width:
-        raw[:, :width] = data.reshape(groups, width)
-    else:
-        buffer = np.zeros(groups * width, dtype=np.uint8)
-        buffer[: data.size] = data
-        raw[:, :width] = buffer.reshape(groups, width)
-    words = np.ascontiguousarray(raw.view("<u8").T)  # row w: word w of every group
-    mask = np.uint64((1 << width) - 1)
-    fields = np.empty((_GROUP, groups), dtype=np.uint64)
+    if data.size != groups * width * 4:
+        padded = np.zeros(groups * width * 4, dtype=np.uint8)
+        padded[: data.size] = data
+        data = padded
+    words = np.ascontiguousarray(data.view("<u4").reshape(groups, width).T)  # row w: word w of every group
+    fields = np.empty((_GROUP, groups), dtype=np.uint32)
+    part = np.empty(groups, dtype=np.uint32)
+    mask = np.uint32((1 << width) - 1)
     for i in range(_GROUP):
-        word, shift = divmod(i * width, 64)
-        value = words[word] >> np.uint64(shift)
-        if shift + width > 64:
-            value |= words[word + 1] << np.uint64(64 - shift)
-        np.bitwise_and(value, mask, out=fields[i])
-    return fields.T.reshape(-1)[:count]  # uint64; the caller's assignment widens it
+        word, shift = divmod(i * width, 32)
+        np.right_shift(words[word], np.uint32(shift), out=fields[i])
+        if shift + width > 32:
+            np.left_shift(words[word + 1], np.uint32(32 - shift), out=part)
+            np.bitwise_or(fields[i], part, out=fields[i])
+        np.bitwise_and(fields[i], mask, out=fields[i])
+    return fields.T.reshape(-1)[:count]  # uint32; the caller's assignment widens it
 
 
 def unpack_bits(data: np.ndarray, width: int, count: int) -> np.ndarray:
