@@ -705,12 +705,15 @@ def evaluate_run(
 ) -> dict:
     """Accuracy of a packed file, of a run's exactly quantized model, or of an ``mpq train`` run's FP model.
 
+    On the whole validation (test) split, unless ``data_overrides`` sets ``limit_val_batches``.
     ``model`` names the user factory of a file or run made with one (never taken from the file).
     """
     overrides = {"device": device} if device else {}
     run_path = Path(target)
     if run_path.is_file():
         return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model, verify=verify)
+    # the whole split unless asked: a run's --limit-val-batches bounded its in-training checks, not this measurement
+    data_overrides = {"limit_val_batches": None, **(data_overrides or {})}
     config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
     if config is None:
         raise MpqError(
@@ -750,6 +753,9 @@ def evaluate_packed(
     verify: bool = True,
 ) -> dict:
     """Top-1 (and top-5) of the model decoded from a packed file, on the data recorded in it by default.
+
+    The whole validation (test) split unless ``data_overrides`` sets ``limit_val_batches``; the result's
+    ``top1_at_export`` was measured on the run's ``limit_val_batches_at_export`` batches (``None``: all).
 
     ``model`` names the user factory of a file made with one (never taken from the file).
     """
@@ -792,6 +798,7 @@ def evaluate_packed(
         "synthetic": info.synthetic,
         **result,
         "top1_at_export": (header.get("source") or {}).get("top1"),
+        "limit_val_batches_at_export": recorded_data.get("limit_val_batches"),
         "out": str(path),
     }
 
@@ -819,8 +826,9 @@ def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, i
     ]
 
 
-# The data settings a packed file's eval record may set (the data folder is the reader's own).
-_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "limit_train_batches", "limit_val_batches", "augment")
+# The data settings a packed file's eval record may set (the data folder is the reader's own; the run's
+# --limit-val-batches bounded its in-training checks: mpq eval measures the whole split unless asked).
+_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "augment")
 
 
 # ------------------------------------------------------------------------------ export & inspect

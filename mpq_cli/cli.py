@@ -643,6 +643,8 @@ def eval_(
 ):
     """Measure top-1 (and top-5 with more than 5 classes) of a packed file or a run, on its recorded dataset.
 
+    The whole validation (test) split, unless --limit-val-batches is given.
+
     A packed file is decoded into a plain model (no run directory needed); a run evaluates its exact weights.
     """
     overrides = {
@@ -662,7 +664,9 @@ def eval_(
     )
     _emit(summary, as_json, "eval")
     if not as_json and summary.get("top1_at_export") is not None and _rank() == 0:
-        out_console.print(f"the run measured {summary['top1_at_export']:.2f} % at export", highlight=False)
+        limit = summary.get("limit_val_batches_at_export")
+        on = f" on its first {limit} validation batches (--limit-val-batches {limit} compares)" if limit else ""
+        out_console.print(f"the run measured {summary['top1_at_export']:.2f} %{on} at export", highlight=False)
 
 
 @app.command()

@@ -57,6 +57,23 @@ def test_eval_file_matches_the_run(exported, csq_run):
     assert result["top1_at_export"] == csq_run[1]["top1"]
 
 
+def test_eval_measures_the_whole_split_unless_limited(tmp_path):
+    """A run's --limit-val-batches bounded its in-training checks; mpq eval measures every test image
+    unless asked, and says on how many batches the run's own figure was taken."""
+    run = tmp_path / "run"
+    summary = run_json("search", "--method", "uniform", "--target-bits", "4", *SMALL, "--epochs", "1",
+                       "--limit-val-batches", "2", "--out", run, "--quiet")  # fmt: skip
+    out = tmp_path / "u.safetensors"
+    run_json("export", run, "-o", out, "--quiet")
+    whole, limited = run_json("eval", out), run_json("eval", out, "--limit-val-batches", "2")
+    assert whole["samples"] == 256 and limited["samples"] == 64  # synthetic data: 256 test images, batches of 32
+    assert limited["top1"] == summary["top1"] == whole["top1_at_export"]
+    assert whole["limit_val_batches_at_export"] == 2
+    assert run_json("eval", run)["samples"] == 256  # a run directory too
+    printed = invoke("eval", out).output
+    assert "on its first 2 validation batches" in printed
+
+
 def test_payload_is_what_the_stored_bits_promise(exported):
     """Packed weight bytes are within 1 % of sum(params x stored bits / 8) plus the scales."""
     run, out, _ = exported
