@@ -184,5 +184,7 @@ def to_twos_complement(values: np.ndarray, width: int) -> np.ndarray:
 def from_twos_complement(fields: np.ndarray, width: int) -> np.ndarray:
     """Unsigned ``width``-bit fields back to signed integers (sign extension)."""
     _check_width(width)
-    fields = np.asarray(fields, dtype=np.int64)
-    return fields - (((fields >> (width - 1)) & 1) << width)
+    half = np.int64(1 << (width - 1))
+    values = np.bitwise_xor(np.asarray(fields, dtype=np.int64), half)  # flips the sign bit: v + half in [0, 2 half)
+    values -= half
+    return values
