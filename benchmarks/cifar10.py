@@ -257,8 +257,74 @@ def page(rows: list[dict], results: dict[str, dict], log: list[str], args) -> li
         lines.append(
             f"| {row['name']} | {bits} | {stored} | {r['file_top1']:.2f} | {images} | {r['file_bytes']:,} | {wall} |"
         )
+    lines += layer_sections(rows, results)
     lines += ["", "Commands, in order:", "", "```", *log, "```"]
     return lines
+
+
+def layer_kind(layer: dict) -> str:
+    """What a layer is, from its weight's shape: depthwise and pointwise convolutions are where
+    MobileNetV2's quantization sensitivity is known to differ."""
+    shape = layer["shape"]
+    if layer["kind"] == "linear":
+        return "classifier"
+    out_ch, in_ch, kh, kw = shape
+    if in_ch == 1 and kh * kw > 1:
+        return f"depthwise {kh}x{kw}"
+    return "pointwise 1x1" if kh == kw == 1 else f"conv {kh}x{kw}"
+
+
+def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
+    """Per model, the best run of each method (top-1 from its file): bits by kind of layer, then layer by layer."""
+    lines: list[str] = []
+    for model in ("mobilenet_v2", "resnet20"):
+        best: dict[str, tuple[float, dict]] = {}
+        for row in rows:
+            r = results.get(row["name"])
+            if row["model"] != model or row.get("fp") or r is None or "error" in r:
+                continue
+            method = row["command"][row["command"].index("--method") + 1]
+            if method == "uniform":  # the same bits everywhere
+                continue
+            if method not in best or r["file_top1"] > best[method][0]:
+                best[method] = (r["file_top1"], row)
+        if not best:
+            continue
+        schemes = {m: json.loads((ROOT / row["run"] / "scheme.json").read_text()) for m, (_, row) in best.items()}
+        methods = sorted(schemes)
+        layers = [layer for layer in next(iter(schemes.values()))["layers"] if layer["bits"] is not None]
+        bits = {m: {entry["name"]: entry["bits"] for entry in schemes[m]["layers"]} for m in methods}
+        kinds: dict[str, list[dict]] = {}
+        for layer in layers:
+            kinds.setdefault(layer_kind(layer), []).append(layer)
+        lines += [
+            "",
+            f"## {model}: bits per layer, best run of each method",
+            "",
+            "Runs: " + "; ".join(f"{m}: {best[m][1]['name']} ({best[m][0]:.2f} %)" for m in methods) + ". "
+            "Nominal bits (each method's own count; ALQ: binary bases per weight), averaged over each kind "
+            "of layer weighted by parameters.",
+            "",
+            "| kind of layer | layers | params | " + " | ".join(methods) + " |",
+            "|---|---|---|" + "---|" * len(methods),
+        ]
+        for kind, group in kinds.items():
+            params = sum(layer["params"] for layer in group)
+            means = [sum(bits[m][layer["name"]] * layer["params"] for layer in group) / params for m in methods]
+            lines.append(f"| {kind} | {len(group)} | {params:,} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+        lines += [
+            "",
+            "| layer | kind | params | " + " | ".join(methods) + " |",
+            "|---|---|---|" + "---|" * len(methods),
+        ]
+        for layer in layers:
+            cells = [_bits_cell(bits[m][layer["name"]]) for m in methods]
+            lines.append(f"| {layer['name']} | {layer_kind(layer)} | {layer['params']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _bits_cell(value) -> str:
+    return "FP" if value is None else f"{value:g}" if isinstance(value, int) else f"{value:.2f}"
 
 
 def main() -> None:
