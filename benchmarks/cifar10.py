@@ -200,7 +200,7 @@ def measure(row: dict, log: list[str], data_dir: str, smoke: bool = False) -> di
 
 def _measure(row: dict, log: list[str], data_dir: str, smoke: bool) -> dict:
     run_dir = ROOT / row["run"]
-    # mpq eval replays the run's recorded --limit-val-batches (the in-training check's slice): ask for all
+    # every batch, explicitly: mpq eval before this page replayed the run's in-training --limit-val-batches
     whole = ["--data-dir", data_dir, "--limit-val-batches", "2" if smoke else str(EVERY_BATCH)]
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())

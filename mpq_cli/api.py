@@ -798,9 +798,14 @@ def evaluate_packed(
         "synthetic": info.synthetic,
         **result,
         "top1_at_export": (header.get("source") or {}).get("top1"),
-        "limit_val_batches_at_export": recorded_data.get("limit_val_batches"),
+        "limit_val_batches_at_export": _recorded_limit(recorded_data.get("limit_val_batches")),
         "out": str(path),
     }
+
+
+def _recorded_limit(value) -> int | None:
+    """A file's record of its run's --limit-val-batches, for display: a positive int, else None (all, or unreadable)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> list[dict]:

@@ -665,8 +665,10 @@ def eval_(
     _emit(summary, as_json, "eval")
     if not as_json and summary.get("top1_at_export") is not None and _rank() == 0:
         limit = summary.get("limit_val_batches_at_export")
-        on = f" on its first {limit} validation batches (--limit-val-batches {limit} compares)" if limit else ""
-        out_console.print(f"the run measured {summary['top1_at_export']:.2f} %{on} at export", highlight=False)
+        on = f" on its first {limit} validation batches of each process (--limit-val-batches {limit})" if limit else ""
+        out_console.print(
+            f"the run measured {summary['top1_at_export']:.2f} %{on} at export", highlight=False, markup=False
+        )
 
 
 @app.command()

@@ -134,10 +134,13 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
             row.file = str(packed)
             row.avg_bits, row.avg_stored_bits = size["avg_bits"], size["avg_stored_bits"]
             row.file_bytes = size["file_bytes"]
-            data_dir = getattr(sweep.data, "data_dir", None)
+            # the sweep's --limit-val-batches bounds this measurement too: FP32's and the runs' own top-1 are on it
+            overrides = {"limit_val_batches": getattr(sweep.data, "limit_val_batches", None)}
+            if getattr(sweep.data, "data_dir", None):
+                overrides["data_dir"] = sweep.data.data_dir
             evaluated = api.evaluate_packed(
                 packed,
-                {"data_dir": data_dir} if data_dir else None,
+                overrides,
                 device=sweep.train.get("device"),
                 reporter=reporter,
             )

@@ -71,7 +71,7 @@ def test_eval_measures_the_whole_split_unless_limited(tmp_path):
     assert whole["limit_val_batches_at_export"] == 2
     assert run_json("eval", run)["samples"] == 256  # a run directory too
     printed = invoke("eval", out).output
-    assert "on its first 2 validation batches" in printed
+    assert "on its first 2 validation batches of each process" in printed
 
 
 def test_payload_is_what_the_stored_bits_promise(exported):

@@ -42,6 +42,20 @@ def test_pack_unpack_round_trip(width, data):
     assert np.array_equal(unpack_bits(packed, width, count), values)
 
 
+@pytest.mark.parametrize("width", range(1, 33))
+def test_layout_equals_a_plain_bit_stream(width):
+    """Every width against the layout's definition (field j's bit t is stream bit j * width + t, bytes
+    little-endian), built with Python integers: independent of NumPy's dtype promotion rules."""
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 1 << width, size=70, dtype=np.int64)  # two groups of 32 and a partial one
+    values[:3] = (1 << width) - 1  # every bit set, the highest included
+    stream = sum(int(v) << (j * width) for j, v in enumerate(values))
+    expected = stream.to_bytes(packed_nbytes(values.size, width), "little")
+    for fields in (values, values.astype(np.uint64), values.astype(np.uint32 if width > 16 else np.uint16)):
+        assert pack_bits(fields, width).tobytes() == expected
+    assert np.array_equal(unpack_bits(np.frombuffer(expected, np.uint8), width, values.size), values)
+
+
 @pytest.mark.parametrize("width", [3, 8, 13, 16, 17, 31, 32])
 def test_pack_across_chunk_boundaries(width):
     rng = np.random.default_rng(width)

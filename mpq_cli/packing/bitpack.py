@@ -107,15 +107,16 @@ def _pack_groups(chunk: np.ndarray, width: int) -> np.ndarray:
         padded = np.zeros(groups * _GROUP, dtype=chunk.dtype)
         padded[:count] = chunk
         chunk = padded
-    fields = np.ascontiguousarray(chunk.reshape(groups, _GROUP).T)  # row i: field i of every group
+    # row i: field i of every group, widened first (NumPy 1 shifts a uint16 in uint16 whatever the out dtype)
+    fields = np.ascontiguousarray(chunk.reshape(groups, _GROUP).T, dtype=np.uint32)
     words = np.zeros((width, groups), dtype=np.uint32)  # row w: word w of every group
     part = np.empty(groups, dtype=np.uint32)
     for i in range(_GROUP):
         word, shift = divmod(i * width, 32)
-        np.left_shift(fields[i], np.uint32(shift), out=part, casting="unsafe")  # bits past 32 fall off
+        np.left_shift(fields[i], np.uint32(shift), out=part)  # bits past 32 fall off
         np.bitwise_or(words[word], part, out=words[word])
         if shift + width > 32:  # the field's high bits continue in the next word
-            np.right_shift(fields[i], np.uint32(32 - shift), out=part, casting="unsafe")
+            np.right_shift(fields[i], np.uint32(32 - shift), out=part)
             np.bitwise_or(words[word + 1], part, out=words[word + 1])
     group_words = np.ascontiguousarray(words.T).astype("<u4", copy=False)  # (groups, width)
     return group_words.view(np.uint8).reshape(-1)[: packed_nbytes(count, width)]
