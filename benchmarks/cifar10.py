@@ -47,7 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, run, write_results  # noqa: E402
 
 BACKBONE = "../shared/data/mobilenet_v2-imagenet-features.safetensors"
-EVERY_BATCH = 10**9  # a --limit-val-batches no test set reaches: the whole test set
+EVERY_BATCH = 10**9
+# BMPQ's paper quantizes each layer's input at the layer's weight bits (PACT); every other row keeps FP
+# activations, so the like-for-like BMPQ rows switch that off, and the MobileNetV2 block also shows the paper's
+BMPQ_ACTIVATIONS = {"fp-act": ["--set", "act_follow_weights=false"], "paper-act": [], "": []}
+BMPQ_LABELS = {
+    "fp-act": "FP activations",
+    "paper-act": "inputs at weight bits, as its paper",
+}  # a --limit-val-batches no test set reaches: the whole test set
 
 
 def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
@@ -66,23 +73,26 @@ def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
     for seed in args.seeds:
         common = [*mb, "--epochs", str(args.mbv2_epochs), "--seed", str(seed), "--checkpoint", mb_fp]
         common += ["--probe-batches", str(args.mbv2_probe_batches)]
-        for method, target, lr in (
-            ("uniform", 4, args.mbv2_lr),
-            ("uniform", 4, None),  # its own default lr too: the baseline gets the better of two
-            ("uniform", 3, args.mbv2_lr),  # 4 stored bits: the methods' 4 nominal bits store 4.3-5
-            ("csq", 4, args.mbv2_lr),
-            ("bsq", 4, args.mbv2_lr),
-            ("bmpq", 4, args.mbv2_lr),
-            ("alq", 2, args.mbv2_lr),
+        for method, target, lr, variant in (
+            ("uniform", 4, args.mbv2_lr, ""),
+            ("uniform", 4, None, ""),  # its own default lr too: the baseline gets the better of two
+            ("uniform", 3, args.mbv2_lr, ""),  # 4 stored bits: the methods' 4 nominal bits store 4.3-5
+            ("csq", 4, args.mbv2_lr, ""),
+            ("bsq", 4, args.mbv2_lr, ""),
+            ("bmpq", 4, args.mbv2_lr, "fp-act"),  # FP activations, as every other row
+            ("bmpq", 4, args.mbv2_lr, "paper-act"),  # its paper's inputs at each layer's weight bits
+            ("alq", 2, args.mbv2_lr, ""),
         ):
-            extra = ["--bits", "2,4,6"] if method == "bmpq" else []
+            extra = ["--bits", "2,4,6", *BMPQ_ACTIVATIONS[variant]] if method == "bmpq" else []
             extra += ["--lr", str(lr)] if lr is not None else []
+            label = f" ({BMPQ_LABELS[variant]})" if variant else ""
             rows.append(
                 dict(
-                    name=f"mobilenet_v2 {method} {target} bits, lr {lr or 'default'}, seed {seed}",
+                    name=f"mobilenet_v2 {method}{label} {target} bits, lr {lr or 'default'}, seed {seed}",
                     model="mobilenet_v2",
                     target=target,
-                    run=out / f"mb-{method}-{target}-lr{lr or 'default'}-s{seed}",
+                    # the paper-act runs kept the name they had before FP-activation rows were added
+                    run=out / f"mb-{method}{'-fpact' * (variant == 'fp-act')}-{target}-lr{lr or 'default'}-s{seed}",
                     command=["search", "--method", method, "--target-bits", str(target), *extra, *common],
                 )
             )
@@ -128,24 +138,24 @@ def rows_for(args) -> list[dict]:
                 ("csq", [], True),
                 ("bsq", [], True),
                 ("uniform", [], True),
-                ("bmpq", ["--bits", "2,4"], False),
-                ("bmpq", ["--bits", "2,4"], True),
-                ("bmpq", ["--bits", "2,3,4"], False),
-                ("bmpq", ["--bits", "2,3,4"], True),
+                ("bmpq", ["--bits", "2,4", *BMPQ_ACTIVATIONS["fp-act"]], False),
+                ("bmpq", ["--bits", "2,4", *BMPQ_ACTIVATIONS["fp-act"]], True),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_ACTIVATIONS["fp-act"]], False),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_ACTIVATIONS["fp-act"]], True),
             ):
                 if method == "bmpq" and bits not in (2, 3):
                     continue
                 sign = "sign included" if method == "bmpq" else "+sign"
                 target = bits  # each method's own count (BMPQ's includes the sign: it stores fewer bits)
-                label = f"{method} {','.join(extra[1:]) or ''}".strip()
+                support = extra[1] if extra else ""  # BMPQ's --bits
+                label = f"{method} {support}".strip()
                 label += " from FP32" if (start and method == "bmpq") else (" from scratch" if method == "bmpq" else "")
                 rows.append(
                     dict(
                         name=f"resnet20 {label}, {bits} bits ({sign}), seed {seed}",
                         model="resnet20",
                         target=target,
-                        run=out
-                        / f"r20-{method}{''.join(extra[1:]).replace(',', '')}-{'ck' if start else 'sc'}-{bits}-s{seed}",
+                        run=out / f"r20-{method}{support.replace(',', '')}-{'ck' if start else 'sc'}-{bits}-s{seed}",
                         command=[
                             "search",
                             "--method",
