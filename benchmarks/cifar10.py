@@ -47,14 +47,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, run, write_results  # noqa: E402
 
 BACKBONE = "../shared/data/mobilenet_v2-imagenet-features.safetensors"
-EVERY_BATCH = 10**9
+EVERY_BATCH = 10**9  # a --limit-val-batches no test set reaches: the whole test set
 # BMPQ's paper quantizes each layer's input at the layer's weight bits (PACT); every other row keeps FP
 # activations, so the like-for-like BMPQ rows switch that off, and the MobileNetV2 block also shows the paper's
-BMPQ_ACTIVATIONS = {"fp-act": ["--set", "act_follow_weights=false"], "paper-act": [], "": []}
-BMPQ_LABELS = {
-    "fp-act": "FP activations",
-    "paper-act": "inputs at weight bits, as its paper",
-}  # a --limit-val-batches no test set reaches: the whole test set
+BMPQ_FP_ACTIVATIONS = ["--set", "act_follow_weights=false"]
+# MobileNetV2 row variants: extra arguments, label, run-directory suffix (the paper-act and mask-lr-null runs
+# keep the names they were run under)
+VARIANTS = {
+    "": ([], "", ""),
+    "fp-act": (BMPQ_FP_ACTIVATIONS, " (FP activations)", "-fpact"),
+    "paper-act": ([], " (inputs at weight bits, as its paper)", ""),
+    "mask-lr-null": (["--set", "mask_lr=null"], " (masks at --lr: mpq before mask_lr)", "-masklrnull"),
+}
 
 
 def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
@@ -78,21 +82,21 @@ def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
             ("uniform", 4, None, ""),  # its own default lr too: the baseline gets the better of two
             ("uniform", 3, args.mbv2_lr, ""),  # 4 stored bits: the methods' 4 nominal bits store 4.3-5
             ("csq", 4, args.mbv2_lr, ""),
+            ("csq", 4, args.mbv2_lr, "mask-lr-null"),  # the search did not move a bit: the budget step did it all
             ("bsq", 4, args.mbv2_lr, ""),
             ("bmpq", 4, args.mbv2_lr, "fp-act"),  # FP activations, as every other row
             ("bmpq", 4, args.mbv2_lr, "paper-act"),  # its paper's inputs at each layer's weight bits
             ("alq", 2, args.mbv2_lr, ""),
         ):
-            extra = ["--bits", "2,4,6", *BMPQ_ACTIVATIONS[variant]] if method == "bmpq" else []
-            extra += ["--lr", str(lr)] if lr is not None else []
-            label = f" ({BMPQ_LABELS[variant]})" if variant else ""
+            variant_args, label, suffix = VARIANTS[variant]
+            extra = ["--bits", "2,4,6"] if method == "bmpq" else []
+            extra += [*variant_args, *(["--lr", str(lr)] if lr is not None else [])]
             rows.append(
                 dict(
                     name=f"mobilenet_v2 {method}{label} {target} bits, lr {lr or 'default'}, seed {seed}",
                     model="mobilenet_v2",
                     target=target,
-                    # the paper-act runs kept the name they had before FP-activation rows were added
-                    run=out / f"mb-{method}{'-fpact' * (variant == 'fp-act')}-{target}-lr{lr or 'default'}-s{seed}",
+                    run=out / f"mb-{method}{suffix}-{target}-lr{lr or 'default'}-s{seed}",
                     command=["search", "--method", method, "--target-bits", str(target), *extra, *common],
                 )
             )
@@ -138,10 +142,10 @@ def rows_for(args) -> list[dict]:
                 ("csq", [], True),
                 ("bsq", [], True),
                 ("uniform", [], True),
-                ("bmpq", ["--bits", "2,4", *BMPQ_ACTIVATIONS["fp-act"]], False),
-                ("bmpq", ["--bits", "2,4", *BMPQ_ACTIVATIONS["fp-act"]], True),
-                ("bmpq", ["--bits", "2,3,4", *BMPQ_ACTIVATIONS["fp-act"]], False),
-                ("bmpq", ["--bits", "2,3,4", *BMPQ_ACTIVATIONS["fp-act"]], True),
+                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], False),
+                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], True),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], False),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], True),
             ):
                 if method == "bmpq" and bits not in (2, 3):
                     continue

@@ -140,3 +140,10 @@ def rewrite_packed(src, dst, edit_header=None, edit_tensors=None, *, mpq_text=No
         )
     else:
         save_file(tensors, str(dst), metadata={**metadata, "mpq": json.dumps(header)})
+
+
+def pytest_configure(config):
+    # under pytest-xdist (scripts/test.sh runs one worker per core) each worker computes on one thread:
+    # two workers of two threads each on two cores only take turns
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
