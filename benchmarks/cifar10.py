@@ -372,12 +372,17 @@ def main() -> None:
         "--smoke", type=int, default=0, help="N > 0: N training batches per epoch (a check, not a result)"
     )
     parser.add_argument("--results", default="benchmarks/results/cifar10.md")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only write the page: rows whose run has not finished stay pending"
+    )
     args = parser.parse_args()
     rows = rows_for(args)
     results: dict[str, dict] = {}
     log: list[str] = []
     for row in rows:
         if args.only and args.only not in row["name"] and not row.get("fp"):
+            continue
+        if args.no_run and not (ROOT / row["run"] / "summary.json").is_file():
             continue
         results[row["name"]] = measure(row, log, args.data_dir, bool(args.smoke))
         write_results(args.results, page(rows, results, log, args))
