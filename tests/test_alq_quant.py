@@ -74,6 +74,32 @@ def test_weighted_fit_solves_the_regularised_normal_equations():
         assert bool((fitted[g, k:] == 0).all())
 
 
+@pytest.mark.parametrize("elements", [9, 64, 576])
+def test_weighted_fit_is_finite_when_bases_are_dependent(elements):
+    # Eq. 19-20 can give two slots the same signs on every weight (or b1 + b2 = b3 + b4, as a
+    # depthwise 3x3 group of MobileNetV2 did): only the ridge keeps the system solvable, and it must
+    # survive next to Gram entries of about E (H of mean 1), which float32 cannot represent
+    gen = torch.Generator().manual_seed(4)
+    signs = torch.rand(3, 3, elements, generator=gen) > 0.5
+    signs[:, 1] = signs[:, 0]  # a duplicate basis
+    signs[0, 2] = ~signs[0, 0]  # and an opposite one
+    active = torch.ones(3, 3, dtype=torch.bool)
+    target = torch.randn(3, elements, generator=gen)
+    for hessian in (None, torch.ones(3, elements), torch.rand(3, elements, generator=gen) + 0.1):
+        fitted = alq.weighted_fit(signs, active, target, hessian)
+        assert bool(torch.isfinite(fitted).all())
+        assert float(fitted.abs().max()) < 10 * float(target.abs().max())
+        # the fit equals the weighted least squares over the span (computed with independent bases)
+        h = torch.ones(3, elements) if hessian is None else hessian
+        for g in range(3):
+            free = [0] if g == 0 else [0, 2]
+            basis = alq.plus_minus(signs[g, free]).T.double()
+            hw = torch.diag(h[g].double())
+            coef = torch.linalg.solve(basis.T @ hw @ basis, basis.T @ hw @ target[g].double())
+            got = alq.rows_of(signs[g : g + 1], fitted[g : g + 1], active[g : g + 1])[0].double()
+            assert torch.allclose(got, basis @ coef, atol=1e-4)
+
+
 def test_basis_step_does_not_increase_the_quadratic_model():
     signs, coords, active = _random_bases(groups=8, planes=3, elements=50, seed=3)
     active[:, 0] = True

@@ -38,14 +38,20 @@ def weighted_fit(
     ``alpha = (B^T H B + ridge I)^-1 B^T H target`` (Eq. 23 with ``target = w - g/H``;
     Alg. 1's least squares with ``H = I``).
     """
-    basis = plus_minus(signs) * active.unsqueeze(-1)  # (G, P, E), zero rows for inactive slots
-    weighted = basis if weights is None else basis * weights.unsqueeze(1)
+    # In float64: the bases of a group can be linearly dependent (Eq. 19-20 may give two slots the same
+    # or opposite signs on every weight, likely in groups of a few weights such as a depthwise 3x3), and
+    # then only the ridge keeps the system invertible. In float32 it cannot: next to entries of about
+    # ``E`` (H has mean 1) the ridge is below the rounding of the Gram matrix, the solve meets a zero
+    # pivot and returns inf/NaN coordinates.
+    basis = plus_minus(signs).to(torch.float64) * active.unsqueeze(-1)  # (G, P, E), zero rows for inactive slots
+    weighted = basis if weights is None else basis * weights.to(torch.float64).unsqueeze(1)
     gram = torch.einsum("gpe,gqe->gpq", weighted, basis)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     gram = gram + ridge * eye + torch.diag_embed((~active).to(gram.dtype))  # inactive: identity, rhs 0
-    rhs = torch.einsum("gpe,ge->gp", weighted, target)
+    rhs = torch.einsum("gpe,ge->gp", weighted, target.to(torch.float64))
     # positive definite by the ridge; solve_ex skips the error check, a host sync on a GPU
-    return torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))[0].squeeze(-1) * active
+    solution = torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))[0].squeeze(-1)
+    return (solution * active).to(torch.float32)
 
 
 def flip_negative(signs: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
