@@ -251,7 +251,10 @@ def page(rows: list[dict], results: dict[str, dict], log: list[str], args) -> li
         f"an FP32 reference of {args.fp_epochs} full epochs; MobileNetV2 rows: {args.mbv2_epochs} epochs of "
         f"{args.mbv2_batches} batches of 64 at 96 px. Short QAT at equal effort for every row, not full-length "
         "results. Top-1 on the whole test set (10,000 images) from each exported file. Command: "
-        "`.venv/bin/python benchmarks/cifar10.py` (arguments above are its defaults).",
+        "`.venv/bin/python benchmarks/cifar10.py` (arguments above are its defaults). Wall seconds are not "
+        "comparable between rows: many ran while tests or another row shared the CPU. A row's measurement is "
+        "cached beside its run (`<run>.measured.json`); some were carried there from an earlier page of this "
+        "script (same file, same export and eval commands; their top-1 to two decimals).",
         "",
         "| run | avg bits (nominal, the method's count) | avg stored bits (file) | top-1 % (from the file) | "
         "test images | file bytes | wall s |",
