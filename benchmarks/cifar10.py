@@ -7,9 +7,11 @@ Run from the repository root after `bash scripts/setup.sh`, in the background (h
 Data: the shared CIFAR-10 JPEGs (`--data-dir ../shared/data`, decoded once into a cache). Rows:
 
 - resnet20: an FP32 reference trained from scratch; from it, at 2 and 3 average bits (each
-  method's own count), CSQ, BSQ (budget mode), BMPQ with support {2,4} and {2,3,4} (from
-  scratch as its paper, and from the checkpoint), uniform QAT at the same stored bits (its
-  nominal bits are the methods' for CSQ/BSQ: both store a sign), and ALQ at 1 bit;
+  method's own count), CSQ, BSQ (budget mode) and uniform QAT (all three store a sign beside
+  their bits: 3 and 4 stored bits), BMPQ with support {2,4} and {2,3,4} (from scratch as its
+  paper, and from the checkpoint) at the same stored bits (its count includes the sign: 3 and
+  4; at 2 it is refused, its 16-bit first and last layers put the smallest scheme at 2.055),
+  and ALQ at 1 bit beside uniform at 1 bit (+sign, ternary);
 - mobilenet_v2: the shared ImageNet backbone with a new head, fine-tuned at 96 px (CIFAR
   upsampled: at 32 px its strides leave 1 px) as the FP32 reference; from it every method at
   an average of 4 bits and uniform 4 bits, and ALQ at 2.
@@ -148,19 +150,21 @@ def rows_for(args) -> list[dict]:
                 ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], False),
                 ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], True),
             ):
-                if method == "bmpq" and bits not in (2, 3):
-                    continue
                 sign = "sign included" if method == "bmpq" else "+sign"
-                target = bits  # each method's own count (BMPQ's includes the sign: it stores fewer bits)
+                # each method's own count: CSQ, BSQ and uniform store a sign beside their bits, BMPQ's count
+                # includes it, so BMPQ runs one bit higher to store what the others store (at 2 bits its count
+                # is refused: 16-bit first and last layers put the smallest scheme at 2.055)
+                target = bits + 1 if method == "bmpq" else bits
                 support = extra[1] if extra else ""  # BMPQ's --bits
                 label = f"{method} {support}".strip()
                 label += " from FP32" if (start and method == "bmpq") else (" from scratch" if method == "bmpq" else "")
                 rows.append(
                     dict(
-                        name=f"resnet20 {label}, {bits} bits ({sign}), seed {seed}",
+                        name=f"resnet20 {label}, {target} bits ({sign}), seed {seed}",
                         model="resnet20",
                         target=target,
-                        run=out / f"r20-{method}{support.replace(',', '')}-{'ck' if start else 'sc'}-{bits}-s{seed}",
+                        stored=bits + 1,  # the rows that store the same bits are compared
+                        run=out / f"r20-{method}{support.replace(',', '')}-{'ck' if start else 'sc'}-{target}-s{seed}",
                         command=[
                             "search",
                             "--method",
@@ -180,6 +184,16 @@ def rows_for(args) -> list[dict]:
                 target=1,
                 run=out / f"r20-alq-1-s{seed}",
                 command=["search", "--method", "alq", "--target-bits", "1", *common, "--checkpoint", r20_fp]
+                + ["--lr", str(args.r20_lr)],
+            )
+        )
+        rows.append(  # ALQ's baseline: uniform's fewest bits (ternary: 2 stored), at least what ALQ stores
+            dict(
+                name=f"resnet20 uniform, 1 bit (+sign), seed {seed}",
+                model="resnet20",
+                target=1,
+                run=out / f"r20-uniform-ck-1-s{seed}",
+                command=["search", "--method", "uniform", "--target-bits", "1", *common, "--checkpoint", r20_fp]
                 + ["--lr", str(args.r20_lr)],
             )
         )
@@ -293,13 +307,17 @@ def layer_kind(layer: dict) -> str:
 
 
 def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
-    """Per model, the best run of each method (top-1 from its file): bits by kind of layer, then layer by layer."""
+    """Per model (resnet20: per budget, as its rows run at 2 and 3 bits), the best run of each method (top-1
+    from its file): bits by kind of layer, then layer by layer."""
     lines: list[str] = []
-    for model in ("mobilenet_v2", "resnet20"):
+    budgets = sorted({row["stored"] for row in rows if row["model"] == "resnet20" and row.get("stored")})
+    for model, budget in [("mobilenet_v2", None), *(("resnet20", b) for b in budgets)]:
         best: dict[str, tuple[float, dict]] = {}
         for row in rows:
             r = results.get(row["name"])
             if row["model"] != model or row.get("fp") or r is None or "error" in r:
+                continue
+            if budget is not None and row.get("stored") != budget:
                 continue
             method = row["command"][row["command"].index("--method") + 1]
             if method == "uniform":  # the same bits everywhere
@@ -317,7 +335,8 @@ def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
             kinds.setdefault(layer_kind(layer), []).append(layer)
         lines += [
             "",
-            f"## {model}: bits per layer, best run of each method",
+            f"## {model}{'' if budget is None else f' at {budget} stored bits'}: bits per layer, "
+            "best run of each method",
             "",
             "Runs: " + "; ".join(f"{m}: {best[m][1]['name']} ({best[m][0]:.2f} %)" for m in methods) + ". "
             "Nominal bits (each method's own count; ALQ: binary bases per weight), averaged over each kind "
