@@ -306,6 +306,17 @@ def layer_kind(layer: dict) -> str:
     return "pointwise 1x1" if kh == kw == 1 else f"conv {kh}x{kw}"
 
 
+def layer_group(model: str, layer: dict) -> str:
+    """The rows of the by-kind table: MobileNetV2's kinds of layer; resnet20's stages (its 3x3 convolutions
+    differ by depth and width, and its papers' figures show bits falling from the first stage to the last)."""
+    if model != "resnet20":
+        return layer_kind(layer)
+    stage = layer["name"].split(".")[0]
+    if "downsample" in layer["name"]:
+        return "downsample 1x1"
+    return {"conv1": "first conv", "fc": "classifier"}.get(stage, f"{stage} 3x3")
+
+
 def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
     """Per model (resnet20: per budget, as its rows run at 2 and 3 bits), the best run of each method (top-1
     from its file): bits by kind of layer, then layer by layer."""
@@ -332,7 +343,7 @@ def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
         bits = {m: {entry["name"]: entry["bits"] for entry in schemes[m]["layers"]} for m in methods}
         kinds: dict[str, list[dict]] = {}
         for layer in layers:
-            kinds.setdefault(layer_kind(layer), []).append(layer)
+            kinds.setdefault(layer_group(model, layer), []).append(layer)
         lines += [
             "",
             f"## {model}{'' if budget is None else f' at {budget} stored bits'}: bits per layer, "
@@ -342,7 +353,7 @@ def layer_sections(rows: list[dict], results: dict[str, dict]) -> list[str]:
             "Nominal bits (each method's own count; ALQ: binary bases per weight), averaged over each kind "
             "of layer weighted by parameters.",
             "",
-            "| kind of layer | layers | params | " + " | ".join(methods) + " |",
+            "| kind of layer (resnet20: stage) | layers | params | " + " | ".join(methods) + " |",
             "|---|---|---|" + "---|" * len(methods),
         ]
         for kind, group in kinds.items():
