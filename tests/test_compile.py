@@ -51,6 +51,23 @@ def test_compiled_plane_sums_match_the_eager_kernels(shape):
         torch.testing.assert_close(b, a)
 
 
+def test_layers_of_every_shape_share_one_compiled_kernel():
+    """Logits are parameters, whose shapes torch.compile keeps static: without care every layer shape
+    compiled its own kernel, and past dynamo's recompile limit (8) resnet18's other layers ran eagerly."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(4, 3, 3, 3), (8, 4, 3, 3), (8, 8, 3, 3), (16, 8, 3, 3), (16, 16, 3, 3), (16, 8, 1, 1)]
+    graphs = counters["stats"]["unique_graphs"]
+    with compiled_kernels():
+        for shape in shapes:
+            pos, neg = (torch.nn.Parameter(torch.randn(*shape, 8)) for _ in range(2))
+            gated_plane_sum(pos, neg, bit_values(8), 3.0).sum().backward()
+            linear_plane_sum(pos, neg, bit_values(8)).sum().backward()
+            assert pos.grad is not None and neg.grad is not None
+    # the gated and the linear sum: a first (static) kernel each, then one dynamic kernel each at most
+    assert counters["stats"]["unique_graphs"] - graphs <= 4 < len(shapes)
+
+
 def test_compiled_kernels_is_scoped():
     from mpq_cli.quant import bits
 

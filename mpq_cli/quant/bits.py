@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def bit_values(n_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -185,6 +186,14 @@ def _compiled(expression):
     return torch.compile(expression, dynamic=True)
 
 
+def _not_parameters(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # torch.compile keeps an nn.Parameter's shape static even under dynamic=True, so the logits passed as
+    # parameters cost one kernel per layer shape, and past dynamo's recompile limit (8: resnet18 has more
+    # shapes) the rest of the layers ran eagerly; a view of a parameter is a plain tensor (same storage and
+    # gradient), so every layer of a rank shares one dynamic kernel
+    return tuple(t.view_as(t) if isinstance(t, nn.Parameter) else t for t in tensors)
+
+
 def gated_plane_sum(pos: torch.Tensor, neg: torch.Tensor, plane_weights: torch.Tensor, beta: float) -> torch.Tensor:
     """CSQ's relaxed code ``sum_b (sigmoid(beta pos_b) - sigmoid(beta neg_b)) * plane_weights_b``.
 
@@ -195,7 +204,8 @@ def gated_plane_sum(pos: torch.Tensor, neg: torch.Tensor, plane_weights: torch.T
     """
     if _COMPILED.get():
         # beta as a tensor: a Python float would be baked into the kernel and recompiled every step
-        return _compiled(_gated_expression)(pos, neg, plane_weights, pos.new_tensor(float(beta)))
+        beta_tensor = pos.new_tensor(float(beta))
+        return _compiled(_gated_expression)(*_not_parameters(pos, neg, plane_weights), beta_tensor)
     return _GatedPlanes.apply(pos, neg, plane_weights, float(beta))
 
 
@@ -204,5 +214,5 @@ def linear_plane_sum(pos: torch.Tensor, neg: torch.Tensor, plane_weights: torch.
     if plane_weights.requires_grad:
         raise ValueError("linear_plane_sum takes constant plane weights")
     if _COMPILED.get():
-        return _compiled(_linear_expression)(pos, neg, plane_weights)
+        return _compiled(_linear_expression)(*_not_parameters(pos, neg, plane_weights))
     return _LinearPlanes.apply(pos, neg, plane_weights)
