@@ -7,8 +7,9 @@ Eq. (5)::
     W = s / (2^n - 1) * sum_b (f(m_p^b) - f(m_n^b)) * 2^b * f(m_B^b),   f(x) = sigmoid(beta * x)
 
 computed for all bits at once as one contraction over the last axis. ``beta`` grows
-exponentially from ``beta_start`` to ``beta_max`` over the search (Alg. 1; we step it
-every batch rather than every epoch so that short runs see a smooth schedule). The
+exponentially from ``beta_start`` to ``beta_max`` over the search stage, and again over
+the fine-tuning stage after the projection (Alg. 1; we step it every batch rather than
+every epoch so that short runs see a smooth schedule). The
 loss adds ``lambda * Delta_S * sum_layers sum_b f(m_B^b)`` (Eq. 6-7) with ``Delta_S``
 the current average bits, counted from ``m_B >= 0`` and weighted by each layer's
 parameters, minus the target.
@@ -89,6 +90,10 @@ class CSQConfig(MethodConfig):
             the budget window and fixed; the remaining steps train the bits under it (as
             Alg. 1's fine-tuning does), so the budget step's damage is trained away.
             1.0 projects only at the very end.
+        ramp_to_projection: Alg. 1: beta reaches beta_max when the search stage ends (the projection
+            step), so the scheme is fixed from nearly hard gates, then rewinds and ramps again over the
+            rest. ``false`` (mpq before config version 5): one ramp over the whole run, which put the
+            projection at beta = beta_max^project_at (about 14) with many gates still soft.
         carry_residual: *ours*: when logits are re-made from codes (the start, the projection), the
             lowest selected bit's logits carry the rounding residual, so the relaxed weight stays the
             weight the codes were rounded from and near-threshold weights sit near a flip.
@@ -103,7 +108,7 @@ class CSQConfig(MethodConfig):
             bits plus a sign and a budget met in nominal bits is met in the file.
     """
 
-    version: int = 4  # 2: carry_residual and precondition; 3: contiguous_bits; 4: mask_lr (older: without)
+    version: int = 5  # 2: carry_residual, precondition; 3: contiguous_bits; 4: mask_lr; 5: ramp_to_projection
     target_bits: float = 3.0
     max_bits: int = 8
     reg_strength: float = 0.01
@@ -116,6 +121,7 @@ class CSQConfig(MethodConfig):
     budget_span: int = 2
     reg_weighting: str = "paper"
     project_at: float = 0.5
+    ramp_to_projection: bool = True
     carry_residual: bool = True
     precondition: str = "fixed"
     contiguous_bits: bool = True
@@ -130,6 +136,8 @@ class CSQConfig(MethodConfig):
             d = {"contiguous_bits": False, **d}
         if isinstance(version, int) and version < 4:
             d = {"mask_lr": None, **d}
+        if isinstance(version, int) and version < 5:
+            d = {"ramp_to_projection": False, **d}
         return super().from_dict(d)
 
     def __post_init__(self) -> None:
@@ -154,6 +162,8 @@ class CSQConfig(MethodConfig):
             raise MpqError(f"mask_lr must be > 0 (or null: --lr), got {self.mask_lr}")
         if self.init_bit_logit <= 0:
             raise MpqError("init_bit_logit must be > 0")
+        if not isinstance(self.ramp_to_projection, bool):
+            raise MpqError(f"ramp_to_projection must be true or false, got {self.ramp_to_projection!r}")
         if not isinstance(self.carry_residual, bool):
             raise MpqError(f"carry_residual must be true or false, got {self.carry_residual!r}")
 
@@ -367,9 +377,16 @@ class CSQ(Method):
     @property
     def beta(self) -> float:
         cfg = self.config
-        span = max(self._total_steps - 1 - self._ramp_start, 1)
+        span = max(self._ramp_end() - self._ramp_start, 1)
         progress = min(max(self._step - self._ramp_start, 0) / span, 1.0)
         return cfg.beta_start * (cfg.beta_max / cfg.beta_start) ** progress
+
+    def _ramp_end(self) -> int:
+        """The step at which the current ramp reaches beta_max: the search's last step before the
+        projection (Alg. 1's search stage ends with hard gates), or the run's last step."""
+        if self.phase is Phase.SEARCH and self.config.ramp_to_projection and self.config.project_at < 1.0:
+            return math.ceil(self.config.project_at * self._total_steps) - 1
+        return self._total_steps - 1
 
     def _apply_beta(self) -> None:
         beta = self.beta
