@@ -59,7 +59,13 @@ VARIANTS = {
     "": ([], "", ""),
     "fp-act": (BMPQ_FP_ACTIVATIONS, " (FP activations)", "-fpact"),
     "paper-act": ([], " (inputs at weight bits, as its paper)", ""),
-    "mask-lr-null": (["--set", "mask_lr=null"], " (masks at --lr: mpq before mask_lr)", "-masklrnull"),
+    "mask-lr-null": (
+        ["--set", "mask_lr=null", "--set", "ramp_to_projection=false"],
+        " (masks at --lr, one β ramp: mpq before mask_lr)",
+        "-masklrnull",
+    ),
+    # CSQ before config version 5: one β ramp over the whole run, so the projection came at β ~ 14, not 200
+    "one-ramp": (["--set", "ramp_to_projection=false"], " (one β ramp: mpq before ramp_to_projection)", "-oneramp"),
 }
 
 
@@ -85,6 +91,7 @@ def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
             ("uniform", 3, args.mbv2_lr, ""),  # 4 stored bits: the methods' 4 nominal bits store 3.9-5
             ("uniform", 3, None, ""),
             ("csq", 4, args.mbv2_lr, ""),
+            ("csq", 4, args.mbv2_lr, "one-ramp"),
             ("csq", 4, args.mbv2_lr, "mask-lr-null"),  # the search did not move a bit: the budget step did it all
             ("bsq", 4, args.mbv2_lr, ""),
             ("bmpq", 4, args.mbv2_lr, "fp-act"),  # FP activations, as every other row
@@ -141,22 +148,24 @@ def rows_for(args) -> list[dict]:
         common = [*r20, "--epochs", str(args.epochs), "--limit-train-batches", str(args.r20_batches), *val]
         common += ["--seed", str(seed)]
         for bits in (2, 3):
-            for method, extra, start in (
-                ("csq", [], True),
-                ("bsq", [], True),
-                ("uniform", [], True),
-                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], False),
-                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], True),
-                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], False),
-                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], True),
+            for method, extra, start, variant in (
+                ("csq", [], True, ""),
+                ("csq", [], True, "one-ramp"),
+                ("bsq", [], True, ""),
+                ("uniform", [], True, ""),
+                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], False, ""),
+                ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], True, ""),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], False, ""),
+                ("bmpq", ["--bits", "2,3,4", *BMPQ_FP_ACTIVATIONS], True, ""),
             ):
+                variant_args, variant_label, suffix = VARIANTS[variant]
                 sign = "sign included" if method == "bmpq" else "+sign"
                 # each method's own count: CSQ, BSQ and uniform store a sign beside their bits, BMPQ's count
                 # includes it, so BMPQ runs one bit higher to store what the others store (at 2 bits its count
                 # is refused: 16-bit first and last layers put the smallest scheme at 2.055)
                 target = bits + 1 if method == "bmpq" else bits
                 support = extra[1] if extra else ""  # BMPQ's --bits
-                label = f"{method} {support}".strip()
+                label = f"{method}{variant_label} {support}".strip()
                 label += " from FP32" if (start and method == "bmpq") else (" from scratch" if method == "bmpq" else "")
                 rows.append(
                     dict(
@@ -164,7 +173,8 @@ def rows_for(args) -> list[dict]:
                         model="resnet20",
                         target=target,
                         stored=bits + 1,  # the rows that store the same bits are compared
-                        run=out / f"r20-{method}{support.replace(',', '')}-{'ck' if start else 'sc'}-{target}-s{seed}",
+                        run=out
+                        / f"r20-{method}{suffix}{support.replace(',', '')}-{'ck' if start else 'sc'}-{target}-s{seed}",
                         command=[
                             "search",
                             "--method",
@@ -172,6 +182,7 @@ def rows_for(args) -> list[dict]:
                             "--target-bits",
                             str(target),
                             *extra,
+                            *variant_args,
                             *common,
                             *(["--checkpoint", r20_fp, "--lr", str(args.r20_lr)] if start else []),
                         ],
