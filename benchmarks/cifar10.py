@@ -59,13 +59,9 @@ VARIANTS = {
     "": ([], "", ""),
     "fp-act": (BMPQ_FP_ACTIVATIONS, " (FP activations)", "-fpact"),
     "paper-act": ([], " (inputs at weight bits, as its paper)", ""),
-    "mask-lr-null": (
-        ["--set", "mask_lr=null", "--set", "ramp_to_projection=false"],
-        " (masks at --lr, one β ramp: mpq before mask_lr)",
-        "-masklrnull",
-    ),
-    # CSQ before config version 5: one β ramp over the whole run, so the projection came at β ~ 14, not 200
-    "one-ramp": (["--set", "ramp_to_projection=false"], " (one β ramp: mpq before ramp_to_projection)", "-oneramp"),
+    "mask-lr-null": (["--set", "mask_lr=null"], " (masks at --lr: mpq before mask_lr)", "-masklrnull"),
+    # CSQ with Algorithm 1's schedule: beta reaches 200 by the projection (mpq's default: one ramp over the run)
+    "alg1-ramp": (["--set", "ramp_to_projection=true"], " (β at 200 by the projection, as Alg. 1)", "-alg1ramp"),
 }
 
 
@@ -91,7 +87,7 @@ def mobilenet_rows(args, mb: list[str], out: Path) -> list[dict]:
             ("uniform", 3, args.mbv2_lr, ""),  # 4 stored bits: the methods' 4 nominal bits store 3.9-5
             ("uniform", 3, None, ""),
             ("csq", 4, args.mbv2_lr, ""),
-            ("csq", 4, args.mbv2_lr, "one-ramp"),
+            ("csq", 4, args.mbv2_lr, "alg1-ramp"),
             ("csq", 4, args.mbv2_lr, "mask-lr-null"),  # the search did not move a bit: the budget step did it all
             ("bsq", 4, args.mbv2_lr, ""),
             ("bmpq", 4, args.mbv2_lr, "fp-act"),  # FP activations, as every other row
@@ -150,7 +146,7 @@ def rows_for(args) -> list[dict]:
         for bits in (2, 3):
             for method, extra, start, variant in (
                 ("csq", [], True, ""),
-                ("csq", [], True, "one-ramp"),
+                ("csq", [], True, "alg1-ramp"),
                 ("bsq", [], True, ""),
                 ("uniform", [], True, ""),
                 ("bmpq", ["--bits", "2,4", *BMPQ_FP_ACTIVATIONS], False, ""),

@@ -192,7 +192,7 @@ def test_search_reaches_beta_max_at_the_projection_then_rewinds(tiny):
     from mpq_cli.engine import loss_probe
 
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
-    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, project_at=0.5)
+    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, project_at=0.5, ramp_to_projection=True)
     tiny.train()
     seen, phases = _betas_over_a_projected_run(method)
     # Alg. 1: the search stage (steps 0-4) ends at beta_max with the gates hard; fine-tuning (5-9) ramps again
@@ -200,10 +200,11 @@ def test_search_reaches_beta_max_at_the_projection_then_rewinds(tiny):
     assert seen == pytest.approx([200.0 ** (i / 4) for i in range(5)] * 2, rel=1e-9)
 
 
-def test_saved_config_before_version_5_keeps_one_ramp_over_the_run(tiny):
+def test_default_and_saved_configs_before_version_5_keep_one_ramp_over_the_run(tiny):
     from mpq_cli.engine import loss_probe
 
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    assert CSQConfig().ramp_to_projection is False
     cfg = CSQConfig.from_dict({"version": 4, "target_bits": 3, "project_at": 0.5})
     assert cfg.ramp_to_projection is False
     method = get_method("csq")(cfg)
@@ -329,7 +330,7 @@ def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (5, True, "fixed", True)
+    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (5, True, "fixed", False)
 
 
 def test_config_round_trip_and_validation():
