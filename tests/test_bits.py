@@ -9,6 +9,7 @@ from mpq_cli.quant.bits import (
     from_bit_planes,
     gated_plane_sum,
     linear_plane_sum,
+    plane_square_norms,
     to_bit_planes,
 )
 
@@ -140,3 +141,27 @@ def test_linear_plane_sum_matches_the_plain_expression_and_rejects_learned_weigh
         torch.testing.assert_close(b, a)
     with pytest.raises(ValueError):
         linear_plane_sum(pos, neg, weights.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (7, 8)], ids=["conv-like", "one-axis"])
+def test_plane_square_norms_match_autograd_of_the_plain_expression(shape):
+    gen = torch.Generator().manual_seed(3)
+    pos = torch.rand(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    neg = torch.rand(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+    plain = (pos.pow(2) + neg.pow(2)).reshape(-1, shape[-1]).sum(0)
+    out = plane_square_norms(pos, neg)
+    torch.testing.assert_close(out, plain)
+    expected = torch.autograd.grad((plain * upstream).sum(), (pos, neg))
+    got = torch.autograd.grad((out * upstream).sum(), (pos, neg))
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a)
+    assert torch.autograd.gradcheck(plane_square_norms, (pos, neg))
+
+
+def test_plane_square_norms_keep_float32_sums_of_many_squares_exact():
+    # a million-weight layer: a float32 sum that loses digits would move BSQ's Lasso (and its gradient scale)
+    planes = torch.rand(1 << 20, 4, generator=torch.Generator().manual_seed(0))
+    exact = (planes.double() ** 2).sum(0)
+    got = plane_square_norms(planes, torch.zeros_like(planes)).double()
+    assert ((got - exact).abs() / exact).max() < 1e-5

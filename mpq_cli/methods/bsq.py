@@ -53,7 +53,14 @@ from torch import nn
 from ..budget import AVERAGE_SLACK, in_window, trial
 from ..errors import MpqError
 from ..quant.act import PACT
-from ..quant.bits import bit_values, canonicalize_codes, linear_plane_sum, round_to_bits, to_bit_planes
+from ..quant.bits import (
+    bit_values,
+    canonicalize_codes,
+    linear_plane_sum,
+    plane_square_norms,
+    round_to_bits,
+    to_bit_planes,
+)
 from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -242,7 +249,7 @@ class BSQWeight(WeightQuantizer):
 
     def group_lasso(self) -> torch.Tensor:
         """Eq. 4 with one group per layer: the L2 norm of each active bit plane (both signs), summed."""
-        squares = (self.planes_pos.pow(2) + self.planes_neg.pow(2)).reshape(-1, self.capacity).sum(0)  # (cap,)
+        squares = plane_square_norms(self.planes_pos, self.planes_neg)  # (cap,)
         return (torch.sqrt(squares + 1e-8) * self.active()).sum()
 
 

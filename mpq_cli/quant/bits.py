@@ -154,6 +154,34 @@ class _LinearPlanes(torch.autograd.Function):
         return grad_pos, -grad_pos, None
 
 
+class _PlaneSquares(torch.autograd.Function):
+    """``sum over weights of pos_b^2 + neg_b^2`` for each plane ``b``, with a one-pass backward.
+
+    Autograd's graph of ``pos.pow(2) + neg.pow(2)`` then a sum runs several full passes over the
+    ``(*S, n_bits)`` planes each way (pow, add, sum; pow's backward as pow, mul, mul), and BSQ's group
+    Lasso takes it every step on every layer: a third of a resnet18 BSQ step on a CPU. Here the forward is
+    one dot product per plane and the backward one multiply per tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, pos, neg):
+        ctx.save_for_backward(pos, neg)
+        rows_pos, rows_neg = pos.reshape(-1, pos.shape[-1]), neg.reshape(-1, neg.shape[-1])
+        # vecdot keeps float32 sums of a million squares at ~1e-7 relative error; vector_norm lost 5e-4 here
+        return torch.linalg.vecdot(rows_pos, rows_pos, dim=0) + torch.linalg.vecdot(rows_neg, rows_neg, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, neg = ctx.saved_tensors
+        twice = 2 * grad  # (n_bits,): broadcast along the planes' last axis
+        return (pos * twice if ctx.needs_input_grad[0] else None, neg * twice if ctx.needs_input_grad[1] else None)
+
+
+def plane_square_norms(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """``||pos_b||^2 + ||neg_b||^2`` for each plane ``b`` of ``(*S, n)`` planes: shape ``(n,)``."""
+    return _PlaneSquares.apply(pos, neg)
+
+
 _COMPILED = contextvars.ContextVar("mpq_compiled_kernels", default=False)
 
 
