@@ -7,9 +7,10 @@ Eq. (5)::
     W = s / (2^n - 1) * sum_b (f(m_p^b) - f(m_n^b)) * 2^b * f(m_B^b),   f(x) = sigmoid(beta * x)
 
 computed for all bits at once as one contraction over the last axis. ``beta`` grows
-exponentially from ``beta_start`` to ``beta_max`` over the search stage, and again over
-the fine-tuning stage after the projection (Alg. 1; we step it every batch rather than
-every epoch so that short runs see a smooth schedule). The
+exponentially from ``beta_start`` to ``beta_max``, stepped every batch rather than every
+epoch so that short runs see a smooth schedule: by default over the whole run, rewound at
+the projection; with ``ramp_to_projection`` over the search stage and again over the rest
+(Alg. 1's schedule, measured behind by default in short searches: see the field). The
 loss adds ``lambda * Delta_S * sum_layers sum_b f(m_B^b)`` (Eq. 6-7) with ``Delta_S``
 the current average bits, counted from ``m_B >= 0`` and weighted by each layer's
 parameters, minus the target.
