@@ -163,5 +163,8 @@ def test_plane_square_norms_keep_float32_sums_of_many_squares_exact():
     # a million-weight layer: a float32 sum that loses digits would move BSQ's Lasso (and its gradient scale)
     planes = torch.rand(1 << 20, 4, generator=torch.Generator().manual_seed(0))
     exact = (planes.double() ** 2).sum(0)
-    got = plane_square_norms(planes, torch.zeros_like(planes)).double()
-    assert ((got - exact).abs() / exact).max() < 1e-5
+    for autocast in (False, True):  # --amp: bf16 autocast must not reach the Lasso's sums
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = plane_square_norms(planes, torch.zeros_like(planes))
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() / exact).max() < 1e-5
