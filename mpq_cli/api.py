@@ -33,7 +33,7 @@ from .errors import MpqError
 from .export import pack_run, size_report
 from .layers import LayerSelection, QuantizedLayer, quantizable_layers
 from .methods import FinalizeResult, Method, get_method
-from .models import ModelSpec, build_model, load_checkpoint
+from .models import ModelSpec, build_model, load_checkpoint, unique_state_dict, with_aliases
 from .models.loading import read_state_dict, recorded_model
 from .models.zoo import BUILTIN
 from .packing.encodings import plan_codes
@@ -281,7 +281,7 @@ def _finish_train(
         "mpq.top1": f"{final['top1']:.4f}",
         "mpq.version": versions()["mpq"],
     }
-    save_safetensors(run_dir / "model.safetensors", ctx.model.state_dict(), metadata)
+    save_safetensors(run_dir / "model.safetensors", unique_state_dict(ctx.model), metadata)
     summary = {
         "command": "train",
         "model": model.name,
@@ -355,7 +355,7 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
     quantizer_prefixes = tuple(f"{n}.weight_quantizer." for n in method.layers)
     other = sum(
         t.numel()
-        for k, t in model.state_dict().items()
+        for k, t in unique_state_dict(model).items()
         if t.is_floating_point() and k not in fp_weight_keys and not k.startswith(quantizer_prefixes)
     )
     return Scheme(method=method.name, layers=entries, other_params=other)
@@ -373,7 +373,7 @@ def _save_quantized_run(
     codes: dict,
 ) -> dict:
     scheme = build_scheme(method, model, codes)
-    save_safetensors(run_dir / "model.safetensors", model.state_dict(), {"mpq.run": "state"})
+    save_safetensors(run_dir / "model.safetensors", unique_state_dict(model), {"mpq.run": "state"})
     write_json(run_dir / "method.json", method.state_dict())
     tensors, forms = {}, {}
     for name, lc in codes.items():
@@ -650,7 +650,7 @@ def load_run(
     method.prepare(ctx.model, loss_probe=probe)
     state, _ = read_state_dict(run_dir / "model.safetensors")
     try:
-        ctx.model.load_state_dict(state)
+        ctx.model.load_state_dict(with_aliases(ctx.model, state))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise MpqError(f"{run_dir}/model.safetensors does not fit the run's config: {first}") from None

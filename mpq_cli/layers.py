@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import MpqError
@@ -75,14 +74,18 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 class QuantizedLayer(nn.Module):
     """A Conv2d or Linear whose weight is produced by a method's weight quantizer.
 
-    The original module is kept as ``self.layer`` (for its bias and convolution
-    arguments) with its FP weight removed, so a quantized model holds no shadow FP
-    weight unless the method itself keeps one (e.g. the uniform baseline's latent weight).
+    The original module is kept as ``self.layer`` with its FP weight removed, so a quantized
+    model holds no shadow FP weight unless the method itself keeps one (e.g. the uniform
+    baseline's latent weight). The layer's own ``forward`` runs, with the method's weight in
+    the place of its FP weight: a user's subclass that pads in its forward (TensorFlow's SAME
+    padding), standardises its weight or reshapes its input computes what it computes in FP,
+    and what the packed file's model computes with the decoded weight.
     """
 
     def __init__(self, layer: nn.Module, weight_quantizer: nn.Module, act_quantizer: nn.Module | None = None):
         super().__init__()
         self.weight_shape = tuple(layer.weight.shape)
+        self.weight_strides = tuple(layer.weight.stride())
         layer.register_parameter("weight", None)
         self.layer = layer
         self.weight_quantizer = weight_quantizer
@@ -94,10 +97,24 @@ class QuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(x)
+        # The weight goes into the module's parameter slot for the length of one call: what
+        # torch.func.functional_call does, without its per-call bookkeeping (a step calls this once per
+        # layer). Not torch.nn.utils.parametrize: it derives a weight from a stored original, and
+        # the methods build theirs from their own parameters (bit planes, codes, binary bases).
         weight = self.weight_quantizer()
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, weight, self.layer.bias)
-        return F.linear(x, weight, self.layer.bias)
+        if weight.stride() != self.weight_strides:
+            # the FP weight's layout, which the packed file's model gets when placed the same way: a kernel
+            # with one channel per group (depthwise) has NCHW and NHWC strides that differ in value only, and
+            # oneDNN picks its kernel, so the last bit of a sum, from them
+            weight = torch.empty_strided(
+                self.weight_shape, self.weight_strides, dtype=weight.dtype, device=weight.device
+            ).copy_(weight)
+        slots = self.layer._parameters
+        slots["weight"] = weight
+        try:
+            return self.layer(x)
+        finally:
+            slots["weight"] = None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -290,6 +290,9 @@ class Method(ABC):
         """
         self.loss_probe = loss_probe
         candidates = quantizable_layers(model)
+        paths: dict[int, list[str]] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), []).append(path)
         self.selection.check_patterns(list(candidates))
         first = True
         for name, layer in candidates.items():
@@ -301,7 +304,9 @@ class Method(ABC):
             act = self.make_act_quantizer(name, first)
             if act is not None:
                 act = act.to(layer.weight.device)
-            replace_module(model, name, QuantizedLayer(layer, quantizer, act))
+            wrapped = QuantizedLayer(layer, quantizer, act)
+            for path in paths[id(layer)]:  # a module registered under several names is one layer: wrap it once
+                replace_module(model, path, wrapped)
             first = False
         self.layers = quantized_layers(model)
         if not self.layers:

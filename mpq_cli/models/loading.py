@@ -270,6 +270,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> tuple[dict[str, str],
         initialisation (the classifier's, for a backbone; else none).
     """
     state, metadata = read_state_dict(path)
+    state = with_aliases(model, state)
     expected = model.state_dict()
     # BatchNorm's step counter matters only without momentum; checkpoints often leave it out, and BatchNorm's
     # own loader then sets it (to 0), as for the shared MobileNetV2 backbone
@@ -305,3 +306,32 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> tuple[dict[str, str],
 def _first(items: list[str], n: int = 3) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every tensor once, under the first name that holds it.
+
+    A module registered under two names (one layer applied twice, an alias kept for a user's
+    convenience) is one layer with one set of tensors; safetensors refuses to write tensors that
+    share memory, and counting them twice would overstate the model's size. :func:`with_aliases`
+    restores the other names when the state is loaded.
+    """
+    seen: set[int] = set()
+    out = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value.detach()
+    return out
+
+
+def with_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each name the model gives an already-named tensor filled from the first name
+    (the inverse of :func:`unique_state_dict`); names the state already holds are left as they are."""
+    first: dict[int, str] = {}
+    out = dict(state)
+    for key, value in model.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(value), key)
+        if owner != key and key not in out and owner in out:
+            out[key] = out[owner]
+    return out

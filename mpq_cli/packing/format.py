@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import MpqError
 from ..models import build_model
-from ..models.loading import recorded_model
+from ..models.loading import recorded_model, with_aliases
 from .bitpack import packed_nbytes
 from .encodings import CODE_BITS, TENSORS, EncodedWeight, decode_weight
 
@@ -484,6 +484,7 @@ def load_packed(
                     state[f"{name}.input_quant.{key}"] = value
     rest = [n for n in packed.tensors if n not in weight_names]
     state.update(packed.read_tensors(rest))
+    state = with_aliases(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

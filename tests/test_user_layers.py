@@ -1,0 +1,116 @@
+"""Layers the way users write them: each quantized layer runs its module's own ``forward``.
+
+A Conv2d subclass that pads in its forward (TensorFlow's SAME padding), a weight-standardised
+conv, one conv applied twice under two names, grouped/depthwise/dilated convs with reflect and
+circular padding, a Linear on 3-D input, and two models from PyPI zoos (timm, EfficientNet-PyTorch).
+Each is checked at 8 bits against its FP model, and through export -> ``load_packed`` against the
+run's own exact model, logit for logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpq_cli
+from mpq_cli import api
+from mpq_cli.data import DataConfig
+from mpq_cli.layers import LayerSelection
+from mpq_cli.methods import get_method
+from mpq_cli.models import ModelSpec, build_model
+
+USER_LAYERS = Path(__file__).with_name("userlayers.py")
+OWN = ["same_padding", "weight_standardised", "shared", "conv_kinds", "linear_3d"]
+ZOO = ["timm_same_padding", "efficientnet_pytorch_b0"]
+
+
+def _spec(factory: str) -> ModelSpec:
+    size = (32, 32) if factory in ZOO else (16, 16)
+    return ModelSpec(f"{USER_LAYERS}:{factory}", None, 10, 3 if factory in ZOO else 1, size)
+
+
+def _input(spec: ModelSpec) -> torch.Tensor:
+    return torch.randn(4, spec.in_channels, *spec.input_size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("factory", OWN + ZOO)
+def test_at_8_bits_every_layer_computes_its_own_forward(factory):
+    torch.manual_seed(0)
+    spec = _spec(factory)
+    model = build_model(spec).eval()
+    x = _input(spec)
+    with torch.no_grad():
+        fp = model(x)
+    method = get_method("uniform")
+    method = method(method.config_class.from_dict({"target_bits": 8}), LayerSelection())
+    method.prepare(model)
+    assert method.layers, "no layer was quantized"
+    with torch.no_grad():
+        quantized = model.eval()(x)
+    assert quantized.shape == fp.shape
+    # 8 bits + sign per weight: the logits move by far less than their spread (a skipped padding or
+    # standardisation moves them by about their spread, or fails on shapes)
+    assert (quantized - fp).abs().max() <= 0.05 * fp.std() + 1e-6, (quantized - fp).abs().max()
+
+
+def test_a_module_registered_twice_is_one_quantized_layer():
+    model = build_model(_spec("shared"))
+    method = get_method("csq")
+    method = method(method.config_class.from_dict({"target_bits": 3}), LayerSelection())
+    method.prepare(model)
+    assert model.shared is model.alias
+    assert list(method.layers) == ["stem", "shared", "head.fc"]
+
+
+def _search_export_load(tmp_path, factory: str, method: str, config: dict):
+    spec = _spec(factory)
+    run = tmp_path / "run"
+    data = DataConfig(
+        "synthetic",
+        batch_size=8,
+        input_size=(spec.in_channels, *spec.input_size),
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
+    summary = api.search(
+        api.ModelOptions(spec.name),
+        data,
+        {"epochs": 1, "seed": 0, "device": "cpu", "lr": 0.01},
+        api.SearchOptions(method, config, probe_batches=1),
+        out=str(run),
+    )
+    api.export(run, tmp_path / "model.safetensors")
+    _, ctx, _, _, _ = api.load_run(run, model=spec.name)
+    packed = mpq_cli.load_packed(tmp_path / "model.safetensors", model=spec.name)
+    # the run's model computes in channels_last, as mpq places every conv model (`mpq eval FILE` too)
+    packed.to(memory_format=torch.channels_last)
+    x = _input(spec).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return summary, ctx.model.eval()(x), packed(x), run
+
+
+METHODS = {
+    "uniform": {"target_bits": 3},
+    "csq": {"target_bits": 3},
+    "bsq": {"target_bits": 3},
+    "bmpq": {"target_bits": 5, "bits": [2, 4, 6]},  # its sign included, and 16-bit edges
+    "alq": {"target_bits": 2},
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_searches_and_exports_a_conv_that_pads_in_its_forward(tmp_path, method):
+    _, run_logits, file_logits, _ = _search_export_load(tmp_path, "same_padding", method, METHODS[method])
+    assert torch.equal(run_logits, file_logits)
+
+
+@pytest.mark.parametrize("factory", [f for f in OWN if f != "same_padding"] + ZOO)
+def test_the_packed_file_computes_the_run_exactly(tmp_path, factory):
+    summary, run_logits, file_logits, run = _search_export_load(tmp_path, factory, "uniform", {"target_bits": 4})
+    assert torch.equal(run_logits, file_logits)
+    measured = api.evaluate_packed(
+        tmp_path / "model.safetensors", {"limit_val_batches": 1}, model=_spec(factory).name, device="cpu"
+    )
+    assert measured["top1"] == summary["top1"]
