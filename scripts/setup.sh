@@ -17,7 +17,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import torch, torchvision, mpq_cli, pytest, xdist, hypothesis, scipy, matplotlib, onnx, onnxruntime, onnxscript" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, mpq_cli, pytest, xdist, hypothesis, scipy, matplotlib, onnx, onnxruntime, onnxscript, timm, efficientnet_pytorch" 2>/dev/null; then
   # torch first and pinned: this pair lies on the build machines' disk (see README)
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
   .venv/bin/pip install -q -e ".[test,onnx]"
