@@ -818,6 +818,42 @@ def methods(as_json: JsonOpt = False):
         )
 
 
+def _print_model_layers(model: str, found: dict) -> None:
+    from rich.table import Table
+
+    def shape(row):
+        return "x".join(map(str, row["shape"]))
+
+    rows = found["layers"]
+    table = Table("layer", "kind", "shape", "params", title=f"{model}: {len(rows)} Conv2d/Linear layers (quantized)")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], shape(row), f"{row['params']:,}")
+    out_console.print(table)
+    if found["fp_layers"]:
+        title = f"{len(found['fp_layers'])} more layers with weights: {api.STAYS_FP}"
+        table = Table("layer", "kind", "shape", "params", "tensors", title=title)
+        for row in found["fp_layers"]:
+            name = row["name"] or "(the model itself)"  # a parameter the top module owns, e.g. a class token
+            table.add_row(name, row["kind"], shape(row), f"{row['params']:,}", ", ".join(row["tensors"]))
+        out_console.print(table)
+    norms = found["normalisation"]
+    params = found["params"]
+    if norms:
+        kinds = sorted({n["kind"] for n in norms})
+        out_console.print(
+            f"normalisation layers: {len(norms)} ({', '.join(kinds)}), {params['normalisation']:,} params: stay FP",
+            highlight=False,
+        )
+    total = params["quantizable"] + params["not_quantizable"]
+    share = 100 * params["quantizable"] / total if total else 0.0
+    out_console.print(
+        f"params: {params['quantizable']:,} quantizable ({share:.1f} %), {params['not_quantizable']:,} stay FP "
+        f"({params['fp_layers']:,} in other layers, {params['normalisation']:,} normalisation, "
+        f"{params['biases']:,} biases)",
+        highlight=False,
+    )
+
+
 @app.command()
 @_handle_errors
 def models(
@@ -826,27 +862,23 @@ def models(
         typer.Option(
             "--layers",
             help="List this model's Conv2d/Linear layers (the names "
-            "--keep-fp and --fix-bits match) instead of the models.",
+            "--keep-fp and --fix-bits match) and the weights that stay FP, instead of the models.",
         ),
     ] = None,
     num_classes: Annotated[int, typer.Option(help="Classes of the model --layers builds.")] = 10,
     input_size: InputSizeOpt = None,
     as_json: JsonOpt = False,
 ):
-    """List built-in and torchvision classification models, or one model's quantizable layers."""
+    """List built-in and torchvision classification models, or one model's quantizable layers and
+    the weights that stay FP (layers that are not Conv2d/Linear, normalisation, biases)."""
     from .models import list_models
 
     if layers is not None:
-        rows = api.model_layers(layers, num_classes, _parse_input_size(input_size))
+        found = api.model_layers(layers, num_classes, _parse_input_size(input_size))
         if as_json:
-            _print_json(rows)
+            _print_json(found)
             return
-        from rich.table import Table
-
-        table = Table("layer", "kind", "shape", "params", title=f"{layers}: {len(rows)} Conv2d/Linear layers")
-        for row in rows:
-            table.add_row(row["name"], row["kind"], "x".join(map(str, row["shape"])), f"{row['params']:,}")
-        out_console.print(table)
+        _print_model_layers(layers, found)
         return
     listing = list_models()
     if as_json:

@@ -17,6 +17,14 @@ from torch import nn
 from .errors import MpqError
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# Normalisation layers hold a scale and a shift per channel; they stay FP32 by design, and
+# listings count them apart from the weights a user might expect to be quantized.
+NORMALIZATION = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
 
 @dataclass
@@ -68,6 +76,18 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
         name: m
         for name, m in model.named_modules()
         if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor)
+    }
+
+
+def unquantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules in module order that own a parameter themselves and are not Conv2d/Linear (a Conv1d,
+    a ConvTranspose2d, an Embedding, normalisation, a user's module with its own ``nn.Parameter``):
+    their parameters stay FP32 whatever the method."""
+    quantizable = set(quantizable_layers(model))
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if name not in quantizable and next(m.parameters(recurse=False), None) is not None
     }
 
 

@@ -181,6 +181,84 @@ def test_methods_and_models_listing():
     assert "lenet5" in models["builtin"] and "resnet18" in models["torchvision"]
 
 
+# A user model with every kind of weight: Conv2d/Linear (a subclass too), which are quantized, and a
+# Conv1d, a ConvTranspose2d, an Embedding and a module with its own nn.Parameter, which stay FP.
+MIXED_MODEL = """
+import torch
+from torch import nn
+
+
+class Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(7))
+
+
+class StandardisedConv(nn.Conv2d):
+    pass
+
+
+class Mixed(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.temporal = nn.Conv1d(3, 4, 5)
+        self.conv = StandardisedConv(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 2, 3)
+        self.gain = Gain()
+        self.fc = nn.Linear(8, num_classes, bias=False)
+
+
+def mixed(num_classes=10):
+    return Mixed(num_classes)
+"""
+
+
+@pytest.fixture
+def mixed_model_file(tmp_path):
+    path = tmp_path / "mixed.py"
+    path.write_text(MIXED_MODEL)
+    return f"{path}:mixed"
+
+
+def test_models_layers_lists_the_weights_that_stay_fp_and_why(mixed_model_file):
+    found = run_json("models", "--layers", mixed_model_file)
+    assert [(r["name"], r["kind"], r["params"]) for r in found["layers"]] == [
+        ("conv", "conv2d", 36),
+        ("fc", "linear", 80),
+    ]
+    fp = {r["name"]: r for r in found["fp_layers"]}
+    assert list(fp) == ["embed", "temporal", "up", "gain"]
+    assert [(r["kind"], r["shape"], r["tensors"], r["params"]) for r in fp.values()] == [
+        ("Embedding", [10, 6], ["weight"], 60),
+        ("Conv1d", [4, 3, 5], ["weight", "bias"], 64),
+        ("ConvTranspose2d", [4, 2, 3, 3], ["weight", "bias"], 74),
+        ("Gain", [7], ["gain"], 7),
+    ]
+    assert {r["reason"] for r in fp.values()} == {"not Conv2d/Linear: stays FP"}
+    assert found["normalisation"] == [{"name": "bn", "kind": "BatchNorm2d", "params": 8}]
+    # 36 + 80 quantized; 60 + 64 + 74 + 7 in other layers, 8 in BatchNorm, the Conv2d's 4 biases
+    assert found["params"] == {
+        "quantizable": 116,
+        "not_quantizable": 217,
+        "fp_layers": 205,
+        "normalisation": 8,
+        "biases": 4,
+    }
+
+
+def test_models_layers_prints_the_fp_weights_beside_the_quantized_ones(mixed_model_file):
+    result = invoke("models", "--layers", mixed_model_file)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "2 Conv2d/Linear layers (quantized)" in text
+    assert "4 more layers with weights: not Conv2d/Linear: stays FP" in text
+    assert all(f"│ {name} " in text for name in ("conv", "fc", "embed", "temporal", "up", "gain"))
+    assert "normalisation layers: 1 (BatchNorm2d), 8 params: stay FP" in text
+    assert "params: 116 quantizable (34.8 %), 217 stay FP (205 in other layers, 8 normalisation, 4 biases)" in text
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -86,16 +86,30 @@ def test_every_rank_holds_the_saved_codes(ddp_runs, method):
     assert [m.get("epoch") for m in metrics] == [0, 1, None]  # written once, by rank 0 alone
 
 
+# Share of equal integer codes (ALQ: signs of the bases both runs use) over the weights of the layers
+# both runs gave the same bits, and the relative tolerance of their steps (None: not compared). Measured
+# on this lenet5 run: uniform, BSQ and BMPQ 0.9994 or more in every layer with steps within 1.3e-7; CSQ
+# 0.998 (1.0 in features.3 and classifier.1, 0.94 and 0.85 in the small classifier.3 and features.0,
+# steps up to 2.8 % apart: its temperature jumps to 200 in epoch 1 and amplifies the last bits); ALQ
+# 0.9987 (its activation fit is each rank's fit averaged, not one fit of the global batch, so steps
+# are not compared). One process at half the global batch, as if the ranks did not average: uniform
+# 0.77 with steps 17 % apart, BSQ's steps 0.5 % apart, BMPQ 0.97 with steps 24 % apart, CSQ other bits.
+CODES_ALIKE = {"uniform": 0.99, "csq": 0.98, "bsq": 0.99, "bmpq": 0.99, "alq": 0.98}
+STEP_RTOL = {"uniform": 1e-4, "csq": None, "bsq": 1e-4, "bmpq": 1e-4, "alq": None}
+
+
 @pytest.mark.parametrize("method", list(ddp_worker.METHODS))
 def test_two_processes_match_one_process_of_the_same_global_batch(ddp_runs, tmp_path, method):
     """Tolerance: the same samples make every step, but the ranks' gradients and probe losses are
     summed in another order than one process sums them, so weights differ in their last bits. On
     this run every layer holding 1 % of the weights or more gets the same bits (ALQ's fractional
     bits within 0.05: its pruning ranks coordinates whose increments can tie within float noise,
-    features.3 at 2.469 and 2.474 bits) and top-1 is within 1 point; a tiny layer's options can
-    sit within float noise of each other in the budget step's probe (CSQ with PACT inputs:
-    features.0, 500 of 430,500 weights, 5 bits in one process and 7 in two). Uniform, with no
-    decision to take, reaches the same top-1 exactly."""
+    features.3 at 2.469 and 2.474 bits); a tiny layer's options can sit within float noise of each
+    other in the budget step's probe (CSQ with PACT inputs: features.0, 500 of 430,500 weights, 5
+    bits in one process and 7 in two). What the runs decided is compared through their exact codes
+    (:data:`CODES_ALIKE`), not top-1: 2 epochs of 4 batches leave lenet5 at chance on this data,
+    where top-1 is noise (CSQ: 6.64 and 10.55 %), and even two models that differ in the last bits
+    of a step can flip a near-tie."""
     out, ranks = ddp_runs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran
@@ -121,9 +135,45 @@ def test_two_processes_match_one_process_of_the_same_global_batch(ddp_runs, tmp_
     assert one.keys() == two_layers.keys()
     assert all(abs(one[n] - two_layers[n]) <= 0.05 for n in one), (one, two_layers)
     assert single["budget_met"] is True and two["budget_met"] is True
-    assert abs(single["top1"] - two["top1"]) <= 1.0
-    if method == "uniform":
-        assert single["top1"] == two["top1"]
+    alike = _codes_alike(tmp_path / method, out / method)
+    # most weights are compared: 1.0 measured (0.9988 when CSQ's features.0 differs), ALQ 0.85 of its
+    # groups at the same width (0.70 at half the batch)
+    assert sum(n for n, _, _ in alike.values()) >= 0.75 * sum(e["params"] for e in _layers(out / method))
+    equal = sum(n * share for n, share, _ in alike.values()) / sum(n for n, _, _ in alike.values())
+    assert equal >= CODES_ALIKE[method], alike
+    if STEP_RTOL[method] is not None:
+        assert all(step <= STEP_RTOL[method] for _, _, step in alike.values()), alike
+
+
+def _layers(run: Path) -> list[dict]:
+    return json.loads((run / "scheme.json").read_text())["layers"]
+
+
+def _codes_alike(one: Path, two: Path) -> dict[str, tuple[int, float, float]]:
+    """Per layer the two runs quantized alike: ``(weights, share of equal codes, largest relative
+    difference of the steps)``. Codes are compared where the bits are equal; ALQ's signs of the
+    bases where a group has the same width in both runs, its coordinates standing for steps."""
+    from safetensors.torch import load_file
+
+    codes = [load_file(str(run / "codes.safetensors")) for run in (one, two)]
+    bits = [{e["name"]: e["bits"] for e in _layers(run)} for run in (one, two)]
+    out = {}
+    for name, b in bits[0].items():
+        a, c = codes
+        if f"{name}.codes" in a:
+            if b is None or b != bits[1][name]:
+                continue
+            same = (a[f"{name}.codes"] == c[f"{name}.codes"]).double().mean().item()
+            step = ((a[f"{name}.step"] - c[f"{name}.step"]).abs() / c[f"{name}.step"].abs()).max().item()
+            out[name] = (a[f"{name}.codes"].numel(), same, step)
+        elif f"{name}.signs" in a:
+            widths, signs = a[f"{name}.group_bits"], a[f"{name}.signs"]  # (G,), (G, P, E)
+            groups = widths == c[f"{name}.group_bits"]
+            used = (torch.arange(signs.shape[1]) < widths.view(-1, 1)) & groups.view(-1, 1)  # (G, P)
+            same = (signs == c[f"{name}.signs"])[used].double().mean().item()
+            ca, cc = a[f"{name}.coords"][used], c[f"{name}.coords"][used]
+            out[name] = (int(groups.sum()) * signs.shape[2], same, ((ca - cc).abs() / cc.abs()).max().item())
+    return out
 
 
 def test_train_and_finetune_run_and_every_rank_returns_rank_0s_summary(ddp_runs):

@@ -527,7 +527,7 @@ def test_sigterm_during_export_leaves_no_temporary_file(csq_run, tmp_path):
 
 
 def test_models_lists_a_models_layers():
-    rows = run_json("models", "--layers", "lenet5", "--input-size", "1,28,28")
+    rows = run_json("models", "--layers", "lenet5", "--input-size", "1,28,28")["layers"]
     assert [r["name"] for r in rows] == ["features.0", "features.3", "classifier.1", "classifier.3"]
     assert rows[2]["params"] == 400_000
 
