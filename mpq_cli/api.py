@@ -11,7 +11,7 @@ import functools
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .export import pack_run, size_report
 from .layers import NORMALIZATION, LayerSelection, QuantizedLayer, quantizable_layers, unquantized_modules
 from .methods import FinalizeResult, Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint, unique_state_dict, with_aliases
-from .models.loading import read_state_dict, recorded_model
+from .models.loading import read_state_dict, recorded_model, weights_normalisation
 from .models.zoo import BUILTIN
 from .packing.encodings import plan_codes
 from .packing.format import FORMAT, PackedFile, load_packed, serialized_size, write_packed
@@ -68,11 +68,18 @@ class ModelOptions:
         name: built-in, torchvision or ``package.module:factory`` / ``file.py:factory``.
         weights: torchvision weights (``DEFAULT``, an enum name, ``none``).
         checkpoint: a ``.safetensors``/``.pt``/``.pth`` state dict, or an ``mpq train`` run directory.
+        new_head: re-initialise the model's classifier (its last Linear) when the checkpoint's has another
+            shape (an ImageNet head for a 10-class model); every other tensor still loads strictly.
     """
 
     name: str = "lenet5"
     weights: str | None = None
     checkpoint: str | None = None
+    new_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.new_head, bool):
+            raise MpqError(f"new_head must be true or false, got {self.new_head!r}")
 
 
 @dataclass
@@ -83,6 +90,8 @@ class Context:
     train: object
     val: object
     device: torch.device
+    data: DataConfig | None = None  # as resolved (a torchvision model's own input statistics filled in)
+    head_reinitialised: list[str] = field(default_factory=list)  # the checkpoint's classifier keys --new-head set aside
 
 
 def _default_input(name: str) -> tuple[int, int, int]:
@@ -93,9 +102,23 @@ def _default_input(name: str) -> tuple[int, int, int]:
     return (3, 224, 224)
 
 
+def resolved_data(model_opts: ModelOptions, data: DataConfig) -> DataConfig:
+    """``data`` with the input statistics a model's pretrained torchvision weights were trained with
+    (``weights.transforms()``) when ``data.normalize`` does not set them: the weights expect those inputs."""
+    if data.normalize is not None:
+        return data
+    stats = weights_normalisation(model_opts.name, model_opts.weights)
+    return data if stats is None else replace(data, normalize=stats)
+
+
 def _setup(
     model_opts: ModelOptions, data: DataConfig, train_cfg: TrainConfig, reporter: Reporter | None = None
 ) -> Context:
+    given = data
+    data = resolved_data(model_opts, data)
+    if data is not given and reporter is not None:
+        mean, std = data.normalize
+        reporter.log(f"inputs normalised as {model_opts.name} {model_opts.weights} expects: mean {mean}, std {std}")
     channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
     info, train_b, val_b = load_data(
         data, channels=channels, default_input=_default_input(model_opts.name), seed=train_cfg.seed
@@ -104,16 +127,31 @@ def _setup(
     spec = ModelSpec(model_opts.name, weights, info.num_classes, info.in_channels, tuple(info.input_size))
     seed_everything(train_cfg.seed)
     model = build_model(spec)
+    replaced = {}
     if model_opts.checkpoint:
-        _, initialised = load_checkpoint(model, model_opts.checkpoint)
-        if initialised and reporter is not None:
+        loaded = load_checkpoint(model, model_opts.checkpoint, new_head=model_opts.new_head)
+        replaced = loaded.replaced
+        if replaced and reporter is not None:
+            reporter.log(
+                f"--new-head: the classifier of checkpoint {model_opts.checkpoint} ("
+                + ", ".join(f"{k} {tuple(shape)}" for k, shape in replaced.items())
+                + f") re-initialised for {spec.num_classes} classes"
+            )
+        elif loaded.initialised and reporter is not None:
             reporter.log(
                 f"checkpoint {model_opts.checkpoint} is a backbone without the classifier: "
-                f"{', '.join(initialised)} initialised for {spec.num_classes} classes"
+                f"{', '.join(loaded.initialised)} initialised for {spec.num_classes} classes"
             )
     ctx = _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
+    ctx.data, ctx.head_reinitialised = data, list(replaced)
     check_forward(ctx.model, ctx.val, spec)
     return ctx
+
+
+def _new_head_record(model_opts: ModelOptions, ctx: Context) -> dict:
+    """The run record of ``--new-head``: the option and the checkpoint keys it set aside (nothing without
+    the option, so that runs written before it keep their fingerprints)."""
+    return {"new_head": True, "head_reinitialised": ctx.head_reinitialised} if model_opts.new_head else {}
 
 
 def check_forward(model: nn.Module, batches, spec: ModelSpec) -> None:
@@ -246,7 +284,8 @@ def train(
         "command": "train",
         "model": ctx.spec.to_dict(),
         "checkpoint": model.checkpoint,
-        "data": data.to_dict(),
+        **_new_head_record(model, ctx),
+        "data": ctx.data.to_dict(),
         "train": train_cfg.to_dict(),
         "versions": versions(),
     }
@@ -492,7 +531,8 @@ def search(
         "model": ctx.spec.to_dict(),
         "checkpoint": model.checkpoint,
         "checkpoint_sha256": file_fingerprint(model.checkpoint),
-        "data": data.to_dict(),
+        **_new_head_record(model, ctx),
+        "data": ctx.data.to_dict(),
         "train": train_cfg.to_dict(),
         "method": options.method,
         "method_config": method_cfg.to_dict(),
@@ -868,7 +908,7 @@ def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, i
 
 # The data settings a packed file's eval record may set (the data folder is the reader's own; the run's
 # --limit-val-batches bounded its in-training checks: mpq eval measures the whole split unless asked).
-_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "augment")
+_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "augment", "normalize")
 
 
 # ------------------------------------------------------------------------------ export & inspect

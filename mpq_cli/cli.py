@@ -280,7 +280,23 @@ CheckpointOpt = Annotated[
         "(loaded with weights_only=True) or an `mpq train` run directory."
     ),
 ]
+NewHeadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--new-head",
+        help="Re-initialise the classifier (the last Linear) when the --checkpoint's has another shape "
+        "(e.g. an ImageNet 1000-class head for 10 classes); every other tensor still loads strictly.",
+    ),
+]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help=f"Dataset: {', '.join(DATASETS)}.")]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Input statistics the model expects, on pixels scaled to [0, 1]: MEAN/STD, each one value or one per "
+        "channel (0.485,0.456,0.406/0.229,0.224,0.225), MEAN,STD (0.50196,0.50196 is (x*255-128)/128), imagenet, "
+        "none, or a dataset's name. Default: the dataset's; a torchvision model's --weights bring their own.",
+    ),
+]
 DataDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -333,7 +349,7 @@ UserModelOpt = Annotated[
 ]
 
 
-def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment) -> DataConfig:
+def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment, normalize) -> DataConfig:
     return DataConfig(
         name=data,
         data_dir=data_dir or default_data_dir(),
@@ -342,6 +358,7 @@ def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no
         limit_train_batches=limit_train,
         limit_val_batches=limit_val,
         augment=not no_augment,
+        normalize=normalize,
     )
 
 
@@ -351,9 +368,11 @@ def train(
     model: ModelOpt = "lenet5",
     weights: WeightsOpt = None,
     checkpoint: CheckpointOpt = None,
+    new_head: NewHeadOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     input_size: InputSizeOpt = None,
+    normalize: NormalizeOpt = None,
     batch_size: BatchOpt = 128,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
@@ -390,8 +409,10 @@ def train(
         clip_grad=clip_grad,
     )
     summary = api.train(
-        api.ModelOptions(model, weights, checkpoint),
-        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment),
+        api.ModelOptions(model, weights, checkpoint, new_head),
+        _data_cfg(
+            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment, normalize
+        ),
         cfg,
         out=out,
         resume=resume,
@@ -418,9 +439,11 @@ def search(
     model: ModelOpt = "lenet5",
     weights: WeightsOpt = None,
     checkpoint: CheckpointOpt = None,
+    new_head: NewHeadOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     input_size: InputSizeOpt = None,
+    normalize: NormalizeOpt = None,
     batch_size: BatchOpt = 128,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
@@ -484,8 +507,10 @@ def search(
     selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
     summary = api.search(
-        api.ModelOptions(model, weights, checkpoint),
-        _data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment),
+        api.ModelOptions(model, weights, checkpoint, new_head),
+        _data_cfg(
+            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment, normalize
+        ),
         cfg,
         options,
         out=out,
@@ -576,9 +601,11 @@ def sweep(
     model: ModelOpt = "lenet5",
     weights: WeightsOpt = None,
     checkpoint: CheckpointOpt = None,
+    new_head: NewHeadOpt = False,
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     input_size: InputSizeOpt = None,
+    normalize: NormalizeOpt = None,
     batch_size: BatchOpt = 128,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
@@ -604,8 +631,10 @@ def sweep(
         methods=[m for m in method.replace(" ", "").split(",") if m],
         targets=_float_list(target_bits, "--target-bits"),
         out=Path(out),
-        model=api.ModelOptions(model, weights, checkpoint),
-        data=_data_cfg(data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False),
+        model=api.ModelOptions(model, weights, checkpoint, new_head),
+        data=_data_cfg(
+            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False, normalize
+        ),
         train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
         method_config={"act_bits": act_bits},
         probe_batches=probe_batches,

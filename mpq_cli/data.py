@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
 import tarfile
@@ -36,8 +37,81 @@ _TENSOR_DATASETS = {
 DATASETS = [*_TENSOR_DATASETS, "synthetic", "imagefolder:PATH"]
 
 
-def normalisation(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per input channel that the model's inputs are normalised with."""
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one value per channel or one for all
+
+# --normalize's named statistics
+NORMALIZE_PRESETS: dict[str, Stats] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "none": ((0.0,), (1.0,)),
+    **{name: entry[:2] for name, entry in _TENSOR_DATASETS.items()},
+}
+NORMALIZE_SYNTAX = f"MEAN/STD (each one value or one per channel, comma-separated) or {', '.join(NORMALIZE_PRESETS)}"
+
+
+def parse_normalize(text: str) -> Stats:
+    """``--normalize`` text -> ``(mean, std)``: a preset (``imagenet``, ``none``, a dataset's name),
+    ``MEAN/STD`` with each side one value or one per channel (``0.485,0.456,0.406/0.229,0.224,0.225``),
+    or ``MEAN,STD`` (one value each: ``0.50196,0.50196`` is ``(x * 255 - 128) / 128``).
+
+    Raises:
+        MpqError: unparsable text, or statistics :func:`check_normalize` refuses.
+    """
+    text = text.strip().lower()
+    if text in NORMALIZE_PRESETS:
+        return NORMALIZE_PRESETS[text]
+    if "/" in text:
+        sides = text.split("/")
+    else:  # the shorthand: exactly one mean and one std
+        sides = text.split(",")
+        if len(sides) != 2:
+            sides = []
+    try:
+        mean, std = ([float(v) for v in side.split(",")] for side in sides)
+    except ValueError:
+        raise MpqError(f"--normalize expects {NORMALIZE_SYNTAX}; got {text!r}") from None
+    return check_normalize((mean, std))
+
+
+def check_normalize(value) -> Stats:
+    """``(mean, std)`` as tuples of floats, checked: finite, std > 0, each side one value or one per channel
+    (both sides the same length when both have several); a recorded ``[[...], [...]]`` is accepted."""
+    try:
+        mean, std = value
+        mean = tuple(float(v) for v in mean if not isinstance(v, bool | str))
+        std = tuple(float(v) for v in std if not isinstance(v, bool | str))
+        ok = len(mean) == len(value[0]) and len(std) == len(value[1])
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MpqError(f"--normalize expects {NORMALIZE_SYNTAX}; got {value!r}")
+    if not mean or not std or max(len(mean), len(std)) > 64:
+        raise MpqError(f"--normalize needs 1 to 64 values on each side; got {len(mean)} and {len(std)}")
+    if len(mean) > 1 and len(std) > 1 and len(mean) != len(std):
+        raise MpqError(f"--normalize gives {len(mean)} means and {len(std)} standard deviations")
+    if not all(math.isfinite(v) for v in mean + std):
+        raise MpqError(f"--normalize values must be finite numbers; got {list(mean)}/{list(std)}")
+    if min(std) <= 0:
+        raise MpqError(f"--normalize standard deviations must be positive; got {list(std)}")
+    return mean, std
+
+
+def normalisation(name: str, channels: int, normalize=None) -> Stats:
+    """``(mean, std)`` per input channel that the model's inputs are normalised with: ``normalize``
+    (:attr:`DataConfig.normalize`) when given, else the dataset's statistics.
+
+    Raises:
+        MpqError: ``normalize`` gives neither one value nor ``channels`` values.
+    """
+    if normalize is not None:
+        mean, std = check_normalize(normalize)
+        for values in (mean, std):
+            if len(values) not in (1, channels):
+                wanted = "1 value" if channels == 1 else f"1 or {channels} values"
+                raise MpqError(
+                    f"--normalize gives {len(values)} values but the model takes {channels} input "
+                    f"channel{'s' if channels > 1 else ''}: give {wanted} on each side"
+                )
+        return mean * (channels // len(mean)), std * (channels // len(std))
     if name in _TENSOR_DATASETS:
         mean, std = _TENSOR_DATASETS[name][:2]
         repeat = channels // len(mean) if channels % len(mean) == 0 else 1
@@ -77,6 +151,10 @@ class DataConfig:
         limit_val_batches: evaluate on at most this many batches.
         augment: standard training augmentation for the dataset.
         workers: DataLoader workers (imagefolder only).
+        normalize: ``(mean, std)`` the inputs, scaled to [0, 1], are normalised with (``x = (pixel / 255 - mean)
+            / std``), each one value for every channel or one per channel; a ``--normalize`` text
+            (:func:`parse_normalize`) is accepted. ``None``: the dataset's statistics (a torchvision model's
+            pretrained weights bring their own, see ``api``).
     """
 
     name: str = "fashion-mnist"
@@ -87,6 +165,7 @@ class DataConfig:
     limit_val_batches: int | None = None
     augment: bool = True
     workers: int = 4
+    normalize: Stats | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or (
@@ -110,9 +189,16 @@ class DataConfig:
             self.input_size = size
         if not isinstance(self.augment, bool):
             raise MpqError(f"augment must be true or false, got {self.augment!r}")
+        if isinstance(self.normalize, str):
+            self.normalize = parse_normalize(self.normalize)
+        elif self.normalize is not None:
+            self.normalize = check_normalize(self.normalize)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["normalize"] is None:  # the default is left out: runs written before the option keep their fingerprints
+            del d["normalize"]
+        return d
 
 
 @dataclass
@@ -131,8 +217,10 @@ class DatasetInfo:
 class TensorBatches:
     """Shuffled, augmented, normalised batches from in-memory tensors.
 
-    ``images`` is ``(N, C, H, W)`` ``uint8`` (scaled to [0, 1], then normalised) or
-    already-normalised float. Shuffling depends only on ``seed`` and the epoch set
+    ``images`` is ``(N, C, H, W)`` ``uint8`` (scaled to [0, 1], then normalised) or float (normalised
+    as they are: synthetic data, whose statistics are 0 and 1 unless ``--normalize`` says otherwise).
+    ``mean``/``std`` with more channels than the images (a grayscale dataset for an RGB model)
+    broadcast them. Shuffling depends only on ``seed`` and the epoch set
     with :meth:`set_epoch`, so a resumed run sees the same batches.
     """
 
@@ -187,8 +275,7 @@ class TensorBatches:
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
-            if x.dtype == torch.uint8:
-                x = (x.float() / 255.0 - self.mean) / self.std
+            x = ((x.float() / 255.0 if x.dtype == torch.uint8 else x) - self.mean) / self.std
             if self.crop_padding:
                 x = _random_crop(x, self.crop_padding, gen)
             if self.flip:
@@ -344,15 +431,18 @@ def _load_data(cfg: DataConfig, channels: int | None, default_input: tuple[int, 
         return _synthetic(cfg, cfg.input_size or default_input, seed, channels)
     if cfg.name.startswith("imagefolder:"):
         return _imagefolder(cfg, seed)
-    mean, std, classes, (padding, flip) = _TENSOR_DATASETS[cfg.name]
+    _, _, classes, (padding, flip) = _TENSOR_DATASETS[cfg.name]
     (xtr, ytr), (xte, yte) = _read_tensor_dataset(cfg.name, Path(cfg.data_dir))
     in_ch = xtr.shape[1]
     channels = channels or in_ch
     if channels not in (in_ch, 3) or (channels == 3 and in_ch not in (1, 3)):
         raise MpqError(f"model takes {channels} input channels but {cfg.name} has {in_ch}")
+    mean, std = normalisation(cfg.name, channels, cfg.normalize)
     # --input-size resizes (e.g. CIFAR's 32 px to 96 for MobileNetV2, whose strides leave 1 px of 32)
     size = tuple(cfg.input_size[1:]) if cfg.input_size else tuple(xtr.shape[2:])
-    info = DatasetInfo(cfg.name, classes, channels, size, mean * (channels // in_ch), std * (channels // in_ch))
+    info = DatasetInfo(cfg.name, classes, channels, size, mean, std)
+    if mean[:in_ch] * (channels // in_ch) == mean and std[:in_ch] * (channels // in_ch) == std:
+        mean, std = mean[:in_ch], std[:in_ch]  # grayscale normalised once, then repeated (not three times)
     train = TensorBatches(
         xtr,
         ytr,
@@ -386,7 +476,7 @@ def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
     x = torch.randn(SYNTHETIC_IMAGES, c, h, w, generator=gen)
     proj = torch.randn(c * h * w, classes, generator=gen)
     y = (x.flatten(1) @ proj).argmax(1)
-    mean, std = (0.0,) * c, (1.0,) * c
+    mean, std = normalisation("synthetic", c, cfg.normalize)
     info = DatasetInfo("synthetic", classes, c, (h, w), mean, std, synthetic=True)
     train = TensorBatches(
         x[:512], y[:512], cfg.batch_size, mean, std, shuffle=True, seed=seed, limit=cfg.limit_train_batches
@@ -406,7 +496,8 @@ def _imagefolder(cfg: DataConfig, seed: int):
     if small is not None and (cfg.input_size is None or tuple(cfg.input_size[1:]) == small):
         return _cached_imagefolder(cfg, root, held_out, seed)
     size = cfg.input_size[1:] if cfg.input_size else (224, 224)
-    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalisation(cfg.name, 3, cfg.normalize)
+    norm = transforms.Normalize(mean, std)
     train_tf = (
         transforms.Compose(
             [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
@@ -425,7 +516,7 @@ def _imagefolder(cfg: DataConfig, seed: int):
         raise MpqError(f"imagefolder:{root}: {first}") from None
     if train_ds.classes != val_ds.classes:
         raise MpqError(f"{root}: train/ and {held_out}/ have different class folders")
-    info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), IMAGENET_MEAN, IMAGENET_STD)
+    info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), mean, std)
     train = LoaderBatches(
         train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=seed, limit=cfg.limit_train_batches
     )
@@ -605,24 +696,25 @@ def _small_uniform_images(root: Path, splits: tuple[str, str]) -> tuple[int, int
 
 def _cached_imagefolder(cfg: DataConfig, root: Path, held_out: str, seed: int):
     """A small image folder of one image size: decoded once, cached, and batched in memory like CIFAR (random
-    crops with 1/8 of the side as padding and flips), normalised with ImageNet's statistics."""
+    crops with 1/8 of the side as padding and flips), normalised with ImageNet's statistics (or --normalize's)."""
     (xtr, ytr), (xte, yte) = _cached_image_splits(root, ("train", held_out))
     classes = int(max(ytr.max(), yte.max())) + 1
     padding = max(1, xtr.shape[-1] // 8)
-    info = DatasetInfo(cfg.name, classes, 3, tuple(xtr.shape[2:]), IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalisation(cfg.name, 3, cfg.normalize)
+    info = DatasetInfo(cfg.name, classes, 3, tuple(xtr.shape[2:]), mean, std)
     train = TensorBatches(
         xtr,
         ytr,
         cfg.batch_size,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
+        mean,
+        std,
         shuffle=True,
         crop_padding=padding if cfg.augment else 0,
         flip=cfg.augment,
         seed=seed,
         limit=cfg.limit_train_batches,
     )
-    val = TensorBatches(xte, yte, cfg.batch_size, IMAGENET_MEAN, IMAGENET_STD, limit=cfg.limit_val_batches)
+    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
     return info, train, val
 
 

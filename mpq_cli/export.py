@@ -131,7 +131,8 @@ def pack_run(run_dir: str | Path) -> PackedModel:
             tensors[key] = value
     model = config["model"]
     data = {k: v for k, v in config["data"].items() if k not in ("data_dir", "workers")}
-    mean, std = normalisation(data["name"], model["in_channels"])
+    # the run's --normalize (or its torchvision weights' statistics) when it recorded one, else the dataset's
+    mean, std = normalisation(data["name"], model["in_channels"], data.get("normalize"))
     header = {
         "producer": versions(),
         "model": model,

@@ -197,7 +197,7 @@ def test_the_shared_mobilenet_v2_backbone_loads_with_a_new_head():
             pytest.fail(f"{path} missing")
         pytest.skip("the shared MobileNetV2 backbone is not here")
     model = build_model(ModelSpec("mobilenet_v2", None, 10, 3, (96, 96)))
-    _, initialised = load_checkpoint(model, path)
+    initialised = load_checkpoint(model, path).initialised
     assert initialised == ["classifier.1.weight", "classifier.1.bias"]
     from safetensors.torch import load_file
 

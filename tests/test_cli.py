@@ -272,8 +272,25 @@ def test_models_layers_prints_the_fp_weights_beside_the_quantized_ones(mixed_mod
         (["train", "--data", "mnist", "--data-dir", "/nonexistent"], "could not be downloaded"),
         (["finetune", "/nonexistent"], "not an mpq run"),
         (["train", "--optimizer", "lbfgs", *SMALL], "--optimizer"),
+        (["train", "--normalize", "0.5/0", *SMALL], "must be positive"),
+        (["train", "--normalize", "half/1", *SMALL], "--normalize expects MEAN/STD"),
+        (["train", "--normalize", "imagenet", *SMALL], "the model takes 1 input channel"),
     ],
-    ids=["model", "fix-bits", "keep-fp", "checkpoint", "bits", "set", "dataset", "offline", "finetune", "optim"],
+    ids=[
+        "model",
+        "fix-bits",
+        "keep-fp",
+        "checkpoint",
+        "bits",
+        "set",
+        "dataset",
+        "offline",
+        "finetune",
+        "optim",
+        "normalize-std",
+        "normalize-text",
+        "normalize-channels",
+    ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -343,3 +360,57 @@ def test_an_abort_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "app", abort)
     assert cli.main(["methods"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_new_head_on_the_command_line(tmp_path):
+    """A full checkpoint with a 1000-class head: refused in one line that names --new-head; with it the run
+    starts, says which layer it re-initialised and records it."""
+    from safetensors.torch import save_file
+
+    from mpq_cli.models.loading import ModelSpec, build_model
+
+    state = build_model(ModelSpec("lenet5", None, 10, 1, (16, 16))).state_dict()
+    state["classifier.3.weight"], state["classifier.3.bias"] = torch.randn(1000, 500), torch.randn(1000)
+    ckpt = tmp_path / "imagenet-head.safetensors"
+    save_file(state, str(ckpt))
+    args = ["train", "--model", "lenet5", *SMALL, "--epochs", "1", "--limit-train-batches", "1", "--checkpoint", ckpt]
+    refused = invoke(*args, "--out", tmp_path / "refused")
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "--new-head" in refused.output and "classifier.3.weight (1000, 500) vs model (10, 500)" in refused.output
+    result = invoke(*args, "--new-head", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "--new-head" in line]
+    assert notes == [
+        f"--new-head: the classifier of checkpoint {ckpt} (classifier.3.weight (1000, 500), classifier.3.bias "
+        "(1000,)) re-initialised for 10 classes"
+    ]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["new_head"] is True
+    assert config["head_reinitialised"] == ["classifier.3.weight", "classifier.3.bias"]
+
+
+def test_normalize_is_recorded_and_the_python_api_applies_it_as_the_command_line(tmp_path):
+    import mpq_cli
+    from mpq_cli.api import ModelOptions
+    from mpq_cli.data import DataConfig, default_data_dir
+
+    common = ["--model", "lenet5", *SMALL, "--epochs", "1", "--limit-train-batches", "1"]
+    run_json("train", *common, "--normalize", "0.50196,0.50196", "--out", tmp_path / "cli", "--quiet")
+    data = DataConfig("synthetic", default_data_dir(), 32, (1, 16, 16), 1, normalize="0.50196,0.50196")
+    mpq_cli.train(ModelOptions("lenet5"), data, {"epochs": 1, "device": "cpu"}, out=str(tmp_path / "api"))
+    cli_config, api_config = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("cli", "api"))
+    assert cli_config["data"]["normalize"] == [[0.50196], [0.50196]]
+    assert api_config["fingerprint"] == cli_config["fingerprint"]
+    run_json("train", *common, "--out", tmp_path / "plain", "--quiet")  # no --normalize: nothing recorded, as before
+    assert "normalize" not in json.loads((tmp_path / "plain" / "config.json").read_text())["data"]
+
+
+def test_torchvision_weights_bring_their_input_statistics_unless_normalize_says_otherwise():
+    from mpq_cli.api import ModelOptions, resolved_data
+    from mpq_cli.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+
+    data = DataConfig("cifar10")
+    assert resolved_data(ModelOptions("resnet18", "DEFAULT"), data).normalize == (IMAGENET_MEAN, IMAGENET_STD)
+    assert resolved_data(ModelOptions("resnet18", None), data).normalize is None  # no weights: the dataset's
+    given = DataConfig("cifar10", normalize="none")
+    assert resolved_data(ModelOptions("resnet18", "DEFAULT"), given).normalize == ((0.0,), (1.0,))

@@ -13,7 +13,7 @@ import mpq_cli
 from mpq_cli.api import load_run
 from mpq_cli.methods import get_method
 from mpq_cli.packing.encodings import encode_codes
-from mpq_cli.packing.format import layer_entry, weight_tensor_name, write_packed
+from mpq_cli.packing.format import PackedFile, layer_entry, weight_tensor_name, write_packed
 
 
 def bits_of(t):
@@ -267,3 +267,28 @@ def test_export_reads_each_layers_form_from_the_run_and_still_reads_older_runs(c
     assert load_file(str(new_file)).keys() == load_file(str(old_file)).keys()
     x = torch.randn(3, 1, 16, 16)
     assert torch.equal(mpq_cli.load_packed(new_file)(x), mpq_cli.load_packed(old_file)(x))
+
+
+def test_a_file_and_its_run_evaluate_on_the_runs_input_statistics(tmp_path):
+    """--normalize is recorded in the run and the file; mpq eval FILE, mpq eval RUN and finetune rebuild the
+    same inputs. A file without the record (an older one) falls back to the dataset's statistics."""
+    run = tmp_path / "run"
+    summary = run_json("search", "--method", "uniform", "--target-bits", "4", *SMALL, "--epochs", "1",
+                       "--normalize", "0.1/0.5", "--out", run, "--quiet")  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["data"]["normalize"] == [[0.1], [0.5]]
+    out = tmp_path / "n.safetensors"
+    run_json("export", run, "-o", out, "--quiet")
+    header = PackedFile.open(out).header
+    assert (header["data"]["mean"], header["data"]["std"]) == ([0.1], [0.5])
+    assert header["eval"]["data"]["normalize"] == [[0.1], [0.5]]
+    from_file, from_run = run_json("eval", out), run_json("eval", run)
+    assert from_file["top1"] == from_run["top1"] == summary["top1"]
+    assert from_file["loss"] == pytest.approx(summary["loss"], rel=1e-6)
+    # the control: the same file without the record is evaluated on the dataset's statistics (0 and 1 for
+    # synthetic data), which are other inputs
+    old = tmp_path / "old.safetensors"
+    rewrite_packed(out, old, lambda h: h["eval"]["data"].pop("normalize"))
+    assert run_json("eval", old)["loss"] != pytest.approx(summary["loss"], rel=1e-3)
+    tuned = tmp_path / "ft"
+    run_json("finetune", run, "--epochs", "1", "--limit-train-batches", "1", "--out", tuned, "--quiet")
+    assert json.loads((tuned / "config.json").read_text())["data"]["normalize"] == [[0.1], [0.5]]

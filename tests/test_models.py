@@ -77,7 +77,8 @@ def test_safetensors_checkpoint_loads(tiny, state, tmp_path):
     path = tmp_path / "ck.safetensors"
     save_file(state, str(path), metadata={"mpq.top1": "90.0"})
     fresh = type(tiny)()
-    assert load_checkpoint(fresh, path) == ({"mpq.top1": "90.0"}, [])
+    loaded = load_checkpoint(fresh, path)
+    assert (loaded.metadata, loaded.initialised, loaded.replaced) == ({"mpq.top1": "90.0"}, [], {})
     assert torch.equal(fresh.fc.weight, tiny.fc.weight)
 
 
@@ -129,8 +130,7 @@ def test_a_backbone_without_the_classifier_loads_with_a_new_head(tiny, state, tm
     save_file(state, str(path))
     fresh = type(tiny)()
     head = fresh.fc.weight.detach().clone()
-    _, initialised = load_checkpoint(fresh, path)
-    assert initialised == ["fc.weight", "fc.bias"]
+    assert load_checkpoint(fresh, path).initialised == ["fc.weight", "fc.bias"]
     assert torch.equal(fresh.conv.weight, tiny.conv.weight) and torch.equal(fresh.fc.weight, head)
 
 
@@ -177,3 +177,73 @@ def test_the_cli_says_in_one_line_which_head_it_initialised(tmp_path):
         f"checkpoint {tmp_path / 'backbone.safetensors'} is a backbone without the classifier: "
         "classifier.3.weight, classifier.3.bias initialised for 10 classes"
     ]
+
+
+# -- --new-head: a full checkpoint whose classifier has another shape ------------------------------
+@pytest.fixture
+def imagenet_head_checkpoint(tiny, state, tmp_path):
+    """``tiny``'s tensors with a 1000-class classifier, as an ImageNet checkpoint brings."""
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 24), torch.randn(1000)
+    path = tmp_path / "imagenet.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_another_head_is_refused_with_a_message_that_names_new_head(imagenet_head_checkpoint, tiny):
+    path, _ = imagenet_head_checkpoint
+    with pytest.raises(MpqError, match=r"classifier.*fc\.weight \(1000, 24\) vs model \(10, 24\).*--new-head") as exc:
+        load_checkpoint(type(tiny)(), path)
+    assert "\n" not in str(exc.value)
+
+
+def test_new_head_reinitialises_only_the_classifier(imagenet_head_checkpoint, tiny):
+    path, state = imagenet_head_checkpoint
+    torch.manual_seed(1)
+    fresh = type(tiny)()
+    initial_head = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("fc.")}
+    loaded = load_checkpoint(fresh, path, new_head=True)
+    assert loaded.initialised == ["fc.weight", "fc.bias"]
+    assert loaded.replaced == {"fc.weight": [1000, 24], "fc.bias": [1000]}
+    after = fresh.state_dict()
+    for key, value in after.items():
+        if key.startswith("fc."):  # the model's own initialisation, with the model's shape
+            assert torch.equal(value, initial_head[key]), key
+        else:
+            assert torch.equal(value, state[key]), key
+    assert after["fc.weight"].shape == (10, 24)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda s: s.update({"conv.weight": torch.zeros(6, 1, 5, 5)}), r"shape mismatch conv\.weight"),
+        (lambda s: s.pop("bn.running_mean"), r"missing keys bn\.running_mean"),
+        (lambda s: s.update({"extra.weight": torch.zeros(1)}), r"unexpected keys extra\.weight"),
+    ],
+    ids=["shape-elsewhere", "missing", "unexpected"],
+)
+def test_new_head_leaves_every_other_mismatch_an_error(imagenet_head_checkpoint, tiny, tmp_path, edit, message):
+    _, state = imagenet_head_checkpoint
+    edit(state)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(MpqError, match=message):
+        load_checkpoint(type(tiny)(), path, new_head=True)
+
+
+def test_new_head_with_a_fitting_head_loads_it(tiny, state, tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_file(state, str(path))
+    fresh = type(tiny)()
+    loaded = load_checkpoint(fresh, path, new_head=True)
+    assert loaded.replaced == {} and loaded.initialised == []
+    assert torch.equal(fresh.fc.weight, tiny.fc.weight)
+
+
+def test_weights_bring_their_own_input_statistics():
+    from mpq_cli.models.loading import weights_normalisation
+
+    # torchvision's ImageNet preset, read from the weights' transforms (nothing is downloaded)
+    assert weights_normalisation("resnet18", "DEFAULT") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert weights_normalisation("resnet18", None) is None
+    assert weights_normalisation("lenet5", None) is None

@@ -146,14 +146,7 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
 
     if spec.name not in torchvision_models():
         raise MpqError(f"unknown model {spec.name!r}: see `mpq models` (or give package.module:factory)")
-    weights = None
-    if spec.weights not in (None, "none"):
-        try:
-            enum = tvm.get_model_weights(spec.name)
-            weights = enum.DEFAULT if spec.weights == "DEFAULT" else enum[spec.weights]
-        except KeyError:
-            names = ", ".join(w.name for w in tvm.get_model_weights(spec.name))
-            raise MpqError(f"--weights {spec.weights}: {spec.name} has DEFAULT, {names}") from None
+    weights = _torchvision_weights(spec.name, spec.weights)
     if weights is None:
         return tvm.get_model(spec.name, weights=None, num_classes=spec.num_classes)
     try:
@@ -166,6 +159,32 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
     if len(weights.meta.get("categories", [])) != spec.num_classes:
         _replace_classifier(model, spec.num_classes)
     return model
+
+
+def _torchvision_weights(name: str, weights: str | None):
+    """The torchvision weights enum member ``weights`` names for model ``name`` (``None``: no weights)."""
+    import torchvision.models as tvm
+
+    if weights in (None, "none"):
+        return None
+    try:
+        enum = tvm.get_model_weights(name)
+        return enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        names = ", ".join(w.name for w in tvm.get_model_weights(name))
+        raise MpqError(f"--weights {weights}: {name} has DEFAULT, {names}") from None
+
+
+def weights_normalisation(name: str, weights: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` of torchvision weights' own preprocessing (``weights.transforms()``): the inputs those
+    weights were trained on. ``None`` for a model without torchvision weights. Nothing is downloaded."""
+    if ":" in name or name in BUILTIN or weights in (None, "none") or name not in torchvision_models():
+        return None  # build_model names an unknown model
+    transforms = _torchvision_weights(name, weights).transforms()
+    mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
+    if mean is None or std is None:  # not an image classification preset: leave the dataset's statistics
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
@@ -260,47 +279,71 @@ def classifier_keys(model: nn.Module) -> list[str]:
     return [f"{name}.{k}" for k, _ in layer.named_parameters()]
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> tuple[dict[str, str], list[str]]:
-    """Load a checkpoint into ``model`` strictly, with one clear error for any mismatch, except one: a
-    backbone, a state dict that lacks exactly the classifier (the last Linear's tensors), loads with
-    the model's freshly initialised head.
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` did.
 
-    Returns:
-        The file's metadata (e.g. the FP accuracy ``mpq train`` recorded), and the keys left at their
-        initialisation (the classifier's, for a backbone; else none).
+    Args:
+        metadata: the file's safetensors metadata (e.g. the FP accuracy ``mpq train`` recorded).
+        initialised: the model's keys left at their initialisation (its classifier's, for a backbone or
+            with ``new_head``; else none).
+        replaced: the checkpoint's classifier keys that ``new_head`` set aside, with their shapes.
+    """
+
+    metadata: dict[str, str]
+    initialised: list[str]
+    replaced: dict[str, list[int]]
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, new_head: bool = False) -> LoadedCheckpoint:
+    """Load a checkpoint into ``model`` strictly, with one clear error for any mismatch, except two:
+
+    - a backbone, a state dict that lacks exactly the classifier (the last Linear's tensors), loads with
+      the model's freshly initialised head;
+    - with ``new_head``, a classifier of another shape (an ImageNet head for a 10-class model) is set
+      aside and the model's freshly initialised head kept; every other tensor still loads strictly.
+
+    Raises:
+        MpqError: any other missing key, unexpected key or shape mismatch; a classifier of another shape
+            without ``new_head`` (the message names the option).
     """
     state, metadata = read_state_dict(path)
     state = with_aliases(model, state)
     expected = model.state_dict()
+    head = classifier_keys(model)
+    mismatched_head = [k for k in head if k in state and state[k].shape != expected[k].shape]
+    replaced = {}
+    if new_head and mismatched_head:
+        # the whole layer, not only the tensors that differ: a head of another input width but the same
+        # classes would otherwise keep a bias trained for another weight
+        replaced = {k: list(state[k].shape) for k in head if k in state}
+        state = {k: v for k, v in state.items() if k not in replaced}
     # BatchNorm's step counter matters only without momentum; checkpoints often leave it out, and BatchNorm's
     # own loader then sets it (to 0), as for the shared MobileNetV2 backbone
     missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
-    head = classifier_keys(model)
-    if (
-        missing
-        and sorted(missing) == sorted(head)
-        and all(k in expected for k in state)
-        and all(state[k].shape == expected[k].shape for k in state)
-    ):
-        model.load_state_dict(state, strict=False)
-        return metadata, missing
     unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    shapes = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing and sorted(missing) == sorted(head) and not unexpected and not shapes:
+        model.load_state_dict(state, strict=False)
+        return LoadedCheckpoint(metadata, missing, replaced)
+    described = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes]
+    if shapes and not missing and not unexpected and set(shapes) <= set(head):
+        raise MpqError(
+            f"checkpoint {path} has another classifier than the model (shape mismatch {_first(described)}); "
+            "pass --new-head to re-initialise it (Python: ModelOptions(new_head=True)), every other tensor "
+            "still loads strictly"
+        )
     problems = []
     if missing:
         problems.append(f"missing keys {_first(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_first(unexpected)}")
     if shapes:
-        problems.append(f"shape mismatch {_first(shapes)}")
+        problems.append(f"shape mismatch {_first(described)}")
     if problems:
         raise MpqError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
     model.load_state_dict(state)
-    return metadata, []
+    return LoadedCheckpoint(metadata, [], replaced)
 
 
 def _first(items: list[str], n: int = 3) -> str:
