@@ -435,6 +435,7 @@ def _save_quantized_run(
         **result.summary(),
         "out": str(run_dir),
     }
+    summary["bits_under_budget"] = bits_under_budget(summary)
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     notes = []
     changes = result.budget_changes
@@ -631,6 +632,15 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
     }
     summary = _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
     return distributed.broadcast_object(summary)
+
+
+def bits_under_budget(summary: dict) -> float | None:
+    """How far under its ceiling (``target_bits``, in the method's own count) a run's scheme ended;
+    negative when over it, None for a run without a budget."""
+    target, avg = summary.get("target_bits"), summary.get("avg_bits")
+    if target is None or avg is None or summary.get("budget_met") is None:
+        return None
+    return round(float(target) - float(avg), 6)
 
 
 def _refuse_collapsed_layers(method: Method, codes: dict | None = None) -> None:

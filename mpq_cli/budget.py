@@ -143,13 +143,47 @@ def _measure(names, current, candidates, apply, loss_probe, never_zero) -> tuple
     return base_loss, options
 
 
-def _choose(options, params, target: float, tolerance: float) -> list[int] | None:
-    for low in (target - tolerance, 0.0):  # in the window, or at least under the target
-        try:
-            return choose_options(options, list(params), low, target)
-        except MpqError:
-            continue
-    return None
+def choose_under_ceiling(options, params, target: float, tolerance: float) -> list[int] | None:
+    """The least-loss choice in the window ``[target - tolerance, target]``; when no choice lands there,
+    the least-loss one among those closest under the ceiling ``target`` (the most bits it allows); None
+    when every choice is over the ceiling."""
+    try:
+        return choose_options(options, list(params), target - tolerance, target)
+    except MpqError:
+        pass
+    closest = most_bits_under(options, params, target)
+    if closest is None:
+        return None
+    return choose_options_within(options, list(params), closest, ceiling_bits(params, target))
+
+
+def ceiling_bits(params: Sequence[int], target: float) -> int:
+    """The ceiling ``target`` average bits in whole bits of the model."""
+    return math.floor(target * sum(params) + _SLACK)
+
+
+def most_bits_under(options, params: Sequence[int], target: float) -> int | None:
+    """The most total bits ``sum(bits * params)`` any choice of one option per layer reaches without
+    passing ``target`` average bits (None: every choice passes it), from the same integer program with
+    the cost of an option its bits."""
+    sized = [[(bits, -float(bits) * p) for bits, _ in opts] for opts, p in zip(options, params, strict=True)]
+    try:
+        picks = choose_options_within(sized, list(params), 0, ceiling_bits(params, target))
+    except MpqError:
+        return None
+    return sum(opts[i][0] * p for opts, i, p in zip(options, picks, params, strict=True))
+
+
+def window_reachable(options: Sequence[Sequence[int]], params: Sequence[int], target: float, tolerance: float) -> bool:
+    """Whether some choice of one option (bits) per layer puts the average in ``[target - tolerance, target]``:
+    the discrete question, not the span between each layer's lowest and highest option (the average of
+    the extremes can bracket a window no combination lands in)."""
+    zero_cost = [[(int(b), 0.0) for b in opts] for opts in options]
+    try:
+        choose_options(zero_cost, list(params), target - tolerance, target)
+    except MpqError:
+        return False
+    return True
 
 
 def narrow_candidates(
@@ -162,14 +196,15 @@ def narrow_candidates(
     tolerance: float,
     never_zero: Sequence[str] = (),
 ) -> dict[str, list[int]]:
-    """Each layer's candidates within ``span`` bits of its current bits, or every candidate when
-    so few cannot reach ``[target - tolerance, target]``.
+    """Each layer's candidates within ``span`` bits of its current bits, or every candidate when no
+    combination of so few lands in ``[target - tolerance, target]``.
 
     The budget step probes every option of every layer (on MobileNetV2, 53 layers x 9 options x
     the probe batches: most of an epoch's cost), while the options it picks lie near the bits the
     search learned: moving a layer far costs far more loss than spreading the change. So the
-    step looks only near the learned scheme, unless the window is out of that reach (a search
-    that ended far from its budget), where it looks at everything. ``span`` 0 keeps every option.
+    step looks only near the learned scheme, unless no choice there lands in the window (a search
+    that ended far from its budget, or a model whose few large layers move the average in steps
+    wider than the window), where it looks at everything. ``span`` 0 keeps every option.
     """
     full = {n: list(c) for n, c in candidates.items()}
     if span <= 0:
@@ -177,15 +212,11 @@ def narrow_candidates(
     near = {
         n: [b for b in c if abs(b - now) <= span] for n, now in zip(names, current, strict=True) if (c := full.get(n))
     }
-    total = sum(params)
-    lowest = highest = 0
-    for name, p, now in zip(names, params, current, strict=True):
-        reach = [now] + [b for b in near.get(name, ()) if not (b == 0 and name in never_zero)]
-        lowest += min(reach) * p
-        highest += max(reach) * p
-    if lowest > target * total * (1 + 1e-12) or highest < (target - tolerance) * total * (1 - 1e-12):
-        return full
-    return near
+    reach = [
+        sorted({now, *(b for b in near.get(name, ()) if not (b == 0 and name in never_zero))})
+        for name, now in zip(names, current, strict=True)
+    ]
+    return near if window_reachable(reach, params, target, tolerance) else full
 
 
 def budget_step(
@@ -207,7 +238,8 @@ def budget_step(
     Every option's probe loss is measured with the other layers unchanged
     (``apply(name, bits)`` sets the option and returns a function that undoes it), and
     :func:`choose_options` picks one option per layer, assuming the layers' loss changes
-    add up. If no choice fits the window, the scheme at least goes under ``target``.
+    add up. ``target`` is a ceiling: if no choice lands in the window, the step takes the least loss
+    among the choices with the most bits under ``target``.
     The chosen scheme's loss is then measured; if the layers interact (it is worse than
     predicted, :data:`INTERACTION_SHARE`), every option is measured again from the chosen
     scheme and the second choice replaces the first only if its measured loss is lower.
@@ -218,7 +250,7 @@ def budget_step(
         ``probe_loss_after``, ``passes`` (1, or 2 when a second measurement was kept).
     """
     base_loss, options = _measure(names, current, candidates, apply, loss_probe, never_zero)
-    picks = _choose(options, params, target, tolerance)
+    picks = choose_under_ceiling(options, params, target, tolerance)
     if picks is None:
         return []
     chosen = {}
@@ -232,7 +264,7 @@ def budget_step(
     if final_loss > predicted + INTERACTION_SHARE * max(predicted - base_loss, 0.0) + INTERACTION_SLACK:
         now = [chosen[n][0] if n in chosen else bits for n, bits in zip(names, current, strict=True)]
         second_base, second = _measure(names, now, candidates, apply, loss_probe, never_zero)
-        picks = _choose(second, params, target, tolerance)
+        picks = choose_under_ceiling(second, params, target, tolerance)
         undos, replaced = [], {}
         for name, pick, opts in zip(names, picks or [], second, strict=True):
             if pick:

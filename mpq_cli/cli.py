@@ -216,15 +216,29 @@ def _parse_method_options(args: list[str], method: str) -> dict:
     return out
 
 
+# a scheme further than this under its ceiling gets a note: the search left bits unused
+UNUSED_BITS_NOTE = 0.1
+
+
 def _exit_if_over_budget(summary: dict) -> None:
-    """A finished search whose scheme misses its budget is written and reported, and the command
-    still fails (exit 2): a script must not take "within budget: NO" for success."""
+    """``--target-bits`` is a ceiling. A finished search whose scheme is over it is written and reported,
+    and the command still fails (exit 2): a script must not take "within budget: NO" for success. One
+    that ends well under it succeeds and says how far under."""
     if summary.get("budget_met") is False and _rank() != 0:
         raise typer.Exit(2)  # rank 0 says why
+    under = summary.get("bits_under_budget")
+    if summary.get("budget_met") and under is not None and under > UNUSED_BITS_NOTE and _rank() == 0:
+        err_console.print(
+            f"note: the scheme ends at {summary['avg_bits']:.4f} average bits, {under:.4f} under the ceiling of "
+            f"{summary['target_bits']:g}: no choice of per-layer bits within reach lands closer",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if summary.get("budget_met") is False:
         err_console.print(
-            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, outside "
-            f"the budget of {summary.get('target_bits')}; the run is in {summary['out']} "
+            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, over "
+            f"the ceiling of {summary.get('target_bits')}; the run is in {summary['out']} "
             "(budget_met false)",
             highlight=False,
             markup=False,

@@ -41,7 +41,9 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
         ),
     ]
     if "budget_met" in summary:
-        rows.append(("within budget", "yes" if summary["budget_met"] else "NO"))
+        under = summary.get("bits_under_budget")
+        detail = f" ({under:.4f} bits under the ceiling)" if summary["budget_met"] and under else ""
+        rows.append(("within budget", ("yes" if summary["budget_met"] else "NO") + detail))
     return rows
 
 

@@ -169,3 +169,107 @@ def test_the_budget_step_looks_near_the_learned_bits_unless_the_window_is_out_of
     # a layer that may not reach 0 bits counts with its lowest allowed option (1 of 3 layers: 1/3 > 0.3)
     assert narrow_candidates(names, params, [1, 1, 1], cands, 2, 0.3, 0.1, never_zero=["a"]) == cands
     assert narrow_candidates(names, params, [4, 5, 6], cands, 0, 4.0, 0.1) == cands
+
+
+# -- the budget is a ceiling, and discrete (issue 26) -------------------------------------------------------
+LENET5 = ["features.0", "features.3", "classifier.1", "classifier.3"], [500, 25000, 400000, 5000]
+
+
+class _Additive:
+    """A probe whose loss is a sum of per-layer terms: each bit taken from a layer costs its own amount."""
+
+    def __init__(self, names, bits, per_bit):
+        self.bits, self.per_bit = dict(zip(names, bits, strict=True)), dict(zip(names, per_bit, strict=True))
+
+    def apply(self, name, bits):
+        before = self.bits[name]
+        self.bits[name] = bits
+        return lambda: self.bits.__setitem__(name, before)
+
+    def probe(self):
+        return sum(self.per_bit[n] * (8 - b) ** 2 for n, b in self.bits.items())
+
+
+def test_lenet5_whose_near_options_straddle_the_window_but_land_outside_it_looks_at_every_option():
+    """The demo's failure: the span of the lowest and highest options within 2 bits brackets [1.9, 2.0],
+    but classifier.1 holds 93 % of the weights, and no combination within reach lands in the window."""
+    from mpq_cli.budget import budget_step, narrow_candidates
+
+    names, params = LENET5
+    current = [1, 4, 2, 5]  # 2.150 average bits
+    every = {n: list(range(9)) for n in names}
+    assert narrow_candidates(names, params, current, every, 2, 2.0, 0.1, never_zero=names) == every
+    probe = _Additive(names, current, [1.0, 0.3, 0.01, 0.5])
+    narrowed = narrow_candidates(names, params, current, every, 2, 2.0, 0.1, never_zero=names)
+    budget_step(names, params, current, narrowed, probe.apply, probe.probe, 2.0, 0.1, never_zero=names)
+    average = sum(probe.bits[n] * p for n, p in zip(names, params, strict=True)) / sum(params)
+    assert 1.9 <= average <= 2.0, probe.bits
+
+
+def _brute_force(options, params, target, tolerance):
+    """Every combination: (in the window, cost) minimum, else the most bits under the ceiling at least cost."""
+    total = sum(params)
+    combos = []
+    for picks in itertools.product(*[range(len(o)) for o in options]):
+        bits = sum(options[i][k][0] * params[i] for i, k in enumerate(picks))
+        cost = sum(options[i][k][1] for i, k in enumerate(picks))
+        combos.append((bits, cost))
+    inside = [c for b, c in combos if (target - tolerance) * total - 1e-6 <= b <= target * total + 1e-6]
+    if inside:
+        return "window", min(inside)
+    under = [(b, c) for b, c in combos if b <= target * total + 1e-6]
+    if not under:
+        return "over", None
+    most = max(b for b, _ in under)
+    return "under", (most, min(c for b, c in under if b == most))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_choice_under_a_ceiling_is_what_brute_force_finds(seed):
+    from mpq_cli.budget import choose_under_ceiling
+
+    rng = random.Random(seed)
+    layers = rng.randint(1, 4)
+    params = [rng.choice([1, 3, 10, 50, 400, 9000]) for _ in range(layers)]
+    options = [
+        [(b, round(rng.uniform(-1, 1), 3)) for b in sorted(rng.sample(range(9), rng.randint(1, 4)))]
+        for _ in range(layers)
+    ]
+    target, tolerance = rng.choice([0.5, 1.0, 2.0, 2.7, 3.0, 5.5]), rng.choice([0.0, 0.05, 0.1, 0.5])
+    kind, best = _brute_force(options, params, target, tolerance)
+    picks = choose_under_ceiling(options, params, target, tolerance)
+    if kind == "over":
+        assert picks is None
+        return
+    bits = sum(options[i][k][0] * params[i] for i, k in enumerate(picks))
+    cost = sum(options[i][k][1] for i, k in enumerate(picks))
+    total = sum(params)
+    assert bits <= target * total + 1e-6  # never over the ceiling
+    if kind == "window":
+        assert bits >= (target - tolerance) * total - 1e-6 and cost == pytest.approx(best, abs=1e-9)
+    else:
+        assert (bits, cost) == (best[0], pytest.approx(best[1], abs=1e-9))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_narrowed_step_lands_in_the_window_whenever_any_choice_does(seed):
+    from mpq_cli.budget import budget_step, narrow_candidates
+
+    rng = random.Random(1000 + seed)
+    names = [f"l{i}" for i in range(rng.randint(2, 4))]
+    params = [rng.choice([5, 50, 500, 20000]) for _ in names]
+    current = [rng.randint(1, 8) for _ in names]
+    target, tolerance = rng.choice([1.5, 2.0, 3.0, 4.0]), 0.1
+    every = {n: list(range(9)) for n in names}
+    per_bit = [rng.uniform(0.01, 1.0) for _ in names]
+    probe = _Additive(names, current, per_bit)
+    narrowed = narrow_candidates(names, params, current, every, 2, target, tolerance, never_zero=names)
+    budget_step(names, params, current, narrowed, probe.apply, probe.probe, target, tolerance, never_zero=names)
+    total = sum(params)
+    average = sum(probe.bits[n] * p for n, p in zip(names, params, strict=True)) / total
+    reachable = [range(1, 9)] * len(names)  # never zero
+    sums = {sum(b * p for b, p in zip(c, params, strict=True)) for c in itertools.product(*reachable)}
+    if any((target - tolerance) * total - 1e-6 <= s <= target * total + 1e-6 for s in sums):
+        assert target - tolerance - 1e-9 <= average <= target + 1e-9, (current, probe.bits)
+    else:
+        assert average <= target + 1e-9 or min(sums) > target * total

@@ -44,10 +44,11 @@ def test_decoded_weights_equal_the_evaluated_weights_bit_for_bit(exported):
     ctx.model.eval()
     for name, layer in method.layers.items():
         assert torch.equal(bits_of(mpq_cli.decode_layer(out, name)), bits_of(layer.weight_quantizer())), name
-    model = mpq_cli.load_packed(out)
-    x = torch.randn(16, 1, 16, 16)
+    # placed as mpq places a conv model (channels_last), as `mpq eval FILE` places it
+    model = mpq_cli.load_packed(out).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 1, 16, 16).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert torch.equal(model(x), ctx.model.cpu()(x.contiguous(memory_format=torch.channels_last)))
+        assert torch.equal(model(x), ctx.model.cpu()(x))
 
 
 def test_eval_file_matches_the_run(exported, csq_run):

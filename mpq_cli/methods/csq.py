@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import AVERAGE_SLACK, in_window, trial
+from ..budget import AVERAGE_SLACK, trial
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, gated_plane_sum, round_to_bits, to_bit_planes
@@ -481,9 +481,10 @@ class CSQ(Method):
             self.budget_changes = self._meet_budget()
         self.phase = Phase.FINAL
         after = self.average_bits()
-        target, tol = self.config.target_bits, self.config.budget_tolerance
-        # met in nominal bits, and in what the file stores by the same count (magnitude bits plus a sign)
-        met = in_window(after, target, tol) and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
+        target = self.config.target_bits
+        # target_bits is a ceiling (the budget step aims for the window below it, and lands there whenever a
+        # choice can): met in nominal bits, and in what the file stores by the same count (magnitude bits and a sign)
+        met = after <= target + AVERAGE_SLACK and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
         return FinalizeResult(
             budget_met=met,
