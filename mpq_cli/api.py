@@ -31,7 +31,15 @@ from .engine import (
 )
 from .errors import MpqError
 from .export import pack_run, size_report
-from .layers import NORMALIZATION, LayerSelection, QuantizedLayer, quantizable_layers, unquantized_modules
+from .layers import (
+    NORMALIZATION,
+    QUANTIZABLE,
+    READ_BY_PARENT_REASON,
+    LayerSelection,
+    QuantizedLayer,
+    quantizable_layers,
+    unquantized_modules,
+)
 from .methods import FinalizeResult, Method, get_method
 from .models import ModelSpec, build_model, load_checkpoint, unique_state_dict, with_aliases
 from .models.loading import read_state_dict, recorded_model, weights_normalisation
@@ -903,7 +911,7 @@ def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, i
             continue
         shape = list(own.get("weight", next(iter(own.values()))).shape)
         row = {"name": n, "kind": type(m).__name__, "shape": shape, "tensors": list(own), "params": count}
-        fp_layers.append({**row, "reason": STAYS_FP})
+        fp_layers.append({**row, "reason": READ_BY_PARENT_REASON if isinstance(m, QUANTIZABLE) else STAYS_FP})
     biases = sum(p.numel() for m in quantizable.values() for k, p in m.named_parameters(recurse=False) if k != "weight")
     fp, norm = sum(r["params"] for r in fp_layers), sum(r["params"] for r in norms)
     params = {

@@ -70,12 +70,20 @@ class LayerSelection:
         return out
 
 
+# Modules that read a child Linear's weight themselves instead of calling it (MultiheadAttention hands
+# out_proj.weight to F.multi_head_attention_forward): a wrapped child would never be applied, so it stays FP.
+READ_BY_PARENT = (nn.MultiheadAttention,)
+READ_BY_PARENT_REASON = "its parent reads the weight directly (MultiheadAttention): stays FP"
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """All Conv2d/Linear layers in module order that still own an FP weight (not yet wrapped)."""
+    """All Conv2d/Linear layers in module order that still own an FP weight (not yet wrapped) and that
+    run through their own forward (not a child whose parent reads its weight, :data:`READ_BY_PARENT`)."""
+    read_directly = {id(child) for m in model.modules() if isinstance(m, READ_BY_PARENT) for child in m.children()}
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor)
+        if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor) and id(m) not in read_directly
     }
 
 

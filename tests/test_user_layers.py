@@ -114,3 +114,27 @@ def test_the_packed_file_computes_the_run_exactly(tmp_path, factory):
         tmp_path / "model.safetensors", {"limit_val_batches": 1}, model=_spec(factory).name, device="cpu"
     )
     assert measured["top1"] == summary["top1"]
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, num_classes=10, in_channels=1, input_size=(16, 16)):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(in_channels, 8, 4, stride=4)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(tokens, tokens, tokens)[0].mean(1))
+
+
+def test_a_linear_whose_parent_reads_its_weight_stays_fp_and_the_model_still_runs():
+    """MultiheadAttention passes out_proj.weight to its functional form instead of calling out_proj."""
+    from mpq_cli.layers import quantizable_layers
+
+    model = _Attention()
+    assert list(quantizable_layers(model)) == ["embed", "head"]
+    method = get_method("uniform")
+    method = method(method.config_class.from_dict({"target_bits": 8}), LayerSelection())
+    method.prepare(model)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
