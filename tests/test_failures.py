@@ -558,10 +558,45 @@ def test_a_search_that_misses_its_budget_is_written_and_fails(fp_run, tmp_path):
     assert result.exit_code == 2
     # stderr: the epoch lines (--json keeps stdout for the JSON), then the one line of the verdict
     lines = result.stderr.strip().splitlines()
-    assert "outside the budget" in lines[-1] and all(line.startswith("stage=") for line in lines[:-1])
+    assert "over the ceiling" in lines[-1] and all(line.startswith("stage=") for line in lines[:-1])
     summary = _strict(result.stdout)
-    assert summary["budget_met"] is False and summary["avg_bits"] > 2
+    assert summary["budget_met"] is False and summary["avg_bits"] > 2 and summary["bits_under_budget"] < 0
     assert (run / "summary.json").is_file()  # the finished run is kept for inspection
+
+
+def test_a_search_that_must_end_under_its_ceiling_succeeds_and_says_how_far_under(fp_run, tmp_path):
+    """--target-bits is a ceiling: with lenet5's two large layers (at 16 px, 50,000 of 55,500 weights) fixed at
+    1 bit, every other layer at 8 bits gives 1.69 average bits, short of the window [1.9, 2.0]; the step takes
+    the most bits."""
+    result = invoke(
+        "search",
+        "--method",
+        "csq",
+        "--target-bits",
+        "2",
+        "--fix-bits",
+        "classifier.1=1",
+        "--fix-bits",
+        "features.3=1",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        fp_run[0],
+        *SMALL,
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--out",
+        tmp_path / "csq",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = _strict(result.stdout)
+    most = (25000 * 1 + 25000 * 1 + (500 + 5000) * 8) / 55500  # the two small layers at 8 bits
+    assert summary["budget_met"] is True and summary["avg_bits"] == pytest.approx(most)
+    assert summary["bits_under_budget"] == pytest.approx(2 - most, abs=1e-6)
+    assert "under the ceiling of 2" in result.stderr.strip().splitlines()[-1]
 
 
 def test_no_verify_skips_the_tensor_digests_only(exported_csq, tmp_path):
