@@ -145,8 +145,8 @@ def _measure(names, current, candidates, apply, loss_probe, never_zero) -> tuple
 
 def choose_under_ceiling(options, params, target: float, tolerance: float) -> list[int] | None:
     """The least-loss choice in the window ``[target - tolerance, target]``; when no choice lands there,
-    the least-loss one among those closest under the ceiling ``target`` (the most bits it allows); None
-    when every choice is over the ceiling."""
+    the least-loss one among those closest under the ceiling ``target`` (the most bits it allows, to
+    HiGHS's default relative gap of 1e-4); None when every choice is over the ceiling."""
     try:
         return choose_options(options, list(params), target - tolerance, target)
     except MpqError:
@@ -154,7 +154,10 @@ def choose_under_ceiling(options, params, target: float, tolerance: float) -> li
     closest = most_bits_under(options, params, target)
     if closest is None:
         return None
-    return choose_options_within(options, list(params), closest, ceiling_bits(params, target))
+    try:
+        return choose_options_within(options, list(params), closest[0], ceiling_bits(params, target))
+    except MpqError:  # the solver strayed from a window this narrow: the most bits, whatever their loss
+        return closest[1]
 
 
 def ceiling_bits(params: Sequence[int], target: float) -> int:
@@ -162,16 +165,16 @@ def ceiling_bits(params: Sequence[int], target: float) -> int:
     return math.floor(target * sum(params) + _SLACK)
 
 
-def most_bits_under(options, params: Sequence[int], target: float) -> int | None:
-    """The most total bits ``sum(bits * params)`` any choice of one option per layer reaches without
-    passing ``target`` average bits (None: every choice passes it), from the same integer program with
-    the cost of an option its bits."""
+def most_bits_under(options, params: Sequence[int], target: float) -> tuple[int, list[int]] | None:
+    """The most total bits ``sum(bits * params)`` a choice of one option per layer reaches without
+    passing ``target`` average bits, and that choice (None: every choice passes it), from the same
+    integer program with the cost of an option its bits (exact to HiGHS's relative gap, 1e-4)."""
     sized = [[(bits, -float(bits) * p) for bits, _ in opts] for opts, p in zip(options, params, strict=True)]
     try:
         picks = choose_options_within(sized, list(params), 0, ceiling_bits(params, target))
     except MpqError:
         return None
-    return sum(opts[i][0] * p for opts, i, p in zip(options, picks, params, strict=True))
+    return sum(opts[i][0] * p for opts, i, p in zip(options, picks, params, strict=True)), picks
 
 
 def window_reachable(options: Sequence[Sequence[int]], params: Sequence[int], target: float, tolerance: float) -> bool:
@@ -264,9 +267,9 @@ def budget_step(
     if final_loss > predicted + INTERACTION_SHARE * max(predicted - base_loss, 0.0) + INTERACTION_SLACK:
         now = [chosen[n][0] if n in chosen else bits for n, bits in zip(names, current, strict=True)]
         second_base, second = _measure(names, now, candidates, apply, loss_probe, never_zero)
-        picks = choose_under_ceiling(second, params, target, tolerance)
+        picks = choose_under_ceiling(second, params, target, tolerance) or [0] * len(names)  # None: keep the first
         undos, replaced = [], {}
-        for name, pick, opts in zip(names, picks or [], second, strict=True):
+        for name, pick, opts in zip(names, picks, second, strict=True):
             if pick:
                 undos.append(apply(name, opts[pick][0]))
                 replaced[name] = opts[pick]

@@ -230,16 +230,20 @@ def _exit_if_over_budget(summary: dict) -> None:
     if summary.get("budget_met") and under is not None and under > UNUSED_BITS_NOTE and _rank() == 0:
         err_console.print(
             f"note: the scheme ends at {summary['avg_bits']:.4f} average bits, {under:.4f} under the ceiling of "
-            f"{summary['target_bits']:g}: no choice of per-layer bits within reach lands closer",
+            f"{summary['target_bits']:g} (see report.md for what the budget step could reach)",
             highlight=False,
             markup=False,
             soft_wrap=True,
         )
     if summary.get("budget_met") is False:
+        over = (
+            f"over the ceiling of {summary['target_bits']:g}"
+            if under is not None and under < 0
+            else "outside the method's budget (its stored bits, or its byte budget)"
+        )
         err_console.print(
-            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, over "
-            f"the ceiling of {summary.get('target_bits')}; the run is in {summary['out']} "
-            "(budget_met false)",
+            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, {over}; "
+            f"the run is in {summary['out']} (budget_met false)",
             highlight=False,
             markup=False,
             soft_wrap=True,

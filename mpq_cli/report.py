@@ -42,7 +42,7 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
     ]
     if "budget_met" in summary:
         under = summary.get("bits_under_budget")
-        detail = f" ({under:.4f} bits under the ceiling)" if summary["budget_met"] and under else ""
+        detail = f" ({under:.4f} bits under the ceiling)" if summary["budget_met"] and under and under > 0 else ""
         rows.append(("within budget", ("yes" if summary["budget_met"] else "NO") + detail))
     return rows
 

@@ -138,3 +138,17 @@ def test_a_linear_whose_parent_reads_its_weight_stays_fp_and_the_model_still_run
     method = method(method.config_class.from_dict({"target_bits": 8}), LayerSelection())
     method.prepare(model)
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_a_state_that_names_a_shared_tensor_once_loads_under_any_of_its_names():
+    """unique_state_dict keeps the first name; other writers (safetensors' save_model) keep another."""
+    from mpq_cli.models import unique_state_dict, with_aliases
+
+    model = build_model(_spec("shared"))
+    state = unique_state_dict(model)
+    assert "shared.weight" in state and "alias.weight" not in state
+    other = {("alias" + k[len("shared") :] if k.startswith("shared.") else k): v for k, v in state.items()}
+    for saved in (state, other):
+        fresh = build_model(_spec("shared"))
+        fresh.load_state_dict(with_aliases(fresh, saved))
+        assert torch.equal(fresh.shared.weight, model.shared.weight)

@@ -369,12 +369,16 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def with_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each name the model gives an already-named tensor filled from the first name
-    (the inverse of :func:`unique_state_dict`); names the state already holds are left as they are."""
-    first: dict[int, str] = {}
-    out = dict(state)
+    """``state`` with every name of a tensor the model holds under several names filled from whichever
+    of them the state holds (the inverse of :func:`unique_state_dict`, and of writers that keep another
+    name, e.g. safetensors' ``save_model``); names the state already holds are left as they are."""
+    names: dict[int, list[str]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        owner = first.setdefault(id(value), key)
-        if owner != key and key not in out and owner in out:
-            out[key] = out[owner]
+        names.setdefault(id(value), []).append(key)
+    out = dict(state)
+    for group in names.values():
+        present = [k for k in group if k in out]
+        for key in group:
+            if key not in out and present:
+                out[key] = out[present[0]]
     return out
