@@ -635,6 +635,9 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         "data": ctx.info.name,
         "synthetic": ctx.info.synthetic,
         "target_bits": getattr(method.config, "target_bits", None),
+        "budget_on": method.config.budget_on,
+        # what --target-bits caps: the nominal average, or with --budget-on stored the file's stored bits per weight
+        "avg_counted_bits": method.budget_average(),
         "fp_top1": fp_top1,
         "seconds": round(time.time() - started, 1),
     }
@@ -643,9 +646,9 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
 
 
 def bits_under_budget(summary: dict) -> float | None:
-    """How far under its ceiling (``target_bits``, in the method's own count) a run's scheme ended;
-    negative when over it, None for a run without a budget."""
-    target, avg = summary.get("target_bits"), summary.get("avg_bits")
+    """How far under its ceiling (``target_bits``, in the method's own count, or in stored bits with
+    ``budget_on`` stored) a run's scheme ended; negative when over it, None for a run without a budget."""
+    target, avg = summary.get("target_bits"), summary.get("avg_counted_bits", summary.get("avg_bits"))
     if target is None or avg is None or summary.get("budget_met") is None:
         return None
     return round(float(target) - float(avg), 6)

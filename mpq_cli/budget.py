@@ -21,7 +21,9 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
     """Index of the chosen option per layer, the parameter-weighted average bits in ``[low, high]``.
 
     Args:
-        options: per layer, ``(bits, cost)`` pairs.
+        options: per layer, ``(bits, cost)`` pairs; ``bits`` is what the budget counts per weight of the
+            layer, whole (nominal bits) or fractional (stored bits, a code table included), such that
+            ``bits * params`` rounds to the layer's total.
         params: per layer, the parameter count that weights its bits.
         low, high: the window for ``sum(bits * params) / sum(params)``.
 
@@ -69,7 +71,7 @@ def choose_options_within(
     for layer, opts in enumerate(options):
         for bits, cost in opts:
             costs.append(cost)
-            sizes.append(int(bits) * int(params[layer]))  # exact: Python integers
+            sizes.append(_layer_total(bits, params[layer]))  # exact: Python integers
             owners.append(layer)
     n = len(costs)
     one_per_layer = np.zeros((len(options), n))
@@ -104,6 +106,12 @@ def choose_options_within(
     raise MpqError(f"no per-layer bit choice puts the average in [{low_bits / total:.3f}, {high_bits / total:.3f}]")
 
 
+def _layer_total(bits: float, params: int) -> int:
+    """A layer's total bits: ``bits * params`` in whole bits (exact for whole ``bits``; fractional ``bits``
+    are a total divided by ``params``, which this rounds back)."""
+    return int(bits) * int(params) if float(bits).is_integer() else round(float(bits) * int(params))
+
+
 def trial(module, change: Callable[[], None], restore: Callable[[], None] | None = None) -> Callable[[], None]:
     """Apply ``change`` to ``module`` (a quantizer) and return the function that undoes it: the
     module's state is saved first and loaded back, then ``restore`` runs for what a state dict
@@ -127,20 +135,27 @@ INTERACTION_SHARE = 0.5
 INTERACTION_SLACK = 1e-3
 
 
-def _measure(names, current, candidates, apply, loss_probe, never_zero) -> tuple[float, list[list[tuple[int, float]]]]:
-    """The probe loss now, and per layer ``(bits, loss change)`` of staying (0) and of each candidate alone."""
+def _measure(names, current, candidates, apply, loss_probe, never_zero, counted=None):
+    """The probe loss now; per layer ``(counted bits, loss change)`` of staying (0) and of each candidate
+    alone; and per layer each option's nominal bits. ``counted(name)`` gives what the budget counts of the
+    layer as it is now (its stored bits per weight), measured with the option applied; None counts the
+    nominal bits."""
     base_loss = loss_probe()
-    options: list[list[tuple[int, float]]] = []
+    options: list[list[tuple[float, float]]] = []
+    nominal: list[list[int]] = []
     for name, bits_now in zip(names, current, strict=True):
-        layer_options = [(bits_now, 0.0)]
+        layer_options = [(counted(name) if counted else bits_now, 0.0)]
+        layer_nominal = [bits_now]
         for bits in candidates.get(name, ()):
             if bits == 0 and name in never_zero:
                 continue
             undo = apply(name, bits)
-            layer_options.append((bits, loss_probe() - base_loss))
+            layer_options.append((counted(name) if counted else bits, loss_probe() - base_loss))
+            layer_nominal.append(bits)
             undo()
         options.append(layer_options)
-    return base_loss, options
+        nominal.append(layer_nominal)
+    return base_loss, options, nominal
 
 
 def choose_under_ceiling(options, params, target: float, tolerance: float) -> list[int] | None:
@@ -174,7 +189,7 @@ def most_bits_under(options, params: Sequence[int], target: float) -> tuple[int,
         picks = choose_options_within(sized, list(params), 0, ceiling_bits(params, target))
     except MpqError:
         return None
-    return sum(opts[i][0] * p for opts, i, p in zip(options, picks, params, strict=True)), picks
+    return sum(_layer_total(opts[i][0], p) for opts, i, p in zip(options, picks, params, strict=True)), picks
 
 
 def window_reachable(options: Sequence[Sequence[int]], params: Sequence[int], target: float, tolerance: float) -> bool:
@@ -198,6 +213,7 @@ def narrow_candidates(
     target: float,
     tolerance: float,
     never_zero: Sequence[str] = (),
+    estimate: Callable[[int], float] | None = None,
 ) -> dict[str, list[int]]:
     """Each layer's candidates within ``span`` bits of its current bits, or every candidate when no
     combination of so few lands in ``[target - tolerance, target]``.
@@ -208,6 +224,7 @@ def narrow_candidates(
     step looks only near the learned scheme, unless no choice there lands in the window (a search
     that ended far from its budget, or a model whose few large layers move the average in steps
     wider than the window), where it looks at everything. ``span`` 0 keeps every option.
+    ``estimate(bits)``: what the budget counts of an option, when it is not its bits (stored bits).
     """
     full = {n: list(c) for n, c in candidates.items()}
     if span <= 0:
@@ -215,8 +232,9 @@ def narrow_candidates(
     near = {
         n: [b for b in c if abs(b - now) <= span] for n, now in zip(names, current, strict=True) if (c := full.get(n))
     }
+    count = estimate or (lambda b: b)
     reach = [
-        sorted({now, *(b for b in near.get(name, ()) if not (b == 0 and name in never_zero))})
+        sorted({count(b) for b in (now, *(b for b in near.get(name, ()) if not (b == 0 and name in never_zero)))})
         for name, now in zip(names, current, strict=True)
     ]
     return near if window_reachable(reach, params, target, tolerance) else full
@@ -232,6 +250,9 @@ def budget_step(
     target: float,
     tolerance: float,
     never_zero: Sequence[str] = (),
+    *,
+    counted: Callable[[str], float] | None = None,
+    wider: dict[str, Sequence[int]] | None = None,
 ) -> list[dict]:
     """Move a scheme into ``[target - tolerance, target]`` at the least measured loss.
 
@@ -247,32 +268,40 @@ def budget_step(
     predicted, :data:`INTERACTION_SHARE`), every option is measured again from the chosen
     scheme and the second choice replaces the first only if its measured loss is lower.
 
+    ``counted(name)``, when given, is what the budget counts of a layer in its present state (its stored
+    bits per weight, ``--budget-on stored``), measured for every option with the option applied; the
+    window is then on that count. ``wider``: candidates to measure too when none of the measured
+    options' combinations lands in the window (``candidates`` narrowed on an estimate of the count).
+
     Returns:
         One record per changed layer: ``layer``, ``bits_before``, ``bits_after``,
         ``probe_loss_change_alone`` (measured in the pass that chose it), ``probe_loss_before``,
         ``probe_loss_after``, ``passes`` (1, or 2 when a second measurement was kept).
     """
-    base_loss, options = _measure(names, current, candidates, apply, loss_probe, never_zero)
+    base_loss, options, nominal = _measure(names, current, candidates, apply, loss_probe, never_zero, counted)
+    if wider is not None and not window_reachable([[b for b, _ in o] for o in options], params, target, tolerance):
+        candidates = wider
+        base_loss, options, nominal = _measure(names, current, candidates, apply, loss_probe, never_zero, counted)
     picks = choose_under_ceiling(options, params, target, tolerance)
     if picks is None:
         return []
-    chosen = {}
-    for name, pick, opts in zip(names, picks, options, strict=True):
+    chosen = {}  # name -> (nominal bits, loss change alone)
+    for name, pick, opts, bits in zip(names, picks, options, nominal, strict=True):
         if pick:
-            apply(name, opts[pick][0])
-            chosen[name] = opts[pick]
+            apply(name, bits[pick])
+            chosen[name] = (bits[pick], opts[pick][1])
     final_loss = loss_probe()
     predicted = base_loss + sum(change for _, change in chosen.values())
     passes = 1
     if final_loss > predicted + INTERACTION_SHARE * max(predicted - base_loss, 0.0) + INTERACTION_SLACK:
         now = [chosen[n][0] if n in chosen else bits for n, bits in zip(names, current, strict=True)]
-        second_base, second = _measure(names, now, candidates, apply, loss_probe, never_zero)
+        second_base, second, second_nominal = _measure(names, now, candidates, apply, loss_probe, never_zero, counted)
         picks = choose_under_ceiling(second, params, target, tolerance) or [0] * len(names)  # None: keep the first
         undos, replaced = [], {}
-        for name, pick, opts in zip(names, picks, second, strict=True):
+        for name, pick, opts, bits in zip(names, picks, second, second_nominal, strict=True):
             if pick:
-                undos.append(apply(name, opts[pick][0]))
-                replaced[name] = opts[pick]
+                undos.append(apply(name, bits[pick]))
+                replaced[name] = (bits[pick], opts[pick][1])
         second_loss = loss_probe() if replaced else second_base
         if replaced and second_loss < final_loss:
             chosen.update(replaced)

@@ -220,6 +220,15 @@ def _parse_method_options(args: list[str], method: str) -> dict:
 UNUSED_BITS_NOTE = 0.1
 
 
+def _counted(summary: dict) -> str:
+    """The summary key ``--target-bits`` caps (``--budget-on``)."""
+    return "avg_counted_bits" if "avg_counted_bits" in summary else "avg_bits"
+
+
+def _unit(summary: dict) -> str:
+    return "stored bits" if summary.get("budget_on") == "stored" else "bits"
+
+
 def _exit_if_over_budget(summary: dict) -> None:
     """``--target-bits`` is a ceiling. A finished search whose scheme is over it is written and reported,
     and the command still fails (exit 2): a script must not take "within budget: NO" for success. One
@@ -229,7 +238,8 @@ def _exit_if_over_budget(summary: dict) -> None:
     under = summary.get("bits_under_budget")
     if summary.get("budget_met") and under is not None and under > UNUSED_BITS_NOTE and _rank() == 0:
         err_console.print(
-            f"note: the scheme ends at {summary['avg_bits']:.4f} average bits, {under:.4f} under the ceiling of "
+            f"note: the scheme ends at {summary[_counted(summary)]:.4f} average {_unit(summary)}, {under:.4f} "
+            f"under the ceiling of "
             f"{summary['target_bits']:g} (see report.md for what the budget step could reach)",
             highlight=False,
             markup=False,
@@ -242,7 +252,8 @@ def _exit_if_over_budget(summary: dict) -> None:
             else "outside the method's budget (its stored bits, or its byte budget)"
         )
         err_console.print(
-            f"error: the scheme ends at {summary.get('avg_bits', float('nan')):.4f} average bits, {over}; "
+            f"error: the scheme ends at {summary.get(_counted(summary), float('nan')):.4f} average "
+            f"{_unit(summary)}, {over}; "
             f"the run is in {summary['out']} (budget_met false)",
             highlight=False,
             markup=False,

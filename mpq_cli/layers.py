@@ -123,7 +123,7 @@ class QuantizedLayer(nn.Module):
     def params(self) -> int:
         return int(torch.Size(self.weight_shape).numel())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x = self.act_quantizer(x)
         # The weight goes into the module's parameter slot for the length of one call: what
         # torch.func.functional_call does, without its per-call bookkeeping (a step calls this once per
@@ -140,7 +140,7 @@ class QuantizedLayer(nn.Module):
         slots = self.layer._parameters
         slots["weight"] = weight
         try:
-            return self.layer(x)
+            return self.layer(x, *args, **kwargs)  # a user's layer may take more than its input
         finally:
             slots["weight"] = None
 

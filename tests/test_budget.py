@@ -273,3 +273,53 @@ def test_the_narrowed_step_lands_in_the_window_whenever_any_choice_does(seed):
         assert target - tolerance - 1e-9 <= average <= target + 1e-9, (current, probe.bits)
     else:
         assert average <= target + 1e-9 or min(sums) > target * total
+
+
+# -- a ceiling on the bits the file stores (--budget-on stored) ----------------------------------------------
+def test_a_step_on_counted_bits_lands_its_window_in_that_count():
+    """The budget counts each option as measured (stored bits: a sign on top, and a code table's entries),
+    not its nominal bits: the window is met in that count."""
+    from mpq_cli.budget import budget_step
+
+    names, params = ["a", "b", "c"], [100, 100, 1000]
+    probe = _Additive(names, [8, 8, 8], [1.0, 1.0, 1.0])
+    stored = {n: (lambda b: b + 1 if b else 0) for n in names}
+    stored["c"] = lambda b: b + 1.032 if b else 0  # a code table: 32 bits over 1,000 weights
+
+    def counted(name):
+        return stored[name](probe.bits[name])
+
+    every = {n: list(range(1, 9)) for n in names}
+    budget_step(names, params, [8, 8, 8], every, probe.apply, probe.probe, 4.0, 0.1, counted=counted)
+    average = sum(counted(n) * p for n, p in zip(names, params, strict=True)) / sum(params)
+    assert 3.9 - 1e-9 <= average <= 4.0 + 1e-9, probe.bits
+
+
+def test_budget_on_defaults_out_of_saved_configs_and_is_checked():
+    from mpq_cli.methods import get_method
+
+    csq = get_method("csq").config_class
+    assert "budget_on" not in csq.from_dict({"target_bits": 2}).to_dict()  # old runs keep their fingerprints
+    assert csq.from_dict({"target_bits": 2, "budget_on": "stored"}).to_dict()["budget_on"] == "stored"
+    with pytest.raises(MpqError, match="--budget-on must be one of nominal, stored"):
+        csq.from_dict({"target_bits": 2, "budget_on": "file"})
+    with pytest.raises(MpqError, match="ALQ caps its bases per weight only"):
+        get_method("alq").config_class.from_dict({"target_bits": 1, "budget_on": "stored"})
+
+
+@pytest.mark.parametrize("method", ["csq", "bsq", "uniform"])
+def test_a_ceiling_on_stored_bits_holds_in_the_exported_file(method, fp_run, tmp_path):
+    from conftest import SMALL, run_json
+
+    run = tmp_path / method
+    summary = run_json(
+        "search", "--method", method, "--target-bits", "3", "--budget-on", "stored", "--model", "lenet5",
+        "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", run,
+    )  # fmt: skip
+    assert summary["budget_met"] is True and summary["budget_on"] == "stored"
+    assert summary["avg_counted_bits"] <= 3 + 1e-9 and summary["avg_bits"] < summary["avg_counted_bits"]
+    assert summary["bits_under_budget"] == pytest.approx(3 - summary["avg_counted_bits"], abs=1e-6)
+    run_json("export", run, "-o", tmp_path / "m.safetensors")
+    # the count is the file's own: fields padded to bytes, steps and tables, as inspect measures them
+    on_file = run_json("inspect", tmp_path / "m.safetensors")["avg_stored_bits"]
+    assert on_file == pytest.approx(summary["avg_counted_bits"], abs=1e-9) and on_file <= 3 + 1e-9

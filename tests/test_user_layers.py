@@ -152,3 +152,29 @@ def test_a_state_that_names_a_shared_tensor_once_loads_under_any_of_its_names():
         fresh = build_model(_spec("shared"))
         fresh.load_state_dict(with_aliases(fresh, saved))
         assert torch.equal(fresh.shared.weight, model.shared.weight)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+class _TakesArguments(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = _ScaledLinear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x, scale=2.0)
+
+
+def test_a_layer_whose_forward_takes_more_than_its_input_gets_it():
+    torch.manual_seed(0)
+    model, x = _TakesArguments(), torch.randn(2, 4)
+    with torch.no_grad():
+        fp = model(x)
+    method = get_method("uniform")
+    method = method(method.config_class.from_dict({"target_bits": 8}), LayerSelection())
+    method.prepare(model)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), fp, atol=0.05 * fp.abs().max().item())

@@ -303,6 +303,10 @@ class ALQConfig(MethodConfig):
         super().__post_init__()
         if self.target_bits is None:
             raise MpqError("ALQ needs --target-bits (average bases per weight, e.g. 1 or 0.7)")
+        if self.budget_on != "nominal":
+            # its file stores each group's coordinates and width beside the sign bits: the count a pruning
+            # round would have to foresee for every candidate; not built
+            raise MpqError("ALQ caps its bases per weight only (--budget-on nominal); its report gives the stored bits")
         if self.act_bits is not None and not 1 <= self.act_bits <= 8:
             raise MpqError(f"ALQ --act-bits must be in 1..8 (2^bits activation levels), got {self.act_bits}")
         if self.max_bits is not None and not 1 <= self.max_bits <= 16:

@@ -32,6 +32,7 @@ from torch import nn
 from ..budget import budget_step, in_window, narrow_candidates
 from ..errors import MpqError
 from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
+from ..packing.encodings import plan_codes
 from ..quant.act import PACT
 from ..quant.basis import BasisForm
 from ..quant.host import HostMirrored
@@ -63,6 +64,9 @@ class Phase(enum.Enum):
     FINAL = "final"  # exact integer model, nothing trains
 
 
+BUDGET_ON = ("nominal", "stored")
+
+
 @dataclass
 class MethodConfig:
     """Fields every method has. Subclasses add their paper's hyperparameters.
@@ -76,6 +80,10 @@ class MethodConfig:
         allow_zero_bits: *ours*: a layer may end with every code zero (0 bits, the layer outputs its
             bias alone). Off by default: the budget steps never offer 0 bits and a search that ends
             with such a layer is refused as collapsed (``--fix-bits NAME=0`` asks for it per layer).
+        budget_on: *ours*: what ``target_bits`` caps, ``nominal`` (the bits as the method's paper counts
+            them) or ``stored`` (the bits per weight the packed file stores for the quantized layers: fields
+            with their sign, steps and code tables, as ``mpq inspect`` measures them), since the file is
+            what a user pays for.
     """
 
     version: int = 1
@@ -83,6 +91,7 @@ class MethodConfig:
     act_bits: int | None = None
     first_act_bits: int = 8
     allow_zero_bits: bool = False
+    budget_on: str = "nominal"
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -92,9 +101,14 @@ class MethodConfig:
             raise MpqError(f"--act-bits must be in 1..16, got {self.act_bits}")
         if not 1 <= self.first_act_bits <= 16:
             raise MpqError(f"first_act_bits must be in 1..16, got {self.first_act_bits}")
+        if self.budget_on not in BUDGET_ON:
+            raise MpqError(f"--budget-on must be one of {', '.join(BUDGET_ON)}, got {self.budget_on!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d.get("budget_on") == "nominal":  # the default is left out: runs written before it keep their fingerprints
+            del d["budget_on"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
@@ -366,13 +380,31 @@ class Method(ABC):
         ``candidates`` per searchable layer (those within the config's ``budget_span`` of the current bits,
         :func:`mpq_cli.budget.narrow_candidates`) and ``apply(name, bits)`` returning its undo."""
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        if in_window(self.average_bits(), target, tol):
+        if in_window(self.budget_average(), target, tol):
             return []
         names = list(self.layers)
         params = [self.layers[n].params for n in names]
         now = [current[n] for n in names]
         never_zero = self._never_zero(names)
         span = getattr(self.config, "budget_span", 0)
+        if self.config.budget_on == "stored":
+            # narrowed on an estimate (b magnitude bits and a sign), each option's stored bits then measured
+            near = narrow_candidates(
+                names, params, now, candidates, span, target, tol, never_zero, estimate=lambda b: b + 1 if b else 0
+            )
+            return budget_step(
+                names,
+                params,
+                now,
+                near,
+                apply,
+                self._require_probe(),
+                target,
+                tol,
+                never_zero,
+                counted=self.stored_bits,
+                wider={n: list(c) for n, c in candidates.items()},
+            )
         candidates = narrow_candidates(names, params, now, candidates, span, target, tol, never_zero)
         return budget_step(names, params, now, candidates, apply, self._require_probe(), target, tol, never_zero)
 
@@ -391,6 +423,30 @@ class Method(ABC):
 
     def layer_bits(self) -> dict[str, int | float]:
         return {name: q.nominal_bits() for name, q in self.quantizers().items()}
+
+    def search_target(self) -> float | None:
+        """The nominal average a search's own regulariser aims for: ``target_bits``, or under a ceiling on
+        stored bits one bit less (a sign on top of every nonzero layer's magnitude bits); the budget step
+        then meets the stored ceiling as measured."""
+        target = self.config.target_bits
+        if target is not None and self.config.budget_on == "stored":
+            return max(target - 1.0, 0.0)
+        return target
+
+    def budget_average(self) -> float:
+        """The average ``target_bits`` caps: nominal bits, or with ``budget_on`` stored the stored code bits."""
+        if self.config.budget_on == "stored":
+            total = sum(layer.params for layer in self.layers.values())
+            return sum(self.stored_bits(n) * layer.params for n, layer in self.layers.items()) / max(total, 1)
+        return self.average_bits()
+
+    @torch.no_grad()
+    def stored_bits(self, name: str) -> float:
+        """Bits per weight the packed file stores for layer ``name`` as it is now: its packed fields
+        (sign included, padded to whole bytes), its step and any code table, exactly what ``mpq inspect``
+        measures on the file. A binary-basis layer (ALQ) has no such count."""
+        codes = self.layers[name].weight_quantizer.exact_codes()[0]
+        return 8 * plan_codes(codes).payload_bytes(codes.numel()) / max(codes.numel(), 1)
 
     def average_bits(self) -> float:
         """Nominal bits averaged over quantized weights, weighted by each layer's parameters."""

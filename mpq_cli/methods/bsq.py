@@ -388,7 +388,7 @@ class BSQ(Method):
         alpha is held while the projected average is still falling: growing it then would
         overshoot and crush the weights.
         """
-        target, tol, gain = self.config.target_bits, self.config.budget_tolerance, self.config.controller_gain
+        target, tol, gain = self.search_target(), self.config.budget_tolerance, self.config.controller_gain
         projected = self._projected_average_bits()
         if projected > target + AVERAGE_SLACK:
             if not (self._projected_history and projected < max(self._projected_history)):
@@ -456,7 +456,8 @@ class BSQ(Method):
         target = self.config.target_bits
         before = self.avg_bits_before_projection
         return FinalizeResult(
-            budget_met=after <= target + AVERAGE_SLACK,  # a ceiling; the budget step aims for the window under it
+            budget_met=self.budget_average()
+            <= target + AVERAGE_SLACK,  # a ceiling; the step aims for the window under it
             avg_bits_before_budget_step=before if before is not None else after,
             budget_changes=self.budget_changes,
             facts=info,

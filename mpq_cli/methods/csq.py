@@ -465,7 +465,7 @@ class CSQ(Method):
         searchable = list(self.searchable().values())
         if not searchable:
             return None
-        delta_s = (self._average_bits_tensor() - self.config.target_bits).detach()  # Delta_S
+        delta_s = (self._average_bits_tensor() - self.search_target()).detach()  # Delta_S
         gates = torch.stack([torch.sigmoid(q.temperature * q.mask_logits).sum() for q in searchable])  # R(m_B)
         if self.config.reg_weighting == "size":
             sizes = torch.tensor([float(torch.Size(q.shape).numel()) for q in searchable], device=gates.device)
@@ -484,7 +484,12 @@ class CSQ(Method):
         target = self.config.target_bits
         # target_bits is a ceiling (the budget step aims for the window below it, and lands there whenever a
         # choice can): met in nominal bits, and in what the file stores by the same count (magnitude bits and a sign)
-        met = after <= target + AVERAGE_SLACK and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
+        stored = self.budget_average() if self.config.budget_on == "stored" else None
+        met = (
+            stored <= target + AVERAGE_SLACK
+            if stored is not None
+            else after <= target + AVERAGE_SLACK and self._stored_code_bits() <= target + 1 + AVERAGE_SLACK
+        )
         before = self.avg_bits_before_projection if self.avg_bits_before_projection is not None else after
         return FinalizeResult(
             budget_met=met,

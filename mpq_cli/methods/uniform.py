@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import MpqError
+from ..layers import quantizable_layers
+from ..packing.bitpack import packed_nbytes
 from ..quant.primitives import fake_quantize, max_code, quantize_codes
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -34,6 +36,8 @@ class UniformConfig(MethodConfig):
                 f"uniform puts every layer at one width: --target-bits must be a whole number, got "
                 f"{self.target_bits:g} (a mixed-precision method reaches fractional averages)"
             )
+        if self.budget_on == "stored" and self.target_bits < 2:
+            raise MpqError("--budget-on stored: a sign and at least one magnitude bit need --target-bits 2 or more")
 
 
 class UniformWeight(WeightQuantizer):
@@ -69,9 +73,32 @@ class Uniform(Method):
     training_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = training_defaults
 
+    def prepare(self, model: nn.Module, loss_probe=None) -> None:
+        self.width = int(round(self.config.target_bits))
+        if self.config.budget_on == "stored":
+            self.width = self._widest_under_stored_ceiling(model)
+        super().prepare(model, loss_probe)
+
+    def _widest_under_stored_ceiling(self, model: nn.Module) -> int:
+        """The most magnitude bits whose file, every free layer's codes at full width (a sign on top, fields
+        padded to whole bytes, a 4-byte step), stays within ``target_bits`` stored bits per weight: an
+        upper bound on what the file stores, so the ceiling holds (uniform has one width: the slack left is
+        what a whole bit more would pass)."""
+        layers = {n: m.weight.numel() for n, m in quantizable_layers(model).items() if not self.selection.is_fp(n)}
+        fixed = {n: self.selection.fixed_bits(n) for n in layers}
+        ceiling = self.config.target_bits * sum(layers.values())
+
+        def stored(n: int, bits: int) -> int:
+            return 8 * (packed_nbytes(n, bits + 1) + 4) if bits else 0
+
+        for width in range(int(round(self.config.target_bits)) - 1, 0, -1):
+            used = sum(stored(n, width if fixed[name] is None else fixed[name]) for name, n in layers.items())
+            if used <= ceiling:
+                return width
+        return 1  # even 1 bit is over: the run says so (budget_met false)
+
     def make_weight_quantizer(self, name, layer, fixed_bits):
-        bits = int(round(self.config.target_bits)) if fixed_bits is None else fixed_bits
-        return UniformWeight(layer.weight, bits)
+        return UniformWeight(layer.weight, self.width if fixed_bits is None else fixed_bits)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         scales = [q.scale for q in self.quantizers().values()]
@@ -84,4 +111,8 @@ class Uniform(Method):
 
     def finalize(self) -> FinalizeResult:
         self.phase = Phase.FINAL
-        return FinalizeResult(budget_met=True)  # every layer at the target's whole bits (or its --fix-bits)
+        if self.config.budget_on == "stored":
+            return FinalizeResult(budget_met=self.budget_average() <= self.config.target_bits + 1e-9)
+        # every layer at the target's whole bits; a --fix-bits override is the user's own choice and may put
+        # the average above them (bits_under_budget then says by how much)
+        return FinalizeResult(budget_met=True)
