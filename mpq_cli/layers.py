@@ -44,12 +44,14 @@ class LayerSelection:
             if not 0 <= int(bits) <= 16:
                 raise MpqError(f"--fix-bits {pattern}={bits}: bits must be in 0..16")
 
-    def is_fp(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp)
+    def is_fp(self, *names: str) -> bool:
+        """Whether a layer (by any of its names: a module can be registered under several) stays FP."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp for name in names)
 
-    def fixed_bits(self, name: str) -> int | None:
+    def fixed_bits(self, *names: str) -> int | None:
+        """The bits of the first pattern that matches any of the layer's names, or None."""
         for pattern, bits in self.fix_bits.items():
-            if fnmatch.fnmatchcase(name, pattern):
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 return int(bits)
         return None
 
@@ -85,6 +87,14 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, m in model.named_modules()
         if isinstance(m, QUANTIZABLE) and isinstance(m.weight, torch.Tensor) and id(m) not in read_directly
     }
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which the model registers each module (by ``id``): a module can have several."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return paths
 
 
 def unquantized_modules(model: nn.Module) -> dict[str, nn.Module]:

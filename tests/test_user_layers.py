@@ -178,3 +178,17 @@ def test_a_layer_whose_forward_takes_more_than_its_input_gets_it():
     method.prepare(model)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), fp, atol=0.05 * fp.abs().max().item())
+
+
+def test_a_layer_registered_twice_is_selected_by_either_name():
+    for patterns in ({"keep_fp": ["alias"]}, {"keep_fp": ["shared"]}):
+        model = build_model(_spec("shared"))
+        method = get_method("csq")
+        method = method(method.config_class.from_dict({"target_bits": 3}), LayerSelection(**patterns))
+        method.prepare(model)
+        assert list(method.layers) == ["stem", "head.fc"]
+    model = build_model(_spec("shared"))
+    method = get_method("uniform")
+    method = method(method.config_class.from_dict({"target_bits": 3}), LayerSelection(fix_bits={"alias": 5}))
+    method.prepare(model)
+    assert method.layer_bits() == {"stem": 3, "shared": 5, "head.fc": 3}

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..budget import budget_step, in_window, narrow_candidates
 from ..errors import MpqError
-from ..layers import LayerSelection, QuantizedLayer, quantizable_layers, quantized_layers, replace_module
+from ..layers import LayerSelection, QuantizedLayer, module_paths, quantizable_layers, quantized_layers, replace_module
 from ..packing.encodings import plan_codes
 from ..quant.act import PACT
 from ..quant.basis import BasisForm
@@ -304,16 +304,15 @@ class Method(ABC):
         """
         self.loss_probe = loss_probe
         candidates = quantizable_layers(model)
-        paths: dict[int, list[str]] = {}
-        for path, module in model.named_modules(remove_duplicate=False):
-            paths.setdefault(id(module), []).append(path)
-        self.selection.check_patterns(list(candidates))
+        paths = module_paths(model)
+        # a layer registered under several names is selected by any of them
+        self.selection.check_patterns([p for name, layer in candidates.items() for p in paths[id(layer)]])
         first = True
         for name, layer in candidates.items():
-            if self.selection.is_fp(name):
+            if self.selection.is_fp(*paths[id(layer)]):
                 first = False
                 continue
-            quantizer = self.make_weight_quantizer(name, layer, self.selection.fixed_bits(name))
+            quantizer = self.make_weight_quantizer(name, layer, self.selection.fixed_bits(*paths[id(layer)]))
             quantizer.to(layer.weight.device)
             act = self.make_act_quantizer(name, first)
             if act is not None:

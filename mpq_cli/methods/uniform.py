@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MpqError
-from ..layers import quantizable_layers
+from ..layers import module_paths, quantizable_layers
 from ..packing.bitpack import packed_nbytes
 from ..quant.primitives import fake_quantize, max_code, quantize_codes
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
@@ -84,8 +84,9 @@ class Uniform(Method):
         padded to whole bytes, a 4-byte step), stays within ``target_bits`` stored bits per weight: an
         upper bound on what the file stores, so the ceiling holds (uniform has one width: the slack left is
         what a whole bit more would pass)."""
-        layers = {n: m.weight.numel() for n, m in quantizable_layers(model).items() if not self.selection.is_fp(n)}
-        fixed = {n: self.selection.fixed_bits(n) for n in layers}
+        paths, candidates = module_paths(model), quantizable_layers(model)
+        layers = {n: m.weight.numel() for n, m in candidates.items() if not self.selection.is_fp(*paths[id(m)])}
+        fixed = {n: self.selection.fixed_bits(*paths[id(candidates[n])]) for n in layers}
         ceiling = self.config.target_bits * sum(layers.values())
 
         def stored(n: int, bits: int) -> int:
