@@ -102,45 +102,54 @@ def _rank() -> int:
         return 0
 
 
+def _json_error(message: str, exit_code: int, out=None) -> None:
+    """Under ``--json`` a failure is still one object on stdout, so a script always has one to read:
+    the message, the exit code, and the run directory or file it left, if any."""
+    if _rank() != 0:
+        return
+    obj = {"error": message, "exit_code": exit_code}
+    if out is not None and Path(out).exists():
+        obj["out"] = str(out)
+    sys.stdout.write(dumps(obj) + "\n")
+
+
 def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        as_json, out = kwargs.get("as_json"), kwargs.get("out")
+
+        def fail(message: str, code: int, prefix: str = "error: ") -> typer.Exit:
+            err_console.print(f"{prefix}{message}", highlight=False, markup=False, soft_wrap=True)
+            if as_json:
+                _json_error(message, code, out)
+            return typer.Exit(code)
+
         try:
             return fn(*args, **kwargs)
         except MpqError as exc:
             where = f"rank {_rank()}: " if _rank() else ""
-            err_console.print(f"error: {where}{exc}", highlight=False, markup=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise fail(f"{where}{exc}", 2) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted", highlight=False)
-            raise typer.Exit(130) from None
+            raise fail("interrupted", 130, prefix="") from None
         except _Terminated:
-            err_console.print("terminated", highlight=False)
-            raise typer.Exit(143) from None
+            raise fail("terminated", 143, prefix="") from None
         except typer.Exit:
             raise
         except OSError as exc:  # the disk is full or read-only, a path is not writable, ...: the user's to fix
             where = f"{exc.filename}: " if exc.filename else ""
-            err_console.print(f"error: {where}{exc.strerror or exc}", highlight=False, markup=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise fail(f"{where}{exc.strerror or exc}", 2) from None
         except Exception as exc:  # an unexpected failure still ends in one line; MPQ_DEBUG=1 shows the traceback
             if os.environ.get("MPQ_DEBUG"):
                 raise
             if _out_of_memory(exc):  # a resource the user chose (batch, input size, model), not a bug
-                err_console.print(
-                    f"error: out of memory ({_first_line(exc)[:160]}); use a smaller --batch-size, input or model",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
-                )
-                raise typer.Exit(2) from None
-            err_console.print(
-                f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (MPQ_DEBUG=1 shows the traceback)",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
+                raise fail(
+                    f"out of memory ({_first_line(exc)[:160]}); use a smaller --batch-size, input or model", 2
+                ) from None
+            raise fail(
+                f"{exc.__class__.__name__}: {_first_line(exc)} (MPQ_DEBUG=1 shows the traceback)",
+                1,
+                prefix="internal error: ",
+            ) from None
 
     return wrapper
 
@@ -973,8 +982,11 @@ def main(argv: list[str] | None = None) -> int:
         if not message:  # `mpq` alone: click printed the help
             return _exit(2, argv)
         command = f"mpq {exc.ctx.info_name} " if getattr(exc, "ctx", None) and exc.ctx.parent else "mpq "
-        print(f"error: {message} (see `{command.strip()} --help`)", file=sys.stderr)
+        message = f"{message} (see `{command.strip()} --help`)"
+        print(f"error: {message}", file=sys.stderr)
         code = 2
+        if "--json" in (sys.argv[1:] if argv is None else argv):
+            _json_error(message, code)
     except Abort:
         print("interrupted", file=sys.stderr)
         code = 130
