@@ -215,6 +215,11 @@ def _parse_method_options(args: list[str], method: str) -> dict:
             value, i = args[i + 1], i + 1
         name = key.replace("-", "_")
         if name not in fields:
+            import difflib
+
+            near = difflib.get_close_matches(name, sorted(fields), n=1)
+            if near:
+                raise MpqError(f"no such option --{key}; did you mean --{near[0].replace('_', '-')}? (`mpq methods`)")
             options = ", ".join("--" + f.replace("_", "-") for f in sorted(fields))
             raise MpqError(f"no such option --{key} (method {method} also takes: {options})")
         try:
@@ -861,25 +866,18 @@ def inspect(
 @_handle_errors
 def methods(as_json: JsonOpt = False):
     """List the search methods and their configuration fields (set with --FIELD-NAME VALUE or --set FIELD=VALUE)."""
-    import dataclasses
-
-    listing = {}
-    for name, cls in sorted(METHODS.items()):
-        listing[name] = {
-            "summary": next(iter((cls.__doc__ or "").strip().splitlines()), ""),
-            "fields": {
-                f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls.config_class)
-                if f.name != "version"
-            },
-            "training_defaults": cls.training_defaults,
-        }
+    listing = api.method_listing()
     if as_json:
         _print_json(listing)
         return
     for name, entry in listing.items():
         out_console.print(f"[bold]{name}[/bold]: {entry['summary']}")
-        out_console.print("  fields: " + ", ".join(f"{k}={v}" for k, v in entry["fields"].items()), highlight=False)
+        for field_name, field_info in entry["fields"].items():
+            out_console.print(
+                f"  --{field_name.replace('_', '-')} (default {field_info['default']}): {field_info['help']}",
+                highlight=False,
+                markup=False,
+            )
         out_console.print(
             "  training: " + ", ".join(f"{k}={v}" for k, v in entry["training_defaults"].items()), highlight=False
         )

@@ -322,7 +322,8 @@ def test_act_bits_quantizes_every_input_but_the_image_and_the_file_matches(tmp_p
 
 def test_methods_lists_alq_with_its_fields():
     listing = run_json("methods")
-    assert listing["alq"]["fields"]["max_bits"] is None and listing["alq"]["fields"]["target_bits"] == 1.0
+    fields = listing["alq"]["fields"]
+    assert fields["max_bits"]["default"] is None and fields["target_bits"]["default"] == 1.0
     assert listing["alq"]["summary"].startswith("ALQ")
 
 

@@ -175,8 +175,11 @@ def test_resume_after_interruption(tmp_path, monkeypatch, method_args):
 def test_methods_and_models_listing():
     methods = run_json("methods")
     assert set(methods) == {"alq", "bmpq", "bsq", "csq", "uniform"}
-    assert methods["bsq"]["fields"]["init_bits_by_layer"] == {} and methods["bsq"]["fields"]["target_bits"] is None
-    assert methods["csq"]["fields"]["reg_strength"] == 0.01
+    bsq, csq = methods["bsq"]["fields"], methods["csq"]["fields"]
+    assert bsq["init_bits_by_layer"]["default"] == {} and bsq["target_bits"]["default"] is None
+    assert csq["reg_strength"]["default"] == 0.01 and "Eq. 7" in csq["reg_strength"]["help"]
+    # every field says what it means (from its config's docstring, written beside its default)
+    assert all(f["help"] for m in methods.values() for f in m["fields"].values())
     models = run_json("models")
     assert "lenet5" in models["builtin"] and "resnet18" in models["torchvision"]
 
@@ -414,3 +417,13 @@ def test_torchvision_weights_bring_their_input_statistics_unless_normalize_says_
     assert resolved_data(ModelOptions("resnet18", None), data).normalize is None  # no weights: the dataset's
     given = DataConfig("cifar10", normalize="none")
     assert resolved_data(ModelOptions("resnet18", "DEFAULT"), given).normalize == ((0.0,), (1.0,))
+
+
+def test_a_mistyped_option_suggests_the_nearest_one():
+    from mpq_cli.cli import main
+
+    assert main(["search", "--method", "csq", "--reg-strengh", "0.1"]) == 2
+    result = invoke("search", "--method", "csq", "--reg-strengh", "0.1")
+    assert result.exit_code == 2 and "did you mean --reg-strength?" in result.output
+    result = invoke("train", "--epoch", "3")
+    assert result.exit_code == 2 and "--epochs" in result.output

@@ -121,6 +121,36 @@ class MethodConfig:
         return cls(**d)
 
 
+def field_help(config_class: type) -> dict[str, str]:
+    """Each config field's meaning, from the ``Args:`` sections of the config class's docstring and its
+    bases' (so a field's help is written once, beside its default): one line per field, whitespace folded."""
+    found: dict[str, str] = {}
+    for cls in reversed(config_class.__mro__):
+        lines = (cls.__doc__ or "").splitlines()
+        inside, name, indent = False, None, 0
+        for line in lines:
+            stripped = line.strip()
+            if stripped == "Args:":
+                inside, name = True, None
+                continue
+            if not inside:
+                continue
+            if not stripped:
+                name = None
+                continue
+            here = len(line) - len(line.lstrip())
+            head, sep, text = stripped.partition(": ")
+            if sep and head.isidentifier() and (name is None or here <= indent):
+                name, indent = head, here
+                found[name] = text
+            elif name is not None and here > indent:
+                found[name] += " " + stripped
+            else:
+                inside = False
+    fields_ = {f.name for f in fields(config_class)}
+    return {k: v for k, v in found.items() if k in fields_}
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
