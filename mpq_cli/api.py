@@ -29,7 +29,7 @@ from .engine import (
     resolve_device,
     seed_everything,
 )
-from .errors import MpqError
+from .errors import MpqError, StaleRunError
 from .export import pack_run, size_report
 from .layers import (
     NORMALIZATION,
@@ -245,7 +245,7 @@ def _resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, rep
         raise MpqError(f"--resume: {ckpt} does not exist")
     state = load_checkpoint_state(ckpt)
     if state.get("stage") != stage or state.get("fingerprint") != fingerprint:
-        raise MpqError(
+        raise StaleRunError(
             f"--resume: {run_dir} was made with a different configuration or command; nothing was "
             "changed (start a new run with another --out, or repeat the original options)"
         )
@@ -515,11 +515,15 @@ def search(
     out: str | None = None,
     resume: bool = False,
     reporter: Reporter | None = None,
+    reuse_finished: bool = False,
 ) -> dict:
     """Run a mixed-precision search and write its run directory.
 
     ``train_cfg``: a TrainConfig, or a dict of settings over the method's paper's training defaults
     (``Method.training_defaults``, 10 epochs), exactly as ``mpq search`` applies them.
+    ``reuse_finished``: when ``out`` holds a finished run, return its summary (``reused`` true) if it
+    was made with this configuration (the fingerprint ``--resume`` checks), else raise
+    :class:`StaleRunError` naming what differs (``mpq sweep``).
 
     Returns the summary (``top1``, ``avg_bits``, ``out``, ...).
     """
@@ -550,10 +554,35 @@ def search(
         "fp_top1": fp_top1,
     }
     config["fingerprint"] = fingerprint(config)
+    if reuse_finished and out and (Path(out) / "summary.json").is_file():
+        return _finished_run(Path(out), config)
     config["checkpoint_bytes"] = checkpoint_bytes(model.checkpoint)  # for the export's size comparison
     config["versions"] = versions()
     run_dir = _claim_run_dir(out, options.method, model.name, resume)
     return _train_quantized(run_dir, resume, config, method, ctx, train_cfg, fp_top1, reporter, "search")
+
+
+def _differences(new: dict, old: dict) -> list[str]:
+    """The settings (``section`` or ``section.key``) in which two run records differ."""
+    out = []
+    for section in sorted(set(new) | set(old)):
+        if section in ("fingerprint", "checkpoint_bytes", "versions") or new.get(section) == old.get(section):
+            continue
+        a, b = new.get(section), old.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            out.append(section)
+    return out
+
+
+def _finished_run(run_dir: Path, config: dict) -> dict:
+    """The summary of the finished run in ``run_dir`` if ``config`` would make it again, else StaleRunError."""
+    saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    if saved.get("fingerprint") == config["fingerprint"]:
+        return {**read_json(run_dir / "summary.json"), "reused": True}
+    what = ", ".join(_differences(config, saved)[:4]) or "its record"
+    raise StaleRunError(f"{run_dir} was made with other settings ({what} differ)")
 
 
 def _train_quantized(

@@ -661,12 +661,18 @@ def sweep(
     out: Annotated[
         str, typer.Option("--out", "-o", help="Folder of the sweep's runs (reused: finished runs are skipped).")
     ] = "runs/sweep",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Run again the rows whose runs were made with other settings (they are refused otherwise)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Search one model at several budgets and methods, export and evaluate each run, and chart accuracy against size.
 
-    Each (method, budget) is its own run directory under --out (METHOD-Bbits); run again, a sweep skips finished runs and resumes an interrupted one. Writes sweep.json, sweep.md (the table, the Pareto front marked) and sweep.png (top-1 against stored bits). Optimizer, lr and weight decay are each method's unless given.
+    Each (method, budget) is its own run directory under --out (METHOD-Bbits); run again, a sweep reads back the finished runs made with the same settings (the fingerprint --resume checks) and resumes an interrupted one; a run made with other settings is refused as stale, or with --force run again. Writes sweep.json, sweep.md (the table, the Pareto front marked) and sweep.png (top-1 against stored bits). Optimizer, lr and weight decay are each method's unless given.
     """
     from .sweep import Sweep, run_sweep
 
@@ -681,6 +687,7 @@ def sweep(
         train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
         method_config={"act_bits": act_bits},
         probe_batches=probe_batches,
+        force=force,
     )
     result = run_sweep(plan, reporter=RichReporter(quiet, bars=False if as_json else None))
     if as_json:

@@ -1,19 +1,21 @@
 """``mpq sweep``: one model searched at several budgets and methods, each run exported and evaluated.
 
 Every (method, target) pair gets its own run directory under the sweep's folder, so a sweep
-resumes where it stopped: a finished run (its ``summary.json`` exists) is read back, an
-interrupted one (its ``checkpoint.pt`` exists) continues with ``--resume``, and an exported
-file newer than its run is evaluated again rather than re-exported. A budget a method
-refuses (an error) or misses (``budget_met`` false) is a row of the table, not a gap.
+resumes where it stopped: a finished run made with the same settings (the fingerprint ``--resume``
+checks) is read back, an interrupted one (its ``checkpoint.pt`` exists) continues with ``--resume``,
+and an exported file newer than its run is evaluated again rather than re-exported. A finished or
+interrupted run made with other settings is never shown under the new ones: its row is refused
+("stale", naming what differs) unless ``force``, which deletes it and runs it again. A budget a
+method refuses (an error) or misses (``budget_met`` false) is a row of the table, not a gap.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import MpqError
+from .errors import MpqError, StaleRunError
 from .rundir import write_json, write_text_atomic
 
 
@@ -24,7 +26,7 @@ class SweepRow:
     method: str
     target_bits: float
     run: str
-    status: str = "pending"  # done, reused, over budget, refused
+    status: str = "pending"  # done, reused, over budget, refused, stale
     error: str | None = None
     file: str | None = None
     avg_bits: float | None = None
@@ -67,6 +69,7 @@ class Sweep:
     train: dict = field(default_factory=dict)  # TrainConfig fields over each method's defaults
     method_config: dict = field(default_factory=dict)  # shared method fields (act_bits)
     probe_batches: int = 8
+    force: bool = False  # re-run rows whose runs were made with other settings
 
     def __post_init__(self) -> None:
         if not self.methods or not self.targets:
@@ -100,34 +103,25 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
             row = SweepRow(method, target, str(run_dir))
             rows.append(row)
             summary_path = run_dir / "summary.json"
-            if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
-                row.status = "reused"
-            else:
-                options = api.SearchOptions(
-                    method, {**sweep.method_config, "target_bits": target}, LayerSelection(), sweep.probe_batches
-                )
-                resume = (run_dir / "checkpoint.pt").is_file()
-                try:
-                    summary = api.search(
-                        sweep.model,
-                        sweep.data,
-                        dict(sweep.train),
-                        options,
-                        out=str(run_dir),
-                        resume=resume,
-                        reporter=reporter,
-                    )
-                except MpqError as exc:
-                    row.status, row.error = "refused", str(exc)
-                    _write(out, rows, fp_top1, sweep)
-                    continue
-                row.status = "done"
+            packed = out / f"{run_name(method, target)}.safetensors"
+            options = api.SearchOptions(
+                method, {**sweep.method_config, "target_bits": target}, LayerSelection(), sweep.probe_batches
+            )
+            try:
+                summary = _search_row(api, sweep, options, run_dir, packed, reporter)
+            except StaleRunError as exc:
+                row.status, row.error = "stale", f"{exc}; `mpq sweep --force` runs it again"
+                _write(out, rows, fp_top1, sweep)
+                continue
+            except MpqError as exc:
+                row.status, row.error = "refused", str(exc)
+                _write(out, rows, fp_top1, sweep)
+                continue
+            row.status = "reused" if summary.pop("reused", False) else "done"
             fp_top1 = summary.get("fp_top1", fp_top1)
             row.run_top1, row.seconds = summary.get("top1"), summary.get("seconds")
             if not summary.get("budget_met", True):
                 row.status = "over budget"
-            packed = out / f"{run_name(method, target)}.safetensors"
             if not packed.is_file() or packed.stat().st_mtime < summary_path.stat().st_mtime:
                 api.export(run_dir, packed)
             size = api.inspect(packed)
@@ -147,6 +141,31 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
             row.top1 = evaluated["top1"]
             _write(out, rows, fp_top1, sweep)
     return _write(out, rows, fp_top1, sweep, final=True)
+
+
+def _search_row(api, sweep: Sweep, options, run_dir: Path, packed: Path, reporter) -> dict:
+    """One row's search: its finished run read back when made with these settings, an interrupted one
+    continued; a run made with other settings raises StaleRunError, or with ``force`` is deleted
+    (with its packed file) and run again."""
+    for attempt in range(2):
+        try:
+            return api.search(
+                sweep.model,
+                sweep.data,
+                dict(sweep.train),
+                options,
+                out=str(run_dir),
+                resume=(run_dir / "checkpoint.pt").is_file(),
+                reporter=reporter,
+                reuse_finished=True,
+            )
+        except StaleRunError:
+            if not sweep.force or attempt:
+                raise
+            reporter.log(f"--force: {run_dir} was made with other settings; running it again")
+            shutil.rmtree(run_dir)
+            packed.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
 
 
 def _write(out: Path, rows: list[SweepRow], fp_top1, sweep: Sweep, final: bool = False) -> dict:

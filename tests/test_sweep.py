@@ -52,6 +52,18 @@ def test_sweep_runs_exports_evaluates_and_resumes(fp_run, tmp_path):
     assert [r["status"] for r in second["rows"]] == ["reused", "reused", "reused", "refused"]
     assert [r["top1"] for r in second["rows"]] == [r["top1"] for r in first["rows"]]
 
+    # the same sweep with another setting never shows the old rows under it (issue 27): refused as stale,
+    # naming what differs, and run again with --force
+    changed = [a if a != "0.01" else "0.02" for a in args]
+    third = run_json(*changed)
+    assert [r["status"] for r in third["rows"]] == ["stale", "stale", "stale", "refused"]
+    assert all("train.lr differ" in r["error"] and "--force" in r["error"] for r in third["rows"][:3])
+    assert all(r["top1"] is None for r in third["rows"])
+    forced = run_json(*changed, "--force")
+    assert [r["status"] for r in forced["rows"]] == ["done", "done", "done", "refused"]
+    saved = json.loads((out / run_name("uniform", 2.0) / "config.json").read_text())
+    assert saved["train"]["lr"] == 0.02
+
 
 def test_sweep_refuses_bad_lists(tmp_path):
     for args in (["--method", "csq,nope"], ["--target-bits", "2,x"], ["--method", "csq,csq"]):
