@@ -445,6 +445,12 @@ def _save_quantized_run(
     }
     summary["bits_under_budget"] = bits_under_budget(summary)
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
+    sizes = file_sizes(run_dir)  # the file this run exports, measured as `mpq inspect` measures it
+    layer_stored = sizes.pop("layer_stored_bits")
+    summary.update(sizes)
+    for estimate in ("model_bytes_estimated", "model_compression_estimated"):
+        summary.pop(estimate, None)
+    write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     notes = []
     changes = result.budget_changes
     if changes:
@@ -474,7 +480,7 @@ def _save_quantized_run(
     if records:
         notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
     charts = _charts(run_dir, scheme, summary)
-    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes, charts))
+    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes, charts, layer_stored))
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(
             dumps(
@@ -482,7 +488,7 @@ def _save_quantized_run(
                     "stage": "final",
                     "top1": final["top1"],
                     "avg_bits": scheme.avg_bits,
-                    "avg_stored_bits": scheme.avg_stored_bits,
+                    "avg_stored_bits": summary["avg_stored_bits"],
                 }
             )
             + "\n"
@@ -490,12 +496,27 @@ def _save_quantized_run(
     return summary
 
 
+def file_sizes(run_dir: Path) -> dict:
+    """The sizes of the packed file ``mpq export`` writes from a finished run, measured on it serialised in
+    memory with the exporter's own code and ``size_report`` (the function `mpq inspect` uses), so a run's
+    report and its file give the same numbers: ``avg_stored_bits`` (sign, scales, tables and padding
+    included), ``weight_bytes``, ``file_bytes``, ``fp32_bytes``, ``compression`` (FP32 bytes / file bytes)."""
+    packed = pack_run(run_dir)
+    file_bytes = serialized_size(packed.header, packed.tensors)
+    report = size_report(packed.header, {n: t.nbytes for n, t in packed.tensors.items()}, file_bytes)
+    keys = ("avg_stored_bits", "weight_bytes", "file_bytes", "fp32_bytes", "compression")
+    return {
+        **{k: report[k] for k in keys},
+        "layer_stored_bits": {r["name"]: r["stored_bits"] for r in report["layers"]},
+    }
+
+
 def _charts(run_dir: Path, scheme: Scheme, summary: dict) -> list[tuple[str, str]]:
     """Draw bits.png and training.png into the run directory; their captions and names for report.md."""
     from .plots import bits_chart, training_chart
 
     title = f"{summary['method']} on {summary['model']}: {scheme.avg_bits:.3f} nominal bits, "
-    title += f"{scheme.avg_stored_bits:.3f} stored bits per weight (average)"
+    title += f"{summary['avg_stored_bits']:.3f} stored bits per weight (average, file)"
     layers = [{**asdict(e), "bits": None if e.is_fp else e.bits} for e in scheme.layers]
     charts = [("bits per layer", bits_chart(layers, run_dir / "bits.png", title).name)]
     records = read_jsonl(run_dir / "metrics.jsonl")

@@ -146,7 +146,7 @@ def pack_run(run_dir: str | Path) -> PackedModel:
         },
         "eval": {"data": data, "seed": config["train"]["seed"]},
         "source": {
-            "run": str(run_dir),
+            "run": Path(run_dir).name,  # the name only: a shipped file carries no local path, and its size none
             "top1": summary.get("top1"),
             "fp_top1": config.get("fp_top1"),
             "fp32_checkpoint_bytes": config.get("checkpoint_bytes") or _checkpoint_bytes(run_dir, config),

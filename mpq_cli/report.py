@@ -30,15 +30,10 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
         rows.append(("accuracy drop", f"{summary['fp_top1'] - summary['top1']:.2f} points"))
     rows += [
         ("target bits", f"{summary['target_bits']:g}" if summary.get("target_bits") is not None else "n/a"),
-        ("average bits (nominal, parameter-weighted)", f"{summary['avg_bits']:.4f}"),
-        ("average stored bits (packed encoding, sign included)", f"{summary['avg_stored_bits']:.4f}"),
-        ("weight compression vs FP32 (nominal)", f"{summary['weight_compression']:.2f}x"),
-        (
-            "model size, estimated from codes",
-            f"{summary['model_bytes_estimated'] / 1024:.1f} KiB "
-            f"(FP32: {summary['fp32_bytes'] / 1024:.1f} KiB, "
-            f"{summary['model_compression_estimated']:.2f}x)",
-        ),
+        ("average stored bits (the packed file: sign, scales, tables)", f"{summary['avg_stored_bits']:.4f}"),
+        ("packed file vs FP32", _file_size(summary)),
+        ("average bits, nominal (the paper's count, parameter-weighted)", f"{summary['avg_bits']:.4f}"),
+        ("weight compression, nominal (the paper's count, not the file's)", f"{summary['weight_compression']:.2f}x"),
     ]
     if "budget_met" in summary:
         under = summary.get("bits_under_budget")
@@ -47,16 +42,28 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _file_size(summary: dict) -> str:
+    if summary.get("file_bytes") is None:  # a run written before sizes were measured on its file
+        return "n/a (`mpq export` measures it)"
+    return (
+        f"{summary['file_bytes']:,} bytes, {summary['compression']:.2f}x smaller than FP32 "
+        f"({summary['fp32_bytes']:,} bytes)"
+    )
+
+
 def format_bits(bits: int | float) -> str:
     """Whole bits as they are, ALQ's fractional bases per weight to 3 decimals."""
     return str(bits) if isinstance(bits, int) else f"{bits:.3f}"
 
 
-def layer_rows(scheme: Scheme) -> list[list[str]]:
+def layer_rows(scheme: Scheme, stored_bits: dict[str, float] | None = None) -> list[list[str]]:
+    """One row per layer; ``stored_bits`` (by layer, measured on the packed file) replaces the scheme's
+    code widths in the stored column when given."""
     rows = []
     for e in scheme.layers:
         bits = "FP32" if e.is_fp else format_bits(e.bits)
-        stored = "FP32" if e.is_fp else (format_bits(e.stored_bits) if e.stored_bits else "0 (all zero)")
+        on_file = (stored_bits or {}).get(e.name, e.stored_bits)
+        stored = "FP32" if e.is_fp else (f"{on_file:.3f}" if on_file else "0 (all zero)")
         rows.append([e.name, e.kind, "x".join(map(str, e.shape)), f"{e.params:,}", bits, stored])
     return rows
 
@@ -65,9 +72,14 @@ LAYER_HEADER = ["layer", "type", "shape", "params", "bits", "stored bits/weight"
 
 
 def markdown_report(
-    summary: dict, scheme: Scheme, notes: list[str] | None = None, charts: list[tuple[str, str]] | None = None
+    summary: dict,
+    scheme: Scheme,
+    notes: list[str] | None = None,
+    charts: list[tuple[str, str]] | None = None,
+    stored_bits: dict[str, float] | None = None,
 ) -> str:
-    """The run's report.md; ``charts`` are ``(caption, file name)`` pairs of images beside it."""
+    """The run's report.md; ``charts`` are ``(caption, file name)`` pairs of images beside it; ``stored_bits``
+    per layer as the packed file stores them (``api.file_sizes``)."""
     out = [
         f"# mpq {summary['method']} run: {summary['model']} on {summary['data']}",
         "",
@@ -80,15 +92,15 @@ def markdown_report(
     for caption, name in charts or []:
         out += ["", f"![{caption}]({name})"]
     out += ["", "## Layers", "", "| " + " | ".join(LAYER_HEADER) + " |", "|" + "---|" * len(LAYER_HEADER)]
-    out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme)]
+    out += ["| " + " | ".join(row) + " |" for row in layer_rows(scheme, stored_bits)]
     out += [
         "",
         f"Bits are nominal bits as {summary['method']} counts them ({bits_convention(summary['method'])}). "
         "Stored bits per weight are "
-        "those of the packed encoding `mpq export` chooses for the exact integer codes (sign included; for "
-        "binary bases, one sign bit per basis, the coordinates and group widths counted in the size); a "
-        "layer at 0 bits is all zero and stores nothing but its shape. Sizes are estimates from the codes; "
-        "`mpq export` and `mpq inspect` measure the packed file.",
+        "what the packed file `mpq export` writes from this run holds per weight, measured as `mpq inspect` "
+        "measures it: the encoding's fields with their sign, the step and any code table (for binary bases, "
+        "one sign bit per basis, the coordinates and group widths); a layer at 0 bits is all zero and stores "
+        "nothing but its shape.",
     ]
     for note in notes or []:
         out += ["", note]

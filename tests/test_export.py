@@ -293,3 +293,33 @@ def test_a_file_and_its_run_evaluate_on_the_runs_input_statistics(tmp_path):
     tuned = tmp_path / "ft"
     run_json("finetune", run, "--epochs", "1", "--limit-train-batches", "1", "--out", tuned, "--quiet")
     assert json.loads((tuned / "config.json").read_text())["data"]["normalize"] == [[0.1], [0.5]]
+
+
+@pytest.mark.parametrize(
+    "method, config",
+    [
+        ("csq", ["--target-bits", "2"]),
+        ("bsq", ["--target-bits", "2"]),
+        ("uniform", ["--target-bits", "2"]),
+        ("bmpq", ["--target-bits", "5", "--bits", "2,4,6"]),
+        ("alq", ["--target-bits", "1"]),
+    ],
+)
+def test_the_search_reports_the_sizes_of_the_file_it_exports(method, config, fp_run, tmp_path):
+    """Issue 27: the headline is the file's, measured the way `mpq inspect` measures it, for every method."""
+    run = tmp_path / "run"
+    summary = run_json(
+        "search", "--method", method, *config, "--model", "lenet5", "--checkpoint", fp_run[0], *SMALL,
+        "--epochs", "1", "--lr", "0.01", "--out", run,
+    )  # fmt: skip
+    out = tmp_path / "elsewhere" / "m.safetensors"  # another path spelling: the file's size may not depend on it
+    out.parent.mkdir()
+    run_json("export", run, "-o", out)
+    on_file = run_json("inspect", out)
+    for key in ("avg_stored_bits", "weight_bytes", "file_bytes", "fp32_bytes", "compression"):
+        assert summary[key] == on_file[key], key
+    assert on_file["file_bytes"] == out.stat().st_size
+    report = (run / "report.md").read_text()
+    assert f"{on_file['file_bytes']:,} bytes" in report and "nominal (the paper's count" in report
+    stored = {row["name"]: f"{row['stored_bits']:.3f}" for row in on_file["layers"] if row["quantized"]}
+    assert all(f"| {bits} |" in report for bits in stored.values())
