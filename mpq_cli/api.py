@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import DataConfig, DatasetInfo, default_data_dir, load_data
+from .data import DataConfig, DatasetInfo, Splits, default_data_dir, load_splits
 from .engine import (
     Reporter,
     TrainConfig,
@@ -92,12 +92,21 @@ class ModelOptions:
 
 @dataclass
 class Context:
+    """A model on its device with its data.
+
+    ``val`` is what every in-training check reads (per-epoch top-1 and loss, divergence, the budget
+    steps' loss probe): the ``--val-split`` hold-out, or without one the test split. ``test`` is the
+    test split, measured once at the end of a command (its ``top1``).
+    """
+
     spec: ModelSpec
     model: nn.Module
     info: DatasetInfo
     train: object
     val: object
+    test: object
     device: torch.device
+    val_images: int | None = None  # the hold-out's size; None without --val-split
     data: DataConfig | None = None  # as resolved (a torchvision model's own input statistics filled in)
     head_reinitialised: list[str] = field(default_factory=list)  # the checkpoint's classifier keys --new-head set aside
 
@@ -128,9 +137,8 @@ def _setup(
         mean, std = data.normalize
         reporter.log(f"inputs normalised as {model_opts.name} {model_opts.weights} expects: mean {mean}, std {std}")
     channels = 3 if (model_opts.name not in BUILTIN and ":" not in model_opts.name) else None
-    info, train_b, val_b = load_data(
-        data, channels=channels, default_input=_default_input(model_opts.name), seed=train_cfg.seed
-    )
+    splits = load_splits(data, channels=channels, default_input=_default_input(model_opts.name), seed=train_cfg.seed)
+    info = splits.info
     weights = None if model_opts.weights in (None, "none") else model_opts.weights
     spec = ModelSpec(model_opts.name, weights, info.num_classes, info.in_channels, tuple(info.input_size))
     seed_everything(train_cfg.seed)
@@ -150,9 +158,9 @@ def _setup(
                 f"checkpoint {model_opts.checkpoint} is a backbone without the classifier: "
                 f"{', '.join(loaded.initialised)} initialised for {spec.num_classes} classes"
             )
-    ctx = _place(model, spec, info, train_b, val_b, resolve_device(train_cfg.device))
+    ctx = _place(model, spec, splits, resolve_device(train_cfg.device))
     ctx.data, ctx.head_reinitialised = data, list(replaced)
-    check_forward(ctx.model, ctx.val, spec)
+    check_forward(ctx.model, ctx.test, spec)
     return ctx
 
 
@@ -182,13 +190,35 @@ def check_forward(model: nn.Module, batches, spec: ModelSpec) -> None:
         raise MpqError(f"model {spec.name} returned {shape} for a batch of 2; expected [2, {spec.num_classes}] logits")
 
 
-def _place(model: nn.Module, spec: ModelSpec, info: DatasetInfo, train_b, val_b, device: torch.device) -> Context:
+def _place(model: nn.Module, spec: ModelSpec, splits: Splits, device: torch.device) -> Context:
     model.to(device)
+    every = [b for b in (splits.train, splits.val, splits.test) if b is not None]
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # NHWC convolutions are markedly faster on CPU (oneDNN) and with AMP on GPU
         model.to(memory_format=torch.channels_last)
-        train_b.channels_last = val_b.channels_last = True
-    return Context(spec, model, info, train_b.to(device), val_b.to(device), device)
+        for batches in every:
+            batches.channels_last = True
+    for batches in every:
+        batches.to(device)
+    return Context(
+        spec, model, splits.info, splits.train, splits.checks, splits.test, device, val_images=splits.val_images
+    )
+
+
+def _final_eval(
+    ctx: Context, amp: bool, reporter: Reporter, description: str = "final eval"
+) -> tuple[dict, dict | None]:
+    """The end of a command: the test split measured once, and the hold-out's last reading (None without one)."""
+    final = evaluate(ctx.model, ctx.test, amp=amp, reporter=reporter, description=description)
+    if ctx.val_images is None:
+        return final, None
+    held = evaluate(ctx.model, ctx.val, amp=amp, reporter=reporter, description=f"{description} (hold-out)")
+    return final, held
+
+
+def _val_record(ctx: Context, held: dict | None) -> dict:
+    """The summary's hold-out keys: ``val_top1`` and ``val_images`` (both None without --val-split)."""
+    return {"val_top1": held["top1"] if held else None, "val_images": ctx.val_images}
 
 
 def _in_session(command):
@@ -319,7 +349,7 @@ def train(
 def _finish_train(
     run_dir: Path, ctx: Context, model: ModelOptions, data: DataConfig, train_cfg: TrainConfig, reporter: Reporter
 ) -> dict:
-    final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    final, held = _final_eval(ctx, train_cfg.amp, reporter)
     if not distributed.world().is_main:
         return {**distributed.broadcast_object(None), "rank": distributed.world().rank}  # once rank 0 wrote it
     metadata = {
@@ -337,6 +367,7 @@ def _finish_train(
         "top1": final["top1"],
         "top5": final.get("top5"),
         "loss": final["loss"],
+        **_val_record(ctx, held),
         "params": sum(p.numel() for p in ctx.model.parameters()),
         "checkpoint": str(run_dir / "model.safetensors"),
         "out": str(run_dir),
@@ -354,7 +385,8 @@ class SearchOptions:
         method: registered method name.
         method_config: fields of the method's config (``target_bits``, ``act_bits``, ...).
         selection: FP layers and fixed bits.
-        probe_batches: training batches the loss-aware final steps measure.
+        probe_batches: batches the loss-aware final steps measure: the hold-out's first ones with
+            ``DataConfig.val_split``, else a fixed set of training batches.
     """
 
     method: str = "csq"
@@ -487,6 +519,7 @@ def _save_quantized_run(
                 {
                     "stage": "final",
                     "top1": final["top1"],
+                    **({"val_top1": summary["val_top1"]} if summary.get("val_top1") is not None else {}),
                     "avg_bits": scheme.avg_bits,
                     "avg_stored_bits": summary["avg_stored_bits"],
                 }
@@ -557,7 +590,7 @@ def search(
     ctx = _setup(model, data, train_cfg, reporter)
     fp_top1 = None
     if model.checkpoint:
-        fp_top1 = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
+        fp_top1 = evaluate(ctx.model, ctx.test, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
     method = method_cls(method_cfg, options.selection)
     method.prepare(ctx.model, loss_probe=_probe(ctx, options.probe_batches))
     config = {
@@ -658,7 +691,10 @@ _PROBE_EPOCH = 10**6  # the probe's batches come from an epoch no training run r
 
 
 def _probe(ctx: Context, batches: int):
-    """Loss on a fixed set of training batches (never the evaluation set)."""
+    """Loss on the hold-out's first ``batches`` batches (unaugmented) with --val-split; without one, on a fixed
+    set of training batches. Never on the test split: the budget step chooses bits by it."""
+    if ctx.val_images is not None:
+        return loss_probe(ctx.model, ctx.val, batches)
     ctx.train.set_epoch(_PROBE_EPOCH)
     probe = loss_probe(ctx.model, ctx.train, batches)
     ctx.train.set_epoch(0)
@@ -674,7 +710,7 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         digests = ranks_state_digests(ctx.model, method, buffers=True)
         distributed.check_agreement({**digests, "codes and bits": codes_digest}, "the final model and scheme")
     _refuse_collapsed_layers(method, codes)
-    final = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="final eval")
+    final, held = _final_eval(ctx, train_cfg.amp, reporter)
     if not here.is_main:  # rank 0 writes the run; the others return its summary once it is written
         return {**distributed.broadcast_object(None), "rank": here.rank, "codes_sha256": codes_digest}
     records = read_jsonl(run_dir / "metrics.jsonl")  # every epoch, those before a --resume included
@@ -689,6 +725,7 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         # what --target-bits caps: the nominal average, or with --budget-on stored the file's stored bits per weight
         "avg_counted_bits": method.budget_average(),
         "fp_top1": fp_top1,
+        **_val_record(ctx, held),
         "seconds": round(time.time() - started, 1),
     }
     summary = _save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
@@ -735,7 +772,8 @@ def load_run(
     """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded.
 
     ``model`` names the user factory of a run made with one (never taken from the run); ``with_probe``
-    gives the method its loss probe (the run's ``probe_batches`` training batches), to train further.
+    gives the method its loss probe (the run's ``probe_batches`` batches: of its recorded hold-out, if
+    any, else of training), to train further. The run's recorded ``val_split`` holds out the same images.
     """
     run_dir = Path(run_dir)
     config = read_search_config(run_dir)
@@ -842,13 +880,14 @@ def evaluate_run(
             raise MpqError(f"{run_path}/config.json: malformed data or train record ({exc})") from None
         spec = recorded_model(config.get("model"), f"{run_path}/config.json", model)
         ctx = _setup(ModelOptions(spec.name, None, str(run_path / "model.safetensors")), data, train_cfg)
-    result = evaluate(ctx.model, ctx.val, amp=train_cfg.amp, reporter=reporter, description="eval")
+    result, held = _final_eval(ctx, train_cfg.amp, reporter, "eval")
     return {
         "command": "eval",
         "run": str(target),
         "data": data.name,
         "synthetic": ctx.info.synthetic,
         **result,
+        **_val_record(ctx, held),
         "out": str(target),
     }
 
@@ -894,20 +933,19 @@ def evaluate_packed(
     seed = recorded.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MpqError(f"{path}: malformed eval record in the header (seed {seed!r})")
-    info, train_b, val_b = load_data(
-        data, channels=spec.in_channels, default_input=(spec.in_channels, *spec.input_size), seed=seed
-    )
-    if info.num_classes != spec.num_classes:
-        raise MpqError(f"{data.name} has {info.num_classes} classes; the packed model has {spec.num_classes}")
-    ctx = _place(net, spec, info, train_b, val_b, resolve_device(device or "auto"))
-    check_forward(ctx.model, ctx.val, spec)
-    result = evaluate(ctx.model, ctx.val, reporter=reporter, description="eval")
+    splits = load_splits(data, channels=spec.in_channels, default_input=(spec.in_channels, *spec.input_size), seed=seed)
+    if splits.info.num_classes != spec.num_classes:
+        raise MpqError(f"{data.name} has {splits.info.num_classes} classes; the packed model has {spec.num_classes}")
+    ctx = _place(net, spec, splits, resolve_device(device or "auto"))
+    check_forward(ctx.model, ctx.test, spec)
+    result, held = _final_eval(ctx, False, reporter, "eval")
     return {
         "command": "eval",
         "file": str(path),
         "data": data.name,
-        "synthetic": info.synthetic,
+        "synthetic": splits.info.synthetic,
         **result,
+        **_val_record(ctx, held),
         "top1_at_export": (header.get("source") or {}).get("top1"),
         "limit_val_batches_at_export": _recorded_limit(recorded_data.get("limit_val_batches")),
         "out": str(path),
@@ -979,7 +1017,7 @@ def model_layers(name: str, num_classes: int = 10, input_size: tuple[int, int, i
 
 # The data settings a packed file's eval record may set (the data folder is the reader's own; the run's
 # --limit-val-batches bounded its in-training checks: mpq eval measures the whole split unless asked).
-_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "augment", "normalize")
+_REPLAYED_DATA_FIELDS = ("name", "batch_size", "input_size", "augment", "normalize", "val_split", "val_split_seed")
 
 
 # ------------------------------------------------------------------------------ export & inspect

@@ -296,6 +296,8 @@ def _emit(summary: dict, as_json: bool, title: str) -> None:
     acc = f"top-1 {summary['top1']:.2f} %"
     if summary.get("top5") is not None:
         acc += f", top-5 {summary['top5']:.2f} %"
+    if summary.get("val_top1") is not None:
+        acc += f" on the test split; hold-out top-1 {summary['val_top1']:.2f} % ({summary['val_images']} images)"
     if summary.get("synthetic"):
         acc += "  (synthetic data: for smoke tests only)"
     out_console.print(f"{title}: {acc}", highlight=False)
@@ -371,6 +373,15 @@ CompileOpt = Annotated[
 LimitTrainOpt = Annotated[int | None, typer.Option(help="Stop each training epoch after N batches.")]
 LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on at most N batches.")]
 NoAugOpt = Annotated[bool, typer.Option("--no-augment", help="Turn off training augmentation.")]
+ValSplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hold N training images (or a fraction in (0, 1), e.g. 0.1) out of training, the same number per "
+        "class and the same images whatever --seed: every per-epoch check and the budget step's loss probe read "
+        "them, and the test split is measured once at the end (top1; the hold-out's is val_top1). "
+        "Default: no hold-out, the checks read the test split.",
+    ),
+]
 OutOpt = Annotated[
     str | None, typer.Option("--out", "-o", help="Run directory to write (default: runs/COMMAND-MODEL-TIMESTAMP).")
 ]
@@ -392,7 +403,9 @@ UserModelOpt = Annotated[
 ]
 
 
-def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment, normalize) -> DataConfig:
+def _data_cfg(
+    data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment, normalize, val_split
+) -> DataConfig:
     return DataConfig(
         name=data,
         data_dir=data_dir or default_data_dir(),
@@ -402,6 +415,7 @@ def _data_cfg(data, data_dir, batch_size, input_size, limit_train, limit_val, no
         limit_val_batches=limit_val,
         augment=not no_augment,
         normalize=normalize,
+        val_split=val_split,
     )
 
 
@@ -428,6 +442,7 @@ def train(
     amp: AmpOpt = False,
     limit_train_batches: LimitTrainOpt = None,
     limit_val_batches: LimitValOpt = None,
+    val_split: ValSplitOpt = None,
     no_augment: NoAugOpt = False,
     clip_grad: ClipOpt = None,
     out: OutOpt = None,
@@ -454,7 +469,15 @@ def train(
     summary = api.train(
         api.ModelOptions(model, weights, checkpoint, new_head),
         _data_cfg(
-            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment, normalize
+            data,
+            data_dir,
+            batch_size,
+            input_size,
+            limit_train_batches,
+            limit_val_batches,
+            no_augment,
+            normalize,
+            val_split,
         ),
         cfg,
         out=out,
@@ -500,6 +523,7 @@ def search(
     compile_kernels: CompileOpt = False,
     limit_train_batches: LimitTrainOpt = None,
     limit_val_batches: LimitValOpt = None,
+    val_split: ValSplitOpt = None,
     no_augment: NoAugOpt = False,
     clip_grad: ClipOpt = None,
     keep_fp: Annotated[
@@ -518,7 +542,12 @@ def search(
         list[str] | None,
         typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
     ] = None,
-    probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
+    probe_batches: Annotated[
+        int,
+        typer.Option(
+            help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."
+        ),
+    ] = 8,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     as_json: JsonOpt = False,
@@ -552,7 +581,15 @@ def search(
     summary = api.search(
         api.ModelOptions(model, weights, checkpoint, new_head),
         _data_cfg(
-            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, no_augment, normalize
+            data,
+            data_dir,
+            batch_size,
+            input_size,
+            limit_train_batches,
+            limit_val_batches,
+            no_augment,
+            normalize,
+            val_split,
         ),
         cfg,
         options,
@@ -656,8 +693,14 @@ def sweep(
     device: DeviceOpt = "auto",
     limit_train_batches: LimitTrainOpt = None,
     limit_val_batches: LimitValOpt = None,
+    val_split: ValSplitOpt = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits (see search).")] = None,
-    probe_batches: Annotated[int, typer.Option(help="Training batches the loss-aware budget step measures.")] = 8,
+    probe_batches: Annotated[
+        int,
+        typer.Option(
+            help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."
+        ),
+    ] = 8,
     out: Annotated[
         str, typer.Option("--out", "-o", help="Folder of the sweep's runs (reused: finished runs are skipped).")
     ] = "runs/sweep",
@@ -682,7 +725,7 @@ def sweep(
         out=Path(out),
         model=api.ModelOptions(model, weights, checkpoint, new_head),
         data=_data_cfg(
-            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False, normalize
+            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False, normalize, val_split
         ),
         train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
         method_config={"act_bits": act_bits},

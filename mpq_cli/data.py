@@ -4,6 +4,9 @@ Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live in memory as one
 ``uint8``/float tensor and are batched, augmented and normalised with vectorised
 tensor ops on the training device: no per-image PIL work, deterministic for a seed.
 ``imagefolder:PATH`` uses torchvision's ImageFolder and a DataLoader.
+
+Three splits: the training batches, an optional hold-out of the training split (``--val-split``,
+:func:`split_holdout`) that every in-training check reads, and the test split, measured once at the end.
 """
 
 from __future__ import annotations
@@ -131,11 +134,40 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 SYNTHETIC_IMAGES = 768  # 512 to train on, 256 to evaluate
+
+# The hold-out's seed, apart from --seed: every run and every method of a comparison holds out the same images.
+# Recorded in the run (DataConfig.val_split_seed), so a later default cannot move a recorded run's hold-out.
+VAL_SPLIT_SEED = 271_828
+VAL_SPLIT_SYNTAX = "a whole number of training images (N >= 1) or a fraction of them in (0, 1)"
 MAX_SYNTHETIC_BYTES = 4 << 30
 
 
 def _int_in(value, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def parse_val_split(text: str) -> int | float:
+    """``--val-split`` text -> an image count (``5000``) or a fraction (``0.1``); checked by :class:`DataConfig`.
+
+    Raises:
+        MpqError: neither an integer nor a number.
+    """
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise MpqError(f"--val-split expects {VAL_SPLIT_SYNTAX}; got {text!r}") from None
+
+
+def check_val_split(value) -> int | float:
+    """``value`` if it is an image count >= 1 or a fraction in (0, 1), else a one-line error."""
+    if _int_in(value, 1, 1 << 40) or (isinstance(value, float) and math.isfinite(value) and 0 < value < 1):
+        return value
+    raise MpqError(f"--val-split expects {VAL_SPLIT_SYNTAX}; got {value!r}")
 
 
 @dataclass
@@ -155,6 +187,11 @@ class DataConfig:
             / std``), each one value for every channel or one per channel; a ``--normalize`` text
             (:func:`parse_normalize`) is accepted. ``None``: the dataset's statistics (a torchvision model's
             pretrained weights bring their own, see ``api``).
+        val_split: hold this many training images (an int) or this share of them (a float in (0, 1)) out of
+            training, class-balanced (:func:`split_holdout`): the per-epoch checks and the budget steps' loss
+            probe read them, and the test split is measured once at the end. ``None``: no hold-out; the
+            checks read the test split. A ``--val-split`` text is accepted.
+        val_split_seed: the hold-out's seed (:data:`VAL_SPLIT_SEED`, independent of ``--seed``).
     """
 
     name: str = "fashion-mnist"
@@ -166,6 +203,8 @@ class DataConfig:
     augment: bool = True
     workers: int = 4
     normalize: Stats | None = None
+    val_split: int | float | None = None
+    val_split_seed: int = VAL_SPLIT_SEED
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or (
@@ -193,11 +232,20 @@ class DataConfig:
             self.normalize = parse_normalize(self.normalize)
         elif self.normalize is not None:
             self.normalize = check_normalize(self.normalize)
+        if isinstance(self.val_split, str):
+            self.val_split = parse_val_split(self.val_split)
+        if self.val_split is not None:
+            self.val_split = check_val_split(self.val_split)
+        if not _int_in(self.val_split_seed, 0, 2**63 - 1):
+            raise MpqError(f"val_split_seed must be an integer >= 0, got {self.val_split_seed!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["normalize"] is None:  # the default is left out: runs written before the option keep their fingerprints
+        # defaults are left out: runs written before these options keep their fingerprints
+        if d["normalize"] is None:
             del d["normalize"]
+        if d["val_split"] is None:
+            del d["val_split"], d["val_split_seed"]
         return d
 
 
@@ -252,6 +300,7 @@ class TensorBatches:
         self.device = torch.device("cpu")
         self.channels_last = False
         self.rank, self.ranks = 0, 1
+        self.split = "train" if shuffle else "test"  # which split these are: train, holdout or test
 
     def to(self, device) -> TensorBatches:
         self.device = torch.device(device)
@@ -354,6 +403,7 @@ class LoaderBatches:
         self.device = torch.device("cpu")
         self.channels_last = False
         self.rank, self.ranks = 0, 1
+        self.split = "train" if shuffle else "test"  # which split these are: train, holdout or test
 
     def to(self, device) -> LoaderBatches:
         self.device = torch.device(device)
@@ -394,16 +444,49 @@ class LoaderBatches:
             yield x, y.to(self.device, non_blocking=True)
 
 
+@dataclass
+class Splits:
+    """The batches of one dataset (:func:`load_splits`).
+
+    Args:
+        info: what the model needs to know about the data.
+        train: shuffled, augmented training batches (without the hold-out).
+        val: the hold-out of ``DataConfig.val_split`` (unshuffled, unaugmented), or ``None`` without one.
+        test: the test (or ``val/``) split, unshuffled.
+        val_images: the hold-out's size (``None`` without one).
+    """
+
+    info: DatasetInfo
+    train: object
+    val: object | None
+    test: object
+    val_images: int | None = None
+
+    @property
+    def checks(self):
+        """What the in-training checks read: the hold-out, or the test split without one."""
+        return self.val if self.val is not None else self.test
+
+
 def load_data(
     cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32), seed: int = 0
 ) -> tuple[DatasetInfo, object, object]:
-    """Build ``(info, train_batches, val_batches)``; under torchrun, each rank's shard of both.
+    """``(info, train_batches, test_batches)`` of :func:`load_splits` (the hold-out, if any, left out)."""
+    splits = load_splits(cfg, channels=channels, default_input=default_input, seed=seed)
+    return splits.info, splits.train, splits.test
+
+
+def load_splits(
+    cfg: DataConfig, *, channels: int | None = None, default_input: tuple[int, int, int] = (3, 32, 32), seed: int = 0
+) -> Splits:
+    """Build the training batches, the hold-out (with ``cfg.val_split``) and the test split; under
+    torchrun, each rank's shard of each (the hold-out is the same on every rank: its seed is fixed).
 
     Args:
         cfg: the data configuration.
         channels: channels the model takes; grayscale data is repeated to match.
         default_input: ``(C, H, W)`` synthetic data takes unless ``cfg.input_size`` says otherwise.
-        seed: shuffling and synthetic-data seed.
+        seed: shuffling and synthetic-data seed (not the hold-out's: see ``DataConfig.val_split_seed``).
     """
     here = world()
     if not here.active:
@@ -412,27 +495,93 @@ def load_data(
     if not here.is_main:
         torch.distributed.barrier()
     try:
-        info, train, val = _load_data(cfg, channels, default_input, seed)
+        splits = _load_data(cfg, channels, default_input, seed)
     finally:
         if here.is_main:
             torch.distributed.barrier()
-    held_out = len(val.labels) if isinstance(val, TensorBatches) else len(val.dataset)
-    if val.limit:
-        held_out = min(held_out, val.limit * val.batch_size * here.size)
-    if held_out < here.size:  # a rank with nothing to evaluate would leave the others waiting
-        raise MpqError(f"the validation set has fewer samples than the {here.size} processes; use fewer processes")
-    train.shard(here.rank, here.size)
-    val.shard(here.rank, here.size)
-    return info, train, val
+    for name, batches in (("hold-out (--val-split)", splits.val), ("validation set", splits.test)):
+        if batches is None:
+            continue
+        held_out = len(batches.labels) if isinstance(batches, TensorBatches) else len(batches.dataset)
+        if batches.limit:
+            held_out = min(held_out, batches.limit * batches.batch_size * here.size)
+        if held_out < here.size:  # a rank with nothing to evaluate would leave the others waiting
+            raise MpqError(f"the {name} has fewer samples than the {here.size} processes; use fewer processes")
+        batches.shard(here.rank, here.size)
+    splits.train.shard(here.rank, here.size)
+    return splits
 
 
-def _load_data(cfg: DataConfig, channels: int | None, default_input: tuple[int, int, int], seed: int):
+def split_holdout(labels: torch.Tensor, val_split: int | float, classes: int, seed: int = VAL_SPLIT_SEED):
+    """``(train_indices, holdout_indices)`` of a training split with these ``labels``: a class-balanced hold-out.
+
+    The hold-out has ``N = val_split`` images (an int), or ``N = floor(val_split * len(labels))`` (a
+    fraction); each class gives ``N // classes`` of them, and the classes with the lowest indices one
+    more each until there are ``N``. Within a class the images are the first in a permutation drawn from
+    ``seed`` alone, so the hold-out depends on the labels and the seed, never on ``--seed`` or the rank.
+    The hold-out indices come in that permutation's order (any prefix, as ``--limit-val-batches``
+    reads, mixes the classes); the training indices in ascending order.
+
+    Raises:
+        MpqError: ``N`` is not below the split's size, is under one image per class, or a class has too
+            few images to give its share and keep one to train on.
+    """
+    n = len(labels)
+    total = val_split if isinstance(val_split, int) else math.floor(val_split * n)
+    if total >= n:
+        raise MpqError(f"--val-split {val_split} holds out {total} of the {n} training images; it must leave some")
+    if total < classes:
+        raise MpqError(
+            f"--val-split {val_split} holds out {total} of the {n} training images; "
+            f"at least one per class ({classes}) is needed"
+        )
+    counts = torch.bincount(labels, minlength=classes)[:classes]
+    want = torch.full((classes,), total // classes, dtype=torch.int64)
+    want[: total % classes] += 1
+    short = (counts <= want).nonzero().flatten().tolist()
+    if short:
+        c = short[0]
+        raise MpqError(
+            f"--val-split {val_split}: class {c} has {int(counts[c])} training images, too few to hold out "
+            f"{int(want[c])} and train on the rest"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    by_class = labels[perm].sort(stable=True)
+    # each sample's rank within its class, in the permutation's order
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.int64)
+    rank[by_class.indices] = torch.arange(n) - starts[by_class.values]
+    held = perm[rank < want[labels[perm]]]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def _holdout_tensors(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor, classes: int):
+    """``(train images, train labels, held-out images, held-out labels)``; the last two ``None`` without a split."""
+    if cfg.val_split is None:
+        return images, labels, None, None
+    train, held = split_holdout(labels, cfg.val_split, classes, cfg.val_split_seed)
+    return images[train], labels[train], images[held], labels[held]
+
+
+def _holdout_batches(cfg: DataConfig, images, labels, mean, std, **kwargs) -> TensorBatches | None:
+    """The hold-out as evaluation batches (no shuffle, no augmentation, ``--limit-val-batches``)."""
+    if images is None:
+        return None
+    batches = TensorBatches(images, labels, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, **kwargs)
+    batches.split = "holdout"
+    return batches
+
+
+def _load_data(cfg: DataConfig, channels: int | None, default_input: tuple[int, int, int], seed: int) -> Splits:
     if cfg.name == "synthetic":
         return _synthetic(cfg, cfg.input_size or default_input, seed, channels)
     if cfg.name.startswith("imagefolder:"):
         return _imagefolder(cfg, seed)
     _, _, classes, (padding, flip) = _TENSOR_DATASETS[cfg.name]
     (xtr, ytr), (xte, yte) = _read_tensor_dataset(cfg.name, Path(cfg.data_dir))
+    xtr, ytr, xval, yval = _holdout_tensors(cfg, xtr, ytr, classes)
     in_ch = xtr.shape[1]
     channels = channels or in_ch
     if channels not in (in_ch, 3) or (channels == 3 and in_ch not in (1, 3)):
@@ -457,8 +606,9 @@ def _load_data(cfg: DataConfig, channels: int | None, default_input: tuple[int, 
         channels=channels,
         size=size,
     )
-    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels, size=size)
-    return info, train, val
+    val = _holdout_batches(cfg, xval, yval, mean, std, channels=channels, size=size)
+    test = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches, channels=channels, size=size)
+    return Splits(info, train, val, test, None if yval is None else len(yval))
 
 
 def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
@@ -478,11 +628,11 @@ def _synthetic(cfg: DataConfig, shape, seed: int, channels: int | None):
     y = (x.flatten(1) @ proj).argmax(1)
     mean, std = normalisation("synthetic", c, cfg.normalize)
     info = DatasetInfo("synthetic", classes, c, (h, w), mean, std, synthetic=True)
-    train = TensorBatches(
-        x[:512], y[:512], cfg.batch_size, mean, std, shuffle=True, seed=seed, limit=cfg.limit_train_batches
-    )
-    val = TensorBatches(x[512:], y[512:], cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
-    return info, train, val
+    xtr, ytr, xval, yval = _holdout_tensors(cfg, x[:512], y[:512], classes)
+    train = TensorBatches(xtr, ytr, cfg.batch_size, mean, std, shuffle=True, seed=seed, limit=cfg.limit_train_batches)
+    val = _holdout_batches(cfg, xval, yval, mean, std)
+    test = TensorBatches(x[512:], y[512:], cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
+    return Splits(info, train, val, test, None if yval is None else len(yval))
 
 
 def _imagefolder(cfg: DataConfig, seed: int):
@@ -517,13 +667,29 @@ def _imagefolder(cfg: DataConfig, seed: int):
     if train_ds.classes != val_ds.classes:
         raise MpqError(f"{root}: train/ and {held_out}/ have different class folders")
     info = DatasetInfo(cfg.name, len(train_ds.classes), 3, tuple(size), mean, std)
+    holdout = None
+    if cfg.val_split is not None:  # the hold-out reads the training folder through the evaluation transform
+        keep, held = split_holdout(
+            torch.tensor(train_ds.targets), cfg.val_split, len(train_ds.classes), cfg.val_split_seed
+        )
+        plain = datasets.ImageFolder(str(root / "train"), val_tf)
+        train_ds = torch.utils.data.Subset(train_ds, keep.tolist())
+        holdout = LoaderBatches(
+            torch.utils.data.Subset(plain, held.tolist()),
+            cfg.batch_size,
+            shuffle=False,
+            workers=cfg.workers,
+            seed=seed,
+            limit=cfg.limit_val_batches,
+        )
+        holdout.split = "holdout"
     train = LoaderBatches(
         train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=seed, limit=cfg.limit_train_batches
     )
-    val = LoaderBatches(
+    test = LoaderBatches(
         val_ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=seed, limit=cfg.limit_val_batches
     )
-    return info, train, val
+    return Splits(info, train, holdout, test, None if holdout is None else len(holdout.dataset))
 
 
 _IDX_FILES = {
@@ -699,6 +865,7 @@ def _cached_imagefolder(cfg: DataConfig, root: Path, held_out: str, seed: int):
     crops with 1/8 of the side as padding and flips), normalised with ImageNet's statistics (or --normalize's)."""
     (xtr, ytr), (xte, yte) = _cached_image_splits(root, ("train", held_out))
     classes = int(max(ytr.max(), yte.max())) + 1
+    xtr, ytr, xval, yval = _holdout_tensors(cfg, xtr, ytr, classes)
     padding = max(1, xtr.shape[-1] // 8)
     mean, std = normalisation(cfg.name, 3, cfg.normalize)
     info = DatasetInfo(cfg.name, classes, 3, tuple(xtr.shape[2:]), mean, std)
@@ -714,8 +881,9 @@ def _cached_imagefolder(cfg: DataConfig, root: Path, held_out: str, seed: int):
         seed=seed,
         limit=cfg.limit_train_batches,
     )
-    val = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
-    return info, train, val
+    val = _holdout_batches(cfg, xval, yval, mean, std)
+    test = TensorBatches(xte, yte, cfg.batch_size, mean, std, limit=cfg.limit_val_batches)
+    return Splits(info, train, val, test, None if yval is None else len(yval))
 
 
 # -- image folders and archives, decoded once into a uint8 cache -------------------------------------------

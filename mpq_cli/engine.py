@@ -378,7 +378,8 @@ def fit(
 
     Args:
         model: the model, already on its device.
-        train, val: batch iterables with ``set_epoch`` and ``len``.
+        train, val: batch iterables with ``set_epoch`` and ``len``; ``val`` is what every epoch's check reads
+            (its ``split``, ``holdout`` or ``test``, is recorded as ``val_set``).
         cfg: training settings.
         hooks: the method's hooks (default: plain FP training).
         run_dir: where ``metrics.jsonl`` and ``checkpoint.pt`` go (nothing written if ``None``).
@@ -471,6 +472,8 @@ def fit(
             "train_acc": 100.0 * total_correct / max(total_seen, 1),
             "val_top1": result["top1"],
             "val_loss": result["loss"],
+            # which split the val_ numbers are of: the --val-split hold-out, or the test split without one
+            "val_set": getattr(val, "split", "test"),
             "lr": lr,
             **hooks.progress(),
             "seconds": round(time.time() - started, 2),

@@ -115,10 +115,11 @@ def training_chart(records: list[dict], path: str | Path, title: str) -> Path | 
     axes = figure.subplots(1, 3 if has_bits else 2)
     x = list(range(1, len(epochs) + 1))
     stages = [r.get("stage", "train") for r in epochs]
-    axes[0].plot(x, [r.get("val_top1") for r in epochs], "o-", label="validation")
+    checked = "hold-out" if epochs[-1].get("val_set") == "holdout" else "validation"  # --val-split's, or the test split
+    axes[0].plot(x, [r.get("val_top1") for r in epochs], "o-", label=checked)
     axes[0].plot(x, [r.get("train_acc") for r in epochs], "s--", label="training", alpha=0.7)
     axes[0].set_ylabel("top-1 %")
-    axes[1].plot(x, [r.get("val_loss") for r in epochs], "o-", label="validation")
+    axes[1].plot(x, [r.get("val_loss") for r in epochs], "o-", label=checked)
     axes[1].plot(x, [r.get("train_loss") for r in epochs], "s--", label="training", alpha=0.7)
     axes[1].set_ylabel("loss")
     if has_bits:

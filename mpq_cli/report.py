@@ -26,6 +26,14 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
         ("FP32 top-1", _fmt_acc(summary.get("fp_top1"))),
         ("quantized top-1 (exact integer weights)", _fmt_acc(summary.get("top1"))),
     ]
+    if summary.get("val_images") is not None:  # --val-split: top1 is the test split's, measured once at the end
+        rows[-1] = ("quantized top-1 on the test split (exact integer weights)", rows[-1][1])
+        rows.append(
+            (
+                f"quantized top-1 on the hold-out ({summary['val_images']} training images)",
+                _fmt_acc(summary["val_top1"]),
+            )
+        )
     if summary.get("fp_top1") is not None and summary.get("top1") is not None:
         rows.append(("accuracy drop", f"{summary['fp_top1'] - summary['top1']:.2f} points"))
     rows += [

@@ -33,7 +33,8 @@ class SweepRow:
     avg_stored_bits: float | None = None
     file_bytes: int | None = None
     top1: float | None = None  # measured on the exported file
-    run_top1: float | None = None  # the run's own final evaluation
+    run_top1: float | None = None  # the run's own final evaluation (the test split)
+    val_top1: float | None = None  # the run's final top-1 on its --val-split hold-out (None without one)
     seconds: float | None = None
     pareto: bool = False
 
@@ -120,6 +121,7 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
             row.status = "reused" if summary.pop("reused", False) else "done"
             fp_top1 = summary.get("fp_top1", fp_top1)
             row.run_top1, row.seconds = summary.get("top1"), summary.get("seconds")
+            row.val_top1 = summary.get("val_top1")
             if not summary.get("budget_met", True):
                 row.status = "over budget"
             if not packed.is_file() or packed.stat().st_mtime < summary_path.stat().st_mtime:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ METHODS = {
     "alq": {"target_bits": 2, "act_bits": 2},  # and ALQ's basis activations fit on every rank's batch
 }
 PER_RANK_BATCH = 16
+VAL_SPLIT = 64  # the FP run's hold-out (--val-split)
 TRAIN = {"epochs": 2, "seed": 0, "device": "cpu"}
 
 
@@ -42,7 +44,9 @@ def main(out: Path) -> None:
             seen["runs"][method] = {**summary, "saved_sha256": distributed.digest(saved.agreement_tensors())}
         seen["eval"] = api.evaluate_run(str(out / "uniform"))
         seen["finetune"] = api.finetune(str(out / "bmpq"), {"epochs": 1, "device": "cpu"}, out=str(out / "bmpq-ft"))
-        seen["train"] = api.train(api.ModelOptions("lenet5"), data(PER_RANK_BATCH), TRAIN, out=str(out / "fp"))
+        # with a hold-out: every rank must hold out the same images (a different one would train apart)
+        held = replace(data(PER_RANK_BATCH), val_split=VAL_SPLIT)
+        seen["train"] = api.train(api.ModelOptions("lenet5"), held, TRAIN, out=str(out / "fp"))
         try:
             distributed.check_agreement({"value": str(here.rank)}, "a value that differs on purpose")
         except MpqError as exc:

@@ -184,6 +184,15 @@ def test_train_and_finetune_run_and_every_rank_returns_rank_0s_summary(ddp_runs)
         assert {k: v for k, v in ranks[1][command].items() if k not in ("rank", "codes_sha256")} == ranks[0][command]
 
 
+def test_a_hold_out_under_torchrun_is_the_one_process_hold_out(ddp_runs):
+    out, ranks = ddp_runs
+    single = api.evaluate_run(str(out / "fp"))  # one process, the run's recorded --val-split
+    assert single["val_images"] == ddp_worker.VAL_SPLIT
+    for rank in ranks:
+        assert rank["train"]["val_images"] == ddp_worker.VAL_SPLIT
+        assert rank["train"]["val_top1"] == single["val_top1"] and rank["train"]["top1"] == single["top1"]
+
+
 def test_a_sharded_evaluation_equals_one_process_exactly(ddp_runs):
     out, ranks = ddp_runs
     single = api.evaluate_run(str(out / "uniform"))

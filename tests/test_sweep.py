@@ -77,3 +77,14 @@ def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypa
     result = invoke("sweep", "--method", "uniform", "--target-bits", "2", "--out", tmp_path / "s")
     assert result.exit_code == 2 and "mpq sweep runs in one process" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_with_a_hold_out_gives_every_row_the_same_one(fp_run, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--method", "uniform", "--target-bits", "2,4", "--model", "lenet5", "--val-split", "0.1"]
+    result = run_json(*args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--out", out)
+    for row in result["rows"]:
+        config = json.loads((out / run_name("uniform", row["target_bits"]) / "config.json").read_text())
+        summary = json.loads((out / run_name("uniform", row["target_bits"]) / "summary.json").read_text())
+        assert config["data"]["val_split"] == 0.1 and summary["val_images"] == 51  # floor(0.1 * 512)
+        assert row["val_top1"] == summary["val_top1"] is not None and row["top1"] == summary["top1"]
