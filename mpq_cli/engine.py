@@ -411,7 +411,7 @@ def fit(
         torch.set_rng_state(resume["rng"])
         start_epoch = int(resume["epoch"]) + 1
         if metrics:
-            metrics.truncate_after(int(resume["epoch"]))
+            metrics.truncate_after(int(resume["epoch"]) + 1)
     steps = len(train)
     if steps == 0:
         raise MpqError("the training set is empty")
@@ -467,7 +467,7 @@ def fit(
         _check_divergence(result["loss"], reference_loss, epoch, "validation ")
         record = {
             "stage": stage,
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as every message counts them (the checkpoint keeps the index)
             "train_loss": train_loss,
             "train_acc": 100.0 * total_correct / max(total_seen, 1),
             "val_top1": result["top1"],

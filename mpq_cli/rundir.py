@@ -217,7 +217,8 @@ class MetricsLog:
             f.flush()
 
     def truncate_after(self, epoch: int) -> None:
-        """On resume, drop records of epochs that the checkpoint does not hold."""
+        """On resume, drop records of epochs that the checkpoint does not hold: those after epoch ``epoch``
+        (counted from 1, as the records count them)."""
         if not self.path.exists():
             return
         records = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]

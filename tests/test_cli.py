@@ -13,7 +13,7 @@ def test_train_writes_checkpoint(fp_run):
     assert summary["out"] == str(out)
     assert (out / "model.safetensors").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["epoch"] for r in records] == [1, 2]  # counted from 1, as every message counts them
     assert summary["top1"] == pytest.approx(records[-1]["val_top1"])  # the final eval: the last epoch's model
 
 

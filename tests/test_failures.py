@@ -287,7 +287,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(MpqError, match="diverged in epoch 2.*checkpoint.pt keeps epoch 1"):
         fit(model, train, val, TrainConfig(epochs=3, lr=0.01), hooks=Hooks(), run_dir=tmp_path)
     assert load_checkpoint_state(tmp_path / "checkpoint.pt")["epoch"] == 0
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_a_collapsed_layer_is_refused_unless_asked_for(tiny):
