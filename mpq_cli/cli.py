@@ -293,7 +293,9 @@ def _emit(summary: dict, as_json: bool, title: str) -> None:
         out_console.print(rich_summary_table(summary))
         out_console.print(f"run directory: {summary['out']}", highlight=False)
         return
-    acc = f"top-1 {summary['top1']:.2f} %"
+    from .report import measured_on
+
+    acc = f"top-1 {summary['top1']:.2f} %{measured_on(summary)}"
     if summary.get("top5") is not None:
         acc += f", top-5 {summary['top5']:.2f} %"
     if summary.get("val_top1") is not None:

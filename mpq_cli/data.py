@@ -319,6 +319,11 @@ class TensorBatches:
     def __len__(self) -> int:
         return _batch_count(len(self.labels), self)
 
+    @property
+    def split_samples(self) -> int:
+        """Images in the whole split, whatever ``limit`` reads of it."""
+        return len(self.labels)
+
     def __iter__(self):
         order, gen = _epoch_order(len(self.labels), self)
         for i in range(len(self)):
@@ -419,6 +424,11 @@ class LoaderBatches:
 
     def __len__(self) -> int:
         return _batch_count(len(self.dataset), self)
+
+    @property
+    def split_samples(self) -> int:
+        """Images in the whole split, whatever ``limit`` reads of it."""
+        return len(self.dataset)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))

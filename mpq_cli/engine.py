@@ -287,6 +287,8 @@ def evaluate(
     if count == 0:
         raise MpqError("the evaluation set is empty")
     result = {"top1": 100.0 * float(correct1) / count, "loss": float(loss_sum) / count, "samples": count}
+    # the split's size beside what was read of it: a partial measurement says so wherever it is shown
+    result["split_samples"] = getattr(batches, "split_samples", count)
     if out.shape[1] > 5:
         result["top5"] = 100.0 * float(correct5) / count
     return result

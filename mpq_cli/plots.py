@@ -163,7 +163,10 @@ def sweep_chart(result: dict, path: str | Path) -> Path:
     if result.get("fp32_top1") is not None:
         ax.axhline(result["fp32_top1"], color="grey", linestyle="--", label="FP32 reference")
     ax.set_xlabel("average stored bits per weight (file)")
-    ax.set_ylabel("top-1 % (exported file)")
+    from .report import measured_on
+
+    partial = next((measured_on(r) for r in rows if measured_on(r)), "")
+    ax.set_ylabel(f"top-1 % (exported file{partial})" if partial else "top-1 % (exported file)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{result.get('model')} on {result.get('data')}: accuracy against size", fontsize=10)

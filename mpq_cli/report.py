@@ -17,14 +17,22 @@ def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} %"
 
 
+def measured_on(result: dict) -> str:
+    """`` on 256 of 10,000 test images`` when a measurement read part of its split, else ``""``."""
+    samples, total = result.get("samples"), result.get("split_samples")
+    if samples is None or total is None or samples >= total:
+        return ""
+    return f" on {samples:,} of {total:,} test images"
+
+
 def summary_lines(summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs shared by report.md and the terminal."""
     rows = [("method", summary["method"]), ("model", summary["model"]), ("data", summary["data"])]
     if summary.get("synthetic"):
         rows.append(("WARNING", "synthetic data: accuracies are meaningless, for smoke tests only"))
     rows += [
-        ("FP32 top-1", _fmt_acc(summary.get("fp_top1"))),
-        ("quantized top-1 (exact integer weights)", _fmt_acc(summary.get("top1"))),
+        ("FP32 top-1", _fmt_acc(summary.get("fp_top1")) + (measured_on(summary) if summary.get("fp_top1") else "")),
+        ("quantized top-1 (exact integer weights)", _fmt_acc(summary.get("top1")) + measured_on(summary)),
     ]
     if summary.get("val_images") is not None:  # --val-split: top1 is the test split's, measured once at the end
         rows[-1] = ("quantized top-1 on the test split (exact integer weights)", rows[-1][1])

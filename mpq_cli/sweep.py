@@ -33,6 +33,8 @@ class SweepRow:
     avg_stored_bits: float | None = None
     file_bytes: int | None = None
     top1: float | None = None  # measured on the exported file
+    samples: int | None = None  # test images that measurement read
+    split_samples: int | None = None  # of the test split's
     run_top1: float | None = None  # the run's own final evaluation (the test split)
     val_top1: float | None = None  # the run's final top-1 on its --val-split hold-out (None without one)
     seconds: float | None = None
@@ -140,7 +142,8 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
                 device=sweep.train.get("device"),
                 reporter=reporter,
             )
-            row.top1 = evaluated["top1"]
+            row.top1, row.samples = evaluated["top1"], evaluated.get("samples")
+            row.split_samples = evaluated.get("split_samples")
             _write(out, rows, fp_top1, sweep)
     return _write(out, rows, fp_top1, sweep, final=True)
 
@@ -200,8 +203,13 @@ def sweep_markdown(result: dict) -> str:
         "(no other row has fewer file bytes and a higher top-1).",
         "",
     ]
+    from .report import measured_on
+
+    partial = next((measured_on(r) for r in result["rows"] if measured_on(r)), "")
+    if partial:  # every row and the FP32 reference read the same --limit-val-batches slice
+        lines += [f"Partial measurements: every top-1 here is{partial} (`--limit-val-batches`).", ""]
     if result.get("fp32_top1") is not None:
-        lines += [f"FP32 reference (the checkpoint): top-1 {result['fp32_top1']:.2f} %.", ""]
+        lines += [f"FP32 reference (the checkpoint): top-1 {result['fp32_top1']:.2f} %{partial}.", ""]
     lines += [
         "| method | target bits | status | nominal bits | stored bits | file bytes | top-1 % (file) | Pareto |",
         "|---|---|---|---|---|---|---|---|",
@@ -215,7 +223,8 @@ def sweep_markdown(result: dict) -> str:
             continue
         lines.append(
             f"| {r['method']} | {r['target_bits']:g} | {r['status']} | {r['avg_bits']:.3f} | "
-            f"{r['avg_stored_bits']:.3f} | {r['file_bytes']:,} | {r['top1']:.2f} | {'★' if r['pareto'] else ''} |"
+            f"{r['avg_stored_bits']:.3f} | {r['file_bytes']:,} | {r['top1']:.2f}{measured_on(r)} | "
+            f"{'★' if r['pareto'] else ''} |"
         )
     if result.get("chart"):
         lines += ["", f"![top-1 against stored bits]({Path(result['chart']).name})"]

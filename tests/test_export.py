@@ -73,6 +73,12 @@ def test_eval_measures_the_whole_split_unless_limited(tmp_path):
     assert run_json("eval", run)["samples"] == 256  # a run directory too
     printed = invoke("eval", out).output
     assert "on its first 2 validation batches of each process" in printed
+    # a partial measurement says so wherever it is shown (issue 27): terminal, --json, report.md
+    assert whole["split_samples"] == limited["split_samples"] == 256
+    assert "top-1" in printed and " of 256" not in printed.splitlines()[0]  # the whole split: no qualifier
+    assert "on 64 of 256 test images" in invoke("eval", out, "--limit-val-batches", "2").output
+    assert summary["samples"] == 64 and summary["split_samples"] == 256
+    assert "on 64 of 256 test images" in (run / "report.md").read_text()
 
 
 def test_payload_is_what_the_stored_bits_promise(exported):

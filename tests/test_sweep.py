@@ -44,6 +44,7 @@ def test_sweep_runs_exports_evaluates_and_resumes(fp_run, tmp_path):
     assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
     table = (out / "sweep.md").read_text()
     assert "refused" in table and "★" in table and "](sweep.png)" in table
+    assert "Partial measurements: every top-1 here is on 128 of 256 test images" in table  # 4 of 8 batches
     assert json.loads((out / "sweep.json").read_text())["rows"] == first["rows"]
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
