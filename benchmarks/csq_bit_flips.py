@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import ROOT, fp32_reference, fresh_output, write_results  # noqa: E402
 
 from mpq_cli import api  # noqa: E402
+from mpq_cli.commands.context import setup  # noqa: E402
 from mpq_cli.data import DataConfig  # noqa: E402
 from mpq_cli.engine import TrainConfig  # noqa: E402
 from mpq_cli.methods.base import register  # noqa: E402
@@ -65,7 +66,7 @@ class RecordingUniform(Uniform):
 def logit_gradients(fp32: str) -> list[str]:
     """Rows: layer, mean |dL/dW|, mean |dL/dm_p| per bit position (LSB first) at beta = 1."""
     data = DataConfig(name="fashion-mnist", batch_size=256)
-    ctx = api._setup(api.ModelOptions("lenet5", None, fp32), data, TrainConfig(epochs=1, device="cpu"))
+    ctx = setup(api.ModelOptions("lenet5", None, fp32), data, TrainConfig(epochs=1, device="cpu"))
     method = CSQ(CSQConfig(target_bits=2.0, carry_residual=False, precondition="none"))
     method.prepare(ctx.model)
     ctx.model.train()

@@ -291,7 +291,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_a_collapsed_layer_is_refused_unless_asked_for(tiny):
-    from mpq_cli.api import _refuse_collapsed_layers
+    from mpq_cli.commands.search import refuse_collapsed_layers
     from mpq_cli.layers import LayerSelection
     from mpq_cli.methods import get_method
     from mpq_cli.methods.uniform import UniformConfig
@@ -305,9 +305,9 @@ def test_a_collapsed_layer_is_refused_unless_asked_for(tiny):
         return method
 
     with pytest.raises(MpqError, match="conv at all-zero codes"):
-        _refuse_collapsed_layers(collapsed(LayerSelection()))
-    _refuse_collapsed_layers(collapsed(LayerSelection(fix_bits={"conv": 0})))
-    _refuse_collapsed_layers(collapsed(LayerSelection(), allow_zero_bits=True))
+        refuse_collapsed_layers(collapsed(LayerSelection()))
+    refuse_collapsed_layers(collapsed(LayerSelection(fix_bits={"conv": 0})))
+    refuse_collapsed_layers(collapsed(LayerSelection(), allow_zero_bits=True))
 
 
 # -- 5. strict JSON ------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import mpq_cli
-from mpq_cli import api, engine
+import mpq_cli.commands.search
+import mpq_cli.commands.train
+from mpq_cli import commands, engine
 from mpq_cli.api import ModelOptions, SearchOptions
 from mpq_cli.data import DataConfig
 
@@ -39,12 +41,13 @@ def guard(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(engine, "LOG_EVERY", 10**9)  # metrics are read at the epoch's last step only
-    original_fit = api.fit
+    original_fit = engine.fit
 
     def fit(model, train, val, cfg, **kwargs):
         return original_fit(model, GuardedBatches(train, kwargs.get("hooks")), val, cfg, **kwargs)
 
-    monkeypatch.setattr(api, "fit", fit)
+    for command in (commands.train, commands.search):  # every command that trains
+        monkeypatch.setattr(command, "fit", fit)
     original_optimizer = engine.make_optimizer
 
     def make_optimizer(*args, **kwargs):

@@ -191,8 +191,11 @@ def test_a_search_checks_and_probes_on_the_hold_out_and_measures_the_test_split_
         return engine.loss_probe(model, batches, max_batches)
 
     monkeypatch.setattr(engine, "evaluate", recording("fit", engine.evaluate))
-    monkeypatch.setattr(api, "evaluate", recording("api", api.evaluate))
-    monkeypatch.setattr(api, "loss_probe", probe)
+    from mpq_cli.commands import context, search
+
+    for command in (context, search):  # every command module that measures outside the training loop
+        monkeypatch.setattr(command, "evaluate", recording("api", command.evaluate))
+    monkeypatch.setattr(context, "loss_probe", probe)
     data = DataConfig("synthetic", batch_size=32, input_size=(1, 8, 8), limit_train_batches=2, val_split=40)
     summary = api.search(
         api.ModelOptions(tiny_factory_file),

@@ -1,0 +1,204 @@
+"""Writing a finished quantized run: its scheme (bits measured from the exact codes), state, codes, summary with
+the packed file's sizes, report.md and charts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..export import pack_run, size_report
+from ..layers import (
+    QuantizedLayer,
+    quantizable_layers,
+)
+from ..methods import FinalizeResult, Method
+from ..models import unique_state_dict
+from ..packing.encodings import plan_codes
+from ..packing.format import serialized_size
+from ..report import markdown_report
+from ..rundir import (
+    dumps,
+    read_jsonl,
+    save_safetensors,
+    write_json,
+    write_text_atomic,
+)
+from ..scheme import LayerEntry, Scheme
+
+
+def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) -> Scheme:
+    """The bit table of a prepared model, with stored bits measured from the exact codes."""
+    entries = []
+    codes = codes if codes is not None else method.layer_codes()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            kind = "conv2d" if isinstance(module.layer, nn.Conv2d) else "linear"
+            act_bits = getattr(module.act_quantizer, "bits", None)
+            basis = codes[name].basis
+            if basis is not None:  # sign bits per weight, a float32 coordinate per basis, a byte per group
+                used = int(basis.group_bits.sum())
+                stored, scales, index = used * basis.group_size / module.params, used, basis.group_bits.numel()
+                if used == 0:
+                    stored, scales, index = 0, 0, 0
+            else:
+                plan = plan_codes(codes[name].codes)
+                stored, scales, index = plan.width, plan.extra_values, 0
+            entries.append(
+                LayerEntry(
+                    name,
+                    kind,
+                    list(module.weight_shape),
+                    module.params,
+                    codes[name].nominal_bits,
+                    stored,
+                    scales,
+                    act_bits,
+                    index,
+                )
+            )
+    for name, module in quantizable_layers(model).items():
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        entries.append(LayerEntry(name, kind, list(module.weight.shape), module.weight.numel(), None, None, 0))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    entries.sort(key=lambda e: order[e.name])
+    fp_weight_keys = {f"{e.name}.weight" for e in entries if e.is_fp}
+    quantizer_prefixes = tuple(f"{n}.weight_quantizer." for n in method.layers)
+    other = sum(
+        t.numel()
+        for k, t in unique_state_dict(model).items()
+        if t.is_floating_point() and k not in fp_weight_keys and not k.startswith(quantizer_prefixes)
+    )
+    return Scheme(method=method.name, layers=entries, other_params=other)
+
+
+def save_quantized_run(
+    run_dir: Path,
+    config: dict,
+    method: Method,
+    model: nn.Module,
+    summary_base: dict,
+    final: dict,
+    result: FinalizeResult,
+    records: list[dict],
+    codes: dict,
+) -> dict:
+    scheme = build_scheme(method, model, codes)
+    save_safetensors(run_dir / "model.safetensors", unique_state_dict(model), {"mpq.run": "state"})
+    write_json(run_dir / "method.json", method.state_dict())
+    tensors, forms = {}, {}
+    for name, lc in codes.items():
+        act = method.layers[name].act_quantizer
+        forms[name] = {"weight": "basis" if lc.basis is not None else "codes", "act": getattr(act, "kind", None)}
+        if lc.basis is not None:
+            tensors.update(lc.basis.to_tensors(name))
+            continue
+        tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
+        tensors[f"{name}.step"] = lc.step.to(torch.float32)
+    # each layer's form is recorded, so that export reads it rather than guessing it from tensor names
+    save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1", "mpq.forms": dumps(forms)})
+    scheme.save(run_dir / "scheme.json")
+    summary = {
+        **summary_base,
+        "top1": final["top1"],
+        "top5": final.get("top5"),
+        "samples": final.get("samples"),
+        "split_samples": final.get("split_samples"),
+        "loss": final["loss"],
+        **scheme.summary(),
+        **result.summary(),
+        "out": str(run_dir),
+    }
+    summary["bits_under_budget"] = bits_under_budget(summary)
+    write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
+    sizes = file_sizes(run_dir)  # the file this run exports, measured as `mpq inspect` measures it
+    layer_stored = sizes.pop("layer_stored_bits")
+    summary.update(sizes)
+    for estimate in ("model_bytes_estimated", "model_compression_estimated"):
+        summary.pop(estimate, None)
+    write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
+    notes = []
+    changes = result.budget_changes
+    if changes:
+        lines = [
+            f"- `{c['layer']}`: "
+            + (
+                f"{c['bits_before']} -> {c['bits_after']} bits"
+                if c["bits_before"] != c["bits_after"]
+                else f"re-rounded from its relaxed weight at {c['bits_after']} bits"
+            )
+            + f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})"
+            for c in changes
+        ]
+        notes.append(
+            "## Budget step\n\nThe search ended at "
+            f"{result.avg_bits_before_budget_step:.4f} average bits; the loss-aware budget "
+            "step changed:\n\n" + "\n".join(lines) + f"\n\nProbe loss: {changes[0]['probe_loss_before']:.4f}"
+            f" -> {changes[0]['probe_loss_after']:.4f}."
+            + (
+                " The layers interacted (the first choice measured worse than its parts predicted): every option was "
+                "measured again from it, and the second choice measured better."
+                if changes[0].get("passes") == 2
+                else ""
+            )
+        )
+    notes += method.report_notes()
+    if records:
+        notes.append(f"Trained {len(records)} epoch(s); per-epoch numbers are in metrics.jsonl.")
+    charts = _charts(run_dir, scheme, summary)
+    write_text_atomic(run_dir / "report.md", markdown_report(summary, scheme, notes, charts, layer_stored))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(
+            dumps(
+                {
+                    "stage": "final",
+                    "top1": final["top1"],
+                    **({"val_top1": summary["val_top1"]} if summary.get("val_top1") is not None else {}),
+                    "avg_bits": scheme.avg_bits,
+                    "avg_stored_bits": summary["avg_stored_bits"],
+                }
+            )
+            + "\n"
+        )
+    return summary
+
+
+def file_sizes(run_dir: Path) -> dict:
+    """The sizes of the packed file ``mpq export`` writes from a finished run, measured on it serialised in
+    memory with the exporter's own code and ``size_report`` (the function `mpq inspect` uses), so a run's
+    report and its file give the same numbers: ``avg_stored_bits`` (sign, scales, tables and padding
+    included), ``weight_bytes``, ``file_bytes``, ``fp32_bytes``, ``compression`` (FP32 bytes / file bytes)."""
+    packed = pack_run(run_dir)
+    file_bytes = serialized_size(packed.header, packed.tensors)
+    report = size_report(packed.header, {n: t.nbytes for n, t in packed.tensors.items()}, file_bytes)
+    keys = ("avg_stored_bits", "weight_bytes", "file_bytes", "fp32_bytes", "compression")
+    return {
+        **{k: report[k] for k in keys},
+        "layer_stored_bits": {r["name"]: r["stored_bits"] for r in report["layers"]},
+    }
+
+
+def _charts(run_dir: Path, scheme: Scheme, summary: dict) -> list[tuple[str, str]]:
+    """Draw bits.png and training.png into the run directory; their captions and names for report.md."""
+    from ..plots import bits_chart, training_chart
+
+    title = f"{summary['method']} on {summary['model']}: {scheme.avg_bits:.3f} nominal bits, "
+    title += f"{summary['avg_stored_bits']:.3f} stored bits per weight (average, file)"
+    layers = [{**asdict(e), "bits": None if e.is_fp else e.bits} for e in scheme.layers]
+    charts = [("bits per layer", bits_chart(layers, run_dir / "bits.png", title).name)]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    drawn = training_chart(records, run_dir / "training.png", f"{summary['method']} on {summary['model']}")
+    if drawn is not None:
+        charts.append(("training: top-1, loss and average bits per epoch", drawn.name))
+    return charts
+
+
+def bits_under_budget(summary: dict) -> float | None:
+    """How far under its ceiling (``target_bits``, in the method's own count, or in stored bits with
+    ``budget_on`` stored) a run's scheme ended; negative when over it, None for a run without a budget."""
+    target, avg = summary.get("target_bits"), summary.get("avg_counted_bits", summary.get("avg_bits"))
+    if target is None or avg is None or summary.get("budget_met") is None:
+        return None
+    return round(float(target) - float(avg), 6)
