@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed
 from .errors import MpqError
 from .quant.bits import compiled_kernels
+from .reporting import Reporter  # noqa: F401  (re-exported: library code reports through it)
 from .rundir import MetricsLog, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adam")
@@ -178,22 +179,6 @@ class PlainTraining:
 
     def agreement_tensors(self):
         return []  # the parameters, which DDP keeps equal, are compared by the loop itself
-
-
-class Reporter:
-    """Progress sink; library code reports here and never prints. The CLI renders it."""
-
-    def start(self, description: str, total: int) -> None:
-        pass
-
-    def advance(self, steps: int = 1, **fields: float) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def log(self, message: str) -> None:
-        pass
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,7 +10,6 @@ per-layer table that ``mpq export`` writes and ``mpq inspect`` shows.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from .data import normalisation
 from .errors import MpqError
 from .models.loading import read_state_dict
 from .packing.encodings import EncodedWeight, decode_codes, decode_weight, encode_basis, encode_codes
-from .packing.format import FORMAT, act_tensor_name, act_tensor_names, layer_entry, weight_tensor_name
+from .packing.format import act_tensor_name, act_tensor_names, layer_entry, weight_tensor_name
+from .packing.sizes import select_layers, size_report  # noqa: F401  (re-exported)
 from .quant.basis import BasisForm
 from .rundir import read_json, read_search_config, versions
 from .scheme import Scheme
@@ -209,82 +209,3 @@ def _checkpoint_bytes(run_dir: Path, config: dict) -> int | None:
         if path.is_file():
             return path.stat().st_size
     return None
-
-
-# ------------------------------------------------------------------------------------- report
-def size_report(header: dict, tensor_bytes: dict[str, int], file_bytes: int) -> dict:
-    """Per-layer sizes and totals of a packed file, from its header and tensor sizes.
-
-    Args:
-        header: the file's ``mpq`` header.
-        tensor_bytes: bytes of every tensor in the file, by name.
-        file_bytes: size of the whole file (header included).
-    """
-    layers = []
-    weight_names = set()
-    for entry in header["layers"]:
-        name = entry["name"]
-        prefix = f"{name}.weight."
-        own = [t for t in tensor_bytes if t.startswith(prefix) or t == f"{name}.weight"]
-        weight_names.update(own)
-        nbytes = sum(tensor_bytes[t] for t in own)
-        quantized = entry["encoding"] != "float32"
-        layers.append(
-            {
-                "name": name,
-                "kind": entry["kind"],
-                "shape": entry["shape"],
-                "params": entry["params"],
-                "bits": entry["nominal_bits"] if quantized else 32,
-                "quantized": quantized,
-                "encoding": entry["encoding"],
-                "stored_bits": 8 * nbytes / entry["params"],
-                "bytes": nbytes,
-                "act_bits": (entry.get("act") or {}).get("bits"),
-            }
-        )
-    q = [row for row in layers if row["quantized"]]
-    q_params = sum(row["params"] for row in q)
-    weight_bytes = sum(row["bytes"] for row in layers)
-    other_bytes = sum(b for t, b in tensor_bytes.items() if t not in weight_names)
-    # an FP32 checkpoint of the same model: every layer weight at 4 bytes, the other tensors as they are
-    fp32_bytes = 4 * sum(row["params"] for row in layers) + other_bytes
-    for row in layers:
-        row["share"] = row["bytes"] / file_bytes if file_bytes else 0.0
-    source = header.get("source") or {}
-    checkpoint_bytes = source.get("fp32_checkpoint_bytes")
-    return {
-        "format": header.get("format", FORMAT),
-        "model": header["model"].get("name"),
-        "method": header.get("method"),
-        "avg_bits": sum(r["bits"] * r["params"] for r in q) / q_params if q_params else 0.0,
-        "avg_stored_bits": 8 * sum(r["bytes"] for r in q) / q_params if q_params else 0.0,
-        "quantized_params": q_params,
-        "weight_bytes": weight_bytes,
-        "other_bytes": other_bytes,
-        "header_bytes": file_bytes - sum(tensor_bytes.values()) if file_bytes else None,
-        "file_bytes": file_bytes,
-        "fp32_bytes": fp32_bytes,
-        "compression": fp32_bytes / file_bytes if file_bytes else None,
-        "fp32_checkpoint_bytes": checkpoint_bytes,
-        "compression_vs_checkpoint": checkpoint_bytes / file_bytes if checkpoint_bytes and file_bytes else None,
-        "top1_at_export": source.get("top1"),
-        "layers": layers,
-    }
-
-
-def select_layers(report: dict, pattern: str | None, sort: str) -> list[dict]:
-    """The report's layers matching ``pattern`` (a glob), sorted by ``order`` (module order), ``size``, ``bits``
-    or ``name``."""
-    rows = [r for r in report["layers"] if pattern is None or fnmatch.fnmatchcase(r["name"], pattern)]
-    if pattern is not None and not rows:
-        raise MpqError(f"--layers {pattern!r} matches no layer")
-    if sort == "size":
-        rows.sort(key=lambda r: -r["bytes"])
-    elif sort == "bits":
-        rows.sort(key=lambda r: (-r["bits"], r["name"]))
-    elif sort == "name":
-        rows.sort(key=lambda r: r["name"])
-    elif sort != "order":
-        raise MpqError(f"--sort must be order, size, bits or name, got {sort!r}")
-    return rows

@@ -7,6 +7,10 @@ from .scheme import Scheme
 
 def bits_convention(method: str) -> str:
     """How ``method`` counts nominal bits, e.g. "magnitude bits, sign excluded"."""
+    from .scheme import BITS_CONVENTIONS
+
+    if method in BITS_CONVENTIONS:  # a shipped method: no need to import the methods (torch)
+        return BITS_CONVENTIONS[method]
     from .methods import METHODS
 
     cls = METHODS.get(method)

@@ -25,10 +25,12 @@ import os
 import secrets
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import MpqError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _umask() -> int:
@@ -141,7 +143,7 @@ def read_search_config(run_dir: Path) -> dict:
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save  # torch imported on use: mpq --help and inspect never need it
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # serialised in memory and written by Python, so that a full or read-only disk is an OSError with its errno
@@ -150,10 +152,14 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint_state(path: Path) -> dict:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -169,6 +175,8 @@ def default_run_dir(prefix: str, model: str) -> Path:
 
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     from . import __version__
 

@@ -26,6 +26,17 @@ from .errors import MpqError
 
 FP32_BITS = 32
 
+# How each shipped method counts its nominal bits (its paper's convention). The methods take theirs from here
+# (``Method.bits_convention``), so a report can name it without importing the methods (and torch).
+SIGN_EXCLUDED = "magnitude bits, sign excluded"
+BITS_CONVENTIONS = {
+    "alq": "binary bases per weight, averaged over each layer's groups",
+    "bmpq": "two's complement width, sign included",
+    "bsq": SIGN_EXCLUDED,
+    "csq": SIGN_EXCLUDED,
+    "uniform": SIGN_EXCLUDED,
+}
+
 
 @dataclass
 class LayerEntry:

@@ -1,6 +1,8 @@
 """Every command end to end on synthetic data with a tiny model."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -355,13 +357,13 @@ def test_the_python_api_trains_exactly_as_the_command_line(fp_run, tmp_path):
 def test_an_abort_is_one_line_and_exit_130(monkeypatch, capsys):
     from typer.exceptions import Abort
 
-    from mpq_cli import cli
+    from mpq_cli.cli import entry
 
     def abort(*args, **kwargs):
         raise Abort()
 
-    monkeypatch.setattr(cli, "app", abort)
-    assert cli.main(["methods"]) == 130
+    monkeypatch.setattr(entry, "app", abort)
+    assert entry.main(["methods"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 
@@ -427,3 +429,54 @@ def test_a_mistyped_option_suggests_the_nearest_one():
     assert result.exit_code == 2 and "did you mean --reg-strength?" in result.output
     result = invoke("train", "--epoch", "3")
     assert result.exit_code == 2 and "--epochs" in result.output
+
+
+def test_help_names_every_shipped_method():
+    """--method's help lists the methods without importing them (torch): the list must stay the registry's."""
+    from mpq_cli.cli.options import METHOD_NAMES
+    from mpq_cli.methods import METHODS
+
+    shipped = {name for name, cls in METHODS.items() if cls.__module__.startswith("mpq_cli.methods.")}
+    assert METHOD_NAMES.split(", ") == sorted(shipped)
+
+
+def test_commands_that_train_share_one_declaration_of_their_options():
+    """train, search and sweep take the model, data and training options from one place (cli.options),
+    so a new option or default reaches all three."""
+    import typer.main
+
+    from mpq_cli.cli import app
+    from mpq_cli.cli.options import DATA, MODEL, TRAINING
+
+    group = typer.main.get_command(app)
+    for name in ("train", "search", "sweep"):
+        params = {p.name: p for p in group.commands[name].params}
+        for option in (*MODEL.options, *DATA.options, *TRAINING.options):
+            assert option[0] in params, (name, option[0])
+            assert params[option[0]].default == option[2], (name, option[0])
+
+
+def test_help_does_not_import_torch():
+    """`mpq --help` and `mpq search --help` answer without importing torch (seconds on a small machine)."""
+    code = (
+        "import sys\nfrom mpq_cli.cli import main\n"
+        "for args in (['--help'], ['search', '--help'], ['train', '--help']):\n"
+        "    assert main(args) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_inspecting_a_file_does_not_import_torch(csq_run, tmp_path):
+    """`mpq inspect FILE` reads the header alone: no torch import (seconds), the same table as with torch loaded."""
+    packed = tmp_path / "m.safetensors"
+    run_json("export", csq_run[0], "-o", packed)
+    code = (
+        "import sys\nfrom mpq_cli.cli import main\n"
+        f"assert main(['inspect', {str(packed)!r}, '--json']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == run_json("inspect", packed)

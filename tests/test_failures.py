@@ -518,12 +518,13 @@ def test_sigterm_during_export_leaves_no_temporary_file(csq_run, tmp_path):
         "import signal, os, mpq_cli.rundir as r\n"
         "def slow(tmp):\n"
         "    open(tmp, 'w').close(); os.kill(os.getpid(), signal.SIGTERM)\n"
-        "from mpq_cli.cli import main, _on_sigterm\n"
-        "signal.signal(signal.SIGTERM, _on_sigterm)\n"
+        "from mpq_cli.cli import on_sigterm\n"
+        "signal.signal(signal.SIGTERM, on_sigterm)\n"
         f"r._atomic({str(out)!r}, slow)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
+    assert "Terminated" in result.stderr, result.stderr  # the handler ran (not an import error)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MpqError
-from ..export import pack_run, size_report
-from ..packing.format import FORMAT, PackedFile, serialized_size, write_packed
-from ..report import markdown_size_report
-from ..rundir import (
-    write_json,
-    write_text_atomic,
-)
+from ..packing.header import FORMAT, PackedHeader
+from ..packing.sizes import size_report
+from ..rundir import write_json, write_text_atomic
+
+# The modules that read tensors (torch) are imported where a run is encoded or a file written: inspecting a
+# file reads its header alone, and should not wait seconds for torch.
 
 
-# ------------------------------------------------------------------------------ export & inspect
 def _report_paths(out: Path) -> tuple[Path, Path]:
     stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
     return out.with_name(f"{stem}.report.json"), out.with_name(f"{stem}.report.md")
@@ -25,12 +23,16 @@ def export(run: str | Path, out: str | Path | None = None) -> dict:
 
     Returns the size report's totals with ``out`` (the file) and ``report`` (the JSON report).
     """
+    from ..export import pack_run
+    from ..packing.format import write_packed
+    from ..report import markdown_size_report
+
     packed = pack_run(run)
     out = Path(out) if out else Path(run) / "packed.safetensors"
     if out.is_dir():
         raise MpqError(f"-o {out} is a directory; give a file name")
     write_packed(out, packed.header, packed.tensors)
-    written = PackedFile.open(out)  # sizes are measured on the file as written
+    written = PackedHeader.open(out)  # sizes are measured on the file as written
     report = size_report(written.header, {n: t.nbytes for n, t in written.tensors.items()}, written.file_bytes)
     json_path, md_path = _report_paths(out)
     write_json(json_path, report)
@@ -66,13 +68,16 @@ def inspect(target: str | Path) -> dict:
     (encoded in memory exactly as ``mpq export`` would write it)."""
     path = Path(target)
     if path.is_dir():
+        from ..export import pack_run
+        from ..packing.format import serialized_size
+
         packed = pack_run(path)
         size = serialized_size(packed.header, packed.tensors)
         report = size_report({"format": FORMAT, **packed.header}, packed.tensor_bytes(), size)
         return {**report, "source": "run", "target": str(path)}
     if not path.exists():
         raise MpqError(f"{path} not found")
-    packed_file = PackedFile.open(path)
+    packed_file = PackedHeader.open(path)
     report = size_report(
         packed_file.header, {n: t.nbytes for n, t in packed_file.tensors.items()}, packed_file.file_bytes
     )

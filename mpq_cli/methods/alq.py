@@ -63,6 +63,7 @@ from ..layers import quantizable_layers
 from ..quant import alq
 from ..quant.act import BasisActivation
 from ..quant.basis import BasisForm, from_groups, nominal_basis_bits, to_groups
+from ..scheme import BITS_CONVENTIONS
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -356,7 +357,7 @@ class ALQ(Method):
 
     config_class = ALQConfig
     config: ALQConfig
-    bits_convention = "binary bases per weight, averaged over each layer's groups"
+    bits_convention = BITS_CONVENTIONS["alq"]
     # Biases and BatchNorm: Adam (the public code; the paper's LeNet baseline settings).
     training_defaults = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine"}

@@ -37,6 +37,7 @@ from ..quant.act import PACT
 from ..quant.basis import BasisForm
 from ..quant.host import HostMirrored
 from ..quant.primitives import dequantize
+from ..scheme import SIGN_EXCLUDED
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -299,7 +300,7 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # How the method's paper counts a layer's bits; reports print it beside the nominal bits.
-    bits_convention: ClassVar[str] = "magnitude bits, sign excluded"
+    bits_convention: ClassVar[str] = SIGN_EXCLUDED
     # Training defaults from the method's paper; the command line overrides them.
     training_defaults: ClassVar[dict] = {}
     finetune_defaults: ClassVar[dict] = {}

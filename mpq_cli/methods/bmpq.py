@@ -66,6 +66,7 @@ from ..errors import MpqError
 from ..layers import quantizable_layers
 from ..quant.act import PACT
 from ..quant.primitives import max_code, quantize_codes
+from ..scheme import BITS_CONVENTIONS
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 MAX_WIDTH = 16  # two's complement widths up to 16 bits fit the packed format's code range
@@ -247,7 +248,7 @@ class BMPQ(Method):
     """Bit-gradient sensitivity (ENBG) and an integer program re-assign widths during QAT from scratch."""
 
     config_class = BMPQConfig
-    bits_convention = "two's complement width, sign included"
+    bits_convention = BITS_CONVENTIONS["bmpq"]
     # Sec. IV-A: SGD from lr 0.1 (cosine here instead of steps at 80 and 140 of 200), batch 128.
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}

@@ -46,19 +46,7 @@ from .bitpack import (
     twos_complement_width,
     unpack_bits,
 )
-
-# Codes of any method fit a 17-bit two's complement number: 16 magnitude bits and a sign.
-CODE_BITS = 17
-CODE_MIN, CODE_MAX = -(1 << (CODE_BITS - 1)), (1 << (CODE_BITS - 1)) - 1
-MAX_PLANES = 16
-ENCODINGS = ("zero", "int", "lut", "basis")
-# tensors each encoding stores, by suffix (the file names them LAYER.weight.SUFFIX)
-TENSORS = {
-    "zero": (),
-    "int": ("packed", "step"),
-    "lut": ("packed", "table", "step"),
-    "basis": ("packed", "coords", "group_bits"),
-}
+from .header import CODE_BITS, CODE_MAX, CODE_MIN, ENCODINGS, MAX_PLANES, TENSORS  # noqa: F401
 
 
 @dataclass
