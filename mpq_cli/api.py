@@ -639,7 +639,8 @@ def _finished_run(run_dir: Path, config: dict) -> dict:
     saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     if saved.get("fingerprint") == config["fingerprint"]:
         return {**read_json(run_dir / "summary.json"), "reused": True}
-    what = ", ".join(_differences(config, saved)[:4]) or "its record"
+    # compared as the file holds them: a tuple (input_size) read back from JSON is a list, not a difference
+    what = ", ".join(_differences(json.loads(dumps(config)), saved)[:4]) or "its record"
     raise StaleRunError(f"{run_dir} was made with other settings ({what} differ)")
 
 

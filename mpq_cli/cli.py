@@ -198,11 +198,14 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _parse_method_options(args: list[str], method: str) -> dict:
-    """``--field-name VALUE`` / ``--field-name=VALUE`` pairs left over by Typer -> the method's config fields."""
+def _parse_method_options(args: list[str], *methods: str, own: tuple[str, ...] = ()) -> dict:
+    """``--field-name VALUE`` / ``--field-name=VALUE`` pairs left over by Typer -> config fields of any of
+    ``methods`` (search passes one; a sweep its methods, each run taking those its method has). ``own``:
+    the command's own options, offered too when a name is mistyped (``--epoch`` -> ``--epochs``)."""
     import dataclasses
 
-    fields = {f.name for f in dataclasses.fields(METHODS[method].config_class)} - {"version"}
+    fields = set().union(*({f.name for f in dataclasses.fields(METHODS[m].config_class)} for m in methods))
+    fields -= {"version"}
     out, i = {}, 0
     while i < len(args):
         token = args[i]
@@ -217,17 +220,39 @@ def _parse_method_options(args: list[str], method: str) -> dict:
         if name not in fields:
             import difflib
 
-            near = difflib.get_close_matches(name, sorted(fields), n=1)
+            # compared without the leading dashes, which every name shares
+            candidates = sorted({f.replace("_", "-") for f in fields} | {o[2:] for o in own})
+            near = difflib.get_close_matches(key, candidates, n=1)
             if near:
-                raise MpqError(f"no such option --{key}; did you mean --{near[0].replace('_', '-')}? (`mpq methods`)")
+                raise MpqError(f"no such option --{key}; did you mean --{near[0]}? (`mpq methods`)")
             options = ", ".join("--" + f.replace("_", "-") for f in sorted(fields))
-            raise MpqError(f"no such option --{key} (method {method} also takes: {options})")
+            whose = f"method {methods[0]} also takes" if len(methods) == 1 else f"methods {', '.join(methods)} take"
+            raise MpqError(f"no such option --{key} ({whose}: {options})")
         try:
             out[name] = loads(value)
         except ValueError:
             out[name] = value
         i += 1
     return out
+
+
+def _own_options(ctx: typer.Context) -> tuple[str, ...]:
+    """The command's own long option names (for a mistyped one's suggestion)."""
+    return tuple(o for p in ctx.command.params for o in p.opts if o.startswith("--"))
+
+
+def _method_settings(
+    ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits
+) -> tuple[dict, LayerSelection]:
+    """The method fields and layer selection of a search, or of every run of a sweep: --act-bits, the
+    --FIELD-NAME options, --set, --keep-fp and --fix-bits, parsed once for both commands."""
+    method_config = {
+        "act_bits": act_bits,
+        **_parse_method_options(ctx.args, *methods, own=_own_options(ctx)),
+        **_parse_sets(set_ or []),
+    }
+    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
+    return method_config, selection
 
 
 # a scheme further than this under its ceiling gets a note: the search left bits unused
@@ -404,6 +429,23 @@ UserModelOpt = Annotated[
     ),
 ]
 
+KeepFpOpt = Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")]
+FixBitsOpt = Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")]
+ActBitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
+]
+ProbeOpt = Annotated[
+    int,
+    typer.Option(help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."),
+]
+
 
 def _data_cfg(
     data, data_dir, batch_size, input_size, limit_train, limit_val, no_augment, normalize, val_split
@@ -528,28 +570,11 @@ def search(
     val_split: ValSplitOpt = None,
     no_augment: NoAugOpt = False,
     clip_grad: ClipOpt = None,
-    keep_fp: Annotated[
-        list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")
-    ] = None,
-    fix_bits: Annotated[
-        list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")
-    ] = None,
-    act_bits: Annotated[
-        int | None,
-        typer.Option(
-            help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations."
-        ),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
-    ] = None,
-    probe_batches: Annotated[
-        int,
-        typer.Option(
-            help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."
-        ),
-    ] = 8,
+    keep_fp: KeepFpOpt = None,
+    fix_bits: FixBitsOpt = None,
+    act_bits: ActBitsOpt = None,
+    set_: SetOpt = None,
+    probe_batches: ProbeOpt = 8,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     as_json: JsonOpt = False,
@@ -575,10 +600,9 @@ def search(
         clip_grad=clip_grad,
         compile=compile_kernels,
     )
-    method_config = {"act_bits": act_bits, **_parse_method_options(ctx.args, method_name), **_parse_sets(set_ or [])}
+    method_config, selection = _method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
-    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
     summary = api.search(
         api.ModelOptions(model, weights, checkpoint, new_head),
@@ -675,11 +699,29 @@ def _float_list(text: str, option: str) -> list[float]:
     return values
 
 
-@app.command()
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise MpqError(f"{option} expects integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not values:
+        raise MpqError(f"{option} needs at least one value")
+    return values
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_handle_errors
 def sweep(
+    ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Methods, comma-separated (e.g. csq,uniform).")] = "csq,uniform",
     target_bits: Annotated[str, typer.Option(help="Budgets, comma-separated, as each method counts bits.")] = "2,3,4",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Run every (method, budget) once per seed, comma-separated (0,1,2), and give each its mean ± std and "
+            "its paired difference to uniform with a 95 % interval and an exact p-value. Default: one run at --seed."
+        ),
+    ] = None,
     model: ModelOpt = "lenet5",
     weights: WeightsOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -691,18 +733,24 @@ def sweep(
     batch_size: BatchOpt = 128,
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
+    optimizer: OptimOpt = None,
+    schedule: SchedOpt = None,
+    weight_decay: WdOpt = None,
+    warmup_epochs: WarmupOpt = 0.0,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    compile_kernels: CompileOpt = False,
     limit_train_batches: LimitTrainOpt = None,
     limit_val_batches: LimitValOpt = None,
     val_split: ValSplitOpt = None,
-    act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits (see search).")] = None,
-    probe_batches: Annotated[
-        int,
-        typer.Option(
-            help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."
-        ),
-    ] = 8,
+    no_augment: NoAugOpt = False,
+    clip_grad: ClipOpt = None,
+    keep_fp: KeepFpOpt = None,
+    fix_bits: FixBitsOpt = None,
+    act_bits: ActBitsOpt = None,
+    set_: SetOpt = None,
+    probe_batches: ProbeOpt = 8,
     out: Annotated[
         str, typer.Option("--out", "-o", help="Folder of the sweep's runs (reused: finished runs are skipped).")
     ] = "runs/sweep",
@@ -715,24 +763,53 @@ def sweep(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Search one model at several budgets and methods, export and evaluate each run, and chart accuracy against size.
+    """Search one model at several budgets and methods (and seeds), export and evaluate each run, and chart accuracy against size.
 
-    Each (method, budget) is its own run directory under --out (METHOD-Bbits); run again, a sweep reads back the finished runs made with the same settings (the fingerprint --resume checks) and resumes an interrupted one; a run made with other settings is refused as stale, or with --force run again. Writes sweep.json, sweep.md (the table, the Pareto front marked) and sweep.png (top-1 against stored bits). Optimizer, lr and weight decay are each method's unless given.
+    Each (method, budget) is its own run directory under --out (METHOD-Bbits; with --seeds, METHOD-Bbits-seedS); run again, a sweep reads back the finished runs made with the same settings (the fingerprint --resume checks) and resumes an interrupted one; a run made with other settings is refused as stale, or with --force run again. Writes sweep.json, sweep.md (the table, the Pareto front marked; with --seeds, mean ± std per cell and the paired difference to uniform) and sweep.png (top-1 against stored bits; error bars over seeds). Optimizer, lr and weight decay are each method's unless given.
+
+    Every search option applies to every run: --keep-fp, --fix-bits, --set and the method fields (--FIELD-NAME VALUE, `mpq methods`); a field goes to the swept methods that have it and is refused when none has it.
     """
-    from .sweep import Sweep, run_sweep
+    from .sweep import Sweep, check_methods, run_sweep
 
+    methods = [m for m in method.replace(" ", "").split(",") if m]
+    check_methods(methods)  # before their fields are looked up
+    if seeds is not None and seed != 0:
+        raise MpqError("give --seeds or --seed, not both")
+    method_config, selection = _method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits)
     plan = Sweep(
-        methods=[m for m in method.replace(" ", "").split(",") if m],
+        methods=methods,
         targets=_float_list(target_bits, "--target-bits"),
         out=Path(out),
         model=api.ModelOptions(model, weights, checkpoint, new_head),
         data=_data_cfg(
-            data, data_dir, batch_size, input_size, limit_train_batches, limit_val_batches, False, normalize, val_split
+            data,
+            data_dir,
+            batch_size,
+            input_size,
+            limit_train_batches,
+            limit_val_batches,
+            no_augment,
+            normalize,
+            val_split,
         ),
-        train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
-        method_config={"act_bits": act_bits},
+        train=dict(
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+            device=device,
+            amp=amp,
+            clip_grad=clip_grad,
+            compile=compile_kernels,
+        ),
+        method_config=method_config,
+        selection=selection,
         probe_batches=probe_batches,
         force=force,
+        seeds=None if seeds is None else _int_list(seeds, "--seeds"),
     )
     result = run_sweep(plan, reporter=RichReporter(quiet, bars=False if as_json else None))
     if as_json:
