@@ -141,15 +141,39 @@ def training_chart(records: list[dict], path: str | Path, title: str) -> Path | 
 
 def sweep_chart(result: dict, path: str | Path) -> Path:
     """Top-1 (from each exported file) against average stored bits, one line per method, the FP32
-    reference dashed and the Pareto-front points ringed."""
+    reference dashed and the Pareto-front points ringed. A sweep over seeds draws each (method, target)
+    cell's mean with error bars of one std over its seeds (top-1 and stored bits), every run a faint dot."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.0, 4.6))
     ax = figure.add_subplot()
     rows = [r for r in result["rows"] if r.get("top1") is not None]
+    seeded = result.get("seeds") is not None
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["avg_stored_bits"], r["top1"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        if not seeded:
+            points = sorted((r["avg_stored_bits"], r["top1"]) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+            continue
+        cells = sorted(
+            (c for c in result["cells"] if c["method"] == method and c["n"]), key=lambda c: c["stored_bits_mean"]
+        )
+        bars = ax.errorbar(
+            [c["stored_bits_mean"] for c in cells],
+            [c["top1_mean"] for c in cells],
+            xerr=[c["stored_bits_std"] or 0.0 for c in cells],  # one run: no spread to draw
+            yerr=[c["top1_std"] or 0.0 for c in cells],
+            fmt="o-",
+            capsize=3,
+            label=f"{method} (mean ± std over seeds)",
+        )
+        mine = [r for r in rows if r["method"] == method]
+        ax.plot(
+            [r["avg_stored_bits"] for r in mine],
+            [r["top1"] for r in mine],
+            ".",
+            color=bars.lines[0].get_color(),
+            alpha=0.35,
+        )
     front = [r for r in rows if r.get("pareto")]
     if front:
         ax.scatter(

@@ -3,7 +3,7 @@
 Commands are taken from ```bash blocks in order, each file's in its own temporary folder,
 so a command that needs an earlier one's run directory finds it. Each is shortened:
 data become synthetic images of the model's documented shape, epochs and batches few,
-the device the CPU, a sweep keeps its first budget, and a search, sweep or fine-tuning that
+the device the CPU, a sweep keeps its first budget and two seeds, and a search, sweep or fine-tuning that
 sets no learning rate trains at 0.01 (the papers' SGD 0.1 diverges on two batches of random
 images, which mpq refuses).
 """
@@ -70,6 +70,8 @@ def shortened(command: str) -> list[str]:
             out += ["--lr", "0.01"]
     if verb == "sweep" and "--target-bits" in out:  # one budget per method: the runs are the same code
         out[out.index("--target-bits") + 1] = out[out.index("--target-bits") + 1].split(",")[0]
+    if verb == "sweep" and "--seeds" in out:  # two seeds still pair and give an interval
+        out[out.index("--seeds") + 1] = ",".join(out[out.index("--seeds") + 1].split(",")[:2])
     if verb in ("train", "search", "sweep"):
         model = args[args.index("--model") + 1] if "--model" in args else "lenet5"
         out += ["--data", "synthetic", "--input-size", INPUT.get(model, "3,32,32")]

@@ -1,10 +1,12 @@
 """mpq sweep (issue 17): several methods and budgets from one checkpoint, resumable, with the Pareto front."""
 
 import json
+import statistics
 
+import pytest
 from conftest import SMALL, invoke, run_json
 
-from mpq_cli.sweep import SweepRow, pareto_front, run_name
+from mpq_cli.sweep import SweepRow, pareto_front, run_name, seed_cells
 
 
 def test_pareto_front_keeps_the_undominated_rows():
@@ -21,6 +23,54 @@ def test_pareto_front_keeps_the_undominated_rows():
 
 def test_run_names():
     assert run_name("csq", 2.0) == "csq-2bits" and run_name("alq", 0.5) == "alq-0.5bits"
+    assert run_name("csq", 2.0, seed=1) == "csq-2bits-seed1"
+
+
+def _runs(method, top1s, bits, target=2.0, seeds=None):
+    return [
+        SweepRow(method, target, f"{method}-{seed}", seed=seed, top1=t, avg_stored_bits=b, file_bytes=100)
+        for seed, t, b in zip(seeds or range(len(top1s)), top1s, bits, strict=True)
+    ]
+
+
+def test_seed_cells_mark_better_only_above_zero_at_no_more_bits():
+    rows = _runs("uniform", [90.0, 90.0, 90.0], [2.5] * 3)
+    rows += _runs("csq", [91.0, 91.1, 90.9], [2.4, 2.5, 2.45])  # +1 +- 0.1 at fewer bits: better
+    rows += _runs("bsq", [91.0, 91.1, 90.9], [2.6] * 3)  # as much higher, at more bits: not "better"
+    rows += _runs("alq", [89.0, 92.0, 90.5], [2.0] * 3)  # +-1.5: a tie
+    rows += _runs("bmpq", [89.0, 88.9, 89.1], [2.0] * 3)  # -1 +- 0.1: worse
+    cells = {c.method: c for c in seed_cells(rows)}
+    assert {m: c.verdict for m, c in cells.items()} == {
+        "uniform": "baseline",
+        "csq": "better",
+        "bsq": "more bits",
+        "alq": "tie",
+        "bmpq": "worse",
+    }
+    assert [m for m, c in cells.items() if c.better] == ["csq"]
+    csq = cells["csq"]
+    assert (csq.n, csq.seeds, csq.top1_mean, csq.top1_std) == (3, [0, 1, 2], pytest.approx(91.0), pytest.approx(0.1))
+    assert csq.stored_bits_mean == pytest.approx(2.45) and csq.stored_bits_std == pytest.approx(0.05)
+    d = csq.vs_uniform
+    half = 4.302652729749462 * 0.1 / 3**0.5  # t(0.975, 2 df) from a table, s = 0.1
+    assert (d["mean"], d["low"], d["high"]) == (pytest.approx(1.0), pytest.approx(1 - half), pytest.approx(1 + half))
+    assert (d["p"], d["p_min"]) == (0.25, 0.25)  # three seeds cannot say more, however consistent
+    assert d["stored_bits"] == pytest.approx(2.45) and d["uniform_stored_bits"] == pytest.approx(2.5)
+
+
+def test_seed_cells_pair_by_seed_and_give_no_verdict_from_one_pair():
+    rows = _runs("uniform", [90.0, 80.0], [2.5, 2.5], seeds=[0, 2])  # seed 1's uniform run was refused
+    rows.append(SweepRow("uniform", 2.0, "uniform-1", seed=1, status="refused", error="no"))
+    rows += _runs("csq", [91.0, 50.0, 81.0], [2.4] * 3, seeds=[0, 1, 2])
+    rows += _runs("csq", [91.0], [2.0], target=3.0)
+    rows += _runs("uniform", [90.0], [3.0], target=3.0)
+    cells = {(c.method, c.target_bits): c for c in seed_cells(rows)}
+    paired = cells[("csq", 2.0)].vs_uniform
+    assert paired["seeds"] == [0, 2] and paired["mean"] == pytest.approx(1.0) and paired["std"] == pytest.approx(0)
+    assert cells[("uniform", 2.0)].runs == 3 and cells[("uniform", 2.0)].n == 2
+    one = cells[("csq", 3.0)]
+    assert one.vs_uniform["mean"] == pytest.approx(1.0) and one.vs_uniform["low"] is None
+    assert one.verdict is None and not one.better and one.top1_std is None
 
 
 def test_sweep_runs_exports_evaluates_and_resumes(fp_run, tmp_path):
@@ -66,11 +116,40 @@ def test_sweep_runs_exports_evaluates_and_resumes(fp_run, tmp_path):
     assert saved["train"]["lr"] == 0.02
 
 
-def test_sweep_refuses_bad_lists(tmp_path):
-    for args in (["--method", "csq,nope"], ["--target-bits", "2,x"], ["--method", "csq,csq"]):
-        result = invoke("sweep", *args, "--out", tmp_path / "s")
-        assert result.exit_code != 0 and "Traceback" not in result.output
-        assert len(result.output.strip().splitlines()) == 1, result.output
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "csq,nope"], "unknown method 'nope'"),
+        (["--target-bits", "2,x"], "--target-bits expects numbers"),
+        (["--method", "csq,csq"], "listed twice"),
+        (["--seeds", "0,x"], "--seeds expects integers"),
+        (["--seeds", "0,0"], "distinct seeds"),
+        (["--seeds", "0,1", "--seed", "3"], "--seeds or --seed"),
+        (["--method", "csq,uniform", "--alpha", "0.1"], "no such option --alpha (methods csq, uniform take:"),
+        (["--method", "csq,uniform", "--reg-strengh", "0.1"], "did you mean --reg-strength?"),
+        (["--epoch", "2"], "did you mean --epochs?"),
+        (["--method", "csq,uniform", "--set", "alpha=0.1"], "--alpha is not a field of csq, uniform"),
+        (["--set", "target_bits=2"], "the targets are --target-bits's list"),
+    ],
+    ids=[
+        "unknown-method",
+        "bad-target",
+        "twice",
+        "bad-seed",
+        "seed-twice",
+        "seed-and-seeds",
+        "no-method-has-it",
+        "typo",
+        "own-typo",
+        "set-no-method-has-it",
+        "set-target",
+    ],
+)
+def test_sweep_refuses_bad_lists_and_fields(tmp_path, args, message):
+    result = invoke("sweep", *args, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()  # refused before anything ran
 
 
 def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypatch):
@@ -89,3 +168,49 @@ def test_a_sweep_with_a_hold_out_gives_every_row_the_same_one(fp_run, tmp_path):
         summary = json.loads((out / run_name("uniform", row["target_bits"]) / "summary.json").read_text())
         assert config["data"]["val_split"] == 0.1 and summary["val_images"] == 51  # floor(0.1 * 512)
         assert row["val_top1"] == summary["val_top1"] is not None and row["top1"] == summary["top1"]
+
+
+def test_a_sweep_over_seeds(fp_run, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--method", "uniform,bmpq", "--target-bits", "3", "--seeds", "0,1", "--model", "lenet5"]
+    args += ["--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", out]
+    args += ["--limit-val-batches", "2", "--probe-batches", "1"]  # the least work that still runs every step
+    options = ["--optimizer", "adam", "--keep-fp", "classifier.3"]  # search's options, to every run
+    first = run_json(*args, *options, "--edge-bits", "8")
+    assert [(r["method"], r["seed"], r["status"]) for r in first["rows"]] == [
+        ("uniform", 0, "done"),
+        ("bmpq", 0, "done"),
+        ("uniform", 1, "done"),
+        ("bmpq", 1, "done"),
+    ]
+    top1 = {(r["method"], r["seed"]): r["top1"] for r in first["rows"]}
+    for r in first["rows"]:
+        config = json.loads((out / run_name(r["method"], 3.0, r["seed"]) / "config.json").read_text())
+        assert config["train"]["seed"] == r["seed"] and config["train"]["optimizer"] == "adam"
+        assert config["selection"]["keep_fp"] == ["classifier.3"]
+        # BMPQ's field reaches BMPQ's runs; uniform has no such field and runs without it
+        assert config["method_config"].get("edge_bits") == (8 if r["method"] == "bmpq" else None)
+    cells = {c["method"]: c for c in first["cells"]}
+    bmpq = cells["bmpq"]
+    assert (bmpq["n"], bmpq["runs"], bmpq["seeds"]) == (2, 2, [0, 1])
+    assert bmpq["top1_mean"] == pytest.approx(statistics.mean([top1["bmpq", 0], top1["bmpq", 1]]))
+    assert bmpq["top1_std"] == pytest.approx(statistics.stdev([top1["bmpq", 0], top1["bmpq", 1]]))
+    diffs = [top1["bmpq", s] - top1["uniform", s] for s in (0, 1)]
+    d = bmpq["vs_uniform"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(statistics.mean(diffs)) and d["p_min"] == 0.5
+    assert d["low"] <= d["mean"] <= d["high"] and d["p"] in (0.5, 1.0)
+    assert cells["uniform"]["verdict"] == "baseline" and cells["uniform"]["vs_uniform"] is None
+    table = (out / "sweep.md").read_text()
+    assert "## Over seeds 0, 1" in table and "| Δ top-1 vs uniform | 95 % interval | p (floor) | verdict |" in table
+    assert "| bmpq | 3 | 2 of 2 | " in table and "(0.5) |" in table and "| seed | status |" in table
+    assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    again = run_json(*args, *options, "--edge-bits", "8")  # every run read back
+    assert [r["status"] for r in again["rows"]] == ["reused"] * 4 and again["cells"] == first["cells"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+
+    # another BMPQ field makes BMPQ's runs stale; uniform's, which never had it, still hold
+    changed = run_json(*args, *options, "--edge-bits", "6")
+    assert [r["status"] for r in changed["rows"]] == ["reused", "stale", "reused", "stale"]
+    assert "(method_config.edge_bits differ)" in changed["rows"][1]["error"]  # and nothing else

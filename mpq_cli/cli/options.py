@@ -49,13 +49,16 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def parse_method_options(args: list[str], method: str) -> dict:
-    """``--field-name VALUE`` / ``--field-name=VALUE`` pairs left over by Typer -> the method's config fields."""
+def parse_method_options(args: list[str], *methods: str, own: tuple[str, ...] = ()) -> dict:
+    """``--field-name VALUE`` / ``--field-name=VALUE`` pairs left over by Typer -> config fields of any of
+    ``methods`` (search passes one; a sweep its methods, each run taking those its method has). ``own``:
+    the command's own options, offered too when a name is mistyped (``--epoch`` -> ``--epochs``)."""
     import dataclasses
 
     from ..methods import METHODS
 
-    fields = {f.name for f in dataclasses.fields(METHODS[method].config_class)} - {"version"}
+    fields = set().union(*({f.name for f in dataclasses.fields(METHODS[m].config_class)} for m in methods))
+    fields -= {"version"}
     out, i = {}, 0
     while i < len(args):
         token = args[i]
@@ -70,17 +73,39 @@ def parse_method_options(args: list[str], method: str) -> dict:
         if name not in fields:
             import difflib
 
-            near = difflib.get_close_matches(name, sorted(fields), n=1)
+            # compared without the leading dashes, which every name shares
+            candidates = sorted({f.replace("_", "-") for f in fields} | {o[2:] for o in own})
+            near = difflib.get_close_matches(key, candidates, n=1)
             if near:
-                raise MpqError(f"no such option --{key}; did you mean --{near[0].replace('_', '-')}? (`mpq methods`)")
+                raise MpqError(f"no such option --{key}; did you mean --{near[0]}? (`mpq methods`)")
             options = ", ".join("--" + f.replace("_", "-") for f in sorted(fields))
-            raise MpqError(f"no such option --{key} (method {method} also takes: {options})")
+            whose = f"method {methods[0]} also takes" if len(methods) == 1 else f"methods {', '.join(methods)} take"
+            raise MpqError(f"no such option --{key} ({whose}: {options})")
         try:
             out[name] = loads(value)
         except ValueError:
             out[name] = value
         i += 1
     return out
+
+
+def own_options(ctx: typer.Context) -> tuple[str, ...]:
+    """The command's own long option names (for a mistyped one's suggestion)."""
+    return tuple(o for p in ctx.command.params for o in p.opts if o.startswith("--"))
+
+
+def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits):
+    """The method fields and layer selection of a search, or of every run of a sweep: --act-bits, the
+    --FIELD-NAME options, --set, --keep-fp and --fix-bits, parsed once for both commands."""
+    from ..layers import LayerSelection
+
+    method_config = {
+        "act_bits": act_bits,
+        **parse_method_options(ctx.args, *methods, own=own_options(ctx)),
+        **parse_sets(set_ or []),
+    }
+    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
+    return method_config, selection
 
 
 # a scheme further than this under its ceiling gets a note: the search left bits unused
@@ -91,6 +116,16 @@ def float_list(text: str, option: str) -> list[float]:
         values = [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise MpqError(f"{option} expects numbers separated by commas, e.g. 2,3,4; got {text!r}") from None
+    if not values:
+        raise MpqError(f"{option} needs at least one value")
+    return values
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise MpqError(f"{option} expects integers separated by commas, e.g. 0,1,2; got {text!r}") from None
     if not values:
         raise MpqError(f"{option} needs at least one value")
     return values
@@ -190,6 +225,22 @@ UserModelOpt = Annotated[
         "file.py:fn) of a file or run made with one: mpq never runs code "
         "a file names, only code you name here.",
     ),
+]
+KeepFpOpt = Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")]
+FixBitsOpt = Annotated[list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")]
+ActBitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
+]
+ProbeOpt = Annotated[
+    int,
+    typer.Option(help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."),
 ]
 
 

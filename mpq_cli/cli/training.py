@@ -15,21 +15,25 @@ from .options import (
     MODEL,
     SEARCH_TRAINING,
     TRAINING,
+    ActBitsOpt,
     CompileOpt,
     DataDirOpt,
+    FixBitsOpt,
     JsonOpt,
+    KeepFpOpt,
     LimitTrainOpt,
     LimitValOpt,
     LrOpt,
     OptimOpt,
     OutOpt,
+    ProbeOpt,
     QuietOpt,
     ResumeOpt,
     SchedOpt,
+    SetOpt,
     UserModelOpt,
     WdOpt,
-    parse_method_options,
-    parse_sets,
+    method_settings,
     with_groups,
 )
 from .output import RichReporter, emit, exit_if_over_budget, handle_errors
@@ -77,28 +81,11 @@ def search(
     model=None,
     data=None,
     training=None,
-    keep_fp: Annotated[
-        list[str] | None, typer.Option(help="Keep layers matching this glob in FP32 (repeatable).")
-    ] = None,
-    fix_bits: Annotated[
-        list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")
-    ] = None,
-    act_bits: Annotated[
-        int | None,
-        typer.Option(
-            help="Quantize layer inputs to N bits with PACT (first layer: 8; ALQ: N binary bases with a reference, the image FP). Default: FP activations."
-        ),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
-    ] = None,
-    probe_batches: Annotated[
-        int,
-        typer.Option(
-            help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."
-        ),
-    ] = 8,
+    keep_fp: KeepFpOpt = None,
+    fix_bits: FixBitsOpt = None,
+    act_bits: ActBitsOpt = None,
+    set_: SetOpt = None,
+    probe_batches: ProbeOpt = 8,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     as_json: JsonOpt = False,
@@ -111,13 +98,13 @@ def search(
     Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     from .. import api
-    from ..layers import LayerSelection
+    from ..methods import get_method
 
     method_name = method.value if isinstance(method, enum.Enum) else method
-    method_config = {"act_bits": act_bits, **parse_method_options(ctx.args, method_name), **parse_sets(set_ or [])}
+    get_method(method_name)  # an unknown name is refused before its fields are looked up
+    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
-    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
     reporter = RichReporter(quiet, bars=False if as_json else None)
     summary = api.search(model, data, training, options, out=out, resume=resume, reporter=reporter)

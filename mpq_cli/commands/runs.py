@@ -14,8 +14,10 @@ from ..errors import MpqError, StaleRunError
 from ..rundir import (
     RunDirLock,
     default_run_dir,
+    dumps,
     is_fresh_run_dir,
     load_checkpoint_state,
+    loads,
     read_json,
 )
 
@@ -90,7 +92,8 @@ def finished_run(run_dir: Path, config: dict) -> dict:
     saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     if saved.get("fingerprint") == config["fingerprint"]:
         return {**read_json(run_dir / "summary.json"), "reused": True}
-    what = ", ".join(_differences(config, saved)[:4]) or "its record"
+    # compared as the file holds them: a tuple (input_size) read back from JSON is a list, not a difference
+    what = ", ".join(_differences(loads(dumps(config)), saved)[:4]) or "its record"
     raise StaleRunError(f"{run_dir} was made with other settings ({what} differ)")
 
 
