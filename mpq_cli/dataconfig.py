@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MpqError
@@ -160,7 +160,8 @@ class DataConfig:
 
     Args:
         name: one of :data:`DATASETS`.
-        data_dir: root folder for dataset files (downloads go here when online).
+        data_dir: root folder for dataset files (downloads go here when online); default ``$MPQ_DATA_DIR``,
+            else ``data``, for the CLI and the API alike.
         batch_size: training and evaluation batch size.
         input_size: ``(C, H, W)`` for synthetic data (defaults to the model's).
         limit_train_batches: stop each training epoch after this many batches.
@@ -179,7 +180,7 @@ class DataConfig:
     """
 
     name: str = "fashion-mnist"
-    data_dir: str = "data"
+    data_dir: str = field(default_factory=lambda: default_data_dir())  # $MPQ_DATA_DIR, else ./data, as the CLI
     batch_size: int = 128
     input_size: tuple[int, int, int] | None = None
     limit_train_batches: int | None = None

@@ -24,7 +24,8 @@ from .packing.encodings import EncodedWeight, decode_codes, decode_weight, encod
 from .packing.format import act_tensor_name, act_tensor_names, layer_entry, weight_tensor_name
 from .packing.sizes import select_layers, size_report  # noqa: F401  (re-exported)
 from .quant.basis import BasisForm
-from .rundir import read_json, read_search_config, versions
+from .record import RunRecord
+from .rundir import read_json, versions
 from .scheme import Scheme
 
 
@@ -94,7 +95,7 @@ def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[s
 def pack_run(run_dir: str | Path) -> PackedModel:
     """Encode a finished search/finetune run; every layer is verified to decode exactly."""
     run_dir = Path(run_dir)
-    config = read_search_config(run_dir)
+    record = RunRecord.load(run_dir, quantized=True)
     if not (run_dir / "scheme.json").is_file():
         raise MpqError(f"{run_dir} has no scheme.json: the run did not finish")
     scheme = Scheme.load(run_dir / "scheme.json")
@@ -129,27 +130,27 @@ def pack_run(run_dir: str | Path) -> PackedModel:
     for key, value in _plain_state(state, quantized).items():
         if key not in weight_keys:
             tensors[key] = value
-    model = config["model"]
-    data = {k: v for k, v in config["data"].items() if k not in ("data_dir", "workers")}
+    model = record.model_dict()
+    data = {k: v for k, v in record.data_dict().items() if k not in ("data_dir", "workers")}
     # the run's --normalize (or its torchvision weights' statistics) when it recorded one, else the dataset's
     mean, std = normalisation(data["name"], model["in_channels"], data.get("normalize"))
     header = {
         "producer": versions(),
         "model": model,
-        "method": config["method"],
-        "method_config": config.get("method_config", {}),
+        "method": record.method,
+        "method_config": record.fields.get("method_config", {}),
         "data": {
             "name": data["name"],
             "mean": list(mean),
             "std": list(std),
             "input_shape": [model["in_channels"], *model["input_size"]],
         },
-        "eval": {"data": data, "seed": config["train"]["seed"]},
+        "eval": {"data": data, "seed": record.seed},
         "source": {
             "run": Path(run_dir).name,  # the name only: a shipped file carries no local path, and its size none
             "top1": summary.get("top1"),
-            "fp_top1": config.get("fp_top1"),
-            "fp32_checkpoint_bytes": config.get("checkpoint_bytes") or _checkpoint_bytes(run_dir, config),
+            "fp_top1": record.fp_top1,
+            "fp32_checkpoint_bytes": record.checkpoint_bytes or _checkpoint_bytes(run_dir, record),
         },
         "layers": entries,
     }
@@ -197,10 +198,10 @@ def _encode_basis_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes:
     return encoded
 
 
-def _checkpoint_bytes(run_dir: Path, config: dict) -> int | None:
+def _checkpoint_bytes(run_dir: Path, record: RunRecord) -> int | None:
     """Size of the FP32 checkpoint of a run recorded before runs kept it: its path as given, relative
     to the folder the search ran in (unknown here), so tried as given and relative to the run's parent."""
-    checkpoint = config.get("checkpoint")
+    checkpoint = record.checkpoint
     if not checkpoint:
         return None
     for path in (Path(checkpoint), run_dir.parent / checkpoint):

@@ -321,12 +321,12 @@ def _check_quantizers(path: Path, reference: nn.Module, seen: dict) -> int:
 
 def _validation_batch(run_dir: Path) -> torch.Tensor:
     """The first batch of the run's validation data (its recorded dataset, on this machine)."""
-    from .data import DataConfig, load_data
-    from .rundir import read_json
+    from .data import load_data
+    from .record import RunRecord
 
-    config = read_json(run_dir / "config.json")
-    data = DataConfig(**{**config["data"], "limit_val_batches": 1})
-    model = config["model"]
+    record = RunRecord.load(run_dir)
+    data = record.data({"limit_val_batches": 1})
+    model = record.model_dict()
     _, _, val = load_data(
         data, channels=model["in_channels"], default_input=(model["in_channels"], *model["input_size"]), seed=0
     )

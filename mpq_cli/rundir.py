@@ -127,21 +127,6 @@ def read_json(path: Path) -> dict:
         raise MpqError(f"cannot read {path}: {exc}") from None
 
 
-def read_search_config(run_dir: Path) -> dict:
-    """``config.json`` of a search/finetune run; a clear error for anything else."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise MpqError(f"{run_dir} is not an mpq run directory (no config.json)")
-    config = read_json(run_dir / "config.json")
-    if not isinstance(config, dict):
-        raise MpqError(f"{run_dir}/config.json: malformed run record (not a JSON object)")
-    if "method" not in config:
-        raise MpqError(f"{run_dir} is an FP training run; `mpq search --checkpoint {run_dir}` quantizes it")
-    if not isinstance(config["method"], str):
-        raise MpqError(f"{run_dir}/config.json: malformed run record (method {str(config['method'])[:40]})")
-    return config
-
-
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save  # torch imported on use: mpq --help and inspect never need it
 

@@ -116,7 +116,7 @@ def search(
 @handle_errors
 def finetune(
     run: Annotated[Path, typer.Argument(help="A search run directory.")],
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default: 5, as api.finetune).")] = None,
     lr: LrOpt = None,
     optimizer: OptimOpt = None,
     schedule: SchedOpt = None,

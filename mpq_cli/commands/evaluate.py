@@ -7,15 +7,12 @@ from pathlib import Path
 from ..data import DataConfig, default_data_dir, load_splits
 from ..engine import (
     Reporter,
-    TrainConfig,
     resolve_device,
 )
 from ..errors import MpqError
 from ..models.loading import recorded_model
 from ..packing.format import PackedFile, load_packed
-from ..rundir import (
-    read_json,
-)
+from ..record import RunRecord
 from .context import ModelOptions, check_forward, final_eval, in_session, place, setup, val_record
 from .search import load_run
 
@@ -41,22 +38,18 @@ def evaluate_run(
         return evaluate_packed(run_path, data_overrides, device=device, reporter=reporter, model=model, verify=verify)
     # the whole split unless asked: a run's --limit-val-batches bounded its in-training checks, not this measurement
     data_overrides = {"limit_val_batches": None, **(data_overrides or {})}
-    config = read_json(run_path / "config.json") if (run_path / "config.json").is_file() else None
-    if config is None:
+    if not (run_path / "config.json").is_file():
         raise MpqError(
             f"{target} not found"
             if not run_path.exists()
             else f"{target} is neither a packed file nor an mpq run directory (no config.json)"
         )
-    if "method" in config:
+    record = RunRecord.load(run_path)
+    if record.is_quantized:
         _, ctx, _, data, train_cfg = load_run(target, data_overrides, overrides, model=model)  # exact weights
     else:
-        try:
-            data = DataConfig(**{**config["data"], **(data_overrides or {})})
-            train_cfg = TrainConfig(**{**config["train"], **overrides})
-        except (TypeError, KeyError) as exc:
-            raise MpqError(f"{run_path}/config.json: malformed data or train record ({exc})") from None
-        spec = recorded_model(config.get("model"), f"{run_path}/config.json", model)
+        data, train_cfg = record.data(data_overrides), record.training(overrides)
+        spec = record.model_spec(model)
         ctx = setup(ModelOptions(spec.name, None, str(run_path / "model.safetensors")), data, train_cfg)
     result, held = final_eval(ctx, train_cfg.amp, reporter, "eval")
     return {

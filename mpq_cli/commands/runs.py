@@ -11,6 +11,7 @@ from ..engine import (
     Reporter,
 )
 from ..errors import MpqError, StaleRunError
+from ..record import RunRecord
 from ..rundir import (
     RunDirLock,
     default_run_dir,
@@ -73,27 +74,13 @@ def resume_state(run_dir: Path, resume: bool, stage: str, fingerprint: str, repo
     return state
 
 
-def _differences(new: dict, old: dict) -> list[str]:
-    """The settings (``section`` or ``section.key``) in which two run records differ."""
-    out = []
-    for section in sorted(set(new) | set(old)):
-        if section in ("fingerprint", "checkpoint_bytes", "versions") or new.get(section) == old.get(section):
-            continue
-        a, b = new.get(section), old.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
-            out.append(section)
-    return out
-
-
-def finished_run(run_dir: Path, config: dict) -> dict:
-    """The summary of the finished run in ``run_dir`` if ``config`` would make it again, else StaleRunError."""
-    saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    if saved.get("fingerprint") == config["fingerprint"]:
+def finished_run(run_dir: Path, record: RunRecord) -> dict:
+    """The summary of the finished run in ``run_dir`` if ``record`` would make it again, else StaleRunError."""
+    saved = RunRecord.load(run_dir) if (run_dir / "config.json").is_file() else RunRecord({})
+    if saved.fingerprint == record.fingerprint:
         return {**read_json(run_dir / "summary.json"), "reused": True}
     # compared as the file holds them: a tuple (input_size) read back from JSON is a list, not a difference
-    what = ", ".join(_differences(loads(dumps(config)), saved)[:4]) or "its record"
+    what = ", ".join(RunRecord(loads(dumps(record.fields))).differences(saved)[:4]) or "its record"
     raise StaleRunError(f"{run_dir} was made with other settings ({what} differ)")
 
 

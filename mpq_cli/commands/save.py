@@ -76,7 +76,6 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
 
 def save_quantized_run(
     run_dir: Path,
-    config: dict,
     method: Method,
     model: nn.Module,
     summary_base: dict,

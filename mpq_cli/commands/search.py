@@ -22,15 +22,12 @@ from ..layers import (
 )
 from ..methods import Method, get_method
 from ..models import with_aliases
-from ..models.loading import read_state_dict, recorded_model
+from ..models.loading import read_state_dict
+from ..record import RunRecord
 from ..rundir import (
     file_fingerprint,
-    fingerprint,
     read_json,
     read_jsonl,
-    read_search_config,
-    versions,
-    write_json,
 )
 from .context import (
     Context,
@@ -49,6 +46,7 @@ from .save import save_quantized_run
 
 # ------------------------------------------------------------------------------- search & co.
 SEARCH_EPOCHS = 10  # a search's length unless --epochs or a method's defaults say otherwise
+FINETUNE_EPOCHS = 5  # mpq finetune's and api.finetune's length unless given
 
 
 @dataclass
@@ -103,46 +101,42 @@ def search(
         fp_top1 = evaluate(ctx.model, ctx.test, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
     method = method_cls(method_cfg, options.selection)
     method.prepare(ctx.model, loss_probe=budget_probe(ctx, options.probe_batches))
-    config = {
-        "command": "search",
-        "model": ctx.spec.to_dict(),
-        "checkpoint": model.checkpoint,
-        "checkpoint_sha256": file_fingerprint(model.checkpoint),
-        **new_head_record(model, ctx),
-        "data": ctx.data.to_dict(),
-        "train": train_cfg.to_dict(),
-        "method": options.method,
-        "method_config": method_cfg.to_dict(),
-        "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
-        "probe_batches": options.probe_batches,
-        "fp_top1": fp_top1,
-    }
-    config["fingerprint"] = fingerprint(config)
+    record = RunRecord.for_search(
+        model=ctx.spec.to_dict(),
+        checkpoint=model.checkpoint,
+        checkpoint_sha256=file_fingerprint(model.checkpoint),
+        head=new_head_record(model, ctx),
+        data=ctx.data,
+        train=train_cfg,
+        method=options.method,
+        method_config=method_cfg,
+        selection=options.selection,
+        probe_batches=options.probe_batches,
+        fp_top1=fp_top1,
+    )
     if reuse_finished and out and (Path(out) / "summary.json").is_file():
-        return finished_run(Path(out), config)
-    config["checkpoint_bytes"] = checkpoint_bytes(model.checkpoint)  # for the export's size comparison
-    config["versions"] = versions()
+        return finished_run(Path(out), record)
+    record = record.finished(checkpoint_bytes(model.checkpoint))
     run_dir = claim_run_dir(out, options.method, model.name, resume)
-    return _train_quantized(run_dir, resume, config, method, ctx, train_cfg, fp_top1, reporter, "search")
+    return _train_quantized(run_dir, resume, record, method, ctx, train_cfg, reporter, "search")
 
 
 def _train_quantized(
     claim,
     resume: bool,
-    config: dict,
+    record: RunRecord,
     method: Method,
     ctx: Context,
     train_cfg: TrainConfig,
-    fp_top1: float | None,
     reporter: Reporter,
     command: str,
 ) -> dict:
     """A search's or fine-tuning's run: take the run directory (``claim``, locked for the run), check a
-    ``--resume`` against ``config`` before writing anything, train, fix the scheme and save the run."""
+    ``--resume`` against ``record`` before writing anything, train, fix the scheme and save the run."""
     with claim as run_dir:
-        state = resume_state(run_dir, resume, command, config["fingerprint"], reporter)
+        state = resume_state(run_dir, resume, command, record.fingerprint, reporter)
         if distributed.world().is_main:
-            write_json(run_dir / "config.json", config)
+            record.save(run_dir)
         started = time.time() - elapsed_before(state)
         records = fit(
             ctx.model,
@@ -154,12 +148,12 @@ def _train_quantized(
             stage=command,
             reporter=reporter,
             resume=state,
-            fingerprint=config["fingerprint"],
+            fingerprint=record.fingerprint,
         )
-        return _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command=command)
+        return _finish(run_dir, method, ctx, train_cfg, records, record.fp_top1, started, reporter, command=command)
 
 
-def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
+def _finish(run_dir, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
     result = method.finalize()
     codes = method.layer_codes()  # one computation feeds the collapse check, the scheme and codes.safetensors
     here = distributed.world()
@@ -186,7 +180,7 @@ def _finish(run_dir, config, method, ctx, train_cfg, records, fp_top1, started, 
         **val_record(ctx, held),
         "seconds": round(time.time() - started, 1),
     }
-    summary = save_quantized_run(run_dir, config, method, ctx.model, base, final, result, records, codes)
+    summary = save_quantized_run(run_dir, method, ctx.model, base, final, result, records, codes)
     return distributed.broadcast_object(summary)
 
 
@@ -218,33 +212,26 @@ def load_run(
     model: str | None = None,
     with_probe: bool = False,
 ):
-    """Rebuild a search/finetune run: ``(config, ctx, method)`` with the run's state loaded.
+    """Rebuild a search/finetune run: ``(record, ctx, method, data, train_cfg)`` with the run's state loaded.
 
     ``model`` names the user factory of a run made with one (never taken from the run); ``with_probe``
     gives the method its loss probe (the run's ``probe_batches`` batches: of its recorded hold-out, if
     any, else of training), to train further. The run's recorded ``val_split`` holds out the same images.
     """
     run_dir = Path(run_dir)
-    config = read_search_config(run_dir)
-    source = f"{run_dir}/config.json"
-    try:
-        data = DataConfig(**{**config["data"], **(data_overrides or {})})
-        train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
-        method_cls = get_method(config["method"] if isinstance(config["method"], str) else "?")
-        selection = LayerSelection(
-            keep_fp=list(config["selection"]["keep_fp"]), fix_bits=dict(config["selection"]["fix_bits"])
-        )
-        method_config = method_cls.config_class.from_dict(config["method_config"])
-    except (TypeError, KeyError, ValueError, AttributeError) as exc:
-        raise MpqError(f"{source}: malformed run record ({exc.__class__.__name__}: {exc})") from None
-    spec = recorded_model(config.get("model"), source, model)
+    record = RunRecord.load(run_dir, quantized=True)
+    data = record.data(data_overrides)
+    train_cfg = record.training(train_overrides)
+    method_cls = get_method(record.method)
+    method_config, selection = record.method_config(), record.selection()
+    spec = record.model_spec(model)
     ctx = setup(ModelOptions(spec.name, None, None), data, train_cfg)
     if ctx.spec.num_classes != spec.num_classes or ctx.spec.in_channels != spec.in_channels:
         raise MpqError(
             f"the data does not fit the run's model ({spec.num_classes} classes, {spec.in_channels} channels)"
         )
     method = method_cls(method_config, selection)
-    probe = budget_probe(ctx, config.get("probe_batches", 8)) if with_probe else None
+    probe = budget_probe(ctx, record.probe_batches) if with_probe else None
     method.prepare(ctx.model, loss_probe=probe)
     state, _ = read_state_dict(run_dir / "model.safetensors")
     try:
@@ -253,7 +240,7 @@ def load_run(
         first = str(exc).splitlines()[0]
         raise MpqError(f"{run_dir}/model.safetensors does not fit the run's config: {first}") from None
     method.load_state_dict(read_json(run_dir / "method.json"))
-    return config, ctx, method, data, train_cfg
+    return record, ctx, method, data, train_cfg
 
 
 @in_session
@@ -270,22 +257,15 @@ def finetune(
     """Train a finished search further under its fixed scheme; writes a new run directory."""
     reporter = reporter or Reporter()
     run = str(run).rstrip("/")
-    parent_config = read_search_config(Path(run))
-    method_cls = get_method(parent_config["method"])
-    defaults = {**method_cls.finetune_defaults}
-    config, ctx, method, data, train_cfg = load_run(
+    parent = RunRecord.load(run, quantized=True)
+    # the fine-tuning schedule: FINETUNE_EPOCHS and the method's paper's settings, under what the caller gives
+    defaults = {"epochs": FINETUNE_EPOCHS, **get_method(parent.method).finetune_defaults}
+    record, ctx, method, data, train_cfg = load_run(
         run, data_overrides, {**defaults, **train_overrides}, model=model, with_probe=True
     )
     method.start_finetune()
-    ft_config = {**config, "command": "finetune", "parent": run, "train": train_cfg.to_dict(), "data": data.to_dict()}
-    if model is not None:
-        ft_config["model"] = ctx.spec.to_dict()
-    for key in ("versions", "fingerprint", "checkpoint_bytes"):
-        ft_config.pop(key, None)
-    ft_config["fingerprint"] = fingerprint(ft_config)
-    ft_config["checkpoint_bytes"] = config.get("checkpoint_bytes")
-    ft_config["versions"] = versions()
-    claim = claim_run_dir(out or f"{run}-finetune", f"{config['method']}-ft", ctx.spec.name, resume)
-    return _train_quantized(
-        claim, resume, ft_config, method, ctx, train_cfg, config.get("fp_top1"), reporter, "finetune"
+    ft_record = record.finetuned(
+        parent=run, data=data, train=train_cfg, model=ctx.spec.to_dict() if model is not None else None
     )
+    claim = claim_run_dir(out or f"{run}-finetune", f"{record.method}-ft", ctx.spec.name, resume)
+    return _train_quantized(claim, resume, ft_record, method, ctx, train_cfg, reporter, "finetune")

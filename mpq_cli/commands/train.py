@@ -13,8 +13,8 @@ from ..engine import (
     fit,
 )
 from ..models import unique_state_dict
+from ..record import RunRecord
 from ..rundir import (
-    fingerprint,
     save_safetensors,
     versions,
     write_json,
@@ -44,20 +44,17 @@ def train(
     reporter = reporter or Reporter()
     train_cfg = training(train_cfg, FP_DEFAULTS)
     ctx = setup(model, data, train_cfg, reporter)
-    config = {
-        "command": "train",
-        "model": ctx.spec.to_dict(),
-        "checkpoint": model.checkpoint,
-        **new_head_record(model, ctx),
-        "data": ctx.data.to_dict(),
-        "train": train_cfg.to_dict(),
-        "versions": versions(),
-    }
-    config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k != "versions"})
+    record = RunRecord.for_train(
+        model=ctx.spec.to_dict(),
+        checkpoint=model.checkpoint,
+        head=new_head_record(model, ctx),
+        data=ctx.data,
+        train=train_cfg,
+    )
     with claim_run_dir(out, "train", model.name, resume) as run_dir:
-        state = resume_state(run_dir, resume, "train", config["fingerprint"], reporter)
+        state = resume_state(run_dir, resume, "train", record.fingerprint, reporter)
         if distributed.world().is_main:
-            write_json(run_dir / "config.json", config)
+            record.save(run_dir)
         fit(
             ctx.model,
             ctx.train,
@@ -67,7 +64,7 @@ def train(
             stage="train",
             reporter=reporter,
             resume=state,
-            fingerprint=config["fingerprint"],
+            fingerprint=record.fingerprint,
         )
         return _finish_train(run_dir, ctx, model, data, train_cfg, reporter)
 
