@@ -11,7 +11,6 @@ per-layer table that ``mpq export`` writes and ``mpq inspect`` shows.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import torch
 
 from .data import normalisation
 from .errors import MpqError
+from .forms import WeightForm, get_form, inferred_form
 from .models.loading import read_state_dict
-from .packing.encodings import EncodedWeight, decode_codes, decode_weight, encode_basis, encode_codes
 from .packing.format import act_tensor_name, act_tensor_names, layer_entry, weight_tensor_name
 from .packing.sizes import select_layers, size_report  # noqa: F401  (re-exported)
-from .quant.basis import BasisForm
 from .record import RunRecord
 from .rundir import read_json, versions
 from .scheme import Scheme
@@ -55,12 +53,12 @@ def _read_codes(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         raise MpqError(f"cannot read {path} ({exc.__class__.__name__})") from None
 
 
-def _form(forms: dict | None, name: str, codes: dict, state: dict) -> tuple[str, str | None]:
+def _form(forms: dict | None, name: str, codes: dict, state: dict) -> tuple[WeightForm, str | None]:
     """``(weight form, activation kind)`` of a layer: as recorded, or for an older run as its tensors show."""
     if forms is not None:
         if not isinstance(forms.get(name), dict):
             raise MpqError(f"codes.safetensors records no form for layer {name!r}")
-        return forms[name].get("weight"), forms[name].get("act")
+        return get_form(forms[name].get("weight")), forms[name].get("act")
     act = (
         "basis"
         if f"{name}.act_quantizer.gamma" in state
@@ -68,7 +66,7 @@ def _form(forms: dict | None, name: str, codes: dict, state: dict) -> tuple[str,
         if f"{name}.act_quantizer.alpha" in state
         else None
     )
-    return ("basis" if f"{name}.signs" in codes else "codes"), act
+    return inferred_form(name, codes), act
 
 
 def _plain_state(state: dict[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
@@ -111,10 +109,7 @@ def pack_run(run_dir: str | Path) -> PackedModel:
             entries.append(layer_entry(layer.name, layer.kind, layer.shape, None, None, None))
             continue
         weight_form, act_kind = _form(forms, layer.name, codes, state)
-        if weight_form == "basis":
-            encoded = _encode_basis_layer(run_dir, layer.name, tuple(layer.shape), codes)
-        else:
-            encoded = _encode_codes_layer(run_dir, layer.name, tuple(layer.shape), codes)
+        encoded = weight_form.encode(str(run_dir), layer.name, tuple(layer.shape), codes)
         for suffix, tensor in encoded.tensors.items():
             tensors[weight_tensor_name(layer.name, suffix)] = tensor
         act = None
@@ -155,47 +150,6 @@ def pack_run(run_dir: str | Path) -> PackedModel:
         "layers": entries,
     }
     return PackedModel(header, tensors)
-
-
-def _encode_codes_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes: dict) -> EncodedWeight:
-    try:
-        layer_codes, step = codes[f"{name}.codes"], codes[f"{name}.step"]
-    except KeyError:
-        raise MpqError(f"{run_dir}/codes.safetensors has no codes for layer {name!r}") from None
-    if tuple(layer_codes.shape) != shape:
-        raise MpqError(
-            f"{run_dir}: codes of {name!r} have shape {list(layer_codes.shape)}, the scheme says {list(shape)}"
-        )
-    encoded = encode_codes(layer_codes, step)
-    # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
-    decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, shape)
-    if not (
-        torch.equal(decoded, layer_codes.to(torch.int32))
-        and (
-            encoded.encoding == "zero"
-            or torch.equal(decoded_step.view(torch.int32), step.reshape(()).view(torch.int32))
-        )
-    ):
-        raise MpqError(f"internal error: layer {name!r} does not decode to its exact codes")
-    return encoded
-
-
-def _encode_basis_layer(run_dir: Path, name: str, shape: tuple[int, ...], codes: dict) -> EncodedWeight:
-    try:
-        basis = BasisForm.from_tensors(codes, name)
-    except KeyError:
-        raise MpqError(f"{run_dir}/codes.safetensors lacks the bases of layer {name!r}") from None
-    groups, _, elements = basis.signs.shape
-    if groups * elements != math.prod(shape) or sorted(basis.perm) != list(range(len(shape))):
-        raise MpqError(
-            f"{run_dir}: the bases of {name!r} ({groups} groups of {elements}) do not fit shape {list(shape)}"
-        )
-    encoded = encode_basis(basis.signs, basis.coords, basis.group_bits, basis.perm)
-    # the model evaluated basis.weight(shape); the decoder sums the same planes in the same order
-    decoded = decode_weight(encoded.encoding, encoded.fields, encoded.tensors, shape)
-    if not torch.equal(decoded.view(torch.int32), basis.weight(shape).view(torch.int32)):
-        raise MpqError(f"internal error: layer {name!r} does not decode to its exact weight")
-    return encoded
 
 
 def _checkpoint_bytes(run_dir: Path, record: RunRecord) -> int | None:

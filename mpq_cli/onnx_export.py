@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import MpqError
-from .quant.bits import canonicalize_codes
+from .forms import get_form, inferred_form
 
 OPSET = 21
 RELATIVE_TOLERANCE = 1e-4
@@ -105,15 +105,13 @@ def export_onnx(run_dir: str | Path, out: str | Path, batch=None) -> dict:
             continue
         if weight_name not in initializers:
             raise MpqError(f"internal error: the exported graph has no initializer {weight_name}")
-        form = (forms or {}).get(name, {}).get("weight", "codes")
-        if form == "basis":
-            weights[name] = "FP32 (ALQ binary bases, decoded: ONNX has no operator for them)"
+        recorded = (forms or {}).get(name, {}).get("weight")
+        form = get_form(recorded) if recorded is not None else inferred_form(name, codes)
+        pair = form.dequantize_pair(name, codes)
+        if isinstance(pair, str):  # the form has no integer representation: the decoded weight stays
+            weights[name] = pair
             continue
-        layer_codes, step = codes[f"{name}.codes"].to(torch.int64), codes[f"{name}.step"].reshape(())
-        # as the packed file: codes sharing a power-of-two factor are divided by it and the step multiplied
-        # (exact in float32), so a layer on bits {5, 6, 7} stores 3-bit codes, not 8-bit ones
-        layer_codes, shift, _ = canonicalize_codes(layer_codes)
-        step = step * 2.0**shift
+        layer_codes, step = pair
         onnx_type, type_name = _code_type(layer_codes)
         if onnx_type is None:
             weights[name] = "FP32 (codes need more than 8 bits)"

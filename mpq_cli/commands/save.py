@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..export import pack_run, size_report
@@ -16,7 +15,6 @@ from ..layers import (
 )
 from ..methods import FinalizeResult, Method
 from ..models import unique_state_dict
-from ..packing.encodings import plan_codes
 from ..packing.format import serialized_size
 from ..report import markdown_report
 from ..rundir import (
@@ -37,15 +35,8 @@ def build_scheme(method: Method, model: nn.Module, codes: dict | None = None) ->
         if isinstance(module, QuantizedLayer):
             kind = "conv2d" if isinstance(module.layer, nn.Conv2d) else "linear"
             act_bits = getattr(module.act_quantizer, "bits", None)
-            basis = codes[name].basis
-            if basis is not None:  # sign bits per weight, a float32 coordinate per basis, a byte per group
-                used = int(basis.group_bits.sum())
-                stored, scales, index = used * basis.group_size / module.params, used, basis.group_bits.numel()
-                if used == 0:
-                    stored, scales, index = 0, 0, 0
-            else:
-                plan = plan_codes(codes[name].codes)
-                stored, scales, index = plan.width, plan.extra_values, 0
+            sizes = codes[name].form.scheme_sizes(codes[name], module.params)
+            stored, scales, index = sizes.stored_bits, sizes.scales, sizes.index_bytes
             entries.append(
                 LayerEntry(
                     name,
@@ -90,12 +81,8 @@ def save_quantized_run(
     tensors, forms = {}, {}
     for name, lc in codes.items():
         act = method.layers[name].act_quantizer
-        forms[name] = {"weight": "basis" if lc.basis is not None else "codes", "act": getattr(act, "kind", None)}
-        if lc.basis is not None:
-            tensors.update(lc.basis.to_tensors(name))
-            continue
-        tensors[f"{name}.codes"] = lc.codes.to(torch.int32)
-        tensors[f"{name}.step"] = lc.step.to(torch.float32)
+        forms[name] = {"weight": lc.form.name, "act": getattr(act, "kind", None)}
+        tensors.update(lc.form.run_tensors(name, lc))
     # each layer's form is recorded, so that export reads it rather than guessing it from tensor names
     save_safetensors(run_dir / "codes.safetensors", tensors, {"mpq.codes": "1", "mpq.forms": dumps(forms)})
     scheme.save(run_dir / "scheme.json")

@@ -192,8 +192,7 @@ def refuse_collapsed_layers(method: Method, codes: dict | None = None) -> None:
     for name, lc in (codes if codes is not None else method.layer_codes()).items():
         if method.selection.fixed_bits(name) == 0 or allowed:
             continue
-        empty = int(lc.basis.group_bits.sum()) == 0 if lc.basis is not None else not bool(lc.codes.any())
-        if empty:
+        if lc.form.is_empty(lc):
             collapsed.append(name)
     if collapsed:
         more = f" (+{len(collapsed) - 3} more)" if len(collapsed) > 3 else ""

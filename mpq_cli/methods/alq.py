@@ -127,6 +127,8 @@ class ALQWeight(WeightQuantizer):
     ``dL/dw_hat`` on it (``last_weight.grad``): the method's steps read it there.
     """
 
+    weight_form = "basis"
+
     def __init__(
         self,
         weight: torch.Tensor,

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..budget import budget_step, in_window, narrow_candidates
 from ..errors import MpqError
+from ..forms import FORMS, LayerCodes  # noqa: F401  (LayerCodes re-exported)
 from ..layers import LayerSelection, QuantizedLayer, module_paths, quantizable_layers, quantized_layers, replace_module
 from ..packing.encodings import plan_codes
 from ..quant.act import PACT
@@ -230,6 +231,9 @@ class WeightQuantizer(HostMirrored, ABC):
     """Produces one layer's weight; exact in evaluation mode: ``codes * step``, or for a
     quantizer whose exact form is binary bases (ALQ) ``exact_basis().weight(shape)``."""
 
+    # the form of its exact weight, a key of :data:`mpq_cli.forms.FORMS` (how runs, files and ONNX keep it)
+    weight_form: ClassVar[str] = "codes"
+
     def __init__(self, shape: tuple[int, ...]):
         super().__init__()
         self.shape = tuple(shape)
@@ -247,7 +251,7 @@ class WeightQuantizer(HostMirrored, ABC):
         """Bits as the method's paper counts them (see ``Method.bits_convention``)."""
 
     def exact_basis(self) -> BasisForm | None:
-        """The exact weight as binary bases, for quantizers whose form is not integer codes."""
+        """The exact weight as binary bases, for quantizers whose ``weight_form`` is ``basis``."""
         return None
 
     def forward(self) -> torch.Tensor:
@@ -281,17 +285,6 @@ class FinalizeResult:
         if self.avg_bits_before_budget_step is not None:
             out["avg_bits_before_budget_step"] = self.avg_bits_before_budget_step
         return out
-
-
-@dataclass
-class LayerCodes:
-    """The exact form of one quantized layer: ``weight == codes * step``, or, when ``basis``
-    is set (and ``codes``, ``step`` are None), ``weight == basis.weight(shape)``."""
-
-    codes: torch.Tensor | None
-    step: torch.Tensor | None
-    nominal_bits: int | float
-    basis: BasisForm | None = None
 
 
 class Method(ABC):
@@ -486,16 +479,8 @@ class Method(ABC):
 
     @torch.no_grad()
     def layer_codes(self) -> dict[str, LayerCodes]:
-        out = {}
-        for name, q in self.quantizers().items():
-            basis = q.exact_basis()
-            if basis is not None:
-                cpu = BasisForm(basis.signs.cpu(), basis.coords.detach().cpu(), basis.group_bits.cpu(), basis.perm)
-                out[name] = LayerCodes(None, None, q.nominal_bits(), basis=cpu)
-                continue
-            codes, step = q.exact_codes()
-            out[name] = LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), q.nominal_bits())
-        return out
+        """Each layer's exact weight in its quantizer's form (``WeightQuantizer.weight_form``), on the CPU."""
+        return {name: FORMS[q.weight_form].capture(q, q.nominal_bits()) for name, q in self.quantizers().items()}
 
     # -- several processes (torchrun): what the engine must reduce or compare ---------------------------
     def distributed_gradients(self) -> list[torch.Tensor]:
@@ -509,11 +494,7 @@ class Method(ABC):
         codes and step (or binary basis) and its bits. The engine compares a hash of them."""
         out = []
         for lc in self.layer_codes().values():
-            if lc.basis is not None:
-                out += [lc.basis.signs, lc.basis.coords, lc.basis.group_bits]
-            else:
-                out += [lc.codes, lc.step]
-            out.append(torch.tensor(float(lc.nominal_bits)))
+            out += [*lc.form.agreement(lc), torch.tensor(float(lc.nominal_bits))]
         return out
 
     def state_dict(self) -> dict:
