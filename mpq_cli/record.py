@@ -30,10 +30,10 @@ from .errors import MpqError
 from .rundir import fingerprint, read_json, versions, write_json
 
 if TYPE_CHECKING:
-    from .engine import TrainConfig
     from .layers import LayerSelection
     from .methods.base import MethodConfig
     from .models import ModelSpec
+    from .trainconfig import TrainConfig
 
 COMMANDS = ("train", "search", "finetune")
 NAME = "config.json"
@@ -196,7 +196,7 @@ class RunRecord:
 
     def training(self, overrides: dict | None = None) -> TrainConfig:
         """The recorded training settings, ``overrides`` on top."""
-        from .engine import TrainConfig
+        from .trainconfig import TrainConfig
 
         return self._build("train", TrainConfig, overrides)
 

@@ -52,9 +52,9 @@ def test_a_cifar10_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypat
         assert len(match) == 1 and labels[match[0]] == CIFAR10_CLASSES.index(name)
     caches = list((tmp_path / "cifar10" / ".mpq-cache").glob("*.safetensors"))
     assert len(caches) == 1
-    import mpq_cli.data as data
+    import mpq_cli.datasets as datasets
 
-    monkeypatch.setattr(data, "_decode_all", lambda *a: pytest.fail("decoded again instead of reading the cache"))
+    monkeypatch.setattr(datasets, "_decode_all", lambda *a: pytest.fail("decoded again instead of reading the cache"))
     _, again, _ = load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=8))
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
 
