@@ -386,7 +386,7 @@ class SearchOptions:
     Args:
         method: registered method name.
         method_config: fields of the method's config (``target_bits``, ``act_bits``, ...).
-        selection: FP layers and fixed bits.
+        selection: FP layers, fixed bits and the first and last layers' (``edge_bits``).
         probe_batches: batches the loss-aware final steps measure: the hold-out's first ones with
             ``DataConfig.val_split``, else a fixed set of training batches.
     """
@@ -607,7 +607,7 @@ def search(
         "train": train_cfg.to_dict(),
         "method": options.method,
         "method_config": method_cfg.to_dict(),
-        "selection": {"keep_fp": options.selection.keep_fp, "fix_bits": options.selection.fix_bits},
+        "selection": options.selection.to_dict(),
         "probe_batches": options.probe_batches,
         "fp_top1": fp_top1,
     }
@@ -786,9 +786,7 @@ def load_run(
         data = DataConfig(**{**config["data"], **(data_overrides or {})})
         train_cfg = TrainConfig(**{**config["train"], **(train_overrides or {})})
         method_cls = get_method(config["method"] if isinstance(config["method"], str) else "?")
-        selection = LayerSelection(
-            keep_fp=list(config["selection"]["keep_fp"]), fix_bits=dict(config["selection"]["fix_bits"])
-        )
+        selection = LayerSelection.from_dict(config["selection"])
         method_config = method_cls.config_class.from_dict(config["method_config"])
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise MpqError(f"{source}: malformed run record ({exc.__class__.__name__}: {exc})") from None

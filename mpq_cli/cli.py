@@ -393,6 +393,14 @@ ClipOpt = Annotated[
     float | None, typer.Option(help="Clip the global gradient norm (default: the method's; none for train).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+EdgeBitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Fix the first and last Conv2d/Linear layer at N bits (the papers' 8), for every method, counted in "
+        "the average like --fix-bits (which wins on a layer it matches); BMPQ: replaces its edge_bits (16). "
+        "Default: off.",
+    ),
+]
 UserModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -534,6 +542,7 @@ def search(
     fix_bits: Annotated[
         list[str] | None, typer.Option(help="NAME=BITS: fix a layer's bits, NAME a glob (repeatable).")
     ] = None,
+    edge_bits: EdgeBitsOpt = None,
     act_bits: Annotated[
         int | None,
         typer.Option(
@@ -559,7 +568,7 @@ def search(
 
     Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
 
-    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
+    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     method_name = method.value if isinstance(method, enum.Enum) else method
     cfg = dict(
@@ -578,7 +587,9 @@ def search(
     method_config = {"act_bits": act_bits, **_parse_method_options(ctx.args, method_name), **_parse_sets(set_ or [])}
     if target_bits is not None:
         method_config["target_bits"] = target_bits
-    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
+    selection = LayerSelection(
+        keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []), edge_bits=edge_bits
+    )
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)
     summary = api.search(
         api.ModelOptions(model, weights, checkpoint, new_head),
@@ -697,6 +708,7 @@ def sweep(
     limit_val_batches: LimitValOpt = None,
     val_split: ValSplitOpt = None,
     act_bits: Annotated[int | None, typer.Option(help="Quantize layer inputs to N bits (see search).")] = None,
+    edge_bits: EdgeBitsOpt = None,
     probe_batches: Annotated[
         int,
         typer.Option(
@@ -731,6 +743,7 @@ def sweep(
         ),
         train={"epochs": epochs, "lr": lr, "seed": seed, "device": device},
         method_config={"act_bits": act_bits},
+        selection=LayerSelection(edge_bits=edge_bits),
         probe_batches=probe_batches,
         force=force,
     )

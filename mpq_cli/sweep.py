@@ -71,6 +71,7 @@ class Sweep:
     data: object  # data.DataConfig
     train: dict = field(default_factory=dict)  # TrainConfig fields over each method's defaults
     method_config: dict = field(default_factory=dict)  # shared method fields (act_bits)
+    selection: object = None  # layers.LayerSelection shared by every row (--edge-bits); None: quantize every layer
     probe_batches: int = 8
     force: bool = False  # re-run rows whose runs were made with other settings
 
@@ -108,7 +109,10 @@ def run_sweep(sweep: Sweep, reporter=None) -> dict:
             summary_path = run_dir / "summary.json"
             packed = out / f"{run_name(method, target)}.safetensors"
             options = api.SearchOptions(
-                method, {**sweep.method_config, "target_bits": target}, LayerSelection(), sweep.probe_batches
+                method,
+                {**sweep.method_config, "target_bits": target},
+                sweep.selection or LayerSelection(),
+                sweep.probe_batches,
             )
             try:
                 summary = _search_row(api, sweep, options, run_dir, packed, reporter)

@@ -89,3 +89,16 @@ def test_a_sweep_with_a_hold_out_gives_every_row_the_same_one(fp_run, tmp_path):
         summary = json.loads((out / run_name("uniform", row["target_bits"]) / "summary.json").read_text())
         assert config["data"]["val_split"] == 0.1 and summary["val_images"] == 51  # floor(0.1 * 512)
         assert row["val_top1"] == summary["val_top1"] is not None and row["top1"] == summary["top1"]
+
+
+def test_a_sweep_with_edge_bits_gives_every_row_the_same_edges_and_a_changed_edge_is_stale(fp_run, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--method", "uniform", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0]]
+    args += [*SMALL, "--epochs", "1", "--out", out]
+    first = run_json(*args, "--edge-bits", "8")
+    assert first["rows"][0]["status"] == "done"
+    run = out / run_name("uniform", 2.0)
+    bits = [e["bits"] for e in json.loads((run / "scheme.json").read_text())["layers"]]
+    assert bits == [8, 2, 2, 8] and json.loads((run / "config.json").read_text())["selection"]["edge_bits"] == 8
+    without = run_json(*args)  # the same sweep without edges is another setting, never shown under it
+    assert without["rows"][0]["status"] == "stale" and "selection.edge_bits" in without["rows"][0]["error"]
