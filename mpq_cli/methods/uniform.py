@@ -153,6 +153,7 @@ class Uniform(Method):
     finetune_defaults = training_defaults
 
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
+        self.selection = self.selection.with_edges(model)  # the stored ceiling counts the edges' fixed bits
         self.width = int(round(self.config.target_bits))
         if self.config.budget_on == "stored":
             self.width = self._widest_under_stored_ceiling(model)
