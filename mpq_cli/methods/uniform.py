@@ -22,6 +22,7 @@ selection's ``--edge-bits 8``, which every method takes.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +94,9 @@ class _LatentWeight(WeightQuantizer):
     def nominal_bits(self) -> int:
         return self.bits
 
+    @abstractmethod
     def learned_step(self) -> nn.Parameter:
         """The parameter that sets the grid (kept out of weight decay)."""
-        raise NotImplementedError
 
 
 def _initial_clip(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +125,7 @@ class UniformWeight(_LatentWeight):
 
 
 class LSQWeight(_LatentWeight):
-    """A learned step ``s`` with LSQ's gradient (Eq. 1-3, 5); codes ``round(clip(W/s, -L, L))``,
+    """A learned step ``s`` with LSQ's gradient (Sec. 2.1-2.2, Eq. 3); codes ``round(clip(W/s, -L, L))``,
     ``L = 2^n - 1``. ``scale``: the initial clip ``s * L`` (default max|W|)."""
 
     def __init__(self, weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None):
@@ -146,7 +147,8 @@ class LSQWeight(_LatentWeight):
 
 @register("uniform")
 class Uniform(Method):
-    """Every quantized layer at the same bits (``--fix-bits`` overrides single layers)."""
+    """Every quantized layer at the same bits, its step learned as in LSQ from the least-squares clip
+    (``--fix-bits`` and ``--edge-bits`` fix single layers)."""
 
     config_class = UniformConfig
     training_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}

@@ -117,7 +117,7 @@ class _GradScale(torch.autograd.Function):
 
 
 def lsq_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize with a learned step as LSQ defines it (Esser et al., ICLR 2020, Eq. 1-3, 5).
+    """Quantize-dequantize with a learned step as LSQ defines it (Esser et al., ICLR 2020, Sec. 2.1-2.2).
 
     ``round(clip(w / step, -L, L)) * step`` with ``L = 2**bits - 1`` (the sign-magnitude codes every mpq
     layer stores: LSQ's ``Q_N = Q_P = L``). The round passes gradients straight through, so
