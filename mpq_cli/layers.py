@@ -2,14 +2,15 @@
 
 Every ``nn.Conv2d`` and ``nn.Linear`` is quantized by default (first and last
 included, as CSQ does); BatchNorm and biases stay FP32. A :class:`LayerSelection`
-keeps layers in FP (``--keep-fp PATTERN``) or fixes their bits (``--fix-bits NAME=BITS``).
+keeps layers in FP (``--keep-fp PATTERN``), fixes their bits (``--fix-bits NAME=BITS``)
+or fixes the first and last layer's (``--edge-bits BITS``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -34,26 +35,62 @@ class LayerSelection:
     Args:
         keep_fp: glob patterns (``fnmatch``) of layer names kept in FP32.
         fix_bits: glob pattern -> bits; the first matching pattern wins.
+        edge_bits: bits of the first and last Conv2d/Linear layer in module order (as ``mpq models
+            --layers`` lists them), fixed like ``fix_bits`` and counted in the average like any fixed
+            layer (the papers' 8-bit first and last layers); ``None``: off. A ``fix_bits`` pattern that
+            matches an edge wins over it, and an edge kept FP stays FP (the next layer does not become one).
+        edge_names: every name of the edge layers, filled by :meth:`with_edges` (``Method.prepare``
+            does it); ``None`` until then.
     """
 
     keep_fp: list[str] = field(default_factory=list)
     fix_bits: dict[str, int] = field(default_factory=dict)
+    edge_bits: int | None = None
+    edge_names: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for pattern, bits in self.fix_bits.items():
             if not 0 <= int(bits) <= 16:
                 raise MpqError(f"--fix-bits {pattern}={bits}: bits must be in 0..16")
+        edge = self.edge_bits
+        if edge is not None and (not isinstance(edge, int) or isinstance(edge, bool) or not 1 <= edge <= 16):
+            raise MpqError(f"--edge-bits must be a whole number in 1..16, got {self.edge_bits}")
 
     def is_fp(self, *names: str) -> bool:
         """Whether a layer (by any of its names: a module can be registered under several) stays FP."""
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp for name in names)
 
     def fixed_bits(self, *names: str) -> int | None:
-        """The bits of the first pattern that matches any of the layer's names, or None."""
+        """The bits of the first pattern that matches any of the layer's names, else ``edge_bits`` for an
+        edge layer (once :meth:`with_edges` resolved them), or None."""
         for pattern, bits in self.fix_bits.items():
             if any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 return int(bits)
+        if self.edge_bits is not None and self.edge_names and any(name in self.edge_names for name in names):
+            return int(self.edge_bits)
         return None
+
+    def with_edges(self, model: nn.Module) -> LayerSelection:
+        """This selection with the edges of ``model`` resolved (itself when there is nothing to resolve).
+        Call it before any layer is wrapped: the edges are the first and last layer still holding its FP
+        weight."""
+        if self.edge_bits is None or self.edge_names is not None:
+            return self
+        layers, paths = list(quantizable_layers(model).values()), module_paths(model)
+        edges = [layers[0], layers[-1]] if layers else []
+        names = frozenset(p for m in edges if not self.is_fp(*paths[id(m)]) for p in paths[id(m)])
+        return replace(self, edge_names=names)
+
+    def to_dict(self) -> dict:
+        """The run record's ``selection`` (``edge_bits`` only when set: older runs keep their fingerprints)."""
+        out = {"keep_fp": list(self.keep_fp), "fix_bits": dict(self.fix_bits)}
+        if self.edge_bits is not None:
+            out["edge_bits"] = int(self.edge_bits)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerSelection:
+        return cls(keep_fp=list(d["keep_fp"]), fix_bits=dict(d["fix_bits"]), edge_bits=d.get("edge_bits"))
 
     def check_patterns(self, names: list[str]) -> None:
         """A pattern that matches no layer is a typo: say so instead of ignoring it."""

@@ -90,7 +90,7 @@ class RunRecord:
             "train": train.to_dict(),
             "method": method,
             "method_config": method_config.to_dict(),
-            "selection": {"keep_fp": selection.keep_fp, "fix_bits": selection.fix_bits},
+            "selection": selection.to_dict(),
             "probe_batches": probe_batches,
             "fp_top1": fp_top1,
         }
@@ -212,8 +212,7 @@ class RunRecord:
         from .layers import LayerSelection
 
         try:
-            recorded = self.fields["selection"]
-            return LayerSelection(keep_fp=list(recorded["keep_fp"]), fix_bits=dict(recorded["fix_bits"]))
+            return LayerSelection.from_dict(self.fields["selection"])
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise self._malformed(exc) from None
 

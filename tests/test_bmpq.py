@@ -221,6 +221,19 @@ def test_edges_start_at_edge_bits_others_at_the_largest_width_and_activations_fo
     assert method.history[0]["epoch"] == 1 and method.history[0]["enbg"]["classifier.1"] > 0
 
 
+def test_the_shared_edge_bits_replace_bmpqs_own_and_stay_outside_the_program():
+    torch.manual_seed(0)
+    model = lenet5(10, 1, (28, 28))
+    method = BMPQ(BMPQConfig(bits=[2, 4], warmup_epochs=1, interval=1), LayerSelection(edge_bits=8))
+    method.prepare(model)
+    assert method.layer_bits() == {"features.0": 8, "features.3": 4, "classifier.1": 4, "classifier.3": 8}
+    assert method.fixed_widths() == {"features.0": 8, "classifier.3": 8}
+    _train_steps(model, method)
+    assert method.layer_bits()["features.0"] == method.layer_bits()["classifier.3"] == 8
+    with pytest.raises(MpqError, match="--edge-bits 1: BMPQ widths"):
+        BMPQ(BMPQConfig(), LayerSelection(edge_bits=1)).prepare(lenet5(10, 1, (28, 28)))
+
+
 def test_downsample_convs_are_tied_to_their_block_input_readers():
     torch.manual_seed(0)
     model = resnet20(10, 1, (28, 28))

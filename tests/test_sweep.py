@@ -176,7 +176,7 @@ def test_a_sweep_over_seeds(fp_run, tmp_path):
     args += ["--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", out]
     args += ["--limit-val-batches", "2", "--probe-batches", "1"]  # the least work that still runs every step
     options = ["--optimizer", "adam", "--keep-fp", "classifier.3"]  # search's options, to every run
-    first = run_json(*args, *options, "--edge-bits", "8")
+    first = run_json(*args, *options, "--ternary", "false")
     assert [(r["method"], r["seed"], r["status"]) for r in first["rows"]] == [
         ("uniform", 0, "done"),
         ("bmpq", 0, "done"),
@@ -189,7 +189,7 @@ def test_a_sweep_over_seeds(fp_run, tmp_path):
         assert config["train"]["seed"] == r["seed"] and config["train"]["optimizer"] == "adam"
         assert config["selection"]["keep_fp"] == ["classifier.3"]
         # BMPQ's field reaches BMPQ's runs; uniform has no such field and runs without it
-        assert config["method_config"].get("edge_bits") == (8 if r["method"] == "bmpq" else None)
+        assert config["method_config"].get("ternary") is (False if r["method"] == "bmpq" else None)
     cells = {c["method"]: c for c in first["cells"]}
     bmpq = cells["bmpq"]
     assert (bmpq["n"], bmpq["runs"], bmpq["seeds"]) == (2, 2, [0, 1])
@@ -206,11 +206,24 @@ def test_a_sweep_over_seeds(fp_run, tmp_path):
     assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
-    again = run_json(*args, *options, "--edge-bits", "8")  # every run read back
+    again = run_json(*args, *options, "--ternary", "false")  # every run read back
     assert [r["status"] for r in again["rows"]] == ["reused"] * 4 and again["cells"] == first["cells"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
 
     # another BMPQ field makes BMPQ's runs stale; uniform's, which never had it, still hold
-    changed = run_json(*args, *options, "--edge-bits", "6")
+    changed = run_json(*args, *options, "--ternary", "true")
     assert [r["status"] for r in changed["rows"]] == ["reused", "stale", "reused", "stale"]
-    assert "(method_config.edge_bits differ)" in changed["rows"][1]["error"]  # and nothing else
+    assert "(method_config.ternary differ)" in changed["rows"][1]["error"]  # and nothing else
+
+
+def test_a_sweep_with_edge_bits_gives_every_row_the_same_edges_and_a_changed_edge_is_stale(fp_run, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--method", "uniform", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0]]
+    args += [*SMALL, "--epochs", "1", "--out", out]
+    first = run_json(*args, "--edge-bits", "8")
+    assert first["rows"][0]["status"] == "done"
+    run = out / run_name("uniform", 2.0)
+    bits = [e["bits"] for e in json.loads((run / "scheme.json").read_text())["layers"]]
+    assert bits == [8, 2, 2, 8] and json.loads((run / "config.json").read_text())["selection"]["edge_bits"] == 8
+    without = run_json(*args)  # the same sweep without edges is another setting, never shown under it
+    assert without["rows"][0]["status"] == "stale" and "selection.edge_bits" in without["rows"][0]["error"]

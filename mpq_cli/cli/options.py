@@ -94,9 +94,9 @@ def own_options(ctx: typer.Context) -> tuple[str, ...]:
     return tuple(o for p in ctx.command.params for o in p.opts if o.startswith("--"))
 
 
-def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits):
+def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits, edge_bits=None):
     """The method fields and layer selection of a search, or of every run of a sweep: --act-bits, the
-    --FIELD-NAME options, --set, --keep-fp and --fix-bits, parsed once for both commands."""
+    --FIELD-NAME options, --set, --keep-fp, --fix-bits and --edge-bits, parsed once for both commands."""
     from ..layers import LayerSelection
 
     method_config = {
@@ -104,7 +104,9 @@ def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep
         **parse_method_options(ctx.args, *methods, own=own_options(ctx)),
         **parse_sets(set_ or []),
     }
-    selection = LayerSelection(keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []))
+    selection = LayerSelection(
+        keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []), edge_bits=edge_bits
+    )
     return method_config, selection
 
 
@@ -237,6 +239,14 @@ ActBitsOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="FIELD=VALUE for the method's config (see `mpq methods`), repeatable."),
+]
+EdgeBitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Fix the first and last Conv2d/Linear layer at N bits (the papers' 8), for every method, counted in "
+        "the average like --fix-bits (which wins on a layer it matches); BMPQ: replaces its edge_bits (16). "
+        "Default: off.",
+    ),
 ]
 ProbeOpt = Annotated[
     int,

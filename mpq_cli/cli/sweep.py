@@ -14,6 +14,7 @@ from .options import (
     MODEL,
     SEARCH_TRAINING,
     ActBitsOpt,
+    EdgeBitsOpt,
     FixBitsOpt,
     JsonOpt,
     KeepFpOpt,
@@ -47,6 +48,7 @@ def sweep(
     training=None,
     keep_fp: KeepFpOpt = None,
     fix_bits: FixBitsOpt = None,
+    edge_bits: EdgeBitsOpt = None,
     act_bits: ActBitsOpt = None,
     set_: SetOpt = None,
     probe_batches: ProbeOpt = 8,
@@ -74,7 +76,7 @@ def sweep(
     check_methods(methods)  # before their fields are looked up
     if seeds is not None and training["seed"] != 0:
         raise MpqError("give --seeds or --seed, not both")
-    method_config, selection = method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits)
+    method_config, selection = method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits, edge_bits)
     plan = Sweep(
         methods=methods,
         targets=float_list(target_bits, "--target-bits"),

@@ -18,6 +18,7 @@ from .options import (
     ActBitsOpt,
     CompileOpt,
     DataDirOpt,
+    EdgeBitsOpt,
     FixBitsOpt,
     JsonOpt,
     KeepFpOpt,
@@ -83,6 +84,7 @@ def search(
     training=None,
     keep_fp: KeepFpOpt = None,
     fix_bits: FixBitsOpt = None,
+    edge_bits: EdgeBitsOpt = None,
     act_bits: ActBitsOpt = None,
     set_: SetOpt = None,
     probe_batches: ProbeOpt = 8,
@@ -95,14 +97,14 @@ def search(
 
     Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
 
-    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --edge-bits 16 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
+    Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
     from .. import api
     from ..methods import get_method
 
     method_name = method.value if isinstance(method, enum.Enum) else method
     get_method(method_name)  # an unknown name is refused before its fields are looked up
-    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits)
+    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits, edge_bits)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)

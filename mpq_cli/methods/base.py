@@ -327,6 +327,7 @@ class Method(ABC):
                 loss-aware budget steps of CSQ and BSQ need it; ``mpq_cli.engine.loss_probe``).
         """
         self.loss_probe = loss_probe
+        self.selection = self.selection.with_edges(model)  # --edge-bits: the first and last layer, before wrapping
         candidates = quantizable_layers(model)
         paths = module_paths(model)
         # a layer registered under several names is selected by any of them

@@ -27,7 +27,7 @@ already computes (a tensor hook; no extra backward pass, no host sync per step).
 
 Activations are quantized with PACT at the bits of the layer that reads them, the
 last layer's input stays FP (the paper's ReLU), first and last layers sit at
-``edge_bits`` (16) outside the integer program.
+``edge_bits`` (16) outside the integer program, or at the shared ``--edge-bits`` when given.
 
 Decisions where the paper leaves room (BMPQ has no public code; docs/methods/bmpq.md):
 
@@ -128,8 +128,10 @@ class BMPQConfig(MethodConfig):
             ``C``. Default 3 unless ``budget_bytes`` is given.
         budget_bytes: the budget as bytes of weight codes (``sum params * bits / 8``) instead.
         bits: support bit widths ``S_q`` (paper: 2 and 4).
-        edge_bits: bits of the first and last layer, outside the integer program (paper: 16);
-            ``None`` puts them in it like every other layer.
+        edge_bits: bits of the first and last layer, outside the integer program (paper: 16), unless the
+            layer selection's ``--edge-bits N`` (every method's option) is given: it replaces this field, so
+            on the command line ``--edge-bits`` sets it and ``--set edge_bits=VALUE`` reaches the field;
+            ``None`` puts them in the program like every other layer.
         warmup_epochs: epochs at the largest support width before the first assignment
             (``None``, *ours*: one interval).
         interval: epochs between assignments (paper: 20 of 200; ``None``, *ours*: a tenth of the
@@ -281,7 +283,13 @@ class BMPQ(Method):
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
         """Wrap the layers (edges at ``edge_bits``, the rest at the largest width) and quantize activations."""
         everything = list(quantizable_layers(model))
-        if everything and self.config.edge_bits is not None:
+        if self.selection.edge_bits is not None:
+            # the shared --edge-bits replaces edge_bits: the selection fixes the same two layers (fixed_widths)
+            if not 2 <= self.selection.edge_bits <= MAX_WIDTH:
+                raise MpqError(
+                    f"--edge-bits {self.selection.edge_bits}: BMPQ widths are two's complement, 2..{MAX_WIDTH}"
+                )
+        elif everything and self.config.edge_bits is not None:
             self.edges = {everything[0], everything[-1]} - {n for n in everything if self.selection.is_fp(n)}
         self.last_layer = everything[-1] if everything else None
         super().prepare(model, loss_probe)

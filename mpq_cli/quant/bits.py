@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .primitives import clipping_errors
+
 
 def bit_values(n_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``[1, 2, 4, ..., 2**(n_bits-1)]``, shape ``(n_bits,)``."""
@@ -97,12 +99,10 @@ def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.
         0, min(max(top - bits + 1, 0), max(max_bits - bits, 0)) + 1, device=codes.device, dtype=torch.float64
     )
     limit = 2**bits - 1
-    scales = torch.pow(2.0, shifts).view(-1, *([1] * codes.dim()))
-    candidates = torch.clamp(torch.round(codes.double() / scales), -limit, limit) * scales  # (shifts, *codes.shape)
     # the block with the least squared error: clipping a few large weights can beat a coarse step
-    errors = (candidates - codes.double()).pow(2).flatten(1).sum(1)
-    best = int(errors.argmin())
-    return candidates[best].to(codes.dtype), int(shifts[best])
+    best = int(clipping_errors(codes.double(), torch.pow(2.0, shifts), limit).argmin())
+    scale = 2.0 ** int(shifts[best])
+    return (torch.clamp(torch.round(codes.double() / scale), -limit, limit) * scale).to(codes.dtype), int(shifts[best])
 
 
 class _GatedPlanes(torch.autograd.Function):

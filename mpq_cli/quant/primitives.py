@@ -9,7 +9,13 @@ For a layer whose scale is ``s`` (the largest representable magnitude),
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# Candidate-by-weight elements one pass of :func:`clipping_errors` holds (float32: 64 MiB), so a large
+# layer's search over many candidate steps runs in slices instead of one (candidates, weights) tensor.
+_ERROR_ELEMENTS = 1 << 24
 
 
 def max_code(bits: int) -> int:
@@ -91,3 +97,102 @@ class _FakeQuantize(torch.autograd.Function):
             per_weight = codes.div_(levels).sub_(ratio.mul_(inside))
             grad_scale = (grad * per_weight).sum_to_size(scale.shape)
         return grad_weight, grad_scale, None
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged in the forward pass, its gradient multiplied by ``scale`` (LSQ's ``gradscale``)."""
+    return _GradScale.apply(x, scale)
+
+
+class _GradScale(torch.autograd.Function):
+    # a Function rather than LSQ's ``x * g + (x - x * g).detach()``, whose forward can differ from x by an ulp
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def lsq_quantize(weight: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize with a learned step as LSQ defines it (Esser et al., ICLR 2020, Sec. 2.1-2.2).
+
+    ``round(clip(w / step, -L, L)) * step`` with ``L = 2**bits - 1`` (the sign-magnitude codes every mpq
+    layer stores: LSQ's ``Q_N = Q_P = L``). The round passes gradients straight through, so
+    ``dq/dw = 1`` strictly inside the clip range and 0 outside; ``dq/dstep = round(w/step) - w/step``
+    inside and ``-L`` / ``L`` below / above it (Eq. 3), and the step's gradient is multiplied by
+    ``g = 1 / sqrt(N * L)`` for a layer of ``N`` weights (Sec. 2.2). Written as :func:`fake_quantize`
+    of the scale ``step * L`` (whose gradient is that of the step divided by ``L``), so the forward pass
+    computes the codes exactly as :func:`quantize_codes` of that scale does.
+    """
+    levels = max_code(bits)
+    if levels == 0:
+        return fake_quantize(weight, step, 0)
+    g = 1.0 / math.sqrt(weight.numel() * levels)
+    return fake_quantize(weight, grad_scale(step, g) * levels, bits)
+
+
+def clipping_errors(values: torch.Tensor, steps: torch.Tensor, levels: int) -> torch.Tensor:
+    """Squared error of rounding ``values`` onto each candidate grid, clipping included: shape ``(K,)``.
+
+    Candidate ``k`` is the grid ``steps[k] * {-levels, ..., levels}``; its error is
+    ``sum((clamp(round(v / steps[k]), -levels, levels) * steps[k] - v) ** 2)`` over every value, in
+    ``values``' dtype. Candidates are measured in slices of at most ``_ERROR_ELEMENTS`` elements.
+    """
+    flat = values.reshape(1, -1)
+    per_pass = max(1, _ERROR_ELEMENTS // max(flat.shape[1], 1))
+    errors = []
+    for chunk in steps.to(values.dtype).reshape(-1, 1).split(per_pass):
+        grid = torch.clamp(torch.round(flat / chunk), -levels, levels) * chunk
+        errors.append((grid - flat).pow(2).sum(1))
+    return torch.cat(errors) if errors else values.new_zeros(0)
+
+
+def least_squares_scale(
+    weight: torch.Tensor, bits: int, candidates: int = 100, sample: int = 1 << 16, iterations: int = 10
+) -> torch.Tensor:
+    """The clip ``s`` (largest magnitude of the ``bits``-bit grid) that least-squares rounds ``weight``.
+
+    Minimises ``||W - dequantize(quantize_codes(W, s, bits), s / L)||^2``, clipping included:
+
+    1. a grid search over ``candidates`` clips ``max|W| * k / candidates`` (``k = 1..candidates``), then
+       20 more within one grid step of the best, measured on at most ``sample`` weights (every
+       ``ceil(N / sample)``-th: evenly spread, no random draw, so a large layer costs what a small one does);
+    2. the better of that clip and ``max|W|`` on every weight;
+    3. alternating least squares from there: the step that fits the codes best,
+       ``<W, codes> / <codes, codes>``, then the codes of that step, until the codes stop changing or
+       ``iterations`` rounds. Each round lowers the error or leaves it (the step is optimal for the codes,
+       the rounded codes for the step),
+
+    so the result is never worse than ``max|W|``, the clip that keeps every weight unclipped.
+
+    Returns a 0-d float32 tensor on ``weight``'s device: ``max|W|`` (at least 1e-8) at 0 bits or for a
+    zero weight.
+    """
+    w = weight.detach().float().reshape(-1)
+    top = w.abs().max().clamp(min=1e-8) if w.numel() else torch.tensor(1e-8, device=weight.device)
+    levels = max_code(bits)
+    if levels == 0 or not bool(w.any()):
+        return top
+    spread = w[:: -(-w.numel() // sample)]
+    fractions = torch.arange(1, candidates + 1, device=w.device, dtype=torch.float32) / candidates
+    best = fractions[int(clipping_errors(spread, top * fractions / levels, levels).argmin())]
+    finer = (best + torch.arange(-10, 11, device=w.device) / (10 * candidates)).clamp(min=1e-6)
+    best = finer[int(clipping_errors(spread, top * finer / levels, levels).argmin())]
+    steps = torch.stack([top * best, top]) / levels
+    step = steps[int(clipping_errors(w, steps, levels).argmin())]
+    codes = quantize_codes(w, step * levels, bits)
+    for _ in range(iterations):
+        c = codes.float()
+        norm = c.pow(2).sum()
+        if not bool(norm > 0):
+            break
+        fitted = (w * c).sum() / norm
+        again = quantize_codes(w, fitted * levels, bits)
+        step = fitted
+        if torch.equal(again, codes):
+            break
+        codes = again
+    return (step * levels).reshape(())
