@@ -480,3 +480,17 @@ def test_inspecting_a_file_does_not_import_torch(csq_run, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == run_json("inspect", packed)
+
+
+def test_target_bits_help_states_each_methods_default():
+    """--target-bits's help names each method's default without importing the methods; the defaults it
+    names must be the configs' (a changed default fails here until the help says so too)."""
+    import typer.main
+
+    from mpq_cli.cli import app
+    from mpq_cli.methods import METHODS
+
+    said = {"csq": 3.0, "uniform": 3.0, "bmpq": 3.0, "alq": 1.0, "bsq": None}
+    assert {name: METHODS[name].config_class().target_bits for name in said} == said
+    option = next(p for p in typer.main.get_command(app).commands["search"].params if p.name == "target_bits")
+    assert "CSQ, uniform, BMPQ 3; ALQ 1; BSQ none" in " ".join(option.help.split())
