@@ -18,10 +18,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import inspect
+import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import MpqError
 
@@ -186,3 +190,54 @@ def broadcast_object(value):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# -- the training loop under torchrun (engine.fit calls these) --------------------------------------------
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel for the training steps (the method keeps the bare model).
+
+    DDP fixes the parameters it reduces when it is built, so the loop builds it again when a method
+    stops or starts training some (CSQ fixing its masks): rare, and cheaper than DDP's search for
+    unused parameters at every step. Buffers are synchronised from rank 0 when it is built but not
+    at every forward pass (DDP's default): a method's buffers change alike on every rank or hold a
+    rank's own sums that the method reduces itself (BMPQ's bit gradients). BatchNorm's running
+    statistics are averaged over the ranks at every epoch's end instead."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not any(p.requires_grad for p in model.parameters()):
+        return model  # nothing to reduce: DDP refuses such a model
+    # channels_last weights whose gradient arrives in another layout cost DDP one copy: not worth a warning
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch
+        return DistributedDataParallel(model, device_ids=ids, init_sync=True, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def average_norm_statistics(model: nn.Module) -> None:
+    """BatchNorm running statistics averaged over ranks (each rank's were collected on its own shard)."""
+    stats = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    ]
+    all_reduce_mean(stats)
+
+
+def ranks_state_digests(model: nn.Module, hooks, *, buffers: bool = False) -> dict[str, str]:
+    """Hashes of what every rank must hold alike: each parameter (and with ``buffers``, each buffer),
+    the method's ``agreement_tensors`` (codes, bits) and its JSON state (schedules, alpha, history).
+
+    Buffers are compared at the end only: during an epoch some hold a rank's own running sums."""
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    digests = {name: digest([t]) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    digests["method codes and bits"] = digest(list(hooks.agreement_tensors()))
+    digests["method state"] = hashlib.sha256(json.dumps(hooks.state_dict(), sort_keys=True).encode()).hexdigest()
+    return digests
+
+
+def check_ranks_agree(model: nn.Module, hooks, epoch: int) -> None:
+    """Stop the run unless every rank holds the same parameters and method state."""
+    check_agreement(ranks_state_digests(model, hooks), f"the model and its scheme after epoch {epoch + 1}")

@@ -9,12 +9,9 @@ metrics, per-epoch checkpoints and resuming live here, and so does running under
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .distributed import check_ranks_agree, ranks_state_digests  # noqa: F401  (re-exported)
 from .errors import MpqError
 from .quant.bits import compiled_kernels
 from .reporting import Reporter  # noqa: F401  (re-exported: library code reports through it)
@@ -313,7 +311,8 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = group_lr(group, lr, cfg)
                 if here.active and trainable != (now := tuple(p.requires_grad for p in model.parameters())):
-                    step_model, trainable = _data_parallel(model, device), now  # a method froze or freed some
+                    # a method froze or freed some parameters: DDP is built again
+                    step_model, trainable = distributed.data_parallel(model, device), now
                 loss, out = train_step(step_model, x, y, optimizer, hooks, cfg)
                 if reference_loss is None and first_loss is None:
                     first_loss = loss  # the starting model's loss (read at the next logging step)
@@ -341,8 +340,8 @@ def fit(
             reporter.stop()
         train_loss = total_loss / max(total_seen, 1)
         if here.active:
-            _average_norm_statistics(model)
-            _check_ranks_agree(model, hooks, epoch)
+            distributed.average_norm_statistics(model)
+            check_ranks_agree(model, hooks, epoch)
         result = evaluate(model, val, amp=cfg.amp, reporter=reporter, description=f"eval {epoch + 1}/{cfg.epochs}")
         _check_divergence(result["loss"], reference_loss, epoch, "validation ")
         record = {
@@ -381,62 +380,12 @@ def fit(
     return records
 
 
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` under DistributedDataParallel for the training steps (the method keeps the bare model).
-
-    DDP fixes the parameters it reduces when it is built, so the loop builds it again when a method
-    stops or starts training some (CSQ fixing its masks): rare, and cheaper than DDP's search for
-    unused parameters at every step. Buffers are synchronised from rank 0 when it is built but not
-    at every forward pass (DDP's default): a method's buffers change alike on every rank or hold a
-    rank's own sums that the method reduces itself (BMPQ's bit gradients). BatchNorm's running
-    statistics are averaged over the ranks at every epoch's end instead."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if not any(p.requires_grad for p in model.parameters()):
-        return model  # nothing to reduce: DDP refuses such a model
-    # channels_last weights whose gradient arrives in another layout cost DDP one copy: not worth a warning
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch
-        return DistributedDataParallel(model, device_ids=ids, init_sync=True, forward_sync_buffers=False)
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
 def _epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, int]:
     """The epoch's summed loss, correct predictions and samples so far, over every rank (one host read)."""
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=loss_sum.device)])
     distributed.all_reduce_sum([totals])
     total_loss, total_correct, total_seen = totals.tolist()
     return total_loss, total_correct, int(total_seen)
-
-
-def _average_norm_statistics(model: nn.Module) -> None:
-    """BatchNorm running statistics averaged over ranks (each rank's were collected on its own shard)."""
-    stats = [
-        b
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for b in (m.running_mean, m.running_var)
-        if b is not None
-    ]
-    distributed.all_reduce_mean(stats)
-
-
-def ranks_state_digests(model: nn.Module, hooks, *, buffers: bool = False) -> dict[str, str]:
-    """Hashes of what every rank must hold alike: each parameter (and with ``buffers``, each buffer),
-    the method's ``agreement_tensors`` (codes, bits) and its JSON state (schedules, alpha, history).
-
-    Buffers are compared at the end only: during an epoch some hold a rank's own running sums."""
-    tensors = model.state_dict() if buffers else dict(model.named_parameters())
-    digests = {name: distributed.digest([t]) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    digests["method codes and bits"] = distributed.digest(list(hooks.agreement_tensors()))
-    digests["method state"] = hashlib.sha256(json.dumps(hooks.state_dict(), sort_keys=True).encode()).hexdigest()
-    return digests
-
-
-def _check_ranks_agree(model: nn.Module, hooks, epoch: int) -> None:
-    """Stop the run unless every rank holds the same parameters and method state."""
-    distributed.check_agreement(ranks_state_digests(model, hooks), f"the model and its scheme after epoch {epoch + 1}")
 
 
 def _check_divergence(loss: float, reference: float | None, epoch: int, what: str = "") -> None:

@@ -56,7 +56,7 @@ def main(out: Path) -> None:
         with torch.no_grad():
             model[1].bias.fill_(here.rank)  # one parameter differs between the ranks
         try:
-            engine._check_ranks_agree(model, engine.PlainTraining(), epoch=2)
+            engine.check_ranks_agree(model, engine.PlainTraining(), epoch=2)
         except MpqError as exc:
             seen["epoch_disagreement"] = str(exc)
         (out / f"rank-{here.rank}.json").write_text(json.dumps(seen))
