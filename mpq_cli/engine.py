@@ -340,7 +340,9 @@ class LossProbe:
         """Each probe batch's summed loss (a graph to differentiate when grad is enabled) and its sample
         count, in the probe's mode; this rank's batches only (the caller reduces over ranks)."""
         was_training = self.model.training
-        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in self._norms]
+        # the running statistics (buffers) only: writing the affine parameters back, unchanged, would bump their
+        # versions and break a caller's backward pass through the losses given
+        saved = [[(buf, buf.clone()) for buf in m.buffers(recurse=False)] for m in self._norms]
         self.model.eval()
         for m in self._norms:
             m.train()
@@ -349,8 +351,8 @@ class LossProbe:
                 yield F.cross_entropy(self.model(x), y, reduction="sum"), len(y)
         finally:
             with torch.no_grad():
-                for m, state in zip(self._norms, saved, strict=True):
-                    m.load_state_dict(state)
+                for buf, value in (pair for pairs in saved for pair in pairs):
+                    buf.copy_(value)
             self.model.train(was_training)
 
 
