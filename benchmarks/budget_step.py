@@ -8,7 +8,7 @@ Run from the repository root (random initialisation and synthetic data are fine 
         --data cifar10 --data-dir ../shared/data                               # a trained model: the schemes too
 
 In one process: the model under the method (CSQ by default, at a 3-bit target from 8 bits, so the step
-has every layer's every option to weigh: resnet20 has 20 layers x 8 options) trains ``--steps`` steps
+has every layer's every option to weigh: resnet20 has 22 layers x 8 options) trains ``--steps`` steps
 (the engine's own ``train_step``, after ``--warmup`` untimed ones) and the median step is the unit. Then
 from the same state (saved and loaded back before each) the method's ``finalize()``, which runs the
 budget step, is timed once per ``--budget-probe`` mode, with the model's forward passes counted and

@@ -1,7 +1,7 @@
 """The budget step's screen: every option's loss change estimated from a few backward passes (issue 32).
 
 The exact budget step (:func:`mpq_cli.budget.budget_step`) measures every layer x option with a
-full pass over the probe batches: on resnet20 about 20 x 9 x 8 forward passes, the time of thousands
+full pass over the probe batches: on resnet20 about 22 x 8 x 8 forward passes, the time of thousands
 of training steps, growing with layers x options x batches. The screen instead differentiates the
 probe's loss once per probe batch at the current scheme and estimates each option's change from its
 weight change ``dW`` (the option's exact weight minus the current exact weight), as HAWQ-V2/V3 do:
@@ -12,7 +12,7 @@ weight change ``dW`` (the option's exact weight minus the current exact weight),
 ``Tr(H) / n`` the mean of the layer's Hessian diagonal, Hutchinson's estimate from one Rademacher
 vector ``v`` per probe batch (the mean of ``v * Hv`` over the layer's ``n`` weights). The diagonal
 element by element (``sum(v * Hv * dW^2)``) is what the brief of issue 32 also allowed; on the trained
-resnet20 reference (CIFAR-10, 4 probe batches of 64, CSQ's options 1..8 bits of every layer, 160 in
+resnet20 reference (CIFAR-10, 4 probe batches of 64, CSQ's options 1..8 bits of every layer, 176 in
 all) it ranked the options worse than the layer's mean: Spearman 0.71 against the exact probe, the
 mean 0.85, the gradient alone 0.65. The integer program picks on the estimates; then only the finalists are
 probed exactly: in the layers whose estimates are largest, the chosen option and its neighbours in
