@@ -170,8 +170,19 @@ def evaluate(
     return result
 
 
-def loss_probe(model: nn.Module, batches, max_batches: int):
-    """A callable measuring the mean loss of ``model`` on the first ``max_batches`` batches.
+def loss_probe(model: nn.Module, batches, max_batches: int) -> LossProbe:
+    """A callable measuring the mean loss of ``model`` on the first ``max_batches`` batches
+    (:class:`LossProbe`)."""
+    fixed = []
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        fixed.append(batch)
+    return LossProbe(model, fixed)
+
+
+class LossProbe:
+    """The mean loss of ``model`` on a fixed list of batches: calling it returns that number.
 
     The model runs in evaluation mode (exact quantized weights), except that BatchNorm
     layers normalise with each probe batch's own statistics and leave their running
@@ -182,35 +193,43 @@ def loss_probe(model: nn.Module, batches, max_batches: int):
 
     Under torchrun each rank probes its shard of those batches and the loss is their mean over
     every rank's samples, the same number everywhere, so every rank takes the same decisions.
+    :meth:`losses` gives the same batches' losses with their autograd graphs, for the budget step's
+    screen (``mpq_cli.budget_screen``), which differentiates them instead of probing every option.
     """
-    fixed = []
-    for i, batch in enumerate(batches):
-        if i >= max_batches:
-            break
-        fixed.append(batch)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __init__(self, model: nn.Module, batches: list):
+        self.model = model
+        self.batches = batches
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @torch.no_grad()
-    def probe() -> float:
-        was_training = model.training
-        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
-        model.eval()
-        for m in norms:
-            m.train()
-        sums = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # loss, samples
-        try:
-            for x, y in fixed:
-                sums[0] += F.cross_entropy(model(x), y, reduction="sum").double()
-                sums[1] += len(y)
-        finally:
-            for m, state in zip(norms, saved, strict=True):
-                m.load_state_dict(state)
-            model.train(was_training)
+    def __call__(self) -> float:
+        sums = torch.zeros(2, dtype=torch.float64, device=next(self.model.parameters()).device)  # loss, samples
+        for loss, n in self.losses():
+            sums[0] += loss.double()
+            sums[1] += n
         distributed.all_reduce_sum([sums])
         total, n = sums.tolist()
         return total / max(n, 1)
 
-    return probe
+    def losses(self):
+        """Each probe batch's summed loss (a graph to differentiate when grad is enabled) and its sample
+        count, in the probe's mode; this rank's batches only (the caller reduces over ranks)."""
+        was_training = self.model.training
+        # the running statistics (buffers) only: writing the affine parameters back, unchanged, would bump their
+        # versions and break a caller's backward pass through the losses given
+        saved = [[(buf, buf.clone()) for buf in m.buffers(recurse=False)] for m in self._norms]
+        self.model.eval()
+        for m in self._norms:
+            m.train()
+        try:
+            for x, y in self.batches:
+                yield F.cross_entropy(self.model(x), y, reduction="sum"), len(y)
+        finally:
+            with torch.no_grad():
+                for buf, value in (pair for pairs in saved for pair in pairs):
+                    buf.copy_(value)
+            self.model.train(was_training)
 
 
 def train_step(

@@ -115,7 +115,8 @@ def save_quantized_run(
                 if c["bits_before"] != c["bits_after"]
                 else f"re-rounded from its relaxed weight at {c['bits_after']} bits"
             )
-            + f" (probe loss change alone {c['probe_loss_change_alone']:+.4f})"
+            + f" (probe loss change alone {c['probe_loss_change_alone']:+.4f}"
+            + (", estimated by the screen)" if c.get("measured_alone") is False else ")")
             for c in changes
         ]
         notes.append(
@@ -125,7 +126,8 @@ def save_quantized_run(
             f" -> {changes[0]['probe_loss_after']:.4f}."
             + (
                 " The layers interacted (the first choice measured worse than its parts predicted): every option was "
-                "measured again from it, and the second choice measured better."
+                + ("estimated" if "measured_alone" in changes[0] else "measured")
+                + " again from it, and the second choice measured better."
                 if changes[0].get("passes") == 2
                 else ""
             )

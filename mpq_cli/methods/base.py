@@ -18,6 +18,7 @@ quantized model whose codes the run saves.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import types
 import typing
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..budget import budget_step, in_window, narrow_candidates
+from ..budget_screen import layer_sensitivity, screened_budget_step
 from ..errors import MpqError
 from ..forms import FORMS, LayerCodes  # noqa: F401  (LayerCodes re-exported)
 from ..layers import LayerSelection, QuantizedLayer, module_paths, quantizable_layers, quantized_layers, replace_module
@@ -67,6 +69,7 @@ class Phase(enum.Enum):
 
 
 BUDGET_ON = ("nominal", "stored")
+BUDGET_PROBES = ("screen", "exact")
 
 
 @dataclass
@@ -86,6 +89,11 @@ class MethodConfig:
             them) or ``stored`` (the bits per weight the packed file stores for the quantized layers: fields
             with their sign, steps and code tables, as ``mpq inspect`` measures them), since the file is
             what a user pays for.
+        budget_probe: *ours*: how the loss-aware budget step (CSQ, BSQ) measures each layer's options:
+            ``screen`` estimates every option's loss change from a few backward passes on the probe batches
+            (gradient and Hutchinson curvature) and probes exactly only the finalists and the chosen scheme;
+            ``exact`` (the default) probes every option of every layer with a full forward pass. ``screen`` stays
+            opt-in until its schemes are shown as good as the exact probe's over seeds (issue 32).
     """
 
     version: int = 1
@@ -94,6 +102,7 @@ class MethodConfig:
     first_act_bits: int = 8
     allow_zero_bits: bool = False
     budget_on: str = "nominal"
+    budget_probe: str = "exact"
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -105,11 +114,15 @@ class MethodConfig:
             raise MpqError(f"first_act_bits must be in 1..16, got {self.first_act_bits}")
         if self.budget_on not in BUDGET_ON:
             raise MpqError(f"--budget-on must be one of {', '.join(BUDGET_ON)}, got {self.budget_on!r}")
+        if self.budget_probe not in BUDGET_PROBES:
+            raise MpqError(f"--budget-probe must be one of {', '.join(BUDGET_PROBES)}, got {self.budget_probe!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if d.get("budget_on") == "nominal":  # the default is left out: runs written before it keep their fingerprints
             del d["budget_on"]
+        if d.get("budget_probe") == "exact":  # likewise: runs before the option probed exactly, as the default does
+            del d["budget_probe"]
         return d
 
     @classmethod
@@ -253,6 +266,14 @@ class WeightQuantizer(HostMirrored, ABC):
     def exact_basis(self) -> BasisForm | None:
         """The exact weight as binary bases, for quantizers whose ``weight_form`` is ``basis``."""
         return None
+
+    def exact_weight(self) -> torch.Tensor:
+        """The weight evaluation uses: ``dequantize(codes, step)``, or the binary bases' sum."""
+        basis = self.exact_basis()
+        if basis is not None:
+            return basis.weight(self.shape)
+        codes, step = self.exact_codes()
+        return dequantize(codes, step)
 
     def forward(self) -> torch.Tensor:
         if self.training:
@@ -411,18 +432,28 @@ class Method(ABC):
         now = [current[n] for n in names]
         never_zero = self._never_zero(names)
         span = getattr(self.config, "budget_span", 0)
+        probe = self._require_probe()
+        step = budget_step
+        if self.config.budget_probe == "screen" and callable(getattr(probe, "losses", None)):
+            # a probe that gives its batches' losses to differentiate (engine.LossProbe); a plain callable
+            # (a user's probe given to prepare) can only be called, so its step probes every option
+            step = functools.partial(
+                screened_budget_step,
+                weight=self._exact_weight,
+                sensitivity=lambda: layer_sensitivity(probe, self.layers),
+            )
         if self.config.budget_on == "stored":
             # narrowed on an estimate (b magnitude bits and a sign), each option's stored bits then measured
             near = narrow_candidates(
                 names, params, now, candidates, span, target, tol, never_zero, estimate=lambda b: b + 1 if b else 0
             )
-            return budget_step(
+            return step(
                 names,
                 params,
                 now,
                 near,
                 apply,
-                self._require_probe(),
+                probe,
                 target,
                 tol,
                 never_zero,
@@ -430,7 +461,11 @@ class Method(ABC):
                 wider={n: list(c) for n, c in candidates.items()},
             )
         candidates = narrow_candidates(names, params, now, candidates, span, target, tol, never_zero)
-        return budget_step(names, params, now, candidates, apply, self._require_probe(), target, tol, never_zero)
+        return step(names, params, now, candidates, apply, probe, target, tol, never_zero)
+
+    @torch.no_grad()
+    def _exact_weight(self, name: str) -> torch.Tensor:
+        return self.layers[name].weight_quantizer.exact_weight()
 
     def _never_zero(self, names: list[str]) -> list[str]:
         """Layers a budget step may not put at 0 bits: every layer unless ``allow_zero_bits``, and
