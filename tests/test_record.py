@@ -10,7 +10,7 @@ from conftest import SMALL, run_json
 from mpq_cli.errors import MpqError
 from mpq_cli.record import RunRecord
 
-RECORDS = Path(__file__).parent / "data" / "records"
+RECORDS = Path(__file__).parent / "fixtures" / "records"  # config.json files as e31aace wrote them
 
 
 @pytest.mark.parametrize("name", ["fp", "csq", "ft"])
