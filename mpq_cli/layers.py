@@ -41,12 +41,16 @@ class LayerSelection:
             matches an edge wins over it, and an edge kept FP stays FP (the next layer does not become one).
         edge_names: every name of the edge layers, filled by :meth:`with_edges` (``Method.prepare``
             does it); ``None`` until then.
+        scheme: ``--scheme``: a run directory or ``scheme.json`` whose per-layer bits the method trains
+            under (the scheme transplant); :meth:`with_scheme` turns it into ``fix_bits`` (one exact name
+            per layer) and ``keep_fp``, and every quantized layer must then have its bits from it.
     """
 
     keep_fp: list[str] = field(default_factory=list)
     fix_bits: dict[str, int] = field(default_factory=dict)
     edge_bits: int | None = None
     edge_names: frozenset[str] | None = None
+    scheme: str | None = None
 
     def __post_init__(self) -> None:
         for pattern, bits in self.fix_bits.items():
@@ -81,16 +85,49 @@ class LayerSelection:
         names = frozenset(p for m in edges if not self.is_fp(*paths[id(m)]) for p in paths[id(m)])
         return replace(self, edge_names=names)
 
+    def with_scheme(self, method: str) -> LayerSelection:
+        """This selection with ``scheme``'s layers as ``method`` counts bits: each layer's bits fixed under its
+        exact name, its FP layers kept FP (itself without a scheme)."""
+        if self.scheme is None:
+            return self
+        if self.fix_bits or self.edge_bits is not None:
+            raise MpqError("--scheme fixes every layer's bits: give it without --fix-bits or --edge-bits")
+        from .scheme import Scheme
+
+        bits = Scheme.load_from(self.scheme).transplanted_bits(method)
+        fixed = {_literal(name): b for name, b in bits.items() if b is not None}
+        fp = [_literal(name) for name, b in bits.items() if b is None]
+        return replace(self, keep_fp=[*self.keep_fp, *fp], fix_bits=fixed)
+
+    def check_scheme_covers(self, layers: dict[str, tuple[str, ...]]) -> None:
+        """With ``--scheme``, every quantized layer (name -> all its names) has its bits from the scheme."""
+        if self.scheme is None:
+            return
+        missing = [n for n, names in layers.items() if not self.is_fp(*names) and self.fixed_bits(*names) is None]
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise MpqError(
+                f"--scheme {self.scheme} gives no bits for layer {', '.join(missing[:3])}{more} of this model"
+            )
+
     def to_dict(self) -> dict:
-        """The run record's ``selection`` (``edge_bits`` only when set: older runs keep their fingerprints)."""
+        """The run record's ``selection`` (``edge_bits`` and ``scheme`` only when set: older runs keep their
+        fingerprints)."""
         out = {"keep_fp": list(self.keep_fp), "fix_bits": dict(self.fix_bits)}
         if self.edge_bits is not None:
             out["edge_bits"] = int(self.edge_bits)
+        if self.scheme is not None:
+            out["scheme"] = str(self.scheme)
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerSelection:
-        return cls(keep_fp=list(d["keep_fp"]), fix_bits=dict(d["fix_bits"]), edge_bits=d.get("edge_bits"))
+        return cls(
+            keep_fp=list(d["keep_fp"]),
+            fix_bits=dict(d["fix_bits"]),
+            edge_bits=d.get("edge_bits"),
+            scheme=d.get("scheme"),
+        )
 
     def check_patterns(self, names: list[str]) -> None:
         """A pattern that matches no layer is a typo: say so instead of ignoring it."""
@@ -200,3 +237,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def _literal(name: str) -> str:
+    """A glob pattern (``fnmatch``) that matches exactly ``name``."""
+    return re.sub(r"([*?\[])", r"[\1]", name)

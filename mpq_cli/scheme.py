@@ -36,6 +36,7 @@ BITS_CONVENTIONS = {
     "csq": SIGN_EXCLUDED,
     "uniform": SIGN_EXCLUDED,
 }
+SIGN_INCLUDED = frozenset({"bmpq"})  # the methods whose nominal bits count the sign (two's complement width)
 
 
 @dataclass
@@ -177,3 +178,30 @@ class Scheme:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, not JSON, or not a scheme
             raise MpqError(f"cannot read scheme {path}: {exc.__class__.__name__}: {exc}") from None
+
+    @classmethod
+    def load_from(cls, source: str | Path) -> Scheme:
+        """The scheme of a run directory (its ``scheme.json``) or of a ``scheme.json`` file."""
+        path = Path(source)
+        if path.is_dir():
+            path = path / "scheme.json"
+        if not path.is_file():
+            raise MpqError(f"--scheme {source}: no scheme.json (give a finished search run or its scheme.json)")
+        return cls.load(path)
+
+    def transplanted_bits(self, into: str) -> dict[str, int | None]:
+        """Each layer's bits for method ``into`` to train under (``None``: FP32), as ``into`` counts them: a
+        scheme of BMPQ (two's complement width, sign included) gives uniform or CSQ one bit fewer, and the
+        other way round, so both store the same fields. ALQ's bases per weight have no integer width."""
+        if "alq" in (self.method, into):
+            raise MpqError(
+                "--scheme: ALQ counts binary bases per weight, not an integer width: its schemes cannot be "
+                "transplanted, nor another method's into ALQ"
+            )
+        shift = int(self.method in SIGN_INCLUDED) - int(into in SIGN_INCLUDED)
+        out = {}
+        for e in self.layers:
+            if e.bits is not None and not float(e.bits).is_integer():
+                raise MpqError(f"--scheme: layer {e.name} has {e.bits} bits, not a whole number")
+            out[e.name] = None if e.bits is None else max(int(e.bits) - shift, 0) if e.bits else 0
+        return out

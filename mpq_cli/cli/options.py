@@ -94,9 +94,11 @@ def own_options(ctx: typer.Context) -> tuple[str, ...]:
     return tuple(o for p in ctx.command.params for o in p.opts if o.startswith("--"))
 
 
-def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits, edge_bits=None):
+def method_settings(
+    ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits, edge_bits=None, scheme=None
+):
     """The method fields and layer selection of a search, or of every run of a sweep: --act-bits, the
-    --FIELD-NAME options, --set, --keep-fp, --fix-bits and --edge-bits, parsed once for both commands."""
+    --FIELD-NAME options, --set, --keep-fp, --fix-bits, --edge-bits and --scheme, parsed once for both."""
     from ..layers import LayerSelection
 
     method_config = {
@@ -105,7 +107,10 @@ def method_settings(ctx: typer.Context, methods: list[str], act_bits, set_, keep
         **parse_sets(set_ or []),
     }
     selection = LayerSelection(
-        keep_fp=keep_fp or [], fix_bits=LayerSelection.parse_fix_bits(fix_bits or []), edge_bits=edge_bits
+        keep_fp=keep_fp or [],
+        fix_bits=LayerSelection.parse_fix_bits(fix_bits or []),
+        edge_bits=edge_bits,
+        scheme=None if scheme is None else str(scheme),
     )
     return method_config, selection
 
@@ -246,6 +251,14 @@ EdgeBitsOpt = Annotated[
         help="Fix the first and last Conv2d/Linear layer at N bits (the papers' 8), for every method, counted in "
         "the average like --fix-bits (which wins on a layer it matches); BMPQ: replaces its edge_bits (16). "
         "Default: off.",
+    ),
+]
+SchemeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Train under another run's per-layer bits (a run directory or its scheme.json): the scheme "
+        "transplant, e.g. uniform's quantizer under CSQ's scheme, to tell a better scheme from better training. "
+        "Bits are converted between counts (BMPQ's include the sign); the method's own choice is skipped.",
     ),
 ]
 ProbeOpt = Annotated[

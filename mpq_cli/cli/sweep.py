@@ -20,6 +20,7 @@ from .options import (
     KeepFpOpt,
     ProbeOpt,
     QuietOpt,
+    SchemeOpt,
     SetOpt,
     float_list,
     int_list,
@@ -49,6 +50,7 @@ def sweep(
     keep_fp: KeepFpOpt = None,
     fix_bits: FixBitsOpt = None,
     edge_bits: EdgeBitsOpt = None,
+    scheme: SchemeOpt = None,
     act_bits: ActBitsOpt = None,
     set_: SetOpt = None,
     probe_batches: ProbeOpt = 8,
@@ -76,7 +78,7 @@ def sweep(
     check_methods(methods)  # before their fields are looked up
     if seeds is not None and training["seed"] != 0:
         raise MpqError("give --seeds or --seed, not both")
-    method_config, selection = method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits, edge_bits)
+    method_config, selection = method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits, edge_bits, scheme)
     plan = Sweep(
         methods=methods,
         targets=float_list(target_bits, "--target-bits"),

@@ -31,6 +31,7 @@ from .options import (
     QuietOpt,
     ResumeOpt,
     SchedOpt,
+    SchemeOpt,
     SetOpt,
     UserModelOpt,
     WdOpt,
@@ -85,6 +86,7 @@ def search(
     keep_fp: KeepFpOpt = None,
     fix_bits: FixBitsOpt = None,
     edge_bits: EdgeBitsOpt = None,
+    scheme: SchemeOpt = None,
     act_bits: ActBitsOpt = None,
     set_: SetOpt = None,
     probe_batches: ProbeOpt = 8,
@@ -104,7 +106,7 @@ def search(
 
     method_name = method.value if isinstance(method, enum.Enum) else method
     get_method(method_name)  # an unknown name is refused before its fields are looked up
-    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits, edge_bits)
+    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits, edge_bits, scheme)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
     options = api.SearchOptions(method_name, method_config, selection, probe_batches)

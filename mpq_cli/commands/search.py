@@ -99,7 +99,7 @@ def search(
     fp_top1 = None
     if model.checkpoint:
         fp_top1 = evaluate(ctx.model, ctx.test, amp=train_cfg.amp, reporter=reporter, description="FP32 eval")["top1"]
-    method = method_cls(method_cfg, options.selection)
+    method = method_cls(method_cfg, options.selection.with_scheme(options.method))
     method.prepare(ctx.model, loss_probe=budget_probe(ctx, options.probe_batches))
     record = RunRecord.for_search(
         model=ctx.spec.to_dict(),
@@ -110,7 +110,7 @@ def search(
         train=train_cfg,
         method=options.method,
         method_config=method_cfg,
-        selection=options.selection,
+        selection=method.selection,
         probe_batches=options.probe_batches,
         fp_top1=fp_top1,
     )

@@ -353,6 +353,7 @@ class Method(ABC):
         paths = module_paths(model)
         # a layer registered under several names is selected by any of them
         self.selection.check_patterns([p for name, layer in candidates.items() for p in paths[id(layer)]])
+        self.selection.check_scheme_covers({name: paths[id(layer)] for name, layer in candidates.items()})
         first = True
         for name, layer in candidates.items():
             if self.selection.is_fp(*paths[id(layer)]):
