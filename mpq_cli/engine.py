@@ -212,9 +212,29 @@ class LossProbe:
         total, n = sums.tolist()
         return total / max(n, 1)
 
+    @torch.no_grad()
+    def top1(self) -> float:
+        """Top-1 (%) of the model on the probe's batches, in the probe's mode (over every rank's samples)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=next(self.model.parameters()).device)  # correct, samples
+        for correct, n in self._outcomes():
+            sums[0] += correct
+            sums[1] += n
+        distributed.all_reduce_sum([sums])
+        correct, n = sums.tolist()
+        return 100.0 * correct / max(n, 1)
+
+    def _outcomes(self):
+        for logits, y in self._logits():
+            yield (logits.argmax(1) == y).sum().double(), len(y)
+
     def losses(self):
         """Each probe batch's summed loss (a graph to differentiate when grad is enabled) and its sample
         count, in the probe's mode; this rank's batches only (the caller reduces over ranks)."""
+        for logits, y in self._logits():
+            yield F.cross_entropy(logits, y, reduction="sum"), len(y)
+
+    def _logits(self):
+        """Each probe batch's logits and labels in the probe's mode (BatchNorm on the batch's statistics)."""
         was_training = self.model.training
         # the running statistics (buffers) only: writing the affine parameters back, unchanged, would bump their
         # versions and break a caller's backward pass through the losses given
@@ -224,7 +244,7 @@ class LossProbe:
             m.train()
         try:
             for x, y in self.batches:
-                yield F.cross_entropy(self.model(x), y, reduction="sum"), len(y)
+                yield self.model(x), y
         finally:
             with torch.no_grad():
                 for buf, value in (pair for pairs in saved for pair in pairs):

@@ -98,6 +98,8 @@ def save_quantized_run(
         "out": str(run_dir),
     }
     summary["bits_under_budget"] = bits_under_budget(summary)
+    if summary_base.get("command") == "search":  # a fine-tuning's scheme was fixed before it started
+        summary["search_health"] = search_health(method, result)
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     sizes = file_sizes(run_dir)  # the file this run exports, measured as `mpq inspect` measures it
     layer_stored = sizes.pop("layer_stored_bits")
@@ -105,7 +107,7 @@ def save_quantized_run(
     for estimate in ("model_bytes_estimated", "model_compression_estimated"):
         summary.pop(estimate, None)
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
-    notes = []
+    notes = [health_note(summary["search_health"])] if summary.get("search_health") else []
     changes = result.budget_changes
     if changes:
         lines = [
@@ -190,3 +192,67 @@ def bits_under_budget(summary: dict) -> float | None:
     if target is None or avg is None or summary.get("budget_met") is None:
         return None
     return round(float(target) - float(avg), 6)
+
+
+# a healthy search arrives within this many bits of its target on its own, and its budget step only trims
+HEALTHY_DISTANCE = 0.15
+HEALTHY_LAYERS = 0.1  # the share of layers (at least 2) the budget step may change in a healthy search
+
+
+def search_health(method: Method, result: FinalizeResult) -> dict | None:
+    """How much of a search's scheme its own mechanism chose (issue 31): where it arrived before the budget
+    step against the average it aimed for, the share of layers and of weights the step then changed, and the
+    exact model's probe top-1 and loss (the --val-split hold-out's first batches, else fixed training batches)
+    just before and after the step. ``None`` for a method without a budget step."""
+    before = result.avg_bits_before_budget_step
+    if before is None:
+        return None
+    aim = method.search_target()
+    params = {name: layer.params for name, layer in method.layers.items()}
+    moved = [c for c in result.budget_changes if c["bits_before"] != c["bits_after"]]
+    first = result.budget_changes[0] if result.budget_changes else {}
+    distance = None if aim is None else before - aim
+    allowed = max(2, int(HEALTHY_LAYERS * len(params)))
+    return {
+        "bits_before_budget_step": before,
+        "aimed_bits": aim,  # target_bits, or one bit less under --budget-on stored (the nominal aim)
+        "distance_to_aim": distance,
+        "layers_changed": len(moved),
+        "layers": len(params),
+        "share_of_layers_changed": len(moved) / max(len(params), 1),
+        "share_of_weights_changed": sum(params.get(c["layer"], 0) for c in moved) / max(sum(params.values()), 1),
+        "probe_top1_before": first.get("probe_top1_before"),
+        "probe_top1_after": first.get("probe_top1_after"),
+        "probe_loss_before": first.get("probe_loss_before"),
+        "probe_loss_after": first.get("probe_loss_after"),
+        "healthy": distance is not None and abs(distance) <= HEALTHY_DISTANCE and len(moved) <= allowed,
+    }
+
+
+def health_note(health: dict) -> str:
+    """report.md's section on the search's health."""
+    lines = [
+        "## Search health",
+        "",
+        f"Before the budget step the scheme was at {health['bits_before_budget_step']:.4f} average bits"
+        + (
+            f", {health['distance_to_aim']:+.4f} from the {health['aimed_bits']:g} it aimed for"
+            if health["aimed_bits"] is not None
+            else ""
+        )
+        + f"; the step changed {health['layers_changed']} of {health['layers']} layers "
+        f"({100 * health['share_of_layers_changed']:.0f} % of layers, "
+        f"{100 * health['share_of_weights_changed']:.1f} % of the weights).",
+    ]
+    if health["probe_top1_before"] is not None:
+        lines[-1] += (
+            f" The exact model's top-1 on the probe batches went {health['probe_top1_before']:.2f} % -> "
+            f"{health['probe_top1_after']:.2f} % across the step."
+        )
+    verdict = (
+        "healthy: the method chose its scheme and the budget step only trimmed it"
+        if health["healthy"]
+        else f"not healthy: a healthy search arrives within {HEALTHY_DISTANCE} bits of its aim on its own and "
+        f"its budget step changes at most {max(2, int(HEALTHY_LAYERS * health['layers']))} layers"
+    )
+    return "\n".join([*lines, "", f"Verdict: {verdict}."])

@@ -443,6 +443,16 @@ class Method(ABC):
                 weight=self._exact_weight,
                 sensitivity=lambda: layer_sensitivity(probe, self.layers),
             )
+        top1 = getattr(probe, "top1", None)  # engine.LossProbe measures it; a user's plain probe does not
+        top1_before = top1() if callable(top1) else None
+        changes = self._run_step(step, apply, names, params, now, candidates, probe, never_zero, span)
+        if changes and top1_before is not None:  # the exact model's top-1 on the probe, around the step
+            changes[0]["probe_top1_before"], changes[0]["probe_top1_after"] = top1_before, top1()
+        return changes
+
+    def _run_step(self, step, apply, names, params, now, candidates, probe, never_zero, span) -> list[dict]:
+        """The budget step over the near options (every option's stored bits measured under --budget-on stored)."""
+        target, tol = self.config.target_bits, self.config.budget_tolerance
         if self.config.budget_on == "stored":
             # narrowed on an estimate (b magnitude bits and a sign), each option's stored bits then measured
             near = narrow_candidates(
