@@ -86,7 +86,7 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="packed (bit-packed safetensors) or onnx (opset 21, weights as INT4/INT8 codes with DequantizeLinear, checked with onnxruntime; needs pip install 'mpq-cli[onnx]').",
+            help="packed (bit-packed safetensors) or onnx (opset 21, weights as INT4/INT8 codes with DequantizeLinear, checked with onnxruntime; needs pip install 'mpq-cli\\[onnx]').",
         ),
     ] = "packed",
     as_json: JsonOpt = False,
