@@ -185,6 +185,8 @@ class Sweep:
                 raise MpqError("--seeds needs distinct seeds, e.g. 0,1,2")
             if len(self.seeds) > MAX_EXACT_PAIRS:  # the exact p-value enumerates 2^n sign flips
                 raise MpqError(f"--seeds takes at most {MAX_EXACT_PAIRS} seeds, got {len(self.seeds)}")
+        if getattr(self.selection, "scheme", None) is not None and len(self.targets) > 1:
+            raise MpqError("--scheme fixes every layer's bits: a sweep with it takes one --target-bits")
         if "target_bits" in self.method_config:
             raise MpqError("mpq sweep: the targets are --target-bits's list, not a method field")
         # a field is passed to the swept methods that have it; one that none of them has is a mistake

@@ -441,17 +441,18 @@ def test_help_names_every_shipped_method():
 
 
 def test_commands_that_train_share_one_declaration_of_their_options():
-    """train, search and sweep take the model, data and training options from one place (cli.options),
-    so a new option or default reaches all three."""
+    """train, search and sweep take the model, data and training options from one place (cli.options), and
+    search and sweep the method options, so a new option or default reaches every command that takes it."""
     import typer.main
 
     from mpq_cli.cli import app
-    from mpq_cli.cli.options import DATA, MODEL, TRAINING
+    from mpq_cli.cli.options import DATA, METHOD, MODEL, TRAINING
 
     group = typer.main.get_command(app)
     for name in ("train", "search", "sweep"):
         params = {p.name: p for p in group.commands[name].params}
-        for option in (*MODEL.options, *DATA.options, *TRAINING.options):
+        shared = (*MODEL.options, *DATA.options, *TRAINING.options, *(METHOD.options if name != "train" else ()))
+        for option in shared:
             assert option[0] in params, (name, option[0])
             assert params[option[0]].default == option[2], (name, option[0])
 

@@ -71,3 +71,10 @@ def test_a_scheme_that_does_not_fit_the_model_is_one_clear_error(fp_run, csq_run
     result = invoke(*base, "--scheme", tmp_path / "nowhere", "--out", tmp_path / "d")
     assert result.exit_code == 2 and "no scheme.json" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_sweep_with_a_scheme_takes_one_budget(csq_run, tmp_path):
+    args = ["sweep", "--method", "uniform", "--target-bits", "2,3", "--scheme", csq_run[0], *SMALL]
+    result = invoke(*args, "--out", tmp_path / "sweep")
+    assert result.exit_code == 2 and "takes one --target-bits" in result.output
+    assert not (tmp_path / "sweep").exists()

@@ -94,23 +94,21 @@ def own_options(ctx: typer.Context) -> tuple[str, ...]:
     return tuple(o for p in ctx.command.params for o in p.opts if o.startswith("--"))
 
 
-def method_settings(
-    ctx: typer.Context, methods: list[str], act_bits, set_, keep_fp, fix_bits, edge_bits=None, scheme=None
-):
-    """The method fields and layer selection of a search, or of every run of a sweep: --act-bits, the
-    --FIELD-NAME options, --set, --keep-fp, --fix-bits, --edge-bits and --scheme, parsed once for both."""
+def method_settings(ctx: typer.Context, methods: list[str], given: dict):
+    """The method fields and layer selection of a search, or of every run of a sweep, from the METHOD group's
+    options (``given``) and the --FIELD-NAME options Typer left over: parsed once for both commands."""
     from ..layers import LayerSelection
 
     method_config = {
-        "act_bits": act_bits,
+        "act_bits": given["act_bits"],
         **parse_method_options(ctx.args, *methods, own=own_options(ctx)),
-        **parse_sets(set_ or []),
+        **parse_sets(given["set_"] or []),
     }
     selection = LayerSelection(
-        keep_fp=keep_fp or [],
-        fix_bits=LayerSelection.parse_fix_bits(fix_bits or []),
-        edge_bits=edge_bits,
-        scheme=None if scheme is None else str(scheme),
+        keep_fp=given["keep_fp"] or [],
+        fix_bits=LayerSelection.parse_fix_bits(given["fix_bits"] or []),
+        edge_bits=given["edge_bits"],
+        scheme=None if given["scheme"] is None else str(given["scheme"]),
     )
     return method_config, selection
 
@@ -385,3 +383,18 @@ _TRAINING_OPTIONS = (
 TRAINING = OptionGroup("training", _TRAINING_OPTIONS, _training)
 # a search also takes --compile (CSQ's and BSQ's per-bit kernels); mpq train has nothing to compile
 SEARCH_TRAINING = OptionGroup("training", (*_TRAINING_OPTIONS, ("compile_kernels", CompileOpt, False)), _training)
+# what search and sweep pass to every run besides the method fields: the layer selection, input quantization,
+# --set, and the budget step's probe (the command receives them as one dict; method_settings parses them)
+METHOD = OptionGroup(
+    "method_options",
+    (
+        ("keep_fp", KeepFpOpt, None),
+        ("fix_bits", FixBitsOpt, None),
+        ("edge_bits", EdgeBitsOpt, None),
+        ("scheme", SchemeOpt, None),
+        ("act_bits", ActBitsOpt, None),
+        ("set_", SetOpt, None),
+        ("probe_batches", ProbeOpt, 8),
+    ),
+    dict,
+)

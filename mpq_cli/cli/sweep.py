@@ -11,17 +11,11 @@ from ..errors import MpqError
 from .entry import app
 from .options import (
     DATA,
+    METHOD,
     MODEL,
     SEARCH_TRAINING,
-    ActBitsOpt,
-    EdgeBitsOpt,
-    FixBitsOpt,
     JsonOpt,
-    KeepFpOpt,
-    ProbeOpt,
     QuietOpt,
-    SchemeOpt,
-    SetOpt,
     float_list,
     int_list,
     method_settings,
@@ -32,7 +26,7 @@ from .output import RichReporter, handle_errors, out_console, print_json
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
-@with_groups(MODEL, DATA, SEARCH_TRAINING)
+@with_groups(MODEL, DATA, SEARCH_TRAINING, METHOD)
 def sweep(
     ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Methods, comma-separated (e.g. csq,uniform).")] = "csq,uniform",
@@ -47,13 +41,7 @@ def sweep(
     model=None,
     data=None,
     training=None,
-    keep_fp: KeepFpOpt = None,
-    fix_bits: FixBitsOpt = None,
-    edge_bits: EdgeBitsOpt = None,
-    scheme: SchemeOpt = None,
-    act_bits: ActBitsOpt = None,
-    set_: SetOpt = None,
-    probe_batches: ProbeOpt = 8,
+    method_options=None,
     out: Annotated[
         str, typer.Option("--out", "-o", help="Folder of the sweep's runs (reused: finished runs are skipped).")
     ] = "runs/sweep",
@@ -78,7 +66,7 @@ def sweep(
     check_methods(methods)  # before their fields are looked up
     if seeds is not None and training["seed"] != 0:
         raise MpqError("give --seeds or --seed, not both")
-    method_config, selection = method_settings(ctx, methods, act_bits, set_, keep_fp, fix_bits, edge_bits, scheme)
+    method_config, selection = method_settings(ctx, methods, method_options)
     plan = Sweep(
         methods=methods,
         targets=float_list(target_bits, "--target-bits"),
@@ -88,7 +76,7 @@ def sweep(
         train=training,
         method_config=method_config,
         selection=selection,
-        probe_batches=probe_batches,
+        probe_batches=method_options["probe_batches"],
         force=force,
         seeds=None if seeds is None else int_list(seeds, "--seeds"),
     )

@@ -11,28 +11,22 @@ import typer
 from .entry import app
 from .options import (
     DATA,
+    METHOD,
     METHOD_NAMES,
     MODEL,
     SEARCH_TRAINING,
     TRAINING,
-    ActBitsOpt,
     CompileOpt,
     DataDirOpt,
-    EdgeBitsOpt,
-    FixBitsOpt,
     JsonOpt,
-    KeepFpOpt,
     LimitTrainOpt,
     LimitValOpt,
     LrOpt,
     OptimOpt,
     OutOpt,
-    ProbeOpt,
     QuietOpt,
     ResumeOpt,
     SchedOpt,
-    SchemeOpt,
-    SetOpt,
     UserModelOpt,
     WdOpt,
     method_settings,
@@ -66,7 +60,7 @@ def train(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
-@with_groups(MODEL, DATA, SEARCH_TRAINING)
+@with_groups(MODEL, DATA, SEARCH_TRAINING, METHOD)
 def search(
     ctx: typer.Context,
     method: Annotated[str, typer.Option(help=f"Search method: {METHOD_NAMES} (`mpq methods` describes them).")] = "csq",
@@ -83,13 +77,7 @@ def search(
     model=None,
     data=None,
     training=None,
-    keep_fp: KeepFpOpt = None,
-    fix_bits: FixBitsOpt = None,
-    edge_bits: EdgeBitsOpt = None,
-    scheme: SchemeOpt = None,
-    act_bits: ActBitsOpt = None,
-    set_: SetOpt = None,
-    probe_batches: ProbeOpt = 8,
+    method_options=None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     as_json: JsonOpt = False,
@@ -106,10 +94,10 @@ def search(
 
     method_name = method.value if isinstance(method, enum.Enum) else method
     get_method(method_name)  # an unknown name is refused before its fields are looked up
-    method_config, selection = method_settings(ctx, [method_name], act_bits, set_, keep_fp, fix_bits, edge_bits, scheme)
+    method_config, selection = method_settings(ctx, [method_name], method_options)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
-    options = api.SearchOptions(method_name, method_config, selection, probe_batches)
+    options = api.SearchOptions(method_name, method_config, selection, method_options["probe_batches"])
     reporter = RichReporter(quiet, bars=False if as_json else None)
     summary = api.search(model, data, training, options, out=out, resume=resume, reporter=reporter)
     emit(summary, as_json, "search")
