@@ -91,7 +91,8 @@ class IntegerCodes(WeightForm):
 
     def capture(self, quantizer, nominal_bits) -> LayerCodes:
         codes, step = quantizer.exact_codes()
-        return LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), nominal_bits)
+        step = step.detach().cpu()
+        return LayerCodes(codes.detach().cpu(), step.reshape(-1) if step.dim() else step, nominal_bits)
 
     def run_tensors(self, layer: str, lc: LayerCodes) -> dict[str, torch.Tensor]:
         return {f"{layer}.codes": lc.codes.to(torch.int32), f"{layer}.step": lc.step.to(torch.float32)}
