@@ -94,7 +94,7 @@ class MethodConfig:
             (gradient and Hutchinson curvature) and probes exactly only the finalists and the chosen scheme;
             ``exact`` (the default) probes every option of every layer with a full forward pass. ``screen`` stays
             opt-in until its schemes are shown as good as the exact probe's over seeds (issue 32).
-        granularity: *ours* (issue 30): one step per layer (``tensor``, the papers' form) or one per output
+        granularity: *ours*: one step per layer (``tensor``, the papers' form) or one per output
             channel (``channel``, as torchao, ONNX Runtime and TensorRT quantize weights), initialised and
             learned per channel as each method does per layer (methods whose form is not integer codes times a
             step, i.e. ALQ, refuse ``channel``). Steps are stored exactly and counted in the stored bits.
