@@ -325,9 +325,21 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # How the method's paper counts a layer's bits; reports print it beside the nominal bits.
     bits_convention: ClassVar[str] = SIGN_EXCLUDED
-    # Training defaults from the method's paper; the command line overrides them.
+    # Training defaults from the method's paper (its from-scratch or its own schedule: ``--recipe paper``); the
+    # command line overrides them.
     training_defaults: ClassVar[dict] = {}
+    # A search's defaults when it starts from trained weights (``--recipe checkpoint``, what ``auto`` picks with
+    # --checkpoint or pretrained --weights): measured from trained references (issue 27; docs/cli.md says
+    # where); ``None``: the paper's.
+    checkpoint_defaults: ClassVar[dict | None] = None
     finetune_defaults: ClassVar[dict] = {}
+
+    @classmethod
+    def recipe_defaults(cls, recipe: str) -> dict:
+        """The training defaults of ``recipe`` (``paper`` or ``checkpoint``)."""
+        if recipe == "checkpoint" and cls.checkpoint_defaults is not None:
+            return cls.checkpoint_defaults
+        return cls.training_defaults
 
     def __init__(self, config: MethodConfig, selection: LayerSelection | None = None):
         self.config = config

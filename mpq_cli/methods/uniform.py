@@ -162,6 +162,8 @@ class Uniform(Method):
 
     config_class = UniformConfig
     training_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = training_defaults
 
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
