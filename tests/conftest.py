@@ -112,31 +112,13 @@ def csq_run(fp_run, tmp_path_factory):
     return out, summary
 
 
-def per_channel_exact_codes(self):
-    """A uniform quantizer's exact codes with one step per output channel (clip: each channel's max|W|), in the
-    shapes the methods hand over: codes of the weight's shape, the step ``(C, 1, ..., 1)``. Patched over uniform's
-    quantizers, it makes a run with per-channel steps before the methods take ``--granularity``."""
-    from mpq_cli.quant.primitives import max_code, per_channel_max, quantize_codes
-
-    weight = self.weight.detach()
-    scale = per_channel_max(weight, "channel")
-    if not self.bits:
-        return torch.zeros_like(weight, dtype=torch.int32), torch.zeros_like(scale)
-    return quantize_codes(weight, scale, self.bits), (scale / max_code(self.bits)).to(torch.float32)
-
-
 @pytest.fixture(scope="session")
 def channel_run(fp_run, tmp_path_factory):
-    """A uniform lenet5 run whose every layer has one step per output channel (uniform's quantizers patched while
-    it searches; the run's files are then read as any run's). Returns ``(run directory, summary)``."""
-    from mpq_cli.methods.uniform import LSQWeight, UniformWeight
-
+    """A uniform lenet5 run with one step per output channel (``--granularity channel``). Returns ``(run
+    directory, summary)``."""
     out = tmp_path_factory.mktemp("runs") / "uniform-channel"
-    with pytest.MonkeyPatch.context() as patch:
-        for quantizer in (LSQWeight, UniformWeight):
-            patch.setattr(quantizer, "exact_codes", per_channel_exact_codes)
-        args = ["search", "--method", "uniform", "--target-bits", "3", "--model", "lenet5"]
-        summary = run_json(*args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", out)
+    args = ["search", "--method", "uniform", "--target-bits", "3", "--model", "lenet5", "--granularity", "channel"]
+    summary = run_json(*args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", out)
     return out, summary
 
 

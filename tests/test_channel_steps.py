@@ -191,3 +191,26 @@ def test_alq_and_unknown_granularities_are_refused():
     # the default is left out of a saved config: runs before the option keep their fingerprints
     assert "granularity" not in CSQConfig().to_dict()
     assert CSQConfig(granularity="channel").to_dict()["granularity"] == "channel"
+
+
+@pytest.mark.parametrize("method, target", [("csq", "2"), ("bsq", "2"), ("bmpq", "4")])
+def test_each_method_searches_exports_and_evaluates_per_channel_exactly(method, target, fp_run, tmp_path):
+    """A per-channel search of every integer-code method (uniform's: tests/test_channel_steps_format.py) keeps
+    one step per output channel in its run and file, and the packed file measures what the run measured."""
+    import json
+
+    from conftest import SMALL, run_json
+    from safetensors.torch import load_file
+
+    out = tmp_path / method
+    args = ["search", "--method", method, "--target-bits", target, "--model", "lenet5", "--granularity", "channel"]
+    summary = run_json(*args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--out", out)
+    assert json.loads((out / "config.json").read_text())["method_config"]["granularity"] == "channel"
+    codes = load_file(str(out / "codes.safetensors"))
+    steps = {k: v for k, v in codes.items() if k.endswith(".step")}
+    assert steps and all(v.shape == (codes[k[: -len("step")] + "codes"].shape[0],) for k, v in steps.items())
+    run_json("export", out, "-o", tmp_path / "f.safetensors")
+    assert run_json("eval", tmp_path / "f.safetensors")["top1"] == summary["top1"]
+    inspected = run_json("inspect", tmp_path / "f.safetensors")
+    assert inspected["avg_stored_bits"] == summary["avg_stored_bits"]
+    assert {row["granularity"] for row in inspected["layers"]} == {"channel"}
