@@ -7,12 +7,13 @@ finished are read back, so an interrupted sweep continues where it stopped:
 
     nice .venv/bin/python benchmarks/checkpoint_lr.py            # benchmarks/results/checkpoint_lr.md
 
-Every run: `mpq search` of one method at 2 bits + sign (BMPQ, which counts the sign: 3; ALQ: 2 binary bases per
-weight) from the trained resnet20 reference on the shared CIFAR-10 JPEGs, one epoch (352 steps of batch 128), `--val-split 5000` (the
-reference's own hold-out: it never trained on it), 2 probe batches for the budget step, seed 0, each learning
-rate of the grid with the rest of the method's paper's settings (optimizer, weight decay, cosine schedule). The
-lr is chosen on the hold-out top-1; the test top-1 is shown once per row and chooses nothing. One seed: a
-screen for a default that neither diverges nor leaves accuracy on the table, not a comparison of methods.
+Every run: `mpq search` of one method at 2 bits + sign (BMPQ, which counts the sign: 3; ALQ: 2 binary
+bases per weight) from the trained resnet20 reference on the shared CIFAR-10 JPEGs, one epoch (352 steps of
+batch 128), `--val-split 5000` (the reference's own hold-out: it never trained on it), 2 probe batches for the
+budget step, seed 0, each learning rate of the grid with the rest of the method's paper's settings (optimizer,
+weight decay, cosine schedule). The lr is chosen on the hold-out top-1; the test top-1 is shown once per row
+and chooses nothing. One seed: a screen for a default that neither diverges nor leaves accuracy on the table,
+not a comparison of methods.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def main() -> None:
                 summary = run(args_, log, check=False)
             rows.append((method, lr, summary))
     lines = ["# Learning rate from a trained reference (resnet20, CIFAR-10)", "", __doc__.split("\n\n", 2)[2].strip()]
-    lines += ["", "| method | lr | hold-out top-1 % | test top-1 % | avg bits | stored bits | bits before budget step |"]
+    lines += [
+        "",
+        "| method | lr | hold-out top-1 % | test top-1 % | avg bits | stored bits | bits before budget step |",
+    ]  # noqa: E501
     lines += ["|---|---|---|---|---|---|---|"]
     best = {}
     for method, lr, s in rows:

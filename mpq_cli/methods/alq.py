@@ -312,8 +312,10 @@ class ALQConfig(MethodConfig):
             raise MpqError("ALQ caps its bases per weight only (--budget-on nominal); its report gives the stored bits")
         if self.granularity != "tensor":
             # its groups already carry their own coordinates (finer than a channel's step); no step to split
-            raise MpqError("ALQ's binary bases have a coordinate per group and basis, no step: --granularity channel "
-                           "is for the integer-code methods (uniform, CSQ, BSQ, BMPQ)")
+            raise MpqError(
+                "ALQ's binary bases have a coordinate per group and basis, no step: --granularity channel "
+                "is for the integer-code methods (uniform, CSQ, BSQ, BMPQ)"
+            )
         if self.act_bits is not None and not 1 <= self.act_bits <= 8:
             raise MpqError(f"ALQ --act-bits must be in 1..8 (2^bits activation levels), got {self.act_bits}")
         if self.max_bits is not None and not 1 <= self.max_bits <= 16:

@@ -85,7 +85,9 @@ def _step_shaped(values: torch.Tensor, weight: torch.Tensor, granularity: str) -
     return values.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
 
 
-def fixed_point_codes(weight: torch.Tensor, bits: int, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_point_codes(
+    weight: torch.Tensor, bits: int, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3-4: ``(codes, step)`` of a ``bits``-bit two's complement symmetric quantization.
 
     ``step = max|W| / (2^(bits-1) - 1)`` over the layer, or over each output channel (``granularity``

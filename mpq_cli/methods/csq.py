@@ -259,7 +259,8 @@ class CSQWeight(WeightQuantizer):
         if self.scale.dim():
             # per output channel, Eq. 5 with s_c: the plane sum in units of s, then times each channel's s
             plane_weights = self.bit_values * self.soft_mask() / (self.levels * self.gate_gain())
-            return gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature) * self.scale
+            units = gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
+            return units * self.scale
         step = self.scale / (self.levels * self.gate_gain())
         plane_weights = self.bit_values * self.soft_mask() * step  # (n,): what each relaxed digit is worth
         return gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)

@@ -175,9 +175,9 @@ class Uniform(Method):
 
     def _widest_under_stored_ceiling(self, model: nn.Module) -> int:
         """The most magnitude bits whose file, every free layer's codes at full width (a sign on top, fields
-        padded to whole bytes, a 4-byte step per layer or per output channel), stays within ``target_bits`` stored bits per weight: an
-        upper bound on what the file stores, so the ceiling holds (uniform has one width: the slack left is
-        what a whole bit more would pass)."""
+        padded to whole bytes, a 4-byte step per layer or per output channel), stays within ``target_bits``
+        stored bits per weight: an upper bound on what the file stores, so the ceiling holds (uniform has one
+        width: the slack left is what a whole bit more would pass)."""
         paths, candidates = module_paths(model), quantizable_layers(model)
         layers = {n: m.weight.numel() for n, m in candidates.items() if not self.selection.is_fp(*paths[id(m)])}
         fixed = {n: self.selection.fixed_bits(*paths[id(candidates[n])]) for n in layers}
