@@ -5,8 +5,9 @@ A form owns everything that depends on it: how a method's quantizer hands its ex
 (:meth:`WeightForm.capture`), the tensors a run keeps for it in ``codes.safetensors`` and how they are read
 back, the sizes the scheme reports, when a layer has collapsed to nothing, what ranks must agree on, the
 packed file's encoding (verified to decode exactly) and what an ONNX graph can hold of it. The rest of mpq
-asks the registry (:data:`FORMS`, :func:`form_of`) and never branches on a form, so a new form (e.g. steps per
-output channel) is a class here, its encoding in :mod:`mpq_cli.packing.encodings`, and nothing else.
+asks the registry (:data:`FORMS`, :func:`form_of`) and never branches on a form, so a new form is a class here,
+its encoding in :mod:`mpq_cli.packing.encodings`, and nothing else. (Steps per output channel are not a form of
+their own: integer codes carry one step or one per channel, and the packed file records which.)
 """
 
 from __future__ import annotations
@@ -84,20 +85,32 @@ class WeightForm(ABC):
 
 
 class IntegerCodes(WeightForm):
-    """``weight = codes * step``: signed integer codes and one float32 step per layer."""
+    """``weight = codes * step``: signed integer codes and float32 steps, one for the layer (a 0-d ``step``,
+    granularity ``tensor``) or one per output channel (``(C,)``, the weight's first axis: ``channel``)."""
 
     name = "codes"
     run_suffixes = ("codes", "step")
 
     def capture(self, quantizer, nominal_bits) -> LayerCodes:
         codes, step = quantizer.exact_codes()
-        return LayerCodes(codes.detach().cpu(), step.detach().cpu().reshape(()), nominal_bits)
+        step = step.detach().cpu()
+        # a quantizer holds a per-channel step as (C, 1, ..., 1), to multiply the weight; runs and files as (C,)
+        if step.dim() > 0 and step.numel() == codes.shape[0] and all(d == 1 for d in step.shape[1:]):
+            step = step.reshape(-1)
+        elif step.numel() == 1:
+            step = step.reshape(())
+        else:
+            raise MpqError(
+                f"internal error: a step of shape {list(step.shape)} for codes of shape {list(codes.shape)} "
+                "(one step, or one per output channel as (C, 1, ..., 1))"
+            )
+        return LayerCodes(codes.detach().cpu(), step, nominal_bits)
 
     def run_tensors(self, layer: str, lc: LayerCodes) -> dict[str, torch.Tensor]:
         return {f"{layer}.codes": lc.codes.to(torch.int32), f"{layer}.step": lc.step.to(torch.float32)}
 
     def scheme_sizes(self, lc: LayerCodes, params: int) -> SchemeSizes:
-        plan = plan_codes(lc.codes)
+        plan = plan_codes(lc.codes, lc.step.numel())
         return SchemeSizes(plan.width, plan.extra_values, 0)
 
     def is_empty(self, lc: LayerCodes) -> bool:
@@ -106,23 +119,37 @@ class IntegerCodes(WeightForm):
     def agreement(self, lc: LayerCodes) -> list[torch.Tensor]:
         return [lc.codes, lc.step]
 
-    def encode(self, source, layer, shape, run) -> EncodedWeight:
+    @staticmethod
+    def _run_pair(source: str, layer: str, run: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A run's codes and step of ``layer``, the step checked to be 0-d or one per output channel."""
         try:
             codes, step = run[f"{layer}.codes"], run[f"{layer}.step"]
         except KeyError:
             raise MpqError(f"{source}/codes.safetensors has no codes for layer {layer!r}") from None
+        if not (step.dim() == 0 or (step.dim() == 1 and codes.dim() >= 1 and step.shape[0] == codes.shape[0])):
+            raise MpqError(
+                f"{source}/codes.safetensors: the step of {layer!r} has shape {list(step.shape)}; codes of shape "
+                f"{list(codes.shape)} need one step ([]) or one per output channel ([{codes.shape[0]}])"
+            )
+        return codes, step
+
+    def encode(self, source, layer, shape, run) -> EncodedWeight:
+        codes, step = self._run_pair(source, layer, run)
         if tuple(codes.shape) != shape:
             raise MpqError(
                 f"{source}: codes of {layer!r} have shape {list(codes.shape)}, the scheme says {list(shape)}"
             )
         encoded = encode_codes(codes, step)
-        # the file decodes to dequantize(codes, step), so equal codes and step mean bit-identical weights
+        # the file decodes to dequantize(codes, step), so equal codes and steps mean bit-identical weights
         decoded, decoded_step = decode_codes(encoded.encoding, encoded.fields, encoded.tensors, shape)
         if not (
             torch.equal(decoded, codes.to(torch.int32))
             and (
                 encoded.encoding == "zero"
-                or torch.equal(decoded_step.view(torch.int32), step.reshape(()).view(torch.int32))
+                or (
+                    decoded_step.shape == step.shape
+                    and torch.equal(decoded_step.view(torch.int32), step.to(torch.float32).view(torch.int32))
+                )
             )
         ):
             raise MpqError(f"internal error: layer {layer!r} does not decode to its exact codes")
@@ -131,10 +158,11 @@ class IntegerCodes(WeightForm):
     def dequantize_pair(self, layer, run):
         from .quant.bits import canonicalize_codes
 
-        codes, step = run[f"{layer}.codes"].to(torch.int64), run[f"{layer}.step"].reshape(())
+        codes, step = self._run_pair("the run", layer, run)
         # as the packed file: codes sharing a power-of-two factor are divided by it and the step multiplied
-        # (exact in float32), so a layer on bits {5, 6, 7} stores 3-bit codes, not 8-bit ones
-        codes, shift, _ = canonicalize_codes(codes)
+        # (exact in float32), so a layer on bits {5, 6, 7} stores 3-bit codes, not 8-bit ones; a step per
+        # output channel stays one per channel ((C,), DequantizeLinear's axis 0)
+        codes, shift, _ = canonicalize_codes(codes.to(torch.int64))
         return codes, step * 2.0**shift
 
 

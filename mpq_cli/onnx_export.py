@@ -3,7 +3,8 @@
 The model decoded from the run's packed encoding is exported with ``torch.onnx.export``
 (opset 21), then each quantized layer's float weight initializer is replaced by its integer
 codes and a ``DequantizeLinear`` (``codes * step``, the exact product the packed file
-decodes to): INT4 when every code fits 4 bits signed, INT8 up to 8 bits, otherwise the float
+decodes to; steps per output channel are a 1-d scale on ``axis=0``, with no zero point):
+INT4 when every code fits 4 bits signed, INT8 up to 8 bits, otherwise the float
 weight stays, with a note. A PACT-quantized input becomes ``Clip`` + ``QuantizeLinear`` +
 ``DequantizeLinear`` (uint8 for the unsigned clip, int8 for the signed one; both round half
 to even, as torch does). ALQ's binary bases and its basis activations have no ONNX operator:
@@ -119,10 +120,18 @@ def export_onnx(run_dir: str | Path, out: str | Path, batch=None) -> dict:
             continue
         graph.initializer.remove(initializers[weight_name])
         graph.initializer.append(_integer_tensor(f"{name}.weight_codes", onnx_type, layer_codes))
-        graph.initializer.append(helper.make_tensor(f"{name}.weight_step", TensorProto.FLOAT, [], [float(step)]))
+        # one scale (0-d), or one per output channel: a 1-d scale of length C on axis 0 (per-axis dequantization)
+        per_channel = {"axis": 0} if step.dim() == 1 else {}
+        graph.initializer.append(
+            helper.make_tensor(f"{name}.weight_step", TensorProto.FLOAT, list(step.shape), step.reshape(-1).tolist())
+        )
         new_nodes.append(
             helper.make_node(
-                "DequantizeLinear", [f"{name}.weight_codes", f"{name}.weight_step"], [weight_name], name=f"{name}.dq"
+                "DequantizeLinear",
+                [f"{name}.weight_codes", f"{name}.weight_step"],
+                [weight_name],
+                name=f"{name}.dq",
+                **per_channel,
             )
         )
         weights[name] = type_name

@@ -147,20 +147,20 @@ def markdown_size_report(report: dict, file_name: str) -> str:
         "",
         f"Format `{report['format']}`, model `{report['model']}`, method `{report['method']}`.",
         "",
-        "| layer | type | shape | params | nominal bits | encoding | stored bits/weight | bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | type | shape | params | nominal bits | encoding | steps | stored bits/weight | bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["layers"]:
         bits = format_bits(r["bits"]) if r["quantized"] else "FP32"
         lines.append(
             f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['params']:,} | {bits} | "
-            f"{r['encoding']} | {r['stored_bits']:.3f} | {r['bytes']:,} |"
+            f"{r['encoding']} | {steps_label(r)} | {r['stored_bits']:.3f} | {r['bytes']:,} |"
         )
     lines += [
         "",
         f"Nominal bits are the method's count ({bits_convention(report['method'])}); "
         "stored bits are measured on the file: packed codes, sign, scales and tables of each layer, "
-        "divided by its weights.",
+        "divided by its weights. Steps: one float32 step per layer, or one per output channel (`/ch`).",
         "",
         f"- average nominal bits: {report['avg_bits']:.4f}",
         f"- average stored bits: {report['avg_stored_bits']:.4f}",
@@ -182,6 +182,13 @@ def markdown_size_report(report: dict, file_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def steps_label(row: dict) -> str:
+    """A size-report layer's steps: ``1`` per tensor, ``64/ch`` per output channel, ``-`` without steps."""
+    if row.get("granularity") == "channel":
+        return f"{row['steps']}/ch"
+    return "1" if row.get("granularity") == "tensor" else "-"
+
+
 def _bits_bar(bits: int | float | None, quantized: bool, width: int = 6) -> str:
     """``██···· 2``: one block per bit up to ``width`` bits (ALQ's fractions rounded for the bar)."""
     if not quantized:
@@ -197,7 +204,7 @@ def rich_size_table(report: dict, rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    for i, col in enumerate(["layer", "type", "shape", "params", "bits", "enc", "b/w", "bytes", "%"]):
+    for i, col in enumerate(["layer", "type", "shape", "params", "bits", "enc", "steps", "b/w", "bytes", "%"]):
         table.add_column(
             col,
             justify="left" if i < 3 or i == 5 else "right",
@@ -213,6 +220,7 @@ def rich_size_table(report: dict, rows: list[dict], title: str):
             f"{r['params']:,}",
             _bits_bar(r["bits"], r["quantized"]),
             r["encoding"],
+            steps_label(r),
             f"{r['stored_bits']:.2f}",
             f"{r['bytes']:,}",
             f"{100 * r['share']:.1f}",

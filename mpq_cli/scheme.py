@@ -51,8 +51,8 @@ class LayerEntry:
         bits: nominal bits as the method counts them (``None``: kept in FP32); a fraction
             for ALQ (bases per weight, averaged over the layer).
         stored_bits: bits per weight of the exact codes, sign included (``None``: FP32).
-        scales: 4-byte values stored besides the packed codes (the step; a ``lut`` table;
-            ALQ's coordinates).
+        scales: 4-byte values stored besides the packed codes (the steps, one or one per output
+            channel; a ``lut`` table; ALQ's coordinates).
         act_bits: bits of the layer's quantized input (``None``: FP activations).
         index_bytes: further bytes of the encoding (ALQ: one byte of bit width per group).
     """

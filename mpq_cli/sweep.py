@@ -171,6 +171,7 @@ class Sweep:
     method_config: dict = field(default_factory=dict)
     selection: LayerSelection = field(default_factory=LayerSelection)  # --keep-fp, --fix-bits of every run
     probe_batches: int = 8
+    recipe: str = "auto"
     force: bool = False  # re-run rows whose runs were made with other settings
     seeds: list[int] | None = None  # every cell over these seeds; None: one run per cell at train["seed"]
 
@@ -244,6 +245,7 @@ def _run_row(api, sweep: Sweep, row: SweepRow, reporter, fp_top1):
         sweep.method_config_for(row.method, row.target_bits),
         copy.deepcopy(sweep.selection),  # a run never sees another's selection object
         sweep.probe_batches,
+        sweep.recipe,
     )
     train = dict(sweep.train) if row.seed is None else {**sweep.train, "seed": row.seed}
     try:

@@ -112,6 +112,16 @@ def csq_run(fp_run, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="session")
+def channel_run(fp_run, tmp_path_factory):
+    """A uniform lenet5 run with one step per output channel (``--granularity channel``). Returns ``(run
+    directory, summary)``."""
+    out = tmp_path_factory.mktemp("runs") / "uniform-channel"
+    args = ["search", "--method", "uniform", "--target-bits", "3", "--model", "lenet5", "--granularity", "channel"]
+    summary = run_json(*args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "1", "--lr", "0.01", "--out", out)
+    return out, summary
+
+
 def rewrite_packed(src, dst, edit_header=None, edit_tensors=None, *, mpq_text=None, resign=True):
     """Copy a packed file with its header and/or tensors edited, re-signed (fresh digests) as a
     hostile writer would, so that the reader's own checks, not the digest, must catch the edit."""

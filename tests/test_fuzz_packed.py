@@ -1,6 +1,7 @@
 """Fuzzing the packed-file reader: 10,000 mutated files built from an export of every method.
 
-Each mutated file must end either in an ``MpqError`` with a one-line message (``mpq eval``
+The sources include a run with one step per output channel (format 1.2's ``granularity``). Each mutated
+file must end either in an ``MpqError`` with a one-line message (``mpq eval``
 turns it into one line and exit 2) or in exactly the original model and header: no other
 exception (a traceback), no silent change, no hang. Mutations: byte flips in the header
 and in the payload, truncations, and JSON field edits of the header re-signed with fresh
@@ -41,7 +42,7 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def sources(fp_run, tmp_path_factory):
+def sources(fp_run, channel_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     files = {}
     for method, extra in METHODS.items():
@@ -67,6 +68,8 @@ def sources(fp_run, tmp_path_factory):
         )
         files[method] = folder / f"{method}.safetensors"
         run_json("export", run, "-o", files[method])
+    files["uniform-channel"] = folder / "uniform-channel.safetensors"
+    run_json("export", channel_run[0], "-o", files["uniform-channel"])
     return files
 
 
@@ -125,6 +128,8 @@ ODD_VALUES = [
     "basis",
     "zero",
     "float32",
+    "tensor",
+    "channel",
 ]
 
 
@@ -143,7 +148,8 @@ def _random_edit(rng: random.Random):
             target = header.setdefault("eval", {}).setdefault("data", {})
         else:
             target = header
-        keys = list(target) + ["extra"]
+        # a layer may gain the 1.2 field it lacks: per tensor layers get a granularity too
+        keys = list(target) + ["extra"] + (["granularity"] if "encoding" in target else [])
         key = rng.choice(keys)
         if rng.random() < 0.1:
             target.pop(key, None)

@@ -92,7 +92,7 @@ def export(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Write bit-packed safetensors (format mpq.packed/1.1, docs/format.md) and a per-layer precision report, or an ONNX model.
+    """Write bit-packed safetensors (format mpq.packed/1.2, docs/format.md) and a per-layer precision report, or an ONNX model.
 
     Every layer is checked to decode to the run's exact weights before the file is written; an ONNX model is checked against the packed model's logits with onnxruntime.
     """
@@ -160,7 +160,7 @@ def inspect(
     ] = None,
     as_json: JsonOpt = False,
 ):
-    """Show the layer bit table: bits, encoding, stored bytes and share of each layer, and the totals.
+    """Show the layer bit table: bits, encoding, steps (one, or one per output channel), stored bytes and share of each layer, and the totals.
 
     A file is read from its header alone (no model is built); a run is encoded in memory as export would.
     """
@@ -183,8 +183,8 @@ def inspect(
     from ..report import bits_convention
 
     out_console.print(
-        f"bits: nominal ({bits_convention(report['method'])}); b/w: stored bits per weight measured on "
-        "the file, sign, scales and tables included",
+        f"bits: nominal ({bits_convention(report['method'])}); steps: one per layer, or N/ch, one per "
+        "output channel; b/w: stored bits per weight measured on the file, sign, steps and tables included",
         highlight=False,
     )
     summary = Table(show_header=False, box=None)

@@ -29,9 +29,11 @@ def methods(as_json: JsonOpt = False):
                 highlight=False,
                 markup=False,
             )
-        out_console.print(
-            "  training: " + ", ".join(f"{k}={v}" for k, v in entry["training_defaults"].items()), highlight=False
-        )
+        for label, key in (("paper", "training_defaults"), ("checkpoint", "checkpoint_defaults")):
+            out_console.print(
+                f"  training, --recipe {label}: " + ", ".join(f"{k}={v}" for k, v in entry[key].items()),
+                highlight=False,
+            )
 
 
 def print_model_layers(model: str, found: dict) -> None:

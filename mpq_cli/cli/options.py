@@ -259,6 +259,13 @@ SchemeOpt = Annotated[
         "Bits are converted between counts (BMPQ's include the sign); the method's own choice is skipped.",
     ),
 ]
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Training defaults: paper (the method's paper's schedule, for training from scratch), checkpoint "
+        "(measured from trained references) or auto (checkpoint with --checkpoint or pretrained --weights).",
+    ),
+]
 ProbeOpt = Annotated[
     int,
     typer.Option(help="Batches the loss-aware budget step measures: of the --val-split hold-out, else of training."),
@@ -395,6 +402,7 @@ METHOD = OptionGroup(
         ("act_bits", ActBitsOpt, None),
         ("set_", SetOpt, None),
         ("probe_batches", ProbeOpt, 8),
+        ("recipe", RecipeOpt, "auto"),
     ),
     dict,
 )

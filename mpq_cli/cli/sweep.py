@@ -77,6 +77,7 @@ def sweep(
         method_config=method_config,
         selection=selection,
         probe_batches=method_options["probe_batches"],
+        recipe=method_options["recipe"],
         force=force,
         seeds=None if seeds is None else int_list(seeds, "--seeds"),
     )

@@ -85,7 +85,9 @@ def search(
 ):
     """Search a mixed-precision scheme and write a run directory (state, scheme.json, report.md).
 
-    Default epochs: 10. Training defaults (optimizer, lr, weight decay) are the method's paper's.
+    Default epochs: 10. Training defaults (optimizer, lr, weight decay, schedule): from a --checkpoint or pretrained
+    --weights, those measured to work from a trained reference; else the method's paper's (--recipe paper|checkpoint
+    chooses; `mpq methods` lists both).
 
     Method options: every field of the method's config is also an option, --FIELD-NAME VALUE (e.g. bmpq: --bits 2,4 --warmup-epochs 2 --interval 2 --budget-bytes N; bsq: --alpha 0.02; alq: --max-bits 6 --prune-ratio 0.4 --rounds 4 --groups 'classifier.*=channel'). `mpq methods` lists them with their defaults.
     """
@@ -97,7 +99,9 @@ def search(
     method_config, selection = method_settings(ctx, [method_name], method_options)
     if target_bits is not None:
         method_config["target_bits"] = target_bits
-    options = api.SearchOptions(method_name, method_config, selection, method_options["probe_batches"])
+    options = api.SearchOptions(
+        method_name, method_config, selection, method_options["probe_batches"], method_options["recipe"]
+    )
     reporter = RichReporter(quiet, bars=False if as_json else None)
     summary = api.search(model, data, training, options, out=out, resume=resume, reporter=reporter)
     emit(summary, as_json, "search")

@@ -24,6 +24,7 @@ def method_listing() -> dict:
                 for f in dataclasses.fields(cls.config_class)
                 if f.name != "version"
             },
-            "training_defaults": cls.training_defaults,
+            "training_defaults": cls.training_defaults,  # --recipe paper
+            "checkpoint_defaults": cls.recipe_defaults("checkpoint"),  # --recipe checkpoint (auto from trained weights)
         }
     return listing

@@ -47,6 +47,18 @@ from .save import save_quantized_run
 # ------------------------------------------------------------------------------- search & co.
 SEARCH_EPOCHS = 10  # a search's length unless --epochs or a method's defaults say otherwise
 FINETUNE_EPOCHS = 5  # mpq finetune's and api.finetune's length unless given
+RECIPES = ("auto", "paper", "checkpoint")
+
+
+def resolve_recipe(recipe: str, model: ModelOptions) -> str:
+    """``auto``: ``checkpoint`` when the search starts from trained weights (a --checkpoint, or torchvision
+    weights other than none), else ``paper``; the others as given."""
+    if recipe not in RECIPES:
+        raise MpqError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe != "auto":
+        return recipe
+    pretrained = model.weights is not None and str(model.weights).lower() != "none"
+    return "checkpoint" if model.checkpoint or pretrained else "paper"
 
 
 @dataclass
@@ -59,12 +71,16 @@ class SearchOptions:
         selection: FP layers and fixed bits.
         probe_batches: batches the loss-aware final steps measure: the hold-out's first ones with
             ``DataConfig.val_split``, else a fixed set of training batches.
+        recipe: whose training defaults fill what ``train_cfg`` leaves unset: ``paper`` (the method's paper's
+            schedule, made for training from scratch), ``checkpoint`` (measured to work from a trained
+            reference) or ``auto`` (``checkpoint`` when the model starts from trained weights).
     """
 
     method: str = "csq"
     method_config: dict = field(default_factory=dict)
     selection: LayerSelection = field(default_factory=LayerSelection)
     probe_batches: int = 8
+    recipe: str = "auto"
 
 
 @in_session
@@ -81,8 +97,9 @@ def search(
 ) -> dict:
     """Run a mixed-precision search and write its run directory.
 
-    ``train_cfg``: a TrainConfig, or a dict of settings over the method's paper's training defaults
-    (``Method.training_defaults``, 10 epochs), exactly as ``mpq search`` applies them.
+    ``train_cfg``: a TrainConfig, or a dict of settings over the defaults of ``options.recipe`` (the method's
+    paper's, ``Method.training_defaults``, or from a checkpoint ``Method.checkpoint_defaults``; 10 epochs),
+    exactly as ``mpq search`` applies them.
     ``reuse_finished``: when ``out`` holds a finished run, return its summary (``reused`` true) if it
     was made with this configuration (the fingerprint ``--resume`` checks), else raise
     :class:`StaleRunError` naming what differs (``mpq sweep``).
@@ -94,7 +111,8 @@ def search(
         raise MpqError("--probe-batches must be >= 1")
     method_cls = get_method(options.method)
     method_cfg = method_cls.config_class.from_dict(options.method_config)
-    train_cfg = training(train_cfg, {"epochs": SEARCH_EPOCHS, **method_cls.training_defaults})
+    recipe = resolve_recipe(options.recipe, model)
+    train_cfg = training(train_cfg, {"epochs": SEARCH_EPOCHS, **method_cls.recipe_defaults(recipe)})
     ctx = setup(model, data, train_cfg, reporter)
     fp_top1 = None
     if model.checkpoint:
@@ -118,7 +136,7 @@ def search(
         return finished_run(Path(out), record)
     record = record.finished(checkpoint_bytes(model.checkpoint))
     run_dir = claim_run_dir(out, options.method, model.name, resume)
-    return _train_quantized(run_dir, resume, record, method, ctx, train_cfg, reporter, "search")
+    return _train_quantized(run_dir, resume, record, method, ctx, train_cfg, reporter, "search", recipe=recipe)
 
 
 def _train_quantized(
@@ -130,6 +148,7 @@ def _train_quantized(
     train_cfg: TrainConfig,
     reporter: Reporter,
     command: str,
+    recipe: str | None = None,
 ) -> dict:
     """A search's or fine-tuning's run: take the run directory (``claim``, locked for the run), check a
     ``--resume`` against ``record`` before writing anything, train, fix the scheme and save the run."""
@@ -150,10 +169,12 @@ def _train_quantized(
             resume=state,
             fingerprint=record.fingerprint,
         )
-        return _finish(run_dir, method, ctx, train_cfg, records, record.fp_top1, started, reporter, command=command)
+        return _finish(
+            run_dir, method, ctx, train_cfg, records, record.fp_top1, started, reporter, command=command, recipe=recipe
+        )
 
 
-def _finish(run_dir, method, ctx, train_cfg, records, fp_top1, started, reporter, command):
+def _finish(run_dir, method, ctx, train_cfg, records, fp_top1, started, reporter, command, recipe=None):
     result = method.finalize()
     codes = method.layer_codes()  # one computation feeds the collapse check, the scheme and codes.safetensors
     here = distributed.world()
@@ -177,6 +198,7 @@ def _finish(run_dir, method, ctx, train_cfg, records, fp_top1, started, reporter
         # what --target-bits caps: the nominal average, or with --budget-on stored the file's stored bits per weight
         "avg_counted_bits": method.budget_average(),
         "fp_top1": fp_top1,
+        **({"recipe": recipe} if recipe else {}),  # whose training defaults the search used (mpq search only)
         **val_record(ctx, held),
         "seconds": round(time.time() - started, 1),
     }

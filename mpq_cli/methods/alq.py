@@ -310,6 +310,12 @@ class ALQConfig(MethodConfig):
             # its file stores each group's coordinates and width beside the sign bits: the count a pruning
             # round would have to foresee for every candidate; not built
             raise MpqError("ALQ caps its bases per weight only (--budget-on nominal); its report gives the stored bits")
+        if self.granularity != "tensor":
+            # its groups already carry their own coordinates (finer than a channel's step); no step to split
+            raise MpqError(
+                "ALQ's binary bases have a coordinate per group and basis, no step: --granularity channel "
+                "is for the integer-code methods (uniform, CSQ, BSQ, BMPQ)"
+            )
         if self.act_bits is not None and not 1 <= self.act_bits <= 8:
             raise MpqError(f"ALQ --act-bits must be in 1..8 (2^bits activation levels), got {self.act_bits}")
         if self.max_bits is not None and not 1 <= self.max_bits <= 16:
@@ -362,6 +368,8 @@ class ALQ(Method):
     bits_convention = BITS_CONVENTIONS["alq"]
     # Biases and BatchNorm: Adam (the public code; the paper's LeNet baseline settings).
     training_defaults = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine"}
 
     def __init__(self, config: ALQConfig, selection=None):

@@ -39,7 +39,7 @@ from ..packing.encodings import plan_codes
 from ..quant.act import PACT
 from ..quant.basis import BasisForm
 from ..quant.host import HostMirrored
-from ..quant.primitives import dequantize
+from ..quant.primitives import GRANULARITIES, dequantize
 from ..scheme import SIGN_EXCLUDED
 
 METHODS: dict[str, type[Method]] = {}
@@ -94,6 +94,10 @@ class MethodConfig:
             (gradient and Hutchinson curvature) and probes exactly only the finalists and the chosen scheme;
             ``exact`` (the default) probes every option of every layer with a full forward pass. ``screen`` stays
             opt-in until its schemes are shown as good as the exact probe's over seeds (issue 32).
+        granularity: *ours*: one step per layer (``tensor``, the papers' form) or one per output
+            channel (``channel``, as torchao, ONNX Runtime and TensorRT quantize weights), initialised and
+            learned per channel as each method does per layer (methods whose form is not integer codes times a
+            step, i.e. ALQ, refuse ``channel``). Steps are stored exactly and counted in the stored bits.
     """
 
     version: int = 1
@@ -103,6 +107,7 @@ class MethodConfig:
     allow_zero_bits: bool = False
     budget_on: str = "nominal"
     budget_probe: str = "exact"
+    granularity: str = "tensor"
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -116,6 +121,8 @@ class MethodConfig:
             raise MpqError(f"--budget-on must be one of {', '.join(BUDGET_ON)}, got {self.budget_on!r}")
         if self.budget_probe not in BUDGET_PROBES:
             raise MpqError(f"--budget-probe must be one of {', '.join(BUDGET_PROBES)}, got {self.budget_probe!r}")
+        if self.granularity not in GRANULARITIES:
+            raise MpqError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,6 +130,8 @@ class MethodConfig:
             del d["budget_on"]
         if d.get("budget_probe") == "exact":  # likewise: runs before the option probed exactly, as the default does
             del d["budget_probe"]
+        if d.get("granularity") == "tensor":  # likewise: every run before the option had one step per layer
+            del d["granularity"]
         return d
 
     @classmethod
@@ -257,7 +266,8 @@ class WeightQuantizer(HostMirrored, ABC):
 
     @abstractmethod
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, step)``: integer codes (int32, the weight's shape) and a float32 scalar step."""
+        """``(codes, step)``: integer codes (int32, the weight's shape) and a float32 step, 0-d (one per layer)
+        or ``(C, 1, ..., 1)`` (one per output channel: ``--granularity channel``)."""
 
     @abstractmethod
     def nominal_bits(self) -> int | float:
@@ -315,9 +325,21 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # How the method's paper counts a layer's bits; reports print it beside the nominal bits.
     bits_convention: ClassVar[str] = SIGN_EXCLUDED
-    # Training defaults from the method's paper; the command line overrides them.
+    # Training defaults from the method's paper (its from-scratch or its own schedule: ``--recipe paper``); the
+    # command line overrides them.
     training_defaults: ClassVar[dict] = {}
+    # A search's defaults when it starts from trained weights (``--recipe checkpoint``, what ``auto`` picks with
+    # --checkpoint or pretrained --weights): measured from trained references (issue 27; docs/cli.md says
+    # where); ``None``: the paper's.
+    checkpoint_defaults: ClassVar[dict | None] = None
     finetune_defaults: ClassVar[dict] = {}
+
+    @classmethod
+    def recipe_defaults(cls, recipe: str) -> dict:
+        """The training defaults of ``recipe`` (``paper`` or ``checkpoint``)."""
+        if recipe == "checkpoint" and cls.checkpoint_defaults is not None:
+            return cls.checkpoint_defaults
+        return cls.training_defaults
 
     def __init__(self, config: MethodConfig, selection: LayerSelection | None = None):
         self.config = config
@@ -515,8 +537,8 @@ class Method(ABC):
         """Bits per weight the packed file stores for layer ``name`` as it is now: its packed fields
         (sign included, padded to whole bytes), its step and any code table, exactly what ``mpq inspect``
         measures on the file. A binary-basis layer (ALQ) has no such count."""
-        codes = self.layers[name].weight_quantizer.exact_codes()[0]
-        return 8 * plan_codes(codes).payload_bytes(codes.numel()) / max(codes.numel(), 1)
+        codes, step = self.layers[name].weight_quantizer.exact_codes()
+        return 8 * plan_codes(codes, steps=step.numel()).payload_bytes(codes.numel()) / max(codes.numel(), 1)
 
     def average_bits(self) -> float:
         """Nominal bits averaged over quantized weights, weighted by each layer's parameters."""

@@ -65,7 +65,7 @@ from ..budget import assign_bits
 from ..errors import MpqError
 from ..layers import quantizable_layers
 from ..quant.act import PACT
-from ..quant.primitives import max_code, quantize_codes
+from ..quant.primitives import max_code, quantize_codes, step_rows
 from ..scheme import BITS_CONVENTIONS
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
@@ -73,25 +73,42 @@ MAX_WIDTH = 16  # two's complement widths up to 16 bits fit the packed format's 
 
 
 # -- pure functions: the quantizers and the bit gradients -------------------------------------------------
-def fixed_point_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """The weight as rows that share a step: ``(1, N)`` per tensor, ``(C, N / C)`` per output channel."""
+    return weight.reshape(step_rows(weight, granularity), -1)
+
+
+def _step_shaped(values: torch.Tensor, weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Per-row values as a step: 0-d per tensor, ``(C, 1, ..., 1)`` per channel."""
+    if granularity == "tensor":
+        return values.reshape(())
+    return values.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
+
+
+def fixed_point_codes(
+    weight: torch.Tensor, bits: int, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3-4: ``(codes, step)`` of a ``bits``-bit two's complement symmetric quantization.
 
-    ``step = max|W| / (2^(bits-1) - 1)``; codes are ``round(W / step)`` (int32).
+    ``step = max|W| / (2^(bits-1) - 1)`` over the layer, or over each output channel (``granularity``
+    ``channel``: Eq. 3's ``S`` per channel); codes are ``round(W / step)`` (int32).
     """
     if bits < 2:
         raise ValueError(f"a two's complement width must be >= 2, got {bits}")
-    max_abs = weight.detach().abs().max()
+    rows = _channel_rows(weight.detach(), granularity)
+    max_abs = _step_shaped(rows.abs().amax(1), weight, granularity)
     levels = max_code(bits - 1)
     codes = quantize_codes(weight.detach(), max_abs.clamp(min=torch.finfo(torch.float32).tiny), bits - 1)
     return codes, (max_abs / levels).to(torch.float32)
 
 
-def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TWN (Li et al. 2016): codes in {-1, 0, 1} beyond ``0.7 mean|W|``, step the mean magnitude there."""
-    magnitude = weight.detach().abs()
-    keep = magnitude > 0.7 * magnitude.mean()
-    step = (magnitude * keep).sum() / keep.sum().clamp(min=1)
-    codes = (torch.sign(weight.detach()) * keep).to(torch.int32)
+def ternary_codes(weight: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """TWN (Li et al. 2016): codes in {-1, 0, 1} beyond ``0.7 mean|W|``, step the mean magnitude there
+    (over the layer, or per output channel with ``granularity`` ``channel``)."""
+    magnitude = _channel_rows(weight.detach().abs(), granularity)
+    keep = magnitude > 0.7 * magnitude.mean(1, keepdim=True)
+    step = _step_shaped((magnitude * keep).sum(1) / keep.sum(1).clamp(min=1), weight, granularity)
+    codes = (torch.sign(weight.detach()) * keep.reshape(weight.shape)).to(torch.int32)
     return codes, step.to(torch.float32)
 
 
@@ -107,14 +124,21 @@ def bit_gradients(grad_wq: torch.Tensor, step: torch.Tensor | float, bits: int) 
     return grad_wq.reshape(-1, 1) * step * place_values(bits, grad_wq.device)
 
 
-def normalized_bit_gradient(grad_wq: torch.Tensor, weight: torch.Tensor, q_max: int) -> torch.Tensor:
+def normalized_bit_gradient(
+    grad_wq: torch.Tensor, weight: torch.Tensor, q_max: int, granularity: str = "tensor"
+) -> torch.Tensor:
     """NBG of one step: row sums of ``|bit_gradients|`` at ``q_max`` bits, averaged over the weights.
 
     Closed form of ``bit_gradients(grad, S, q_max).abs().sum(1).mean()`` with
-    ``S = max|W| / (2^(q_max-1) - 1)``: ``sum_i |2^i| = 2^q_max - 1`` factors out.
+    ``S = max|W| / (2^(q_max-1) - 1)`` (each weight's own channel's ``S`` per channel):
+    ``sum_i |2^i| = 2^q_max - 1`` factors out.
     """
-    step = weight.detach().abs().max() / max_code(q_max - 1)
-    return grad_wq.detach().abs().mean() * step * max_code(q_max)
+    if granularity == "tensor":
+        step = weight.detach().abs().max() / max_code(q_max - 1)
+        return grad_wq.detach().abs().mean() * step * max_code(q_max)
+    rows = _channel_rows(weight.detach(), granularity)
+    steps = rows.abs().amax(1, keepdim=True) / max_code(q_max - 1)  # (C, 1)
+    return (_channel_rows(grad_wq.detach().abs(), granularity) * steps).mean() * max_code(q_max)
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -191,11 +215,12 @@ class BMPQConfig(MethodConfig):
 class BMPQWeight(WeightQuantizer):
     """An FP32 latent weight computing at ``bits`` bits (Eq. 3-4, ternary at 2), with NBG recording."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, q_max: int, ternary: bool):
+    def __init__(self, weight: torch.Tensor, bits: int, q_max: int, ternary: bool, granularity: str = "tensor"):
         super().__init__(weight.shape)
         self.weight = nn.Parameter(weight.detach().clone())
         self.q_max = q_max
         self.ternary = ternary
+        self.granularity = granularity
         self.register_host_buffer("width", int(bits), device=weight.device)
         # sums of the per-step NBG and the number of steps, since the last epoch boundary
         self.register_buffer("nbg_sum", torch.zeros((), dtype=torch.float64, device=weight.device))
@@ -214,8 +239,8 @@ class BMPQWeight(WeightQuantizer):
 
     def codes_and_step(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bits == 2 and self.ternary:
-            return ternary_codes(weight)
-        return fixed_point_codes(weight, self.bits)
+            return ternary_codes(weight, self.granularity)
+        return fixed_point_codes(weight, self.bits, self.granularity)
 
     def train_weight(self) -> torch.Tensor:
         codes, step = self.codes_and_step(self.weight)
@@ -226,7 +251,7 @@ class BMPQWeight(WeightQuantizer):
 
     def _record_bit_gradient(self, grad: torch.Tensor) -> None:
         with torch.no_grad():
-            self.nbg_sum += normalized_bit_gradient(grad, self.weight, self.q_max).to(torch.float64)
+            self.nbg_sum += normalized_bit_gradient(grad, self.weight, self.q_max, self.granularity).to(torch.float64)
             self.nbg_steps += 1
 
     def take_epoch_nbg(self) -> float | None:
@@ -253,6 +278,8 @@ class BMPQ(Method):
     bits_convention = BITS_CONVENTIONS["bmpq"]
     # Sec. IV-A: SGD from lr 0.1 (cosine here instead of steps at 80 and 140 of 200), batch 128.
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
 
     def __init__(self, config: BMPQConfig, selection=None):
@@ -278,7 +305,7 @@ class BMPQ(Method):
             bits = int(self.config.edge_bits)
         else:
             bits = max(self.config.bits)
-        return BMPQWeight(layer.weight, bits, max(self.config.bits), self.config.ternary)
+        return BMPQWeight(layer.weight, bits, max(self.config.bits), self.config.ternary, self.config.granularity)
 
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
         """Wrap the layers (edges at ``edge_bits``, the rest at the largest width) and quantize activations."""

@@ -56,12 +56,13 @@ from ..quant.act import PACT
 from ..quant.bits import (
     bit_values,
     canonicalize_codes,
+    canonicalize_rows,
     linear_plane_sum,
     plane_square_norms,
     round_to_bits,
     to_bit_planes,
 )
-from ..quant.primitives import fake_quantize, max_code, quantize_codes, ste_round
+from ..quant.primitives import fake_quantize, max_code, per_channel_max, quantize_codes, ste_round
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 
@@ -142,19 +143,20 @@ class BSQConfig(MethodConfig):
 class BSQWeight(WeightQuantizer):
     """One layer's bit representation (Eq. 2), and the latent weight its fine-tuning trains."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, capacity: int, fixed: bool):
+    def __init__(self, weight: torch.Tensor, bits: int, capacity: int, fixed: bool, granularity: str = "tensor"):
         super().__init__(weight.shape)
         device = weight.device
         self.capacity = capacity
+        self.granularity = granularity
         self.planes_pos = nn.Parameter(torch.zeros(*weight.shape, capacity, device=device))  # W_p^(b), (*shape, cap)
         self.planes_neg = nn.Parameter(torch.zeros(*weight.shape, capacity, device=device))  # W_n^(b), (*shape, cap)
-        self.scale = nn.Parameter(torch.ones((), device=device))  # s
+        max_abs = per_channel_max(weight, granularity)  # 0-d, or (C, 1, ..., 1): one scale per output channel
+        self.scale = nn.Parameter(torch.ones_like(max_abs))  # s
         self.latent = nn.Parameter(weight.detach().clone(), requires_grad=False)  # fine-tuning's FP weight
         self.register_buffer("bit_values", bit_values(capacity, device))  # 2^b
         self.register_host_buffer("precision", int(bits), device=device)  # n
         self.register_host_buffer("fixed", bool(fixed), device=device)
         self.register_host_buffer("finetuning", False, device=device)
-        max_abs = weight.detach().abs().max().clamp(min=1e-8)
         self.load_codes(quantize_codes(weight.detach(), max_abs, bits), max_abs / max(max_code(bits), 1), bits)
 
     def extra_repr(self) -> str:
@@ -200,7 +202,7 @@ class BSQWeight(WeightQuantizer):
         self.planes_pos.copy_(pos.float())
         self.planes_neg.copy_(neg.float())
         self.set_host("precision", bits)
-        self.scale.copy_(step.reshape(()) * max(max_code(bits), 1))
+        self.scale.copy_(step.reshape(self.scale.shape) * max(max_code(bits), 1))
 
     @torch.no_grad()
     def clamp_planes(self) -> None:
@@ -216,12 +218,20 @@ class BSQWeight(WeightQuantizer):
         if self.host("fixed"):  # planes in [0, 1]: the codes fit the fixed precision
             self.load_codes(codes, step, bits_before)
             return {"bits_before": bits_before, "bits_after": bits_before, "rounded": False}
-        reduced, shift, bits = canonicalize_codes(codes)
+        if self.granularity == "channel":
+            # each channel drops its own all-zero LSBs (its scale doubled per bit); the layer keeps the
+            # precision its widest channel needs: with one channel, exactly the per-layer rule
+            reduced, shifts, bits = canonicalize_rows(codes)
+            step = step * torch.pow(2.0, shifts.to(step)).reshape(step.shape)
+        else:
+            reduced, shift, bits = canonicalize_codes(codes)
+            step = step * 2**shift
         rounded = bits > self.capacity
         if rounded:  # would outgrow its planes: keep the best `capacity` bits
-            reduced, extra = round_to_bits(reduced, self.capacity, bits)
-            reduced, shift, bits = reduced >> extra, shift + extra, self.capacity
-        self.load_codes(reduced.to(torch.int32), step * 2**shift, bits)
+            weights = step.reshape(-1).pow(2) if self.granularity == "channel" else None
+            reduced, extra = round_to_bits(reduced, self.capacity, bits, row_weights=weights)
+            reduced, step, bits = reduced >> extra, step * 2**extra, self.capacity
+        self.load_codes(reduced.to(torch.int32), step, bits)
         return {"bits_before": bits_before, "bits_after": bits, "rounded": rounded}
 
     @torch.no_grad()
@@ -230,6 +240,8 @@ class BSQWeight(WeightQuantizer):
         if self.host("fixed"):
             return self.bits
         codes = self.exact_codes()[0].to(torch.int64)
+        if self.granularity == "channel":
+            return min(canonicalize_rows(codes)[2], self.capacity)
         nonzero = codes != 0
         if not bool(nonzero.any()):
             return 0
@@ -260,6 +272,8 @@ class BSQ(Method):
     config_class = BSQConfig
     # App. A.1: SGD, lr 0.1 (we anneal with cosine instead of one step at 5/7), momentum 0.9, weight decay 1e-4.
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
     # App. A.1: DoReFa fine-tuning from lr 0.01.
     finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
 
@@ -285,7 +299,9 @@ class BSQ(Method):
         bits = self.config.initial_bits(name) if fixed_bits is None else fixed_bits
         if bits > self.config.max_bits:
             raise MpqError(f"layer {name}: {bits} bits exceed BSQ's max_bits {self.config.max_bits}")
-        return BSQWeight(layer.weight, bits, self.config.max_bits, fixed=fixed_bits is not None)
+        return BSQWeight(
+            layer.weight, bits, self.config.max_bits, fixed=fixed_bits is not None, granularity=self.config.granularity
+        )
 
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
         """As every method, then the paper's activation quantization (App. A.1) when ``--act-bits`` is set:
@@ -416,7 +432,8 @@ class BSQ(Method):
             """The layer's continuous plane sum rounded onto ``bits`` bits of the finest lattice (step / 2^e)."""
             extra = self.config.max_bits - q.bits
             fine = torch.round(q.plane_sum().detach() * 2**extra).to(torch.int64)
-            rounded, shift = round_to_bits(fine, bits, self.config.max_bits)
+            weights = q.step().detach().reshape(-1).pow(2) if q.granularity == "channel" else None
+            rounded, shift = round_to_bits(fine, bits, self.config.max_bits, row_weights=weights)
             return (rounded >> shift).to(torch.int32), q.step().detach() * 2.0 ** (shift - extra)
 
         def apply(name: str, bits: int):

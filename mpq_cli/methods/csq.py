@@ -59,7 +59,7 @@ from ..budget import AVERAGE_SLACK, trial
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, gated_plane_sum, round_to_bits, to_bit_planes
-from ..quant.primitives import quantize_codes
+from ..quant.primitives import per_channel_max, quantize_codes
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 PRECONDITION = ("none", "fixed", "always")
@@ -178,18 +178,19 @@ class CSQWeight(WeightQuantizer):
     def __init__(self, weight: torch.Tensor, cfg: CSQConfig, fixed_bits: int | None):
         super().__init__(weight.shape)
         n = self.n_bits = cfg.max_bits
+        self.granularity = cfg.granularity
         self.init_bit_logit, self.init_mask_logit = cfg.init_bit_logit, cfg.init_mask_logit
         device = weight.device
         self.bit_logits_pos = nn.Parameter(torch.zeros(*weight.shape, n, device=device))  # m_p, (*shape, n)
         self.bit_logits_neg = nn.Parameter(torch.zeros(*weight.shape, n, device=device))  # m_n, (*shape, n)
         self.mask_logits = nn.Parameter(torch.zeros(n, device=device))  # m_B, (n,)
-        self.scale = nn.Parameter(torch.ones((), device=device))  # s
+        max_abs = per_channel_max(weight, cfg.granularity)  # 0-d, or (C, 1, ..., 1): one s per output channel
+        self.scale = nn.Parameter(torch.ones_like(max_abs))  # s
         self.register_buffer("bit_values", bit_values(n, device))  # 2^b
         self.register_buffer("fixed_mask", torch.ones(n, device=device))  # q_B once the scheme is fixed
         self.register_host_buffer("mask_is_fixed", False, device=device)
         self.temperature = cfg.beta_start  # beta, set by the method every step
         self.precondition = False  # divide the bit logits' gradients by kappa_b^2; set by the method
-        max_abs = weight.detach().abs().max().clamp(min=1e-8)
         codes = quantize_codes(weight.detach(), max_abs, n)
         target = weight.detach().float() if cfg.carry_residual else None
         self.load_codes(
@@ -234,10 +235,12 @@ class CSQWeight(WeightQuantizer):
         """``kappa_b``: what one bit of each position is worth in the relaxed weight, shape ``(n,)``.
 
         ``dW/dm^b = kappa_b * beta * f'(beta m^b)``, so a bit logit's gradient is the
-        weight's gradient times ``kappa_b = s 2^b / ((2^n - 1) g(beta))``.
+        weight's gradient times ``kappa_b = s 2^b / ((2^n - 1) g(beta))``. Per output channel
+        (``--granularity channel``) each channel's ``s``: shape ``(C, 1, ..., 1, n)``, which
+        multiplies the logits ``(*shape, n)`` channel by channel.
         """
         scale = self.scale.detach().abs().clamp(min=1e-12)
-        return scale * self.bit_values / (self.levels * self.gate_gain())
+        return scale.unsqueeze(-1) * self.bit_values / (self.levels * self.gate_gain())
 
     @torch.no_grad()
     def precondition_grads(self) -> None:
@@ -253,6 +256,11 @@ class CSQWeight(WeightQuantizer):
                 logits.grad.mul_(inverse)
 
     def train_weight(self) -> torch.Tensor:
+        if self.scale.dim():
+            # per output channel, Eq. 5 with s_c: the plane sum in units of s, then times each channel's s
+            plane_weights = self.bit_values * self.soft_mask() / (self.levels * self.gate_gain())
+            units = gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
+            return units * self.scale
         step = self.scale / (self.levels * self.gate_gain())
         plane_weights = self.bit_values * self.soft_mask() * step  # (n,): what each relaxed digit is worth
         return gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
@@ -296,10 +304,11 @@ class CSQWeight(WeightQuantizer):
         logits_pos = (pos.float() * 2 - 1) * c
         logits_neg = (neg.float() * 2 - 1) * c
         selected = torch.nonzero(mask.bool()).flatten()
-        if target is not None and len(selected) and float(step) > 0:
+        step = step.reshape(self.scale.shape).to(logits_pos)  # 0-d, or (C, 1, ..., 1) per output channel
+        if target is not None and len(selected) and bool((step > 0).all()):
             low = int(selected[0])  # the lowest selected bit: its digit carries the residual
-            unit = float(step) * 2**low
-            residual = ((target.to(logits_pos) - codes.to(logits_pos) * float(step)) / unit).clamp(-0.49, 0.49)
+            unit = step * 2**low
+            residual = ((target.to(logits_pos) - codes.to(logits_pos) * step) / unit).clamp(-0.49, 0.49)
             digit = (pos[..., low].float() - neg[..., low].float()) + residual  # wanted relaxed digit, in (-1.5, 1.5)
             beta = self.temperature
             gain = math.tanh(beta * c / 2)  # sigmoid(beta c) - sigmoid(-beta c): an unmoved bit's digit
@@ -316,7 +325,7 @@ class CSQWeight(WeightQuantizer):
         sign = torch.where(mask.bool(), 1.0, -1.0).to(self.mask_logits.device)
         self.mask_logits.copy_(sign * abs(self.init_mask_logit))
         self.mask_logits.requires_grad_(not fixed)
-        self.scale.copy_(step.reshape(()) * self.levels)
+        self.scale.copy_(step * self.levels)
 
     @torch.no_grad()
     def requantized(self, bits: int, relaxed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,7 +341,9 @@ class CSQWeight(WeightQuantizer):
             limit = self.levels
             codes = torch.clamp(torch.round(self.train_weight() / step), -limit, limit).to(torch.int32)
         mask = torch.zeros(self.n_bits, device=codes.device)
-        new_codes, shift = round_to_bits(codes, bits, self.n_bits)
+        # per output channel, a channel's error in codes counts by its squared step (the error in weights)
+        weights = step.reshape(-1).pow(2) if step.dim() else None
+        new_codes, shift = round_to_bits(codes, bits, self.n_bits, row_weights=weights)
         mask[shift : shift + bits] = 1
         return new_codes.to(torch.int32), step, mask
 
@@ -344,6 +355,8 @@ class CSQ(Method):
     config_class = CSQConfig
     # Sec. IV-A: SGD, lr 0.1, cosine annealing, momentum 0.9, weight decay 5e-4 (CIFAR).
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
     finetune_defaults = training_defaults
 
     def __init__(self, config: CSQConfig, selection=None):
@@ -506,7 +519,7 @@ class CSQ(Method):
         for q in self.quantizers().values():
             codes = q.exact_codes()[0]
             plan = plan_codes(codes)
-            bits += plan.width * codes.numel() + 32 * (plan.extra_values - 1 if plan.extra_values else 0)
+            bits += plan.width * codes.numel() + 32 * (plan.table.numel() if plan.table is not None else 0)
             total += codes.numel()
         return bits / max(total, 1)
 

@@ -13,6 +13,8 @@ papers compare against (config version 2):
 - the step is learned as in LSQ (Esser et al., ICLR 2020): the step itself is the
   parameter, its gradient through the clip and the straight-through round (Eq. 3),
   scaled by ``1 / sqrt(N * Q_P)`` (Sec. 2.2; ``quant.primitives.lsq_quantize``).
+- ``--granularity channel``: one step per output channel, each started at its own channel's
+  least-squares clip and learned as LSQ learns a layer's (``N`` is then a channel's weights).
 
 Runs made with version 1 (clip at ``max|W|``, the clip itself learned with the plain
 straight-through gradient) load and fine-tune as they were made: ``step_init`` ``max``
@@ -31,7 +33,14 @@ from torch import nn
 from ..errors import MpqError
 from ..layers import module_paths, quantizable_layers
 from ..packing.bitpack import packed_nbytes
-from ..quant.primitives import fake_quantize, least_squares_scale, lsq_quantize, max_code, quantize_codes
+from ..quant.primitives import (
+    fake_quantize,
+    least_squares_scale,
+    lsq_quantize,
+    max_code,
+    per_channel_max,
+    quantize_codes,
+)
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 STEP_INIT = ("mse", "max")
@@ -100,7 +109,8 @@ class _LatentWeight(WeightQuantizer):
 
 
 def _initial_clip(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return (weight.detach().abs().max().clamp(min=1e-8) if scale is None else scale.detach()).reshape(()).clone()
+    # 0-d (one clip per layer) or (C, 1, ..., 1) (one per output channel), as given
+    return (weight.detach().abs().max().clamp(min=1e-8) if scale is None else scale.detach()).clone()
 
 
 class UniformWeight(_LatentWeight):
@@ -152,6 +162,8 @@ class Uniform(Method):
 
     config_class = UniformConfig
     training_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}
+    # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = training_defaults
 
     def prepare(self, model: nn.Module, loss_probe=None) -> None:
@@ -163,26 +175,32 @@ class Uniform(Method):
 
     def _widest_under_stored_ceiling(self, model: nn.Module) -> int:
         """The most magnitude bits whose file, every free layer's codes at full width (a sign on top, fields
-        padded to whole bytes, a 4-byte step), stays within ``target_bits`` stored bits per weight: an
-        upper bound on what the file stores, so the ceiling holds (uniform has one width: the slack left is
-        what a whole bit more would pass)."""
+        padded to whole bytes, a 4-byte step per layer or per output channel), stays within ``target_bits``
+        stored bits per weight: an upper bound on what the file stores, so the ceiling holds (uniform has one
+        width: the slack left is what a whole bit more would pass)."""
         paths, candidates = module_paths(model), quantizable_layers(model)
         layers = {n: m.weight.numel() for n, m in candidates.items() if not self.selection.is_fp(*paths[id(m)])}
         fixed = {n: self.selection.fixed_bits(*paths[id(candidates[n])]) for n in layers}
         ceiling = self.config.target_bits * sum(layers.values())
 
-        def stored(n: int, bits: int) -> int:
-            return 8 * (packed_nbytes(n, bits + 1) + 4) if bits else 0
+        steps = {n: m.weight.shape[0] if self.config.granularity == "channel" else 1 for n, m in candidates.items()}
+
+        def stored(name: str, bits: int) -> int:
+            return 8 * (packed_nbytes(layers[name], bits + 1) + 4 * steps[name]) if bits else 0
 
         for width in range(int(round(self.config.target_bits)) - 1, 0, -1):
-            used = sum(stored(n, width if fixed[name] is None else fixed[name]) for name, n in layers.items())
+            used = sum(stored(name, width if fixed[name] is None else fixed[name]) for name in layers)
             if used <= ceiling:
                 return width
         return 1  # even 1 bit is over: the run says so (budget_met false)
 
     def make_weight_quantizer(self, name, layer, fixed_bits):
         bits = self.width if fixed_bits is None else fixed_bits
-        scale = least_squares_scale(layer.weight, bits) if self.config.step_init == "mse" else None
+        granularity = self.config.granularity
+        if self.config.step_init == "mse":
+            scale = least_squares_scale(layer.weight, bits, granularity=granularity)
+        else:
+            scale = per_channel_max(layer.weight, granularity)
         quantizer = LSQWeight if self.config.step_grad == "lsq" else UniformWeight
         return quantizer(layer.weight, bits, scale)
 

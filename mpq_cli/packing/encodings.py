@@ -5,12 +5,14 @@ Every quantized layer is stored in exactly one encoding (``docs/format.md``):
 ``zero``
     Every weight is 0. No tensors, 0 bytes.
 ``int``
-    Two's complement fields of ``width`` bits, shifted left by ``shift``, times one
+    Two's complement fields of ``width`` bits, shifted left by ``shift``, times a
     float32 ``step``: ``weight = float32(field << shift) * step``. Serves every method
-    whose exact form is integer codes times a step (uniform, CSQ, BSQ, BMPQ).
+    whose exact form is integer codes times a step (uniform, CSQ, BSQ, BMPQ). The step is
+    one value for the layer, or (``"granularity": "channel"``, format 1.2) one per output
+    channel, the weight's first axis.
 ``lut``
     ``width``-bit indices into an ascending int32 ``table`` of codes:
-    ``weight = float32(table[index]) * step``. Chosen when a layer uses few distinct
+    ``weight = float32(table[index]) * step``, the step as in ``int``. Chosen when a layer uses few distinct
     codes spread over a wide range, e.g. CSQ with non-contiguous selected bits
     ``{0, 3}`` (codes in ``{0, +-1, +-7, +-8, +-9}``: 4-bit indices instead of 5-bit codes).
 ``basis``
@@ -46,7 +48,7 @@ from .bitpack import (
     twos_complement_width,
     unpack_bits,
 )
-from .header import CODE_BITS, CODE_MAX, CODE_MIN, ENCODINGS, MAX_PLANES, TENSORS  # noqa: F401
+from .header import CODE_BITS, CODE_MAX, CODE_MIN, ENCODINGS, GRANULARITIES, MAX_PLANES, TENSORS  # noqa: F401
 
 
 @dataclass
@@ -74,19 +76,20 @@ class CodesPlan:
     """The smallest exact encoding of a layer's integer codes, before packing.
 
     ``width`` is the bits per weight of the packed part; ``extra_values`` the 4-byte
-    values stored besides it (the step, plus the table for ``lut``).
+    values stored besides it (the ``steps``: one, or one per output channel; plus the table for ``lut``).
     """
 
     encoding: str
     width: int
     shift: int = 0
     table: torch.Tensor | None = None
+    steps: int = 1
 
     @property
     def extra_values(self) -> int:
         if self.encoding == "zero":
             return 0
-        return 1 + (self.table.numel() if self.table is not None else 0)
+        return self.steps + (self.table.numel() if self.table is not None else 0)
 
     def payload_bytes(self, count: int) -> int:
         return packed_nbytes(count, self.width) + 4 * self.extra_values if self.width else 0
@@ -96,20 +99,21 @@ def _index_width(distinct: int) -> int:
     return max(1, math.ceil(math.log2(distinct)))
 
 
-def plan_codes(codes: torch.Tensor) -> CodesPlan:
-    """Choose ``zero``, ``int`` or ``lut`` for ``codes``: the fewest bytes, ties to ``int``."""
+def plan_codes(codes: torch.Tensor, steps: int = 1) -> CodesPlan:
+    """Choose ``zero``, ``int`` or ``lut`` for ``codes`` with ``steps`` float32 steps (1, or one per output
+    channel): the fewest bytes, ties to ``int``."""
     reduced, shift, magnitude_bits = canonicalize_codes(codes.detach().cpu())
     if magnitude_bits == 0:
         return CodesPlan("zero", 0)
     flat = reduced.reshape(-1).numpy()
     lowest, highest = int(flat.min()), int(flat.max())
-    as_int = CodesPlan("int", twos_complement_width(lowest, highest), shift)
+    as_int = CodesPlan("int", twos_complement_width(lowest, highest), shift, steps=steps)
     if as_int.width <= 2:  # a table of up to 4 codes cannot beat fields of 2 bits
         return as_int
     # distinct codes by counting over their (at most 2**17-wide) range: linear time, no sort
     counts = np.bincount(flat - lowest, minlength=highest - lowest + 1)
     table = (torch.from_numpy(np.flatnonzero(counts)) + lowest) << shift  # ascending
-    as_lut = CodesPlan("lut", _index_width(table.numel()), 0, table.to(torch.int32))
+    as_lut = CodesPlan("lut", _index_width(table.numel()), 0, table.to(torch.int32), steps)
     count = codes.numel()
     return as_lut if as_lut.payload_bytes(count) < as_int.payload_bytes(count) else as_int
 
@@ -119,27 +123,35 @@ def encode_codes(codes: torch.Tensor, step: torch.Tensor | float) -> EncodedWeig
 
     Args:
         codes: integer codes (any shape) within ``[CODE_MIN, CODE_MAX]``.
-        step: float32 scalar.
+        step: float32, 0-d (one step for the layer) or ``(C,)`` with ``C = codes.shape[0]`` (one per output
+            channel: the layer is written with ``"granularity": "channel"``).
     """
     codes = codes.detach().cpu().to(torch.int64)
     flat = codes.reshape(-1).numpy()
     if flat.size and (int(flat.min()) < CODE_MIN or int(flat.max()) > CODE_MAX):
         raise ValueError(f"codes exceed the {CODE_BITS}-bit range of the format")
-    plan = plan_codes(codes)
-    step = torch.as_tensor(step, dtype=torch.float32).detach().cpu().reshape(())
+    step = torch.as_tensor(step, dtype=torch.float32).detach().cpu()
+    per_channel = step.dim() == 1
+    if per_channel and not (codes.dim() >= 1 and step.numel() == codes.shape[0]):
+        raise ValueError(f"{step.numel()} steps for codes of shape {list(codes.shape)}: one per output channel needed")
+    if step.dim() > 1:
+        raise ValueError(f"step must be 0-d or one per output channel (1-d), got shape {list(step.shape)}")
+    plan = plan_codes(codes, step.numel())
+    # per tensor: the fields and tensors of format 1.1, so such a layer is stored exactly as before
+    granularity = {"granularity": "channel"} if per_channel else {}
     if plan.encoding == "zero":
         return EncodedWeight("zero")
     if plan.encoding == "int":
         fields_ = to_twos_complement(flat >> plan.shift, plan.width)
         return EncodedWeight(
             "int",
-            {"width": plan.width, "shift": plan.shift},
+            {"width": plan.width, "shift": plan.shift, **granularity},
             {"packed": torch.from_numpy(pack_bits(fields_, plan.width)), "step": step.clone()},
         )
     indices = np.searchsorted(plan.table.numpy().astype(np.int64), flat)
     return EncodedWeight(
         "lut",
-        {"width": plan.width},
+        {"width": plan.width, **granularity},
         {"packed": torch.from_numpy(pack_bits(indices, plan.width)), "table": plan.table.clone(), "step": step.clone()},
     )
 
@@ -193,8 +205,21 @@ def _int_field(fields: dict, key: str, low: int, high: int) -> int:
     return value
 
 
-def _step(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    step = tensors["step"]
+def _step(fields: dict, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The layer's step: 0-d, or ``(C,)`` for ``"granularity": "channel"`` (``C = shape[0]``)."""
+    granularity, step = fields.get("granularity", "tensor"), tensors["step"]
+    _require(
+        isinstance(granularity, str) and granularity in GRANULARITIES,
+        f"unknown granularity {str(granularity)[:40]!r} (known: {', '.join(GRANULARITIES)})",
+    )
+    if granularity == "channel":
+        channels = shape[0] if shape else 0
+        _require(
+            step.dtype == torch.float32 and step.dim() == 1 and step.numel() == channels,
+            f"step must be {channels} float32 values, one per output channel, got {step.dtype} {list(step.shape)}",
+        )
+        _require(bool(torch.isfinite(step).all()), "every step must be finite")
+        return step
     _require(step.dtype == torch.float32 and step.numel() == 1, "step must be one float32 value")
     _require(bool(torch.isfinite(step).all()), f"step must be finite, got {float(step)}")
     return step.reshape(())
@@ -222,7 +247,8 @@ def check_tensors(encoding: str, tensors: dict[str, torch.Tensor]) -> None:
 def decode_codes(
     encoding: str, fields: dict, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer ``(codes, step)`` of an integer encoding; ``codes`` is int32 of ``shape``."""
+    """Integer ``(codes, step)`` of an integer encoding; ``codes`` is int32 of ``shape``, ``step`` 0-d, or ``(C,)``
+    (one per output channel) for ``"granularity": "channel"``."""
     check_tensors(encoding, tensors)
     count = math.prod(shape)
     if encoding == "zero":
@@ -232,7 +258,7 @@ def decode_codes(
         shift = _int_field(fields, "shift", 0, CODE_BITS - 1)
         _require(width + shift <= CODE_BITS, f"width {width} + shift {shift} exceed the {CODE_BITS}-bit code range")
         codes = from_twos_complement(_packed(tensors, count, width), width) << shift
-        return torch.from_numpy(codes.astype(np.int32)).reshape(shape), _step(tensors)
+        return torch.from_numpy(codes.astype(np.int32)).reshape(shape), _step(fields, tensors, shape)
     if encoding == "lut":
         width = _int_field(fields, "width", 1, CODE_BITS)
         table = tensors["table"]
@@ -249,7 +275,7 @@ def decode_codes(
         _require(
             count == 0 or int(indices.max()) < table.numel(), f"an index exceeds the table's {table.numel()} entries"
         )
-        return table[torch.from_numpy(indices)].reshape(shape), _step(tensors)
+        return table[torch.from_numpy(indices)].reshape(shape), _step(fields, tensors, shape)
     raise ValueError(f"encoding {encoding!r} does not hold integer codes")
 
 

@@ -1,4 +1,4 @@
-"""The packed file ``mpq.packed/1.1``: write, read, validate, decode, load (``docs/format.md``).
+"""The packed file ``mpq.packed/1.2``: write, read, validate, decode, load (``docs/format.md``).
 
 A packed file is a safetensors file. Its ``__metadata__`` holds ``"format": "pt"`` and
 ``"mpq"``: a JSON header with the format version, the model spec, the data it was

@@ -29,8 +29,13 @@ TENSORS = {
 }
 
 
-FORMAT = "mpq.packed/1.1"
-READABLE_FORMATS = ("mpq.packed/1", FORMAT)  # 1.1 adds the digests; 1 files carry none
+# Steps: one float32 for the layer (``tensor``), or one per output channel, the weight's first axis (``channel``).
+GRANULARITIES = ("tensor", "channel")
+
+FORMAT = "mpq.packed/1.2"
+# oldest first: 1.1 adds the digests (1 files carry none); 1.2 adds an int/lut layer's "granularity"
+READABLE_FORMATS = ("mpq.packed/1", "mpq.packed/1.1", FORMAT)
+GRANULARITY_SINCE = "mpq.packed/1.2"
 METADATA_KEY = "mpq"
 DIGEST_KEY = "mpq.sha256"  # metadata key: SHA-256 of the `mpq` header string's UTF-8 bytes
 _MAX_HEADER = 100 << 20
@@ -216,6 +221,8 @@ class PackedHeader:
                 self._fail(f"layer {name!r}: params {entry.get('params')!r} != product of shape {shape}")
             bits = entry.get("nominal_bits")
             encoding = entry.get("encoding")
+            if "granularity" in entry:
+                self._check_granularity(entry)
             if encoding == "float32":
                 info = self.tensors.get(f"{name}.weight")
                 if info is None:
@@ -253,6 +260,18 @@ class PackedHeader:
         if stray:
             self._fail(f"tensor {stray[0]} belongs to no layer in the header")
 
+    def _check_granularity(self, entry: dict) -> None:
+        """A layer's ``granularity``: a 1.2 field of ``int`` and ``lut`` layers, ``tensor`` or ``channel``."""
+        name, version, granularity = entry["name"], self.header["format"], entry["granularity"]
+        if READABLE_FORMATS.index(version) < READABLE_FORMATS.index(GRANULARITY_SINCE):
+            self._fail(f"layer {name!r}: 'granularity' is a field of format {GRANULARITY_SINCE}, not of {version}")
+        if entry.get("encoding") not in ("int", "lut"):
+            self._fail(f"layer {name!r}: only int and lut layers have a granularity")
+        if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+            self._fail(
+                f"layer {name!r}: unknown granularity {str(granularity)[:40]!r} (known: {', '.join(GRANULARITIES)})"
+            )
+
     def _check_sizes(self, entry: dict) -> None:
         """dtypes, shapes and byte counts that the header implies, checked against the index."""
         name, encoding, params = entry["name"], entry["encoding"], entry["params"]
@@ -277,9 +296,17 @@ class PackedHeader:
                     f"tensor {tensor} holds {packed.nbytes} bytes; {params} weights at {width} bits need "
                     f"{packed_nbytes(params, width)}"
                 )
-            step_name, step = info("step", "F32", (0, 1))
-            if math.prod(step.shape) != 1:
-                self._fail(f"tensor {step_name} must hold one value")
+            if entry.get("granularity") == "channel":  # one step per output channel, the weight's first axis
+                step_name, step = info("step", "F32")
+                if step.shape[0] != entry["shape"][0]:
+                    self._fail(
+                        f"tensor {step_name} holds {step.shape[0]} steps; layer {name!r} has "
+                        f"{entry['shape'][0]} output channels (granularity 'channel')"
+                    )
+            else:
+                step_name, step = info("step", "F32", (0, 1))
+                if math.prod(step.shape) != 1:
+                    self._fail(f"tensor {step_name} must hold one value")
             if encoding == "lut":
                 info("table", "I32")
         elif encoding == "basis":

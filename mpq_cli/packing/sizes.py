@@ -26,6 +26,8 @@ def size_report(header: dict, tensor_bytes: dict[str, int], file_bytes: int) -> 
         weight_names.update(own)
         nbytes = sum(tensor_bytes[t] for t in own)
         quantized = entry["encoding"] != "float32"
+        # steps are one per layer or one per output channel in int and lut layers; other encodings have none
+        granularity = entry.get("granularity", "tensor") if entry["encoding"] in ("int", "lut") else None
         layers.append(
             {
                 "name": name,
@@ -35,6 +37,8 @@ def size_report(header: dict, tensor_bytes: dict[str, int], file_bytes: int) -> 
                 "bits": entry["nominal_bits"] if quantized else 32,
                 "quantized": quantized,
                 "encoding": entry["encoding"],
+                "granularity": granularity,
+                "steps": (entry["shape"][0] if granularity == "channel" else 1) if granularity else 0,
                 "stored_bits": 8 * nbytes / entry["params"],
                 "bytes": nbytes,
                 "act_bits": (entry.get("act") or {}).get("bits"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .primitives import clipping_errors
+from .primitives import clipping_errors, clipping_errors_rows
 
 
 def bit_values(n_bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -84,13 +84,34 @@ def canonicalize_codes(codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return reduced, shift, magnitude_bits
 
 
-def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.Tensor, int]:
+def canonicalize_rows(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`canonicalize_codes` for each output channel (the first axis) on its own, on the codes' device.
+
+    A channel whose codes all share the factor ``2**k`` is divided by it (its step is then multiplied by it:
+    the weights are unchanged). Returns ``(reduced codes, shifts (C,) int64, magnitude_bits)``, the
+    magnitude bits being the most any channel needs; an all-zero channel keeps shift 0.
+    """
+    rows = codes.to(torch.int64).reshape(codes.shape[0], -1)
+    nonzero = rows != 0
+    lowest = torch.where(nonzero, rows & -rows, torch.full_like(rows, 1 << 40)).amin(1)
+    shifts = torch.where(nonzero.any(1), torch.log2(lowest.double()).round().to(torch.int64), 0)
+    reduced = rows >> shifts[:, None]  # exact: every code of a row is a multiple of its 2**shift
+    magnitude_bits = int(reduced.abs().max()).bit_length() if reduced.numel() else 0
+    return reduced.reshape(codes.shape), shifts, magnitude_bits
+
+
+def round_to_bits(
+    codes: torch.Tensor, bits: int, max_bits: int, row_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Round integer ``codes`` onto ``bits`` contiguous bits: ``(new_codes, shift)``.
 
     ``new_codes`` are multiples of ``2**shift`` with ``|new_codes| <= (2**bits - 1) * 2**shift``;
     the block of bits (its ``shift``) is the one with the least squared error, clipping
     included, among those whose top bit stays at or below the highest bit the codes use
-    (and below ``max_bits``). Dropped low bits are rounded, not truncated.
+    (and below ``max_bits``). Dropped low bits are rounded, not truncated. With ``row_weights``
+    (one per output channel: each channel's squared step, when each has its own), a channel's
+    squared error in codes is weighted by it, so the block is the one with the least error in the
+    weights themselves.
     """
     if bits == 0:
         return torch.zeros_like(codes), 0
@@ -100,7 +121,12 @@ def round_to_bits(codes: torch.Tensor, bits: int, max_bits: int) -> tuple[torch.
     )
     limit = 2**bits - 1
     # the block with the least squared error: clipping a few large weights can beat a coarse step
-    best = int(clipping_errors(codes.double(), torch.pow(2.0, shifts), limit).argmin())
+    if row_weights is None:
+        best = int(clipping_errors(codes.double(), torch.pow(2.0, shifts), limit).argmin())
+    else:
+        rows = codes.double().reshape(row_weights.numel(), -1)
+        errors = clipping_errors_rows(rows, torch.pow(2.0, shifts).expand(rows.shape[0], -1), limit)
+        best = int((errors * row_weights.to(errors).reshape(-1, 1)).sum(0).argmin())
     scale = 2.0 ** int(shifts[best])
     return (torch.clamp(torch.round(codes.double() / scale), -limit, limit) * scale).to(codes.dtype), int(shifts[best])
 
