@@ -57,13 +57,16 @@ def main() -> None:
         for lr in GRID[method]:
             args_ = command(method, lr, out, args.data_dir)
             summary_path = out / f"{method}-{lr}" / "summary.json"
-            if summary_path.is_file():
+            failed = out / f"{method}-{lr}.failed.json"  # a run that failed (diverged, collapsed) keeps its error
+            if summary_path.is_file() or failed.is_file():
                 log.append("mpq " + " ".join(args_))
-                summary = json.loads(summary_path.read_text())
+                summary = json.loads((summary_path if summary_path.is_file() else failed).read_text())
             elif args.only_report:
                 continue
             else:
                 summary = run(args_, log, check=False)
+                if "error" in summary:
+                    failed.write_text(json.dumps(summary))
             rows.append((method, lr, summary))
     lines = ["# Learning rate from a trained reference (resnet20, CIFAR-10)", "", __doc__.split("\n\n", 2)[2].strip()]
     lines += [
@@ -74,7 +77,7 @@ def main() -> None:
     best = {}
     for method, lr, s in rows:
         if "error" in s:
-            lines.append(f"| {method} | {lr} | failed: {s['error'][:80]} | | | | |")
+            lines.append(f"| {method} | {lr} | failed: {s['error'][:160]} | | | | |")
             continue
         before = s.get("avg_bits_before_budget_step")
         lines.append(
