@@ -1,0 +1,125 @@
+"""Steps per output channel against one step per layer (issue 30): uniform, CSQ and BMPQ on the trained resnet20
+reference, `--granularity tensor` and `channel`, paired by seed.
+
+Run from the repository root after `bash scripts/setup.sh`, in the background (CPU hours on 2 cores; run it again to
+continue, finished runs are read back):
+
+    nice .venv/bin/python benchmarks/granularity.py                 # benchmarks/results/granularity.md
+    nice .venv/bin/python benchmarks/granularity.py --only-report   # the page from the runs finished so far
+
+Protocol: the evidence page's (benchmarks/evidence.py: the trained reference, `--val-split 5000`, 8-bit edges, each
+method's `--recipe checkpoint` defaults, `--epochs` (1) epochs, 2 probe batches), at 2 and 3 magnitude bits + sign,
+seeds 0, 1, 2. Per-channel steps cost stored bits (a float32 per output channel: about 0.06 bits per weight in
+resnet20's widest layers, 0.2 in its narrowest), so the comparison is at equal stored bits where a method can aim
+at them: CSQ and BMPQ run with `--budget-on stored` at the same ceiling per level for both granularities (the
+stored bits of a uniform per-tensor layer at that level, plus 0.05), and the search spends the steps' cost where
+it hurts least. Uniform has one width, so it is shown at the level's width for both granularities, each row with
+the stored bits it has. The difference is the per-channel run's test top-1 minus the per-tensor run's of the same
+seed; 95 % t interval, exact sign-flip p. Test top-1 from each exported file; nothing is chosen on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, run, write_results  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from mpq_cli.stats import paired_difference, spread  # noqa: E402
+
+REFERENCE = "benchmarks/references/resnet20-cifar10.safetensors"
+SEEDS = [0, 1, 2]
+LEVELS = [2, 3]
+GRANULARITIES = ("tensor", "channel")
+# per method: target of a level, extra arguments
+METHODS = {
+    "uniform": (lambda level: f"{level}", []),
+    "csq": (lambda level: f"{level + 1.05:g}", ["--budget-on", "stored"]),
+    "bmpq": (lambda level: f"{level + 1.05:g}", ["--budget-on", "stored", "--set", "act_follow_weights=false"]),
+}
+
+
+def sweep_dir(out: Path, level: int, method: str, granularity: str) -> Path:
+    return out / f"L{level}" / f"{method}-{granularity}"
+
+
+def run_sweeps(args, out: Path, log: list[str]) -> None:
+    for level in LEVELS:
+        for method, (target, extra) in METHODS.items():
+            for granularity in GRANULARITIES:
+                command = [
+                    "sweep", "--method", method, "--target-bits", target(level), *extra, "--edge-bits", "8",
+                    "--granularity", granularity, "--model", "resnet20", "--checkpoint", REFERENCE,
+                    "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000",
+                    "--epochs", str(args.epochs), "--probe-batches", "2", "--seeds", ",".join(map(str, SEEDS)),
+                    "--out", str(sweep_dir(out, level, method, granularity)),
+                ]  # fmt: skip
+                result = run(command, log, check=False)
+                if "error" in result:
+                    print(f"L{level} {method} {granularity}: {result['error']}", file=sys.stderr)
+
+
+def measured_rows(path: Path) -> dict[int, dict]:
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {r["seed"]: r for r in rows if r.get("top1") is not None and r.get("seed") is not None}
+
+
+def table(out: Path) -> list[str]:
+    lines = [
+        "| level | method | granularity | seeds | test top-1 % (mean ± std) | hold-out % | stored bits | "
+        "channel − tensor | 95 % interval | p (floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in LEVELS:
+        for method in METHODS:
+            found = {g: measured_rows(sweep_dir(out, level, method, g) / "sweep.json") for g in GRANULARITIES}
+            for granularity in GRANULARITIES:
+                rows = found[granularity]
+                if not rows:
+                    continue
+                top1 = spread([r["top1"] for r in rows.values()])
+                val = spread([r["val_top1"] for r in rows.values()]).mean
+                stored = spread([r["avg_stored_bits"] for r in rows.values()]).mean
+                cell = f"{top1.mean:.2f}" + (f" ± {top1.std:.2f}" if top1.std is not None else "")
+                diff = interval = p = ""
+                shared = sorted(set(found["channel"]) & set(found["tensor"]))
+                if granularity == "channel" and shared:
+                    d = paired_difference(
+                        [found["channel"][s]["top1"] for s in shared], [found["tensor"][s]["top1"] for s in shared]
+                    )
+                    diff = f"{d.mean:+.2f}"
+                    if d.low is not None:
+                        interval, p = f"[{d.low:+.2f}, {d.high:+.2f}]", f"{d.p:.3f} ({d.p_min:.3f})"
+                lines.append(
+                    f"| {level} | {method} | {granularity} | {len(rows)} | {cell} | {val:.2f} | {stored:.3f} | "
+                    f"{diff} | {interval} | {p} |"
+                )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--out", default="runs/granularity/resnet20")
+    parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
+    args = parser.parse_args()
+    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    log: list[str] = []
+    if not args.only_report:
+        run_sweeps(args, out, log)
+    lines = ["# Steps per output channel against one per layer (resnet20, CIFAR-10)", ""]
+    lines += [__doc__.split("\n\n", 2)[2].strip(), "", *table(out), ""]
+    if log:
+        lines += ["Commands of this invocation:", "", "```", *log, "```"]
+    write_results("benchmarks/results/granularity.md", lines)
+
+
+if __name__ == "__main__":
+    main()
