@@ -8,7 +8,8 @@ fails (a command's error, a file whose top-1 differs from its run's, different s
 
 1. `benchmarks/step_overhead.py` on resnet18 (`--overhead-model`, `--size` px, `--batch`), with and without `--amp`.
 2. For every method: `mpq search` on resnet18 (`--search-model`) with synthetic data (`--search-size` px, a few
-   batches), `mpq export`, `mpq eval FILE`; the file's top-1 must equal the run's.
+   batches), `mpq export`, `mpq eval FILE`; the file's top-1 must equal the run's. The integer-code methods
+   (uniform, CSQ, BSQ, BMPQ) run again with `--granularity channel` (one step per output channel).
 3. The same lenet5 search (seed 0) on `--device` and on the CPU, per method: the schemes are
    compared layer by layer. TF32 convolutions and other kernels differ between devices, so
    equality is not guaranteed; the check passes when every layer's bits agree or the
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("uniform", "csq", "bsq", "bmpq", "alq")
 TARGET = {"uniform": 3, "csq": 3, "bsq": 3, "bmpq": 4, "alq": 2}
+PER_CHANNEL = ("uniform", "csq", "bsq", "bmpq")  # the methods whose steps can be per output channel
 
 
 def mpq(args: list[str], timeout: int = 600) -> tuple[dict | None, str, float]:
@@ -83,11 +85,15 @@ def searches(args, work: Path) -> list[dict]:
     channels = 1 if args.search_model == "lenet5" else 3
     size = f"{channels},{args.search_size},{args.search_size}"
     data = ["--data", "synthetic", "--input-size", size, "--batch-size", "32"]
-    for method in args.methods:
-        run = work / f"{args.search_model}-{method}"
+    variants = [(m, "tensor") for m in args.methods] + [(m, "channel") for m in args.methods if m in PER_CHANNEL]
+    for method, granularity in variants:
+        label = method if granularity == "tensor" else f"{method} (per channel)"
+        run = work / f"{args.search_model}-{method}-{granularity}"
         common = ["--model", args.search_model, *data, "--epochs", "1", "--limit-train-batches", "4"]
         common += ["--limit-val-batches", "2", "--device", args.device, "--seed", "0"]
-        row = {"method": method}
+        if granularity == "channel":
+            common += ["--granularity", "channel"]
+        row = {"method": label}
         summary, error, seconds = mpq(
             ["search", "--method", method, "--target-bits", str(TARGET[method]), *common, "--out", str(run)]
         )

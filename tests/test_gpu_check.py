@@ -21,8 +21,12 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     for key in ("overhead", "overhead_amp"):
         assert not results[key]["error"] and results[key]["rows"][0]["method"] == "uniform"
         assert results[key]["rows"][0]["time_ratio"] > 0
-    (search,) = results["searches"]
-    assert search["ok"] and search["file_top1"] == search["run_top1"] and search["file_bytes"] > 0
+    searches = {row["method"]: row for row in results["searches"]}
+    assert set(searches) == {"uniform", "uniform (per channel)"}
+    for search in searches.values():
+        assert search["ok"] and search["file_top1"] == search["run_top1"] and search["file_bytes"] > 0
+    # the per-channel file keeps a float32 step per output channel: more bytes than the per-tensor one
+    assert searches["uniform (per channel)"]["file_bytes"] > searches["uniform"]["file_bytes"]
     (same,) = results["same_scheme"]
     assert same["ok"] and same["differing_layers"] == [] and same["layers"] == 4  # lenet5: conv, conv, fc, fc
     page = out.read_text()
