@@ -247,3 +247,29 @@ def test_weights_bring_their_own_input_statistics():
     assert weights_normalisation("resnet18", "DEFAULT") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert weights_normalisation("resnet18", None) is None
     assert weights_normalisation("lenet5", None) is None
+
+
+class _TwoNamedHead(torch.nn.Module):
+    """A classifier registered under two names, as some zoos alias ``fc`` and ``classifier``."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.features = torch.nn.Linear(6, 5)
+        self.fc = torch.nn.Linear(5, classes)
+        self.classifier = self.fc
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_new_head_replaces_a_classifier_registered_under_two_names(tmp_path):
+    source = _TwoNamedHead(1000)
+    path = tmp_path / "imagenet-head.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items() if not k.startswith("classifier.")}, path)
+    model = _TwoNamedHead(10)
+    with pytest.raises(MpqError, match="--new-head"):
+        load_checkpoint(model, path)
+    loaded = load_checkpoint(model, path, new_head=True)
+    assert sorted(loaded.replaced) == ["classifier.bias", "classifier.weight", "fc.bias", "fc.weight"]
+    assert torch.equal(model.features.weight, source.features.weight)
+    assert model.fc.weight.shape == (10, 5)

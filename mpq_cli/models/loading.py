@@ -271,12 +271,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def classifier_keys(model: nn.Module) -> list[str]:
-    """The state-dict keys of the model's classifier: its last Linear layer (weight, bias)."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The state-dict keys of the model's classifier: its last Linear layer (weight, bias), under every name the
+    model registers it (``self.fc = self.classifier = nn.Linear(...)``: the state dict holds both)."""
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         return []
-    name, layer = linears[-1]
-    return [f"{name}.{k}" for k, _ in layer.named_parameters()]
+    last = linears[-1]
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is last]
+    return [f"{name}.{k}" for name in names for k, _ in last.named_parameters()]
 
 
 @dataclass
