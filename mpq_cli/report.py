@@ -55,6 +55,9 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
         ("average bits, nominal (the paper's count, parameter-weighted)", f"{summary['avg_bits']:.4f}"),
         ("weight compression, nominal (the paper's count, not the file's)", f"{summary['weight_compression']:.2f}x"),
     ]
+    if summary.get("recipe"):  # mpq search: whose training defaults filled what the command line left unset
+        label = {"paper": "the paper's schedule", "checkpoint": "measured from trained references"}
+        rows.append(("training defaults (--recipe)", f"{summary['recipe']}: {label.get(summary['recipe'], '')}"))
     if "budget_met" in summary:
         under = summary.get("bits_under_budget")
         detail = f" ({under:.4f} bits under the ceiling)" if summary["budget_met"] and under and under > 0 else ""
