@@ -48,9 +48,10 @@ def test_a_search_from_a_checkpoint_uses_the_checkpoint_recipe_and_paper_stays_a
     common = ["search", "--method", "csq", "--target-bits", "2", "--checkpoint", fp_run[0], *SMALL, "--epochs", "1"]
     auto = run_json(*common, "--out", tmp_path / "auto")
     assert auto["recipe"] == "checkpoint"
-    assert "| training defaults (--recipe) | checkpoint: measured from trained references |" in (
-        tmp_path / "auto" / "report.md"
-    ).read_text()
+    assert (
+        "| training defaults (--recipe) | checkpoint: measured from trained references |"
+        in (tmp_path / "auto" / "report.md").read_text()
+    )
     # the paper's from-scratch lr 0.1 may well diverge from this checkpoint (what the recipe is for); its run
     # still records the settings it was started with
     paper = invoke(*common, "--recipe", "paper", "--out", tmp_path / "paper", "--json")
