@@ -13,8 +13,10 @@ Protocol (resnet20 on the shared CIFAR-10 JPEGs; MobileNetV2 joins once its refe
   40 epochs, 87.21 % test top-1), `--val-split 5000`, its own hold-out (it never trained on those images).
 - Levels: 2 and 3 magnitude bits + sign. CSQ, BSQ and uniform at `--target-bits L` (they count magnitude bits);
   BMPQ at `L + 1` (its count includes the sign) with FP activations (`act_follow_weights=false`: weights only, as
-  every other row); ALQ at `L + 0.75` binary bases per weight (it stores no sign bit but a float32 coordinate per
-  group and basis: about the stored bits of the others; the table gives each row's stored bits). Every method with
+  every other row); ALQ at `(L + 1) / 1.86` binary bases per weight (1.61 and 2.15): it stores no sign bit but a
+  float32 coordinate per group and basis, 1.86 stored bits per basis on resnet20 (2 bases stored 3.72 bits in
+  benchmarks/results/checkpoint_lr.md), so this is about the stored bits of the others; the table gives each
+  row's stored bits. Every method with
   `--edge-bits 8` (first and last layer at 8 bits); uniform also without edges, and each method is compared with
   the better uniform of the two, chosen on the hold-out.
 - Training: each method's `--recipe checkpoint` defaults (the lr measured from this reference,
@@ -48,11 +50,12 @@ REFERENCE = "benchmarks/references/resnet20-cifar10.safetensors"
 # all its rows: the later 2-bit sweeps read seeds 0-2 back and run 3 and 4)
 SCHEDULE = [(2, [0, 1, 2]), (3, [0, 1, 2]), (2, [0, 1, 2, 3, 4])]
 EDGES = ["--edge-bits", "8"]
+ALQ_STORED_PER_BASIS = 1.86  # resnet20's stored bits per ALQ basis (coordinates included), checkpoint_lr.md
 # per level: sweep name, methods, target, extra arguments
 CELLS = {
     "edges8": ("csq,bsq,uniform", lambda level: level, EDGES),
     "bmpq": ("bmpq", lambda level: level + 1, [*EDGES, "--set", "act_follow_weights=false"]),
-    "alq": ("alq", lambda level: level + 0.75, EDGES),
+    "alq": ("alq", lambda level: round((level + 1) / ALQ_STORED_PER_BASIS, 2), EDGES),
     "uniform-noedges": ("uniform", lambda level: level, []),
 }
 TRANSPLANT_FROM = ("csq", "bsq")

@@ -369,7 +369,7 @@ class ALQ(Method):
     # Biases and BatchNorm: Adam (the public code; the paper's LeNet baseline settings).
     training_defaults = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine"}
     # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
-    checkpoint_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine"}
+    checkpoint_defaults = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine"}
 
     def __init__(self, config: ALQConfig, selection=None):

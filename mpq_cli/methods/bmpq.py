@@ -279,7 +279,7 @@ class BMPQ(Method):
     # Sec. IV-A: SGD from lr 0.1 (cosine here instead of steps at 80 and 140 of 200), batch 128.
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"}
     # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
-    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.003, "weight_decay": 5e-4, "schedule": "cosine"}
     finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
 
     def __init__(self, config: BMPQConfig, selection=None):

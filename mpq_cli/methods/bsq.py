@@ -273,7 +273,7 @@ class BSQ(Method):
     # App. A.1: SGD, lr 0.1 (we anneal with cosine instead of one step at 5/7), momentum 0.9, weight decay 1e-4.
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine"}
     # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
-    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine"}
     # App. A.1: DoReFa fine-tuning from lr 0.01.
     finetune_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine"}
 

@@ -356,8 +356,8 @@ class CSQ(Method):
     # Sec. IV-A: SGD, lr 0.1, cosine annealing, momentum 0.9, weight decay 5e-4 (CIFAR).
     training_defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"}
     # --recipe checkpoint: measured from the trained resnet20 reference (benchmarks/results/checkpoint_lr.md)
-    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
-    finetune_defaults = training_defaults
+    checkpoint_defaults = {"optimizer": "sgd", "lr": 0.003, "weight_decay": 5e-4, "schedule": "cosine"}
+    finetune_defaults = checkpoint_defaults  # fine-tuning starts from a trained state too
 
     def __init__(self, config: CSQConfig, selection=None):
         super().__init__(config, selection)
