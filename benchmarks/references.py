@@ -4,6 +4,7 @@ Run from the repository root after `bash scripts/setup.sh`, in the background (a
 2-core CPU); run it again to continue an interrupted reference (`mpq train --resume`):
 
     nice .venv/bin/python benchmarks/references.py --only resnet20     # benchmarks/results/references.md
+    nice .venv/bin/python benchmarks/references.py --only ""           # the page from the records alone
 
 Each reference is trained by `mpq train` on the shared CIFAR-10 JPEGs (`--data-dir ../shared/data`)
 with `--val-split 5000`: 500 images per class held out of the 50,000 training images by mpq's fixed
@@ -17,9 +18,10 @@ trained on; the test split is measured once, at the end. Schedules:
   batch 64.
 
 The finished reference's checkpoint is copied to `benchmarks/references/NAME-cifar10.safetensors`
-with its SHA-256 on the results page; resnet20's (about 1 MB) is kept in the repository, larger ones
-are rebuilt by this command. The page gives each reference's per-epoch hold-out top-1 (its plateau)
-and the test top-1.
+(kept in the repository: resnet20 1.1 MB, MobileNetV2 9.1 MB, hours of CPU each) with its SHA-256 on the
+results page, and its record (curve, numbers, command) to `benchmarks/results/references/NAME.json`: the
+page lists every recorded reference, so training one leaves the others' rows. The page gives each
+reference's per-epoch hold-out top-1 (its plateau) and the test top-1.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ def main() -> None:
     parser.add_argument("--mbv2-epochs", type=int, default=10)
     parser.add_argument("--out", default="runs/references")
     args = parser.parse_args()
-    log: list[str] = []
-    rows = []
+    records = ROOT / "benchmarks/results/references"
     for name in [n for n in args.only.split(",") if n]:
         run_dir = ROOT / args.out / name
         command = ["train", *REFERENCES[name](args), "--data", "cifar10", "--data-dir", args.data_dir]
         command += ["--val-split", args.val_split, "--seed", "0", "--out", str(run_dir)]
+        log: list[str] = []
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
             log.append("mpq " + " ".join(command))
@@ -69,21 +71,29 @@ def main() -> None:
         kept = ROOT / "benchmarks/references" / f"{name}-cifar10.safetensors"
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / "model.safetensors", kept)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        epochs = [r for r in records if r.get("stage") == "train"]
-        rows.append((name, summary, kept, hashlib.sha256(kept.read_bytes()).hexdigest(), epochs))
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curve = [m["val_top1"] for m in metrics if m.get("stage") == "train"]
+        record = {
+            "name": name, "epochs": len(curve), "val_top1": summary.get("val_top1"), "top1": summary["top1"],
+            "val_top1_per_epoch": [round(v, 1) for v in curve], "command": log[-1],
+        }  # fmt: skip
+        records.mkdir(parents=True, exist_ok=True)
+        (records / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    found = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))] if records.is_dir() else []
+    found.sort(key=lambda r: list(REFERENCES).index(r["name"]) if r["name"] in REFERENCES else len(REFERENCES))
     lines = ["# FP32 references on CIFAR-10 (shared JPEGs)", "", __doc__.split("\n\n", 2)[2].strip(), ""]
     lines += ["| reference | epochs | hold-out top-1 % (last epoch) | test top-1 % | file | bytes | sha256 |"]
     lines += ["|---|---|---|---|---|---|---|"]
-    for name, summary, kept, digest, epochs in rows:
+    for r in found:
+        kept = ROOT / "benchmarks/references" / f"{r['name']}-cifar10.safetensors"
+        size, digest = (kept.stat().st_size, hashlib.sha256(kept.read_bytes()).hexdigest()) if kept.is_file() else (0, "?")
         lines.append(
-            f"| {name} | {len(epochs)} | {summary.get('val_top1', float('nan')):.2f} | {summary['top1']:.2f} | "
-            f"`{kept.relative_to(ROOT)}` | {kept.stat().st_size:,} | `{digest}` |"
+            f"| {r['name']} | {r['epochs']} | {r['val_top1'] or float('nan'):.2f} | {r['top1']:.2f} | "
+            f"`{kept.relative_to(ROOT)}` | {size:,} | `{digest}` |"
         )
-    for name, _, _, _, epochs in rows:
-        curve = ", ".join(f"{e['val_top1']:.1f}" for e in epochs)
-        lines += ["", f"{name}, hold-out top-1 per epoch: {curve}"]
-    lines += ["", "Commands:", "", "```", *log, "```"]
+    for r in found:
+        lines += ["", f"{r['name']}, hold-out top-1 per epoch: " + ", ".join(f"{v:.1f}" for v in r["val_top1_per_epoch"])]
+    lines += ["", "Commands:", "", "```", *(r["command"] for r in found), "```"]
     write_results("benchmarks/results/references.md", lines)
 
 
