@@ -86,13 +86,18 @@ def main() -> None:
     lines += ["|---|---|---|---|---|---|---|"]
     for r in found:
         kept = ROOT / "benchmarks/references" / f"{r['name']}-cifar10.safetensors"
-        size, digest = (kept.stat().st_size, hashlib.sha256(kept.read_bytes()).hexdigest()) if kept.is_file() else (0, "?")
+        size, digest = (
+            (kept.stat().st_size, hashlib.sha256(kept.read_bytes()).hexdigest()) if kept.is_file() else (0, "?")
+        )
         lines.append(
             f"| {r['name']} | {r['epochs']} | {r['val_top1'] or float('nan'):.2f} | {r['top1']:.2f} | "
             f"`{kept.relative_to(ROOT)}` | {size:,} | `{digest}` |"
         )
     for r in found:
-        lines += ["", f"{r['name']}, hold-out top-1 per epoch: " + ", ".join(f"{v:.1f}" for v in r["val_top1_per_epoch"])]
+        lines += [
+            "",
+            f"{r['name']}, hold-out top-1 per epoch: " + ", ".join(f"{v:.1f}" for v in r["val_top1_per_epoch"]),
+        ]
     lines += ["", "Commands:", "", "```", *(r["command"] for r in found), "```"]
     write_results("benchmarks/results/references.md", lines)
 
