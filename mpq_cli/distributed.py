@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import inspect
 import json
@@ -94,7 +95,12 @@ def session():
         yield _world
     finally:
         _world = World()
+        # The DDP wrappers (often in reference cycles) hold the group: free them first, so that the group's
+        # threads end here and not while the interpreter shuts down, where one that needs the GIL aborts the
+        # process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def device_for(name: str) -> str:

@@ -30,7 +30,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _env() -> dict:
     # one thread per rank, as torchrun's default: the worker re-reads runs with the same arithmetic
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # a rank that crashes prints its threads' Python stacks (faulthandler) into the failure's message
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
 
 
 def _batches(n: int, batch: int, *, shuffle: bool, limit: int | None = None, rank: int = 0, ranks: int = 1):
@@ -72,7 +73,7 @@ def ddp_runs(tmp_path_factory):
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     return out, [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
 
 
