@@ -1,19 +1,15 @@
 """Learning rates from a trained reference (issue 27): the lr each method's `--recipe checkpoint` uses, chosen on the
-hold-out.
+hold-out, and a check that those defaults neither diverge nor fall behind a neighbouring lr on MobileNetV2.
 
-Run from the repository root after `bash scripts/setup.sh` and `benchmarks/references.py --only resnet20` (or with
-the kept reference `benchmarks/references/resnet20-cifar10.safetensors`); a few CPU hours on 2 cores. Runs that
-finished are read back, so an interrupted sweep continues where it stopped:
+Run from the repository root after `bash scripts/setup.sh` (the references are kept in `benchmarks/references/`);
+in the background, an hour or more on 2 cores per model:
 
-    nice .venv/bin/python benchmarks/checkpoint_lr.py            # benchmarks/results/checkpoint_lr.md
+    nice .venv/bin/python benchmarks/checkpoint_lr.py                        # benchmarks/results/checkpoint_lr.md
+    nice .venv/bin/python benchmarks/checkpoint_lr.py --model mobilenet_v2   # .../checkpoint_lr_mobilenet_v2.md
 
-Every run: `mpq search` of one method at 2 bits + sign (BMPQ, which counts the sign: 3; ALQ: 2 binary
-bases per weight) from the trained resnet20 reference on the shared CIFAR-10 JPEGs, one epoch (352 steps of
-batch 128), `--val-split 5000` (the reference's own hold-out: it never trained on it), 2 probe batches for the
-budget step, seed 0, each learning rate of the grid with the rest of the method's paper's settings (optimizer,
-weight decay, cosine schedule). The lr is chosen on the hold-out top-1; the test top-1 is shown once per row
-and chooses nothing. One seed: a screen for a default that neither diverges nor leaves accuracy on the table,
-not a comparison of methods.
+Every finished run is kept as `benchmarks/results/checkpoint_lr/MODEL/METHOD-LR.json` (its summary, or the error
+of a run that failed: diverged, collapsed): commit them, and a later run, on another machine too, runs only the
+missing ones. `--only-report` writes the page from the kept runs alone.
 """
 
 from __future__ import annotations
@@ -25,55 +21,106 @@ from pathlib import Path
 
 from _common import ROOT, run, write_results
 
-REFERENCE = "benchmarks/references/resnet20-cifar10.safetensors"
-GRID = {  # each method's paper's lr first; 0.03 only where a search is cheap enough to afford it
-    "uniform": ["0.01", "0.1", "0.003", "0.03"],
-    "csq": ["0.1", "0.01", "0.003", "0.03"],
-    "bsq": ["0.1", "0.01", "0.003"],
-    "bmpq": ["0.1", "0.01", "0.003"],
-    "alq": ["1e-3", "1e-4", "3e-4"],
+# Per model: the reference, the search's data options, each method's target (2 or 3 bits + sign; BMPQ counts the
+# sign; ALQ in binary bases per weight), each method's lr grid (its `--recipe checkpoint` lr first) and the text of
+# the page.
+MODELS = {
+    "resnet20": {
+        "reference": "benchmarks/references/resnet20-cifar10.safetensors",
+        "options": ["--epochs", "1"],
+        "targets": {"uniform": 2, "csq": 2, "bsq": 2, "bmpq": 3, "alq": 2},
+        "grid": {  # each method's paper's lr first; 0.03 only where a search is cheap enough to afford it
+            "uniform": ["0.01", "0.1", "0.003", "0.03"],
+            "csq": ["0.1", "0.01", "0.003", "0.03"],
+            "bsq": ["0.1", "0.01", "0.003"],
+            "bmpq": ["0.1", "0.01", "0.003"],
+            "alq": ["1e-3", "1e-4", "3e-4"],
+        },
+        "page": "benchmarks/results/checkpoint_lr.md",
+        "protocol": """
+Every run: `mpq search` of one method at 2 bits + sign (BMPQ, which counts the sign: 3; ALQ: 2 binary
+bases per weight) from the trained resnet20 reference on the shared CIFAR-10 JPEGs, one epoch (352 steps of
+batch 128), `--val-split 5000` (the reference's own hold-out: it never trained on it), 2 probe batches for the
+budget step, seed 0, each learning rate of the grid with the rest of the method's paper's settings (optimizer,
+weight decay, cosine schedule). The lr is chosen on the hold-out top-1; the test top-1 is shown once per row
+and chooses nothing. One seed: a screen for a default that neither diverges nor leaves accuracy on the table,
+not a comparison of methods.""",
+        "rule": """
+Rule: the best hold-out top-1; where another lr is within 0.1 point of it (one seed cannot tell them apart)
+the method's existing default is kept (uniform: 0.01 against 0.003), and between two new ones the search
+that lands nearer its budget by itself (CSQ: 0.003, 2.10 bits before the budget step, against 0.01's
+2.21). BMPQ's best is the grid's lowest lr: lower ones are untried.""",
+    },
+    "mobilenet_v2": {
+        "reference": "benchmarks/references/mobilenet_v2-cifar10.safetensors",
+        "options": ["--input-size", "3,96,96", "--batch-size", "64", "--epochs", "1", "--limit-train-batches", "100"],
+        "targets": {"uniform": 3, "csq": 3, "bsq": 3, "bmpq": 4, "alq": 2},
+        "grid": {  # the `--recipe checkpoint` lr first, then a neighbour on each side where a method is in doubt
+            "csq": ["0.003", "0.01", "0.001"],
+            "uniform": ["0.01", "0.003"],
+            "bsq": ["0.1", "0.01"],
+            "bmpq": ["0.003", "0.001"],
+            "alq": ["1e-3", "3e-4"],
+        },
+        "page": "benchmarks/results/checkpoint_lr_mobilenet_v2.md",
+        "protocol": """
+Every run: `mpq search` of one method at 3 bits + sign (BMPQ, which counts the sign: 4; ALQ: 2 binary
+bases per weight) from the trained MobileNetV2 reference (benchmarks/results/references.md: 90.11 % test) at
+96 px on the shared CIFAR-10 JPEGs, 100 steps of batch 64 (`--limit-train-batches 100`: a CPU budget; one
+cosine schedule over them), `--val-split 5000` (the reference's own hold-out), 2 probe batches for the budget
+step, seed 0, each lr with the rest of the method's `--recipe checkpoint` settings. A check of the resnet20
+defaults on a second, harder network (depthwise layers; the repository's earlier MobileNetV2 runs needed lr
+0.002): does the default diverge or collapse, and does a neighbouring lr beat it on the hold-out? Short
+and one seed: a screen, not a comparison of methods.""",
+        "rule": """
+Rule: the default stays unless it fails or a neighbour beats it on the hold-out by more than 0.5 point
+(100 steps of one seed cannot tell closer ones apart).""",
+    },
 }
-TARGETS = {"uniform": 2, "csq": 2, "bsq": 2, "bmpq": 3, "alq": 2}  # BMPQ counts the sign: 3 = 2 bits + sign
 
 
-def command(method: str, lr: str, out: Path, data_dir: str) -> list[str]:
+def command(model: str, method: str, lr: str, out: Path, data_dir: str) -> list[str]:
+    spec = MODELS[model]
     return [
-        "search", "--method", method, "--target-bits", str(TARGETS[method]), "--model", "resnet20",
-        "--checkpoint", REFERENCE, "--data", "cifar10", "--data-dir", data_dir, "--val-split", "5000",
-        "--epochs", "1", "--probe-batches", "2", "--seed", "0", "--lr", lr, "--out", str(out / f"{method}-{lr}"),
+        "search", "--method", method, "--target-bits", str(spec["targets"][method]), "--model", model,
+        "--checkpoint", spec["reference"], "--data", "cifar10", "--data-dir", data_dir, "--val-split", "5000",
+        *spec["options"], "--probe-batches", "2", "--seed", "0", "--lr", lr, "--out", str(out / f"{method}-{lr}"),
     ]  # fmt: skip
+
+
+KEPT = ("val_top1", "top1", "avg_bits", "avg_stored_bits", "avg_bits_before_budget_step", "error")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(GRID))
+    parser.add_argument("--model", default="resnet20", choices=list(MODELS))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: the model's grid)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
-    parser.add_argument("--out", default="runs/checkpoint_lr")
-    parser.add_argument("--only-report", action="store_true", help="summarise the finished runs, run nothing")
+    parser.add_argument("--out", default="runs/checkpoint_lr", help="run directories (scratch)")
+    parser.add_argument("--only-report", action="store_true", help="the page from the kept runs, run nothing")
     args = parser.parse_args()
-    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
-    log: list[str] = []
+    spec = MODELS[args.model]
+    out = (Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out) / args.model
+    records = ROOT / "benchmarks/results/checkpoint_lr" / args.model
+    methods = [m for m in (args.methods or ",".join(spec["grid"])).split(",") if m]
     rows = []
-    for method in [m for m in args.methods.split(",") if m]:
-        for lr in GRID[method]:
-            args_ = command(method, lr, out, args.data_dir)
-            summary_path = out / f"{method}-{lr}" / "summary.json"
-            failed = out / f"{method}-{lr}.failed.json"  # a run that failed (diverged, collapsed) keeps its error
-            if summary_path.is_file() or failed.is_file():
-                log.append("mpq " + " ".join(args_))
-                summary = json.loads((summary_path if summary_path.is_file() else failed).read_text())
-            elif args.only_report:
-                continue
-            else:
-                summary = run(args_, log, check=False)
-                if "error" in summary:
-                    failed.write_text(json.dumps(summary))
-            rows.append((method, lr, summary))
-    lines = ["# Learning rate from a trained reference (resnet20, CIFAR-10)", "", __doc__.split("\n\n", 2)[2].strip()]
-    lines += [
-        "",
-        "| method | lr | hold-out top-1 % | test top-1 % | avg bits | stored bits | bits before budget step |",
-    ]  # noqa: E501
+    for method in methods:
+        for lr in spec["grid"][method]:
+            kept = records / f"{method}-{lr}.json"
+            if not kept.is_file():
+                if args.only_report:
+                    continue
+                log: list[str] = []
+                summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                record = {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]}
+                partial = kept.with_suffix(".tmp")
+                partial.write_text(json.dumps(record, indent=1) + "\n")
+                partial.replace(kept)
+            rows.append((method, lr, json.loads(kept.read_text())))
+    title = {"resnet20": "resnet20", "mobilenet_v2": "MobileNetV2"}[args.model]
+    lines = [f"# Learning rate from a trained reference ({title}, CIFAR-10)", "", spec["protocol"].strip(), ""]
+    lines += ["| method | lr | hold-out top-1 % | test top-1 % | avg bits | stored bits | bits before budget step |"]
     lines += ["|---|---|---|---|---|---|---|"]
     best = {}
     for method, lr, s in rows:
@@ -91,18 +138,13 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from mpq_cli.methods import get_method
 
-    chosen = {m: get_method(m).recipe_defaults("checkpoint")["lr"] for m in best}
+    chosen = {m: get_method(m).recipe_defaults("checkpoint")["lr"] for m in methods}
     lines += [
         "",
         "`--recipe checkpoint` learning rates in the code now: " + ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
-        "",
-        "Rule: the best hold-out top-1; where another lr is within 0.1 point of it (one seed cannot tell them apart)",
-        "the method's existing default is kept (uniform: 0.01 against 0.003), and between two new ones the search",
-        "that lands nearer its budget by itself (CSQ: 0.003, 2.10 bits before the budget step, against 0.01's",
-        "2.21). BMPQ's best is the grid's lowest lr: lower ones are untried.",
     ]
-    lines += ["", "Commands:", "", "```", *log, "```"]
-    write_results("benchmarks/results/checkpoint_lr.md", lines)
+    lines += ["", spec["rule"].strip(), "", "Commands:", "", "```", *(s["command"] for _, _, s in rows), "```"]
+    write_results(spec["page"], lines)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The evidence page (issue 28): every method against the strong uniform at equal stored bits, from a trained
 reference, over seeds, with intervals; and uniform trained on each bit method's scheme (the transplant).
 
-Run from the repository root after `bash scripts/setup.sh`, in the background (many CPU hours on 2 cores; run it
-again to continue: every finished run is read back, an interrupted one restarts):
+Run from the repository root after `bash scripts/setup.sh`, in the background (about six CPU hours on 2 cores; run
+it again to continue). Every finished row is kept in `benchmarks/results/evidence/resnet20/` (its numbers, its
+command, and for CSQ and BSQ its scheme): commit them, and a later run, on another machine too, runs only the rows
+still missing (an interrupted row restarts; the run directories under `runs/` are scratch):
 
     nice .venv/bin/python benchmarks/evidence.py                 # benchmarks/results/evidence.md
-    nice .venv/bin/python benchmarks/evidence.py --only-report   # the page from the runs finished so far
+    nice .venv/bin/python benchmarks/evidence.py --only-report   # the page from the kept rows alone
 
 Protocol (resnet20 on the shared CIFAR-10 JPEGs; MobileNetV2 joins once its reference is trained):
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,7 +51,15 @@ from mpq_cli.stats import paired_difference, spread  # noqa: E402
 REFERENCE = "benchmarks/references/resnet20-cifar10.safetensors"
 # (level, seeds) in the order they run: every cell at 3 seeds first, then the 2-bit cells to 5 (a sweep's seeds are
 # all its rows: the later 2-bit sweeps read seeds 0-2 back and run 3 and 4)
-SCHEDULE = [(2, [0, 1, 2]), (3, [0, 1, 2]), (2, [0, 1, 2, 3, 4])]
+SCHEDULE = "2:0,1,2;3:0,1,2;2:0,1,2,3,4"
+
+
+def parse_schedule(text: str) -> list[tuple[int, list[int]]]:
+    return [
+        (int(level), [int(s) for s in seeds.split(",")]) for level, seeds in (p.split(":") for p in text.split(";"))
+    ]
+
+
 EDGES = ["--edge-bits", "8"]
 ALQ_STORED_PER_BASIS = 1.86  # resnet20's stored bits per ALQ basis (coordinates included), checkpoint_lr.md
 # per level: sweep name, methods, target, extra arguments
@@ -64,61 +75,101 @@ TRANSPLANT_FROM = ("csq", "bsq")
 def common(args) -> list[str]:
     return [
         "--model", "resnet20", "--checkpoint", REFERENCE, "--data", "cifar10", "--data-dir", args.data_dir,
-        "--val-split", "5000", "--epochs", str(args.epochs), "--probe-batches", "2",
+        "--val-split", "5000", "--epochs", str(args.epochs), "--probe-batches", "2", *args.extra.split(),
     ]  # fmt: skip
 
 
-def sweep_dir(out: Path, level: int, cell: str) -> Path:
-    return out / f"L{level}" / cell
+def label_of(cell: str, method: str) -> str:
+    return method + (" (no edges)" if cell == "uniform-noedges" else "")
 
 
-def run_sweeps(args, out: Path, log: list[str]) -> None:
-    for level, seeds in SCHEDULE:
-        for cell, (methods, target, extra) in CELLS.items():
-            command = ["sweep", "--method", methods, "--target-bits", f"{target(level):g}", *extra, *common(args)]
-            command += ["--seeds", ",".join(map(str, seeds)), "--out", str(sweep_dir(out, level, cell))]
-            result = run(command, log, check=False)
-            if "error" in result:
-                print(f"sweep L{level} {cell}: {result['error']}", file=sys.stderr)
-        for seed in seeds:
+def record_path(records: Path, level: int, label: str, seed: int) -> Path:
+    """Where one finished row is kept: ``L2/csq-seed0.json``, ``L2/uniform-noedges-seed1.json``,
+    ``L3/uniform-on-bsq-seed2.json`` (a label's spaces, parentheses and apostrophes dropped)."""
+    slug = label.replace(" (no edges)", "-noedges").replace("'s scheme", "").replace(" ", "-")
+    return records / f"L{level}" / f"{slug}-seed{seed}.json"
+
+
+def keep(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)  # a record is whole or absent: an interrupted row simply runs again
+
+
+KEPT = ("method", "target_bits", "seed", "avg_bits", "avg_stored_bits", "file_bytes", "top1", "samples",
+        "split_samples", "run_top1", "val_top1", "seconds")  # fmt: skip
+
+
+def run_row(args, out: Path, records: Path, level: int, seed: int, cell: str, method: str, log: list[str]) -> None:
+    """One method at one seed: a one-row ``mpq sweep`` (search, export, evaluate the file on the whole test split);
+    its row, and for CSQ and BSQ the scheme (the transplant's input), are kept under ``records``."""
+    _, target, extra = CELLS[cell]
+    path = record_path(records, level, label_of(cell, method), seed)
+    if path.is_file():
+        return
+    sweep = out / f"L{level}" / f"{cell}-{method}-seed{seed}"
+    command = ["sweep", "--method", method, "--target-bits", f"{target(level):g}", *extra, *common(args)]
+    command += ["--seeds", str(seed), "--out", str(sweep)]
+    result = run(command, log, check=False)
+    rows = json.loads((sweep / "sweep.json").read_text())["rows"] if (sweep / "sweep.json").is_file() else []
+    if "error" in result or not rows or rows[0].get("top1") is None:
+        why = result.get("error") or (rows[0].get("error") or rows[0].get("status") if rows else "no sweep.json")
+        print(f"L{level} {cell} {method} seed {seed}: {why}", file=sys.stderr)
+        return
+    row = rows[0]
+    if method in TRANSPLANT_FROM:
+        scheme = Path(row["run"]) / "scheme.json"
+        keep(path.with_suffix(".scheme.json"), json.loads(scheme.read_text()))
+    keep(path, {**{k: row.get(k) for k in KEPT}, "label": label_of(cell, method), "command": log[-1]})
+
+
+def run_transplant(args, out: Path, records: Path, level: int, seed: int, method: str, log: list[str]) -> None:
+    """Uniform trained under one CSQ or BSQ run's scheme (same seed, edges included), exported and evaluated."""
+    path = record_path(records, level, f"uniform on {method}'s scheme", seed)
+    scheme = record_path(records, level, method, seed).with_suffix(".scheme.json")
+    if path.is_file() or not scheme.is_file():
+        return
+    run_dir = out / f"L{level}" / "transplant" / f"uniform-on-{method}-seed{seed}"
+    packed = str(run_dir) + ".safetensors"
+    command = ["search", "--method", "uniform", "--scheme", str(scheme), *common(args), "--seed", str(seed)]
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's (search refuses a used --out)
+    summary = run([*command, "--out", str(run_dir)], log, check=False)
+    searched = log[-1]
+    exported = run(["export", str(run_dir), "-o", packed], log, check=False) if "error" not in summary else {}
+    measured = (
+        run(["eval", packed, "--data-dir", args.data_dir], log, check=False)
+        if "error" not in summary | exported
+        else {}
+    )
+    if "error" in summary | exported | measured:
+        print(f"L{level} transplant {method} seed {seed}: {(summary | exported | measured)['error']}", file=sys.stderr)
+        return
+    record = {k: summary.get(k) for k in KEPT} | {"top1": measured["top1"], "samples": measured.get("samples")}
+    keep(
+        path,
+        {**record, "method": "uniform", "seed": seed, "label": f"uniform on {method}'s scheme", "command": searched},
+    )
+
+
+def run_sweeps(args, out: Path, records: Path, log: list[str]) -> None:
+    for level, seeds in parse_schedule(args.schedule):
+        for seed in seeds:  # seed by seed: every finished seed is a complete pairing
+            for cell, (methods, _, _) in CELLS.items():
+                for method in methods.split(","):
+                    run_row(args, out, records, level, seed, cell, method, log)
             for method in TRANSPLANT_FROM:
-                source = sweep_dir(out, level, "edges8") / f"{method}-{level:g}bits-seed{seed}"
-                target_dir = out / f"L{level}" / "transplant" / f"uniform-on-{method}-seed{seed}"
-                if not (source / "summary.json").is_file() or (target_dir / "summary.json").is_file():
-                    continue
-                command = ["search", "--method", "uniform", "--scheme", str(source), *common(args)]
-                run([*command, "--seed", str(seed), "--out", str(target_dir)], log, check=False)
-                run(["export", str(target_dir), "-o", str(target_dir) + ".safetensors"], log, check=False)
+                run_transplant(args, out, records, level, seed, method, log)
 
 
-def rows_of(out: Path, level: int) -> dict[str, dict[int, dict]]:
-    """``{label: {seed: row}}`` of every finished, measured row at ``level``: the sweeps' rows (test top-1 from the
-    exported file) and the transplants' (test top-1 of the packed file, measured here)."""
+def rows_of(records: Path, level: int) -> dict[str, dict[int, dict]]:
+    """``{label: {seed: row}}`` of every kept row at ``level``."""
     found: dict[str, dict[int, dict]] = {}
-    for cell in CELLS:
-        path = sweep_dir(out, level, cell) / "sweep.json"
-        if not path.is_file():
+    for path in sorted((records / f"L{level}").glob("*-seed*.json")):
+        if path.name.endswith(".scheme.json"):
             continue
-        for row in json.loads(path.read_text())["rows"]:
-            if row.get("top1") is None or row.get("seed") is None:
-                continue
-            label = row["method"] + (" (no edges)" if cell == "uniform-noedges" else "")
-            found.setdefault(label, {})[row["seed"]] = row
-    for run_dir in sorted((out / f"L{level}" / "transplant").glob("uniform-on-*-seed*")):
-        measured = run_dir.with_name(run_dir.name + ".measured.json")
-        summary_path = run_dir / "summary.json"
-        if not summary_path.is_file():
-            continue
-        summary = json.loads(summary_path.read_text())
-        if not measured.is_file():
-            evaluated = run(["eval", str(run_dir) + ".safetensors"], [], check=False)
-            if "error" in evaluated:
-                continue
-            measured.write_text(json.dumps({"top1": evaluated["top1"], "samples": evaluated.get("samples")}))
-        top1 = json.loads(measured.read_text())["top1"]
-        method, seed = run_dir.name.removeprefix("uniform-on-").rsplit("-seed", 1)
-        row = {**summary, "top1": top1, "seed": int(seed), "method": "uniform"}
-        found.setdefault(f"uniform on {method}'s scheme", {})[int(seed)] = row
+        row = json.loads(path.read_text())
+        found.setdefault(row["label"], {})[row["seed"]] = row
     return found
 
 
@@ -145,6 +196,11 @@ def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
         nominal = spread([by_seed[s]["avg_bits"] for s in seeds]).mean
         stored = spread([by_seed[s]["avg_stored_bits"] for s in seeds]).mean
         cell = f"{top1.mean:.2f}" + (f" ± {top1.std:.2f}" if top1.std is not None else "")
+        partial = [
+            by_seed[s] for s in seeds if (by_seed[s].get("samples") or 0) < (by_seed[s].get("split_samples") or 0)
+        ]
+        if partial:  # a smoke run's rows: say on how many images, as every partial measurement must
+            cell += f" (on {partial[0]['samples']:,} of {partial[0]['split_samples']:,} test images)"
         diff_text = interval = p_text = verdict = ""
         shared = [s for s in seeds if s in best]
         if label != best_label and len(shared) >= 1:
@@ -171,20 +227,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", default="runs/evidence/resnet20")
+    parser.add_argument("--out", default="runs/evidence/resnet20", help="run directories (scratch)")
+    parser.add_argument("--records", default="benchmarks/results/evidence/resnet20", help="kept rows (commit them)")
+    parser.add_argument("--page", default="benchmarks/results/evidence.md")
+    parser.add_argument("--schedule", default=SCHEDULE, help="LEVEL:SEEDS;... in the order they run")
+    parser.add_argument("--extra", default="", help="more search options, for a smoke run of this script")
     parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
     args = parser.parse_args()
-    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    out, records = (Path(p) if Path(p).is_absolute() else ROOT / p for p in (args.out, args.records))
     log: list[str] = []
     if not args.only_report:
-        run_sweeps(args, out, log)
+        run_sweeps(args, out, records, log)
     lines = ["# Evidence: mixed precision against the strong uniform, over seeds", ""]
-    lines += [__doc__.split("\n\n", 2)[2].strip(), ""]
-    for level in sorted({level for level, _ in SCHEDULE}):
-        lines += level_table(level, rows_of(out, level))
-    if log:
-        lines += ["Commands of this invocation:", "", "```", *log, "```"]
-    write_results("benchmarks/results/evidence.md", lines)
+    lines += [__doc__[__doc__.index("Protocol") :].strip(), ""]
+    for level in sorted({level for level, _ in parse_schedule(args.schedule)}):
+        lines += level_table(level, rows_of(records, level))
+    levels = sorted({level for level, _ in parse_schedule(args.schedule)})
+    commands = [row["command"] for level in levels for by in rows_of(records, level).values() for row in by.values()]
+    lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```"]
+    lines += [*sorted(commands), "```"]
+    write_results(args.page, lines)
 
 
 if __name__ == "__main__":
