@@ -115,7 +115,7 @@ def main() -> None:
     if not args.only_report:
         run_sweeps(args, out, log)
     lines = ["# Steps per output channel against one per layer (resnet20, CIFAR-10)", ""]
-    lines += [__doc__.split("\n\n", 2)[2].strip(), "", *table(out), ""]
+    lines += [__doc__[__doc__.index("Protocol:") :].strip(), "", *table(out), ""]
     if log:
         lines += ["Commands of this invocation:", "", "```", *log, "```"]
     write_results("benchmarks/results/granularity.md", lines)

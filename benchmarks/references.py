@@ -81,7 +81,7 @@ def main() -> None:
         (records / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     found = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))] if records.is_dir() else []
     found.sort(key=lambda r: list(REFERENCES).index(r["name"]) if r["name"] in REFERENCES else len(REFERENCES))
-    lines = ["# FP32 references on CIFAR-10 (shared JPEGs)", "", __doc__.split("\n\n", 2)[2].strip(), ""]
+    lines = ["# FP32 references on CIFAR-10 (shared JPEGs)", "", __doc__[__doc__.index("Each reference") :].strip(), ""]
     lines += ["| reference | epochs | hold-out top-1 % (last epoch) | test top-1 % | file | bytes | sha256 |"]
     lines += ["|---|---|---|---|---|---|---|"]
     for r in found:
