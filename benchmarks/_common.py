@@ -55,3 +55,29 @@ def fp32_reference(run_dir: str) -> dict:
         "bytes": (root / "model.safetensors").stat().st_size,
         "epochs": json.loads((root / "config.json").read_text())["train"]["epochs"],
     }
+
+
+def keep_record(path: Path, record: dict) -> None:
+    """Keep one finished row as JSON under ``benchmarks/results/``, whole or not at all (temp file, then rename):
+    committed, it carries a long benchmark across sessions and machines, and an interrupted row simply runs again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+
+
+def sweep_row(command: list[str], sweep: Path, log: list[str]) -> tuple[dict | None, str]:
+    """Run a one-row ``mpq sweep`` (its ``--out`` is ``sweep``): ``(row, "")``, or ``(None, why)`` when the
+    command, the run or the file's evaluation failed."""
+    result = run(command, log, check=False)
+    rows = json.loads((sweep / "sweep.json").read_text())["rows"] if (sweep / "sweep.json").is_file() else []
+    if "error" in result or not rows or rows[0].get("top1") is None:
+        return None, result.get("error") or (rows[0].get("error") or rows[0].get("status") if rows else "no sweep.json")
+    return rows[0], ""
+
+
+def partial_note(rows: list[dict]) -> str:
+    """`` (on N of M test images)`` when a kept row was measured on part of the test split (a smoke run), else ``""``:
+    every partial measurement says so."""
+    partial = [r for r in rows if (r.get("samples") or 0) < (r.get("split_samples") or 0)]
+    return f" (on {partial[0]['samples']:,} of {partial[0]['split_samples']:,} test images)" if partial else ""

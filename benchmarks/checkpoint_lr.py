@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from _common import ROOT, run, write_results
+from _common import ROOT, keep_record, run, write_results
 
 # Per model: the reference, the search's data options, each method's target (2 or 3 bits + sign; BMPQ counts the
 # sign; ALQ in binary bases per weight), each method's lr grid (its `--recipe checkpoint` lr first) and the text of
@@ -112,11 +112,7 @@ def main() -> None:
                     continue
                 log: list[str] = []
                 summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                record = {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]}
-                partial = kept.with_suffix(".tmp")
-                partial.write_text(json.dumps(record, indent=1) + "\n")
-                partial.replace(kept)
+                keep_record(kept, {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]})
             rows.append((method, lr, json.loads(kept.read_text())))
     title = {"resnet20": "resnet20", "mobilenet_v2": "MobileNetV2"}[args.model]
     lines = [f"# Learning rate from a trained reference ({title}, CIFAR-10)", "", spec["protocol"].strip(), ""]

@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run, write_results  # noqa: E402
+from _common import ROOT, keep_record, partial_note, run, sweep_row, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
@@ -90,13 +90,6 @@ def record_path(records: Path, level: int, label: str, seed: int) -> Path:
     return records / f"L{level}" / f"{slug}-seed{seed}.json"
 
 
-def keep(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.replace(path)  # a record is whole or absent: an interrupted row simply runs again
-
-
 KEPT = ("method", "target_bits", "seed", "avg_bits", "avg_stored_bits", "file_bytes", "top1", "samples",
         "split_samples", "run_top1", "val_top1", "seconds")  # fmt: skip
 
@@ -111,17 +104,14 @@ def run_row(args, out: Path, records: Path, level: int, seed: int, cell: str, me
     sweep = out / f"L{level}" / f"{cell}-{method}-seed{seed}"
     command = ["sweep", "--method", method, "--target-bits", f"{target(level):g}", *extra, *common(args)]
     command += ["--seeds", str(seed), "--out", str(sweep)]
-    result = run(command, log, check=False)
-    rows = json.loads((sweep / "sweep.json").read_text())["rows"] if (sweep / "sweep.json").is_file() else []
-    if "error" in result or not rows or rows[0].get("top1") is None:
-        why = result.get("error") or (rows[0].get("error") or rows[0].get("status") if rows else "no sweep.json")
+    row, why = sweep_row(command, sweep, log)
+    if row is None:
         print(f"L{level} {cell} {method} seed {seed}: {why}", file=sys.stderr)
         return
-    row = rows[0]
     if method in TRANSPLANT_FROM:
         scheme = Path(row["run"]) / "scheme.json"
-        keep(path.with_suffix(".scheme.json"), json.loads(scheme.read_text()))
-    keep(path, {**{k: row.get(k) for k in KEPT}, "label": label_of(cell, method), "command": log[-1]})
+        keep_record(path.with_suffix(".scheme.json"), json.loads(scheme.read_text()))
+    keep_record(path, {**{k: row.get(k) for k in KEPT}, "label": label_of(cell, method), "command": log[-1]})
 
 
 def run_transplant(args, out: Path, records: Path, level: int, seed: int, method: str, log: list[str]) -> None:
@@ -146,7 +136,7 @@ def run_transplant(args, out: Path, records: Path, level: int, seed: int, method
         print(f"L{level} transplant {method} seed {seed}: {(summary | exported | measured)['error']}", file=sys.stderr)
         return
     record = {k: summary.get(k) for k in KEPT} | {"top1": measured["top1"], "samples": measured.get("samples")}
-    keep(
+    keep_record(
         path,
         {**record, "method": "uniform", "seed": seed, "label": f"uniform on {method}'s scheme", "command": searched},
     )
@@ -196,11 +186,7 @@ def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
         nominal = spread([by_seed[s]["avg_bits"] for s in seeds]).mean
         stored = spread([by_seed[s]["avg_stored_bits"] for s in seeds]).mean
         cell = f"{top1.mean:.2f}" + (f" ± {top1.std:.2f}" if top1.std is not None else "")
-        partial = [
-            by_seed[s] for s in seeds if (by_seed[s].get("samples") or 0) < (by_seed[s].get("split_samples") or 0)
-        ]
-        if partial:  # a smoke run's rows: say on how many images, as every partial measurement must
-            cell += f" (on {partial[0]['samples']:,} of {partial[0]['split_samples']:,} test images)"
+        cell += partial_note([by_seed[s] for s in seeds])
         diff_text = interval = p_text = verdict = ""
         shared = [s for s in seeds if s in best]
         if label != best_label and len(shared) >= 1:

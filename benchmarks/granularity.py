@@ -1,11 +1,12 @@
 """Steps per output channel against one step per layer (issue 30): uniform, CSQ and BMPQ on the trained resnet20
 reference, `--granularity tensor` and `channel`, paired by seed.
 
-Run from the repository root after `bash scripts/setup.sh`, in the background (CPU hours on 2 cores; run it again to
-continue, finished runs are read back):
+Run from the repository root after `bash scripts/setup.sh`, in the background (about 24 one-epoch searches: five or
+six CPU hours on 2 cores). Every finished row is kept in `benchmarks/results/granularity/resnet20/`: commit them, and
+a later run, on another machine too, runs only the rows still missing:
 
     nice .venv/bin/python benchmarks/granularity.py                 # benchmarks/results/granularity.md
-    nice .venv/bin/python benchmarks/granularity.py --only-report   # the page from the runs finished so far
+    nice .venv/bin/python benchmarks/granularity.py --only-report   # the page from the kept rows alone
 
 Protocol: the evidence page's (benchmarks/evidence.py: the trained reference, `--val-split 5000`, 8-bit edges, each
 method's `--recipe checkpoint` defaults, `--epochs` (1) epochs, 2 probe batches), at 2 and 3 magnitude bits + sign,
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, run, write_results  # noqa: E402
+from _common import ROOT, keep_record, partial_note, sweep_row, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
@@ -43,34 +44,46 @@ METHODS = {
 }
 
 
-def sweep_dir(out: Path, level: int, method: str, granularity: str) -> Path:
-    return out / f"L{level}" / f"{method}-{granularity}"
+def record_path(records: Path, level: int, method: str, granularity: str, seed: int) -> Path:
+    return records / f"L{level}" / f"{method}-{granularity}-seed{seed}.json"
 
 
-def run_sweeps(args, out: Path, log: list[str]) -> None:
-    for level in LEVELS:
-        for method, (target, extra) in METHODS.items():
-            for granularity in GRANULARITIES:
-                command = [
-                    "sweep", "--method", method, "--target-bits", target(level), *extra, "--edge-bits", "8",
-                    "--granularity", granularity, "--model", "resnet20", "--checkpoint", REFERENCE,
-                    "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000",
-                    "--epochs", str(args.epochs), "--probe-batches", "2", "--seeds", ",".join(map(str, SEEDS)),
-                    "--out", str(sweep_dir(out, level, method, granularity)),
-                ]  # fmt: skip
-                result = run(command, log, check=False)
-                if "error" in result:
-                    print(f"L{level} {method} {granularity}: {result['error']}", file=sys.stderr)
+KEPT = ("method", "target_bits", "seed", "avg_bits", "avg_stored_bits", "file_bytes", "top1", "samples",
+        "split_samples", "val_top1", "seconds")  # fmt: skip
 
 
-def measured_rows(path: Path) -> dict[int, dict]:
-    if not path.is_file():
-        return {}
-    rows = json.loads(path.read_text())["rows"]
-    return {r["seed"]: r for r in rows if r.get("top1") is not None and r.get("seed") is not None}
+def run_rows(args, out: Path, records: Path, log: list[str]) -> None:
+    """Seed by seed (each finished seed is a complete pairing), one-row sweeps; each finished row is kept."""
+    for seed in SEEDS:
+        for level in LEVELS:
+            for method, (target, extra) in METHODS.items():
+                for granularity in GRANULARITIES:
+                    path = record_path(records, level, method, granularity, seed)
+                    if path.is_file():
+                        continue
+                    sweep = out / f"L{level}" / f"{method}-{granularity}-seed{seed}"
+                    command = [
+                        "sweep", "--method", method, "--target-bits", target(level), *extra, "--edge-bits", "8",
+                        "--granularity", granularity, "--model", "resnet20", "--checkpoint", REFERENCE,
+                        "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000",
+                        "--epochs", str(args.epochs), "--probe-batches", "2", "--seeds", str(seed),
+                        "--out", str(sweep),
+                    ]  # fmt: skip
+                    row, why = sweep_row(command, sweep, log)
+                    if row is None:
+                        print(f"L{level} {method} {granularity} seed {seed}: {why}", file=sys.stderr)
+                        continue
+                    keep_record(path, {**{k: row.get(k) for k in KEPT}, "command": log[-1]})
 
 
-def table(out: Path) -> list[str]:
+def kept_rows(records: Path, level: int, method: str, granularity: str) -> dict[int, dict]:
+    found = (
+        json.loads(p.read_text()) for p in sorted((records / f"L{level}").glob(f"{method}-{granularity}-seed*.json"))
+    )
+    return {r["seed"]: r for r in found}
+
+
+def table(records: Path) -> list[str]:
     lines = [
         "| level | method | granularity | seeds | test top-1 % (mean ± std) | hold-out % | stored bits | "
         "channel − tensor | 95 % interval | p (floor) |",
@@ -78,7 +91,7 @@ def table(out: Path) -> list[str]:
     ]
     for level in LEVELS:
         for method in METHODS:
-            found = {g: measured_rows(sweep_dir(out, level, method, g) / "sweep.json") for g in GRANULARITIES}
+            found = {g: kept_rows(records, level, method, g) for g in GRANULARITIES}
             for granularity in GRANULARITIES:
                 rows = found[granularity]
                 if not rows:
@@ -87,6 +100,7 @@ def table(out: Path) -> list[str]:
                 val = spread([r["val_top1"] for r in rows.values()]).mean
                 stored = spread([r["avg_stored_bits"] for r in rows.values()]).mean
                 cell = f"{top1.mean:.2f}" + (f" ± {top1.std:.2f}" if top1.std is not None else "")
+                cell += partial_note(list(rows.values()))
                 diff = interval = p = ""
                 shared = sorted(set(found["channel"]) & set(found["tensor"]))
                 if granularity == "channel" and shared:
@@ -107,18 +121,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", default="runs/granularity/resnet20")
-    parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
+    parser.add_argument("--out", default="runs/granularity/resnet20", help="run directories (scratch)")
+    parser.add_argument("--records", default="benchmarks/results/granularity/resnet20", help="kept rows (commit them)")
+    parser.add_argument("--only-report", action="store_true", help="write the page from the kept rows only")
     args = parser.parse_args()
-    out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    out, records = (Path(p) if Path(p).is_absolute() else ROOT / p for p in (args.out, args.records))
     log: list[str] = []
     if not args.only_report:
-        run_sweeps(args, out, log)
+        run_rows(args, out, records, log)
     lines = ["# Steps per output channel against one per layer (resnet20, CIFAR-10)", ""]
-    lines += [__doc__[__doc__.index("Protocol:") :].strip(), "", *table(out), ""]
-    if log:
-        lines += ["Commands of this invocation:", "", "```", *log, "```"]
-    write_results("benchmarks/results/granularity.md", lines)
+    lines += [__doc__[__doc__.index("Protocol:") :].strip(), "", *table(records), ""]
+    commands = sorted(json.loads(p.read_text())["command"] for p in records.glob("L*/*-seed*.json"))
+    lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```", *commands]
+    write_results("benchmarks/results/granularity.md", [*lines, "```"])
 
 
 if __name__ == "__main__":
