@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Protocol
@@ -343,6 +344,9 @@ def fit(
         correct = torch.zeros((), device=device)
         seen = reported = 0
         window_sum, window_seen = 0.0, 0
+        # seconds per step, one value per logging window (its loss read on the host syncs a GPU): their median is
+        # the epoch's training step time, which a budget step or a slow first step inside one window does not move
+        step_times, window_started = [], time.perf_counter()
         reporter.start(f"{stage} {epoch + 1}/{cfg.epochs}", steps)
         try:
             for i, (x, y) in enumerate(train):
@@ -368,6 +372,9 @@ def fit(
                         start = float(first)
                         reference_loss = max(start if math.isfinite(start) else 0.0, math.log(out.shape[1]))
                     _check_divergence(window, reference_loss, epoch)
+                    now = time.perf_counter()
+                    step_times.append((now - window_started) / (i + 1 - reported))
+                    window_started = now
                     reporter.advance(
                         i + 1 - reported,
                         loss=total_loss / total_seen,
@@ -395,6 +402,7 @@ def fit(
             "lr": lr,
             **hooks.progress(),
             "seconds": round(time.time() - started, 2),
+            "step_seconds": round(statistics.median(step_times), 5) if step_times else None,
         }
         if "top5" in result:
             record["val_top5"] = result["top5"]

@@ -11,9 +11,9 @@ from mpq_cli.engine import loss_probe
 from mpq_cli.methods.base import FinalizeResult
 
 
-def _method(params, aim):
+def _method(params, aim, budget_step_seconds=None):
     layers = {name: SimpleNamespace(params=n) for name, n in params.items()}
-    return SimpleNamespace(layers=layers, search_target=lambda: aim)
+    return SimpleNamespace(layers=layers, search_target=lambda: aim, budget_step_seconds=budget_step_seconds)
 
 
 def test_health_counts_what_the_budget_step_changed():
@@ -33,6 +33,16 @@ def test_health_counts_what_the_budget_step_changed():
     assert search_health(method, FinalizeResult(True, None, [])) is None  # no budget step: nothing to judge
     note = health_note(health)
     assert "## Search health" in note and "80.00 % -> 71.50 %" in note and "not healthy" in note
+
+
+def test_health_gives_the_budget_steps_cost_in_training_steps():
+    method = _method({"a": 100, "b": 300}, 2.0, budget_step_seconds=12.5)
+    changes = [{"layer": "a", "bits_before": 3, "bits_after": 2}]
+    health = search_health(method, FinalizeResult(True, 2.2, changes), step_seconds=0.25)
+    assert health["budget_step_seconds"] == 12.5 and health["budget_step_in_training_steps"] == 50.0
+    assert "took 12.5 s, the time of 50 training steps (median step 250.0 ms)" in health_note(health)
+    unknown = search_health(method, FinalizeResult(True, 2.2, changes))  # no step time measured: no ratio
+    assert unknown["budget_step_in_training_steps"] is None and "took 12.5 s." in health_note(unknown)
 
 
 def test_the_probe_measures_top1_on_its_own_batches():
@@ -55,3 +65,10 @@ def test_a_search_reports_its_health(csq_run):
     if summary["budget_changes"]:
         assert 0 <= health["probe_top1_before"] <= 100 and 0 <= health["probe_top1_after"] <= 100
     assert "## Search health" in (csq_run[0] / "report.md").read_text()
+    # the cost, from this run's own clock: the step's seconds against its median training step
+    steps = [json.loads(line).get("step_seconds") for line in (csq_run[0] / "metrics.jsonl").read_text().splitlines()]
+    assert all(s > 0 for s in steps[:-1])  # every epoch's record (the last line is the final measurement)
+    if summary["budget_changes"]:  # the step ran in this process
+        assert health["budget_step_seconds"] > 0
+        ratio = health["budget_step_seconds"] / health["training_step_seconds"]
+        assert health["budget_step_in_training_steps"] == pytest.approx(ratio, abs=0.06)

@@ -3,6 +3,7 @@ the packed file's sizes, report.md and charts."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def save_quantized_run(
     }
     summary["bits_under_budget"] = bits_under_budget(summary)
     if summary_base.get("command") == "search":  # a fine-tuning's scheme was fixed before it started
-        summary["search_health"] = search_health(method, result)
+        steps = [r["step_seconds"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step_seconds")]
+        summary["search_health"] = search_health(method, result, statistics.median(steps) if steps else None)
     write_json(run_dir / "summary.json", {**summary, "budget_changes": result.budget_changes})
     sizes = file_sizes(run_dir)  # the file this run exports, measured as `mpq inspect` measures it
     layer_stored = sizes.pop("layer_stored_bits")
@@ -199,11 +201,12 @@ HEALTHY_DISTANCE = 0.15
 HEALTHY_LAYERS = 0.1  # the share of layers (at least 2) the budget step may change in a healthy search
 
 
-def search_health(method: Method, result: FinalizeResult) -> dict | None:
+def search_health(method: Method, result: FinalizeResult, step_seconds: float | None = None) -> dict | None:
     """How much of a search's scheme its own mechanism chose (issue 31): where it arrived before the budget
     step against the average it aimed for, the share of layers and of weights the step then changed, and the
     exact model's probe top-1 and loss (the --val-split hold-out's first batches, else fixed training batches)
-    just before and after the step. ``None`` for a method without a budget step."""
+    just before and after the step, and what the step cost: its seconds and that time in training steps of the
+    same run (``step_seconds``, the search epochs' median step). ``None`` for a method without a budget step."""
     before = result.avg_bits_before_budget_step
     if before is None:
         return None
@@ -225,6 +228,13 @@ def search_health(method: Method, result: FinalizeResult) -> dict | None:
         "probe_top1_after": first.get("probe_top1_after"),
         "probe_loss_before": first.get("probe_loss_before"),
         "probe_loss_after": first.get("probe_loss_after"),
+        "budget_step_seconds": getattr(method, "budget_step_seconds", None),
+        "training_step_seconds": step_seconds,
+        "budget_step_in_training_steps": (
+            round(method.budget_step_seconds / step_seconds, 1)
+            if step_seconds and getattr(method, "budget_step_seconds", None) is not None
+            else None
+        ),
         "healthy": distance is not None and abs(distance) <= HEALTHY_DISTANCE and len(moved) <= allowed,
     }
 
@@ -249,6 +259,14 @@ def health_note(health: dict) -> str:
             f" The exact model's top-1 on the probe batches went {health['probe_top1_before']:.2f} % -> "
             f"{health['probe_top1_after']:.2f} % across the step."
         )
+    if health.get("budget_step_seconds") is not None:
+        lines[-1] += f" The step took {health['budget_step_seconds']:.1f} s"
+        if health.get("budget_step_in_training_steps") is not None:
+            lines[-1] += (
+                f", the time of {health['budget_step_in_training_steps']:g} training steps "
+                f"(median step {1000 * health['training_step_seconds']:.1f} ms)"
+            )
+        lines[-1] += "."
     verdict = (
         "healthy: the method chose its scheme and the budget step only trimmed it"
         if health["healthy"]

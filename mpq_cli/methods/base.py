@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import time
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -345,6 +346,7 @@ class Method(ABC):
         self.config = config
         self.selection = selection or LayerSelection()
         self.phase = Phase.SEARCH
+        self.budget_step_seconds: float | None = None  # wall time of the last budget step (in this process)
         self.layers: dict[str, QuantizedLayer] = {}
         # measures the model's loss on a few fixed training batches (given to prepare)
         self.loss_probe: Callable[[], float] | None = None
@@ -467,7 +469,11 @@ class Method(ABC):
             )
         top1 = getattr(probe, "top1", None)  # engine.LossProbe measures it; a user's plain probe does not
         top1_before = top1() if callable(top1) else None
+        started = time.perf_counter()
         changes = self._run_step(step, apply, names, params, now, candidates, probe, never_zero, span)
+        # what the step cost, for the search's health (in training steps of the same run). Kept off the method's
+        # state: its digest must agree between torchrun's ranks, whose clocks do not
+        self.budget_step_seconds = round(time.perf_counter() - started, 3)
         if changes and top1_before is not None:  # the exact model's top-1 on the probe, around the step
             changes[0]["probe_top1_before"], changes[0]["probe_top1_after"] = top1_before, top1()
         return changes
