@@ -111,7 +111,10 @@ def run_row(args, out: Path, records: Path, level: int, seed: int, cell: str, me
     if method in TRANSPLANT_FROM:
         scheme = Path(row["run"]) / "scheme.json"
         keep_record(path.with_suffix(".scheme.json"), json.loads(scheme.read_text()))
-    keep_record(path, {**{k: row.get(k) for k in KEPT}, "label": label_of(cell, method), "command": log[-1]})
+    summary = Path(row["run"]) / "summary.json"  # the search's health (issue 31) and its budget step's cost (32)
+    health = json.loads(summary.read_text()).get("search_health") if summary.is_file() else None
+    record = {**{k: row.get(k) for k in KEPT}, "search_health": health}
+    keep_record(path, {**record, "label": label_of(cell, method), "command": log[-1]})
 
 
 def run_transplant(args, out: Path, records: Path, level: int, seed: int, method: str, log: list[str]) -> None:
