@@ -209,6 +209,33 @@ def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
             f"| {label} | {len(seeds)} | {cell} | {val.mean:.2f} | {nominal:.3f} | {stored:.3f} | {diff_text} | "
             f"{interval} | {p_text} | {verdict} |"
         )
+    return [*lines, "", *health_table(found)]
+
+
+def health_table(found: dict[str, dict[int, dict]]) -> list[str]:
+    """The search health of the rows that have a budget step (issue 31), and its cost (issue 32): means over seeds."""
+    healths = {
+        label: [r["search_health"] for r in by.values() if r.get("search_health")] for label, by in found.items()
+    }
+    healths = {label: h for label, h in healths.items() if h}
+    if not healths:
+        return []
+    lines = [
+        "Search health (means over seeds): where each search arrived by itself, what the budget step then changed, and "
+        "what it cost in training steps of the same run.",
+        "",
+        "| method | bits before budget step | aimed | layers changed | weights changed | budget step, training steps "
+        "| healthy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, h in sorted(healths.items()):
+        cost = [x["budget_step_in_training_steps"] for x in h if x.get("budget_step_in_training_steps") is not None]
+        lines.append(
+            f"| {label} | {spread([x['bits_before_budget_step'] for x in h]).mean:.3f} | {h[0]['aimed_bits']:g} | "
+            f"{spread([x['layers_changed'] for x in h]).mean:.1f} of {h[0]['layers']} | "
+            f"{100 * spread([x['share_of_weights_changed'] for x in h]).mean:.0f} % | "
+            f"{f'{spread(cost).mean:.0f}' if cost else ''} | {sum(bool(x['healthy']) for x in h)} of {len(h)} |"
+        )
     return [*lines, ""]
 
 
