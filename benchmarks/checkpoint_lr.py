@@ -103,17 +103,20 @@ def main() -> None:
     out = (Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out) / args.model
     records = ROOT / "benchmarks/results/checkpoint_lr" / args.model
     methods = [m for m in (args.methods or ",".join(spec["grid"])).split(",") if m]
-    rows = []
-    for method in methods:
-        for lr in spec["grid"][method]:
-            kept = records / f"{method}-{lr}.json"
-            if not kept.is_file():
-                if args.only_report:
-                    continue
-                log: list[str] = []
-                summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
-                keep_record(kept, {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]})
-            rows.append((method, lr, json.loads(kept.read_text())))
+    # every method's default lr first (does any default fail?), then the neighbours (does one beat it?)
+    order = sorted(((i, m, lr) for m in methods for i, lr in enumerate(spec["grid"][m])), key=lambda t: t[0])
+    for _, method, lr in order:
+        kept = records / f"{method}-{lr}.json"
+        if not kept.is_file() and not args.only_report:
+            log: list[str] = []
+            summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
+            keep_record(kept, {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]})
+    rows = [
+        (m, lr, json.loads((records / f"{m}-{lr}.json").read_text()))
+        for m in methods
+        for lr in spec["grid"][m]
+        if (records / f"{m}-{lr}.json").is_file()
+    ]
     title = {"resnet20": "resnet20", "mobilenet_v2": "MobileNetV2"}[args.model]
     lines = [f"# Learning rate from a trained reference ({title}, CIFAR-10)", "", spec["protocol"].strip(), ""]
     lines += ["| method | lr | hold-out top-1 % | test top-1 % | avg bits | stored bits | bits before budget step |"]
