@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def main() -> None:
     for _, method, lr in order:
         kept = records / f"{method}-{lr}.json"
         if not kept.is_file() and not args.only_report:
+            shutil.rmtree(out / f"{method}-{lr}", ignore_errors=True)  # an interrupted attempt's (a used --out)
             log: list[str] = []
             summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
             keep_record(kept, {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]})
