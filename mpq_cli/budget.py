@@ -10,6 +10,8 @@ hand-written heuristic. On it sit the loss-aware budget step CSQ and BSQ share
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,6 +41,11 @@ def choose_options(options: list[list[tuple[int, float]]], params: list[int], lo
 
 
 _SLACK = 1e-6
+# How long HiGHS may search one program. Layers x options stay small for CNNs (resnet50: 54 x 8), solved in
+# milliseconds, but a model of thousands of layers must not hang a run: at the limit the best scheme found is
+# used (it meets the window; it is only not proven optimal) and a warning says so.
+ILP_TIME_LIMIT_ENV = "MPQ_ILP_TIME_LIMIT"
+DEFAULT_ILP_TIME_LIMIT_S = 120.0
 _RESOLVES = 4
 AVERAGE_SLACK = 1e-9  # float error allowed on an average of bits when checking it against a window
 
@@ -63,6 +70,7 @@ def choose_options_within(
     Raises:
         MpqError: if no choice lands inside the window.
     """
+    from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if len(options) != len(params) or any(not opts for opts in options):
@@ -74,20 +82,36 @@ def choose_options_within(
             sizes.append(_layer_total(bits, params[layer]))  # exact: Python integers
             owners.append(layer)
     n = len(costs)
-    one_per_layer = np.zeros((len(options), n))
-    one_per_layer[owners, np.arange(n)] = 1.0
+    # sparse: dense, a model of thousands of layers x 8 options would build a matrix of hundreds of MB
+    one_per_layer = sparse.csr_array((np.ones(n), (owners, np.arange(n))), shape=(len(options), n))
     low, high = low_bits, high_bits
     total = sum(params)
+    limit = float(os.environ.get(ILP_TIME_LIMIT_ENV, DEFAULT_ILP_TIME_LIMIT_S))
     for _ in range(_RESOLVES):
         constraints = [
             LinearConstraint(one_per_layer, 1.0, 1.0),
             LinearConstraint(np.array(sizes, dtype=float)[None, :], float(low), float(high)),
         ]
         result = milp(
-            np.array(costs, dtype=float), constraints=constraints, integrality=np.ones(n), bounds=Bounds(0.0, 1.0)
+            np.array(costs, dtype=float),
+            constraints=constraints,
+            integrality=np.ones(n),
+            bounds=Bounds(0.0, 1.0),
+            options={"time_limit": limit},
         )
-        if not result.success or result.x is None:
+        if result.status == 1 and result.x is None:  # the time limit, before any scheme in the window was found
+            raise MpqError(
+                f"the integer program found no per-layer bit choice within its {limit:g} s limit "
+                f"({len(options)} layers, {n} options); raise ${ILP_TIME_LIMIT_ENV} or offer fewer options"
+            )
+        if result.x is None or result.status not in (0, 1):
             break
+        if result.status == 1:
+            warnings.warn(
+                f"the integer program reached its {limit:g} s limit (${ILP_TIME_LIMIT_ENV}); its best scheme so far "
+                "is used: it meets the budget but is not proven the least costly",
+                stacklevel=2,
+            )
         chosen = np.round(result.x).astype(int)
         picks, start, used = [], 0, 0
         for opts in options:

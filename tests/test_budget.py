@@ -1,5 +1,6 @@
 import itertools
 import random
+import warnings
 
 import pytest
 
@@ -323,3 +324,57 @@ def test_a_ceiling_on_stored_bits_holds_in_the_exported_file(method, fp_run, tmp
     # the count is the file's own: fields padded to bytes, steps and tables, as inspect measures them
     on_file = run_json("inspect", tmp_path / "m.safetensors")["avg_stored_bits"]
     assert on_file == pytest.approx(summary["avg_counted_bits"], abs=1e-9) and on_file <= 3 + 1e-9
+
+
+def _hard_program(layers: int, seed: int = 0):
+    """Many layers with near-tied random costs: a knapsack HiGHS cannot prove optimal in an instant."""
+    rng = random.Random(seed)
+    params = [rng.randint(10_000, 1_000_000) for _ in range(layers)]
+    options = [[(b, -b * rng.uniform(0.9, 1.1)) for b in range(1, 9)] for _ in params]
+    return options, params
+
+
+def test_at_the_solvers_time_limit_the_best_scheme_found_is_used_and_meets_the_window(monkeypatch):
+    """$MPQ_ILP_TIME_LIMIT bounds HiGHS: a model of thousands of layers must not hang a run. What the solver
+    returns at its limit is either a scheme inside the window (with a warning: not proven optimal) or a
+    one-line error naming the limit, never a scheme outside the window."""
+    from mpq_cli.budget import choose_options_within
+
+    options, params = _hard_program(3000)
+    high = sum(4 * p for p in params)  # 4 bits on average at most, 3.99 at least
+    low = high - sum(params) // 100
+    monkeypatch.setenv("MPQ_ILP_TIME_LIMIT", "0.001")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            picks = choose_options_within(options, params, low, high)
+        except MpqError as exc:
+            assert "0.001 s limit" in str(exc) and "MPQ_ILP_TIME_LIMIT" in str(exc)
+            return
+    used = sum(options[i][k][0] * params[i] for i, k in enumerate(picks))
+    assert low <= used <= high
+    assert any("0.001 s limit" in str(w.message) for w in caught)  # the scheme is flagged as not proven optimal
+
+
+def test_a_scheme_found_at_the_time_limit_is_used_with_a_warning(monkeypatch):
+    """HiGHS's answer at its limit (status 1) with a scheme: the scheme is taken, re-checked against the window in
+    exact integers, and flagged; the real solver's optimum on the same program is the reference."""
+    import scipy.optimize
+
+    from mpq_cli.budget import choose_options_within
+
+    monkeypatch.delenv("MPQ_ILP_TIME_LIMIT", raising=False)
+    options, params = _hard_program(6, seed=1)
+    high = sum(4 * p for p in params)
+    optimum = choose_options_within(options, params, 0, high)
+    real_milp = scipy.optimize.milp
+
+    def at_the_limit(*args, **kwargs):
+        assert kwargs["options"]["time_limit"] == 120.0  # the default limit reaches HiGHS
+        result = real_milp(*args, **kwargs)
+        result.status, result.success = 1, False  # as HiGHS reports "time limit reached" with an incumbent
+        return result
+
+    monkeypatch.setattr(scipy.optimize, "milp", at_the_limit)
+    with pytest.warns(UserWarning, match="120 s limit"):
+        assert choose_options_within(options, params, 0, high) == optimum
