@@ -18,6 +18,7 @@ import argparse
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import ROOT, keep_record, run, write_results
@@ -80,13 +81,28 @@ Rule: the default stays unless it fails or a neighbour beats it on the hold-out 
 }
 
 
-def command(model: str, method: str, lr: str, out: Path, data_dir: str) -> list[str]:
+def command(model: str, method: str, lr: str, out: Path, data_dir: str, device: str | None) -> list[str]:
     spec = MODELS[model]
     return [
         "search", "--method", method, "--target-bits", str(spec["targets"][method]), "--model", model,
         "--checkpoint", spec["reference"], "--data", "cifar10", "--data-dir", data_dir, "--val-split", "5000",
         *spec["options"], "--probe-batches", "2", "--seed", "0", "--lr", lr, "--out", str(out / f"{method}-{lr}"),
+        *(["--device", device] if device else []),
     ]  # fmt: skip
+
+
+def run_row(args, method: str, lr: str, out: Path, records: Path) -> None:
+    kept = records / f"{method}-{lr}.json"
+    shutil.rmtree(out / f"{method}-{lr}", ignore_errors=True)  # an interrupted attempt's (a used --out)
+    log: list[str] = []
+    summary = run(command(args.model, method, lr, out, args.data_dir, args.device), log, check=False)
+    record = {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]}
+    keep_record(kept, record | ({"device": args.device} if args.device else {}))
+
+
+def on(record: dict) -> str:
+    """`` (cuda)`` for a run made on another device than mpq's default (the CPU here)."""
+    return f" ({record['device']})" if record.get("device") else ""
 
 
 KEPT = ("val_top1", "top1", "avg_bits", "avg_stored_bits", "avg_bits_before_budget_step", "error")
@@ -98,21 +114,21 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated (default: the model's grid)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
     parser.add_argument("--out", default="runs/checkpoint_lr", help="run directories (scratch)")
+    parser.add_argument("--records", default=None, help="kept runs (default benchmarks/results/checkpoint_lr/MODEL)")
+    parser.add_argument("--device", default=None, help="passed to every search (default: mpq's, auto)")
+    parser.add_argument("--jobs", type=int, default=1, help="searches at once (on a GPU machine: several)")
     parser.add_argument("--only-report", action="store_true", help="the page from the kept runs, run nothing")
     args = parser.parse_args()
     spec = MODELS[args.model]
     out = (Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out) / args.model
-    records = ROOT / "benchmarks/results/checkpoint_lr" / args.model
+    records = Path(args.records) if args.records else ROOT / "benchmarks/results/checkpoint_lr" / args.model
     methods = [m for m in (args.methods or ",".join(spec["grid"])).split(",") if m]
     # every method's default lr first (does any default fail?), then the neighbours (does one beat it?)
     order = sorted(((i, m, lr) for m in methods for i, lr in enumerate(spec["grid"][m])), key=lambda t: t[0])
-    for _, method, lr in order:
-        kept = records / f"{method}-{lr}.json"
-        if not kept.is_file() and not args.only_report:
-            shutil.rmtree(out / f"{method}-{lr}", ignore_errors=True)  # an interrupted attempt's (a used --out)
-            log: list[str] = []
-            summary = run(command(args.model, method, lr, out, args.data_dir), log, check=False)
-            keep_record(kept, {k: summary[k] for k in KEPT if summary.get(k) is not None} | {"command": log[-1]})
+    missing = [(m, lr) for _, m, lr in order if not (records / f"{m}-{lr}.json").is_file()]
+    if not args.only_report:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # threads: each waits on its own process
+            list(pool.map(lambda row: run_row(args, *row, out, records), missing))
     rows = [
         (m, lr, json.loads((records / f"{m}-{lr}.json").read_text()))
         for m in methods
@@ -126,11 +142,11 @@ def main() -> None:
     best = {}
     for method, lr, s in rows:
         if "error" in s:
-            lines.append(f"| {method} | {lr} | failed: {s['error'][:160]} | | | | |")
+            lines.append(f"| {method} | {lr}{on(s)} | failed: {s['error'][:160]} | | | | |")
             continue
         before = s.get("avg_bits_before_budget_step")
         lines.append(
-            f"| {method} | {lr} | {s['val_top1']:.2f} | {s['top1']:.2f} | {s['avg_bits']:.3f} | "
+            f"| {method} | {lr}{on(s)} | {s['val_top1']:.2f} | {s['top1']:.2f} | {s['avg_bits']:.3f} | "
             f"{s['avg_stored_bits']:.3f} | {'' if before is None else f'{before:.3f}'} |"
         )
         if method not in best or s["val_top1"] > best[method][1]:
