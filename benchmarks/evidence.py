@@ -68,8 +68,14 @@ CELLS = {
     "bmpq": ("bmpq", lambda level: level + 1, [*EDGES, "--set", "act_follow_weights=false"]),
     "alq": ("alq", lambda level: round((level + 1) / ALQ_STORED_PER_BASIS, 2), EDGES),
     "uniform-noedges": ("uniform", lambda level: level, []),
+    # issue 32, part 3: CSQ with the budget step's screen against the exact probe, paired by seed
+    "csq-screen": ("csq", lambda level: level, [*EDGES, "--budget-probe", "screen"]),
 }
 TRANSPLANT_FROM = ("csq", "bsq")
+SCREEN_CELL = {"levels": (2,), "seeds": (0, 1, 2)}  # where the screen rows run: enough for a 3-seed interval
+LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "csq-screen": (" (budget screen)", "-screen")}
+# (row, reference row): a paired difference of test top-1 shown under each level's table
+PAIRS = [("csq (budget screen)", "csq")]
 
 
 def common(args) -> list[str]:
@@ -80,13 +86,15 @@ def common(args) -> list[str]:
 
 
 def label_of(cell: str, method: str) -> str:
-    return method + (" (no edges)" if cell == "uniform-noedges" else "")
+    return method + LABEL_SUFFIX.get(cell, ("", ""))[0]
 
 
 def record_path(records: Path, level: int, label: str, seed: int) -> Path:
     """Where one finished row is kept: ``L2/csq-seed0.json``, ``L2/uniform-noedges-seed1.json``,
     ``L3/uniform-on-bsq-seed2.json`` (a label's spaces, parentheses and apostrophes dropped)."""
-    slug = label.replace(" (no edges)", "-noedges").replace("'s scheme", "").replace(" ", "-")
+    for text, slug_part in LABEL_SUFFIX.values():
+        label = label.replace(text, slug_part)
+    slug = label.replace("'s scheme", "").replace(" ", "-")
     return records / f"L{level}" / f"{slug}-seed{seed}.json"
 
 
@@ -149,6 +157,8 @@ def run_sweeps(args, out: Path, records: Path, log: list[str]) -> None:
     for level, seeds in parse_schedule(args.schedule):
         for seed in seeds:  # seed by seed: every finished seed is a complete pairing
             for cell, (methods, _, _) in CELLS.items():
+                if cell == "csq-screen" and (level not in SCREEN_CELL["levels"] or seed not in SCREEN_CELL["seeds"]):
+                    continue
                 for method in methods.split(","):
                     run_row(args, out, records, level, seed, cell, method, log)
             for method in TRANSPLANT_FROM:
@@ -209,6 +219,14 @@ def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
             f"| {label} | {len(seeds)} | {cell} | {val.mean:.2f} | {nominal:.3f} | {stored:.3f} | {diff_text} | "
             f"{interval} | {p_text} | {verdict} |"
         )
+    for row, reference in PAIRS:
+        shared = sorted(set(found.get(row, {})) & set(found.get(reference, {})))
+        if shared:
+            d = paired_difference(
+                [found[row][s]["top1"] for s in shared], [found[reference][s]["top1"] for s in shared]
+            )
+            interval = f", 95 % interval [{d.low:+.2f}, {d.high:+.2f}], p {d.p:.3f}" if d.low is not None else ""
+            lines += ["", f"{row} − {reference}, paired by seed ({len(shared)}): {d.mean:+.2f} points{interval}."]
     return [*lines, "", *health_table(found)]
 
 
