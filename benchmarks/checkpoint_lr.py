@@ -76,7 +76,8 @@ each lr with the rest of the method's `--recipe checkpoint` settings. A check of
 second, harder network (depthwise layers): does the default diverge or collapse, and does a neighbouring lr
 beat it on the hold-out? Short and one seed: a screen, not a comparison of methods. Measured on one H200
 (`--device cuda --jobs 11`: the 11 searches at once took 159 s; rows marked (cuda)); the same csq 0.003 search
-on this 2-core CPU gave 80.60 % hold-out and 80.23 % test against the GPU's 80.72 and 79.81 %.""",
+on this 2-core CPU gave 80.60 % hold-out and 80.23 % test against the GPU's 80.72 and 79.81 %, and uniform
+0.01 87.90 and 87.52 % against 87.88 and 87.36 %.""",
         "rule": """
 Rule: each method's `--recipe checkpoint` lr is the one with the best mean hold-out top-1 over the two
 references (both grids hold it). From these rows: CSQ 0.01 (85.36 and 85.60 %, against 0.003's 85.44 and
