@@ -381,6 +381,13 @@ class ALQ(Method):
         self._kind = "coord"
         self._block_steps = 1
         self._block_step = 0
+        # the plan's unit: an epoch, or for a search of fewer epochs than a round needs (prune, bases,
+        # coordinates), a share of one (on_step_end moves to the next slot at its first step)
+        self._slots_per_epoch = 1
+        self._slot_starts: list[int] = [0]  # steps into the epoch where each of its slots starts
+        self._slot_steps: list[int] = [1]
+        self._epoch_step = 0
+        self._epoch = 0
         self._prune: dict | None = None
         self._model: nn.Module | None = None
         self._first_conv: str | None = None
@@ -475,23 +482,43 @@ class ALQ(Method):
 
     # -- training hooks ------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        # *ours*: a search of fewer epochs than one round's prune, bases and coordinates (3) splits each epoch into
+        # slots, so that a one-epoch search from a trained model still recovers after it prunes (pruning the whole
+        # epoch from the 8-basis sketch to 2 bases left MobileNetV2 at 17 % top-1). The paper's runs are epochs.
+        short = self.phase == Phase.SEARCH and epochs < 3 and self.config.rounds is None
+        short = short and steps_per_epoch >= math.ceil(3 / epochs)  # a slot needs a step at least
+        self._slots_per_epoch = math.ceil(3 / epochs) if short else 1
+        slots = epochs * self._slots_per_epoch
+        per = self._slots_per_epoch
+        self._slot_starts = [round(i * steps_per_epoch / per) for i in range(per)]
+        self._slot_steps = [
+            (self._slot_starts[i + 1] if i + 1 < per else steps_per_epoch) - self._slot_starts[i] for i in range(per)
+        ]
         if self.phase == Phase.FINETUNE:
             basis = min(epochs - 1, max(1, round(self.config.basis_share * epochs))) if epochs > 1 else 1
             kinds = ["basis"] * basis + ["coord"] * (epochs - basis)
             self.plan = [(0, k) for k in kinds]
-        elif not self.plan or len(self.plan) != epochs:
-            self.rounds = self._resolve_rounds(epochs)
-            self.plan = plan_epochs(epochs, self.rounds, self.config.basis_share)
-        round_, kind = self.plan[epoch]
-        first, last = epoch, epoch  # the block: consecutive epochs of one kind (a pruning epoch is its own)
+        elif not self.plan or len(self.plan) != slots:
+            self.rounds = self._resolve_rounds(slots)
+            self.plan = plan_epochs(slots, self.rounds, self.config.basis_share)
+        self._epoch, self._epoch_step = epoch, 0
+        self._start_slot(epoch * per)
+
+    def _start_slot(self, slot: int) -> None:
+        """Set up the plan's ``slot`` (an epoch, or a share of one in a short search): its kind, its block's
+        length for the lr halving, and for a pruning slot the round's target."""
+        round_, kind = self.plan[slot]
+        steps = self._slot_steps[slot % self._slots_per_epoch]
+        first, last = slot, slot  # the block: consecutive slots of one kind (a pruning slot is its own)
         if kind != "prune":
             while first > 0 and self.plan[first - 1] == (round_, kind):
                 first -= 1
             while last + 1 < len(self.plan) and self.plan[last + 1] == (round_, kind):
                 last += 1
-        self._block_steps = (last - first + 1) * steps_per_epoch
-        self._block_step = (epoch - first) * steps_per_epoch  # also right when resumed inside a block
-        if epoch == first:
+        # slots of one epoch differ by a step at most: the block's length in this slot's steps is exact for epochs
+        self._block_steps = (last - first + 1) * steps
+        self._block_step = (slot - first) * steps  # also right when resumed inside a block
+        if slot == first:
             for q in self.quantizers().values():
                 q.reset_moments()
         self._kind = kind
@@ -504,7 +531,7 @@ class ALQ(Method):
                 "start": start,
                 "target": min(start, target),
                 "removed": 0,
-                "steps": steps_per_epoch,
+                "steps": steps,
                 "step": 0,
                 "bits_before": self.average_bits(),
             }
@@ -535,6 +562,10 @@ class ALQ(Method):
         self._block_step += 1
         for q in quantizers.values():
             q.last_weight = None
+        self._epoch_step += 1
+        slot = self._slot_starts.index(self._epoch_step) if self._epoch_step in self._slot_starts[1:] else None
+        if slot is not None:  # a short search's next share of this epoch
+            self._start_slot(self._epoch * self._slots_per_epoch + slot)
 
     def _prune_step(self) -> None:
         """Alg. 2, one iteration: remove coordinates until this step's share of the round is gone."""
