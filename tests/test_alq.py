@@ -113,9 +113,10 @@ def _train(model, method, epochs, steps=2, shape=(8, 1, 28, 28), seed=0):
             method.on_step_end()
 
 
-def test_a_one_epoch_search_prunes_then_recovers_within_its_epoch():
-    """Fewer epochs than a round's prune, bases and coordinates: the epoch is split in three, so the pruned model
-    trains its bases and coordinates before the search ends (pruning the whole epoch left MobileNetV2 at 17 %)."""
+def test_a_one_epoch_search_prunes_in_rounds_and_trains_bases_and_coordinates_after_each():
+    """Fewer epochs than the rounds' prune, bases and coordinates: the epoch is split into three slots per round
+    --prune-ratio needs, so no round cuts more than its share and the pruned model trains its bases and
+    coordinates before the search ends (one pruning epoch from 8 bases to 2 left MobileNetV2 at 17 %)."""
     torch.manual_seed(0)
     model = lenet5(10, 1, (28, 28))
     method = ALQ(ALQConfig(target_bits=2.0, max_bits=4))
@@ -128,11 +129,14 @@ def test_a_one_epoch_search_prunes_then_recovers_within_its_epoch():
         step_end()
 
     method.on_step_end = record_kind
-    _train(model, method, epochs=1, steps=9)
-    assert method.plan == [(0, "prune"), (0, "basis"), (0, "coord")]
-    assert kinds == ["prune"] * 3 + ["basis"] * 3 + ["coord"] * 3
-    assert len(method.history) == 1 and method.history[0]["bits_after"] <= 2.0  # the round closed at its slot's end
-    assert method.finalize().budget_met
+    rounds = method._needed_rounds(1)  # 4 bases to 2 at --prune-ratio 0.4: two rounds
+    _train(model, method, epochs=1, steps=20)  # 6 slots of 3 or 4 steps
+    assert rounds == 2 and method.plan == [(r, k) for r in range(2) for k in ("prune", "basis", "coord")]
+    starts = [0, 3, 7, 10, 13, 17, 20]  # round(i * 20 / 6)
+    assert kinds == [method.plan[i][1] for i in range(6) for _ in range(starts[i + 1] - starts[i])]
+    assert [h["round"] for h in method.history] == [1, 2]  # each round closed at its slot's end
+    assert all(h["bits_before"] - h["bits_after"] <= 0.4 * h["bits_before"] + 0.05 for h in method.history)
+    assert method.history[-1]["bits_after"] <= 2.0 and method.finalize().budget_met
 
 
 def test_model_holds_no_full_precision_weight_and_trains_only_biases_and_batchnorm():

@@ -37,7 +37,10 @@ Decisions where the paper leaves room (docs/methods/alq.md):
 - The epochs of a run are shared out: per round one pruning epoch, then the rest a
   third on bases and two thirds on coordinates (the paper: 10 and 20), the remainder
   of the division going to the last round. Learning rates drop tenfold halfway
-  through each block (Appendix B.2).
+  through each block (Appendix B.2). A search of one or two epochs (*ours*) is planned
+  the same way over slots of steps, three per round ``--prune-ratio`` needs, so that
+  each round prunes at most that share and the model trains bases and coordinates
+  after it within the search.
 - Moments restart at the start of each block, since the bases they were taken on
   have changed.
 - ``--act-bits N`` quantizes the input of every quantized layer but the first (the
@@ -469,25 +472,26 @@ class ALQ(Method):
             if self.config.rounds > epochs:
                 raise MpqError(f"--rounds {self.config.rounds} needs at least as many epochs (--epochs {epochs})")
             return self.config.rounds
+        return max(1, min(self._needed_rounds(epochs), epochs // 3 if epochs >= 3 else 1))
+
+    def _needed_rounds(self, epochs: int) -> int:
+        """The rounds ``--prune-ratio`` needs from the sketch to the target (none past the target)."""
         start, end = self.initial_weight_bits, self.target_weight_bits()
         if start <= end:
-            needed = 1
-        else:
-            needed = (
-                max(1, math.ceil(math.log(end / start) / math.log(1 - self.config.prune_ratio) - 1e-9))
-                if end > 0
-                else max(1, epochs // 3)
-            )
-        return max(1, min(needed, epochs // 3 if epochs >= 3 else 1))
+            return 1
+        if end <= 0:
+            return max(1, epochs // 3)
+        return max(1, math.ceil(math.log(end / start) / math.log(1 - self.config.prune_ratio) - 1e-9))
 
     # -- training hooks ------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
         # *ours*: a search of fewer epochs than one round's prune, bases and coordinates (3) splits each epoch into
         # slots, so that a one-epoch search from a trained model still recovers after it prunes (pruning the whole
         # epoch from the 8-basis sketch to 2 bases left MobileNetV2 at 17 % top-1). The paper's runs are epochs.
+        # as many slots as the rounds --prune-ratio needs take (prune, bases, coordinates each), a slot a step at least
+        per = math.ceil(3 * self._needed_rounds(3) / epochs)
         short = self.phase == Phase.SEARCH and epochs < 3 and self.config.rounds is None
-        short = short and steps_per_epoch >= math.ceil(3 / epochs)  # a slot needs a step at least
-        self._slots_per_epoch = math.ceil(3 / epochs) if short else 1
+        self._slots_per_epoch = per if short and steps_per_epoch >= per else 1
         slots = epochs * self._slots_per_epoch
         per = self._slots_per_epoch
         self._slot_starts = [round(i * steps_per_epoch / per) for i in range(per)]
@@ -515,9 +519,9 @@ class ALQ(Method):
                 first -= 1
             while last + 1 < len(self.plan) and self.plan[last + 1] == (round_, kind):
                 last += 1
-        # slots of one epoch differ by a step at most: the block's length in this slot's steps is exact for epochs
-        self._block_steps = (last - first + 1) * steps
-        self._block_step = (slot - first) * steps  # also right when resumed inside a block
+        length = [self._slot_steps[i % self._slots_per_epoch] for i in range(len(self.plan))]
+        self._block_steps = sum(length[first : last + 1])  # in steps: slots of one epoch may differ by one
+        self._block_step = sum(length[first:slot])  # also right when resumed inside a block
         if slot == first:
             for q in self.quantizers().values():
                 q.reset_moments()

@@ -43,9 +43,10 @@ Decisions where the paper leaves room (BMPQ has no public code; docs/methods/bmp
 - "First and last layers" are the model's first and last Conv2d/Linear in module order.
 - The schedule is in epochs; by default the interval is a tenth of the search (the
   paper: 20 of 200 epochs) and the warm-up one interval. The last assignment is the
-  scheme: the final epochs train under it, as the paper's intervals do. A run shorter
-  than the default warm-up (one epoch) keeps those proportions in steps: an assignment
-  at every tenth of its steps (*ours*; at its end, untrained, MobileNetV2 fell to 12 %).
+  scheme: the final epochs train under it, as the paper's intervals do. A one-epoch
+  run (its default warm-up is the whole epoch) keeps those proportions in steps: an
+  assignment at the end of each of its first nine tenths (*ours*; assigned at its end,
+  untrained, MobileNetV2 fell to 12 %).
   A run too short for the schedule the user set is assigned at its end (the report says so).
 - The memory budget counts weight bits as Eq. 11 does (params x bits, every
   quantized layer including the 16-bit edges); steps and other tensors are not in
@@ -295,11 +296,11 @@ class BMPQ(Method):
         self.last_assigned_epoch = -1
         self.assigned_at_end = False
         self._epochs = 0
+        self._steps_per_epoch = 1
         self._trace: tuple[list, list] | None = None
         # a search too short for the epoch schedule assigns every tenth of its steps instead (on_step_end)
         self._step = 0
-        self._total_steps = 0
-        self._step_interval = 0
+        self._assign_steps: set[int] = set()
 
     # -- building ----------------------------------------------------------------------------
     def make_weight_quantizer(self, name, layer, fixed_bits):
@@ -392,19 +393,22 @@ class BMPQ(Method):
         # (MobileNetV2, one epoch from a trained reference: 12 % top-1). Such a run keeps the paper's proportions
         # in steps: an assignment at every tenth of its steps, each from the NBG of the tenth before it.
         schedule_unset = self.config.interval is None and self.config.warmup_epochs is None
-        self._total_steps = epochs * steps_per_epoch
-        self._step_interval = max(1, round(self._total_steps / 10)) if schedule_unset and warmup >= epochs else 0
+        total = epochs * steps_per_epoch
+        # the k-th tenth's end, k = 1..9: the last one leaves a tenth of the run to train under the scheme
+        in_epoch = schedule_unset and warmup >= epochs
+        self._assign_steps = {round(k * total / 10) for k in range(1, 10)} - {0, total} if in_epoch else set()
+        self._steps_per_epoch = steps_per_epoch
         self._step = epoch * steps_per_epoch
 
     def on_step_end(self) -> None:
         if self._trace is not None:
             self._finish_tie_trace()
-        if self.phase is not Phase.SEARCH or not self._step_interval:
+        if self.phase is not Phase.SEARCH or not self._assign_steps:
             return
         self._step += 1
-        if self._step % self._step_interval == 0 and self._step < self._total_steps:
+        if self._step in self._assign_steps:
             self._close_epoch()  # the NBG window since the last assignment
-            self.assign(round(self._step / (self._total_steps / self._epochs), 3))  # "epoch": where it fell
+            self.assign(round(self._step / self._steps_per_epoch, 3))  # "epoch": the epochs trained so far
 
     def _close_epoch(self) -> None:
         # each rank recorded the bit gradients of its own batches: ENBG is their mean over every rank's steps
