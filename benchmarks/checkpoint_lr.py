@@ -80,9 +80,11 @@ on this 2-core CPU gave 80.60 % hold-out and 80.23 % test against the GPU's 80.7
 0.01 87.90 and 87.52 % against 87.88 and 87.36 %.""",
         "rule": """
 Rule: each method's `--recipe checkpoint` lr is the one with the best mean hold-out top-1 over the two
-references (both grids hold it). From these rows: CSQ 0.01 (85.36 and 85.60 %, against 0.003's 85.44 and
-80.72 %) and uniform 0.003 (86.68 and 89.50 %, against 0.01's 86.64 and 87.88 %) replace 0.003 and 0.01;
-BSQ keeps 0.1 (84.40 and 77.08 % against 0.01's 82.98 and 78.20 %: means 80.74 and 80.59). BMPQ and ALQ
+references (both grids hold it), unless it fails a longer search. From these rows: uniform 0.003 (86.68 and
+89.50 %, against 0.01's 86.64 and 87.88 %) replaces 0.01; BSQ keeps 0.1 (84.40 and 77.08 % against 0.01's
+82.98 and 78.20 %: means 80.74 and 80.59). CSQ's best here is 0.01 (85.36 and 85.60 %, against 0.003's
+85.44 and 80.72 %), but at 0.01 the evidence page's two-epoch resnet20 search (2 bits, seed 0) collapsed
+seven layers to all-zero codes, so CSQ keeps 0.003 until two-epoch searches are screened too. BMPQ and ALQ
 collapsed at every lr here, so this screen cannot choose their lr: BMPQ's one epoch was too short for an
 assignment during training (its scheme was assigned at the end, untrained: 12 %), and ALQ's one epoch pruned
 from 8 bases to 2 with no recovery (17 %; resnet20's 6-basis runs survived it, 84.7 %). Both now plan a short
