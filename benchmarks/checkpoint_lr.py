@@ -51,9 +51,9 @@ not a comparison of methods.""",
 Rule: the best hold-out top-1; where another lr is within 0.1 point of it (one seed cannot tell them apart)
 the method's existing default is kept (uniform: 0.01 against 0.003), and between two new ones the search
 that lands nearer its budget by itself (CSQ: 0.003, 2.10 bits before the budget step, against 0.01's
-2.21). BMPQ's best is the grid's lowest lr: lower ones are untried. Superseded for CSQ and uniform by the
-two-reference rule of benchmarks/results/checkpoint_lr_mobilenet_v2.md (the best mean hold-out top-1 over
-resnet20 and MobileNetV2): CSQ 0.01, uniform 0.003.""",
+2.21). BMPQ's best is the grid's lowest lr: lower ones are untried. Superseded for uniform by the two-reference
+rule of benchmarks/results/checkpoint_lr_mobilenet_v2.md (the best mean hold-out top-1 over resnet20 and
+MobileNetV2): uniform 0.003; CSQ keeps 0.003 (0.01, best there, collapsed a two-epoch resnet20 search).""",
     },
     "mobilenet_v2": {
         "reference": "benchmarks/references/mobilenet_v2-cifar10.safetensors",
