@@ -179,14 +179,18 @@ def rows_of(records: Path, level: int) -> dict[str, dict[int, dict]]:
 def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
     lines = [f"## resnet20, {level} bits + sign", ""]
     uniforms = {k: v for k, v in found.items() if k in ("uniform", "uniform (no edges)")}
-    if not uniforms:
-        return [*lines, "No uniform run has finished yet.", ""]
+    if not found:
+        return [*lines, "No row has finished yet.", ""]
     # the better uniform, chosen on the hold-out (mean val_top1 over its seeds), never on the test split
-    best_label = max(uniforms, key=lambda k: spread([r["val_top1"] for r in uniforms[k].values()]).mean)
-    best = uniforms[best_label]
+    best_label = (
+        max(uniforms, key=lambda k: spread([r["val_top1"] for r in uniforms[k].values()]).mean) if uniforms else None
+    )
+    best = uniforms.get(best_label, {})
     lines += [
         f"Baseline: **{best_label}** (the better uniform on the hold-out). Difference: the row's test top-1 minus the "
-        "baseline's, paired by seed; 95 % t interval; exact sign-flip p (its floor, 2/2^n, beside it).",
+        "baseline's, paired by seed; 95 % t interval; exact sign-flip p (its floor, 2/2^n, beside it)."
+        if best_label
+        else "No uniform run has finished yet: no row has a difference.",
         "",
         "| method | seeds | test top-1 % (mean ± std) | hold-out top-1 % | nominal bits | stored bits | difference "
         "| 95 % interval | p (floor) | verdict |",
