@@ -270,10 +270,31 @@ def _cached_image_splits(source: Path, splits: tuple[str, str], classes: tuple[s
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_CACHE_ORDER_SEED))
         tensors[f"{split}.images"], tensors[f"{split}.labels"] = images[order].contiguous(), labels[order]
     try:
-        save_safetensors(cache, tensors, {"mpq.classes": ",".join(classes), "mpq.source": str(source)})
+        save_safetensors(cache, tensors, {"mpq.classes": ",".join(classes), "mpq.source": str(source.resolve())})
     except OSError:  # no writable cache folder: decode again next time
         pass
+    else:
+        _drop_stale_caches(cache, source)
     return tuple((tensors[f"{s}.images"], tensors[f"{s}.labels"]) for s in splits)
+
+
+def _drop_stale_caches(kept: Path, source: Path) -> None:
+    """Remove the caches of ``source`` that ``kept`` replaces: an archive copied again or a folder whose files
+    changed gets a new key, and each stale cache is a full uint8 copy of the dataset (185 MB for CIFAR-10).
+    Only caches that say they are of the same source go; another dataset of the same file name keeps its own."""
+    from safetensors import safe_open
+
+    for other in kept.parent.glob(f"{source.name}.*.mpq-cache.safetensors"):
+        if other == kept:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as f:
+                recorded = (f.metadata() or {}).get("mpq.source")
+            # older caches recorded the path as given (perhaps relative): resolved from here, or left alone
+            if recorded is not None and Path(recorded).resolve() == source.resolve():
+                other.unlink()
+        except Exception:  # unreadable, or another process's: not ours to judge
+            continue
 
 
 def _decode_all(source: Path, names: list[str]) -> torch.Tensor:

@@ -59,6 +59,24 @@ def test_a_cifar10_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypat
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
 
 
+def test_a_changed_dataset_replaces_its_cache_and_leaves_other_datasets_caches(tmp_path):
+    """Each cache is a full copy of the dataset: a dataset whose files changed gets a new cache, and its old one
+    goes; a cache of another source with the same file name stays."""
+    _write_folder(tmp_path / "cifar10")
+    load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=8))
+    folder = tmp_path / "cifar10" / ".mpq-cache"
+    (first,) = folder.glob("*.safetensors")
+    from mpq_cli.rundir import save_safetensors
+
+    elsewhere = folder / "cifar10.0123456789abcdef.mpq-cache.safetensors"  # same name, another source
+    save_safetensors(elsewhere, {"x": torch.zeros(1)}, {"mpq.source": str(tmp_path / "other" / "cifar10")})
+    _write_folder(tmp_path / "cifar10", per_class=(4, 2))  # one more training image per class: a new key
+    _, train, _ = load_data(DataConfig("cifar10", data_dir=str(tmp_path), batch_size=8))
+    assert train.images.shape[0] == 40
+    remaining = sorted(folder.glob("*.safetensors"))
+    assert first not in remaining and elsewhere in remaining and len(remaining) == 2
+
+
 def test_an_archive_of_the_folders_reads_the_same(tmp_path):
     _write_folder(tmp_path / "src")
     archive = tmp_path / "data" / "cifar10-images.tar.gz"
