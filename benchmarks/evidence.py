@@ -8,8 +8,9 @@ still missing (an interrupted row restarts; the run directories under `runs/` ar
 
     nice .venv/bin/python benchmarks/evidence.py                 # benchmarks/results/evidence.md
     nice .venv/bin/python benchmarks/evidence.py --only-report   # the page from the kept rows alone
+    python benchmarks/evidence.py --model mobilenet_v2 --device cuda --jobs 8   # on a GPU machine (its own page)
 
-Protocol (resnet20 on the shared CIFAR-10 JPEGs; MobileNetV2 joins once its reference is trained):
+Protocol (resnet20 on the shared CIFAR-10 JPEGs; `--model mobilenet_v2` as its page says):
 
 - Start: the trained FP32 reference `benchmarks/references/resnet20-cifar10.safetensors` (benchmarks/references.py:
   40 epochs, 87.21 % test top-1), `--val-split 5000`, its own hold-out (it never trained on those images).
@@ -40,6 +41,7 @@ import argparse
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,10 +50,29 @@ from _common import ROOT, keep_record, partial_note, run, sweep_row, write_resul
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
 
-REFERENCE = "benchmarks/references/resnet20-cifar10.safetensors"
-# (level, seeds) in the order they run: every cell at 3 seeds first, then the 2-bit cells to 5 (a sweep's seeds are
-# all its rows: the later 2-bit sweeps read seeds 0-2 back and run 3 and 4)
-SCHEDULE = "2:0,1,2;3:0,1,2;2:0,1,2,3,4"
+# Per model: the reference, its data options, the (level, seeds) schedule in the order rows run (every cell at 3
+# seeds first, then the closest cells to 5), ALQ's stored bits per basis there (its target follows the others'
+# stored bits), the level of the budget-screen rows, and the page.
+MODELS = {
+    "resnet20": {
+        "reference": "benchmarks/references/resnet20-cifar10.safetensors",
+        "options": [],
+        "schedule": "2:0,1,2;3:0,1,2;2:0,1,2,3,4",
+        "alq_per_basis": 1.86,  # 2 bases stored 3.72 bits (benchmarks/results/checkpoint_lr.md)
+        "screen_level": 2,
+        "page": "benchmarks/results/evidence.md",
+        "title": "resnet20",
+    },
+    "mobilenet_v2": {
+        "reference": "benchmarks/references/mobilenet_v2-cifar10.safetensors",
+        "options": ["--input-size", "3,96,96", "--batch-size", "64"],
+        "schedule": "3:0,1,2;4:0,1,2",
+        "alq_per_basis": 1.25,  # 2 bases stored 2.50 bits (benchmarks/results/checkpoint_lr_mobilenet_v2.md)
+        "screen_level": 3,
+        "page": "benchmarks/results/evidence_mobilenet_v2.md",
+        "title": "MobileNetV2",
+    },
+}
 
 
 def parse_schedule(text: str) -> list[tuple[int, list[int]]]:
@@ -61,18 +82,17 @@ def parse_schedule(text: str) -> list[tuple[int, list[int]]]:
 
 
 EDGES = ["--edge-bits", "8"]
-ALQ_STORED_PER_BASIS = 1.86  # resnet20's stored bits per ALQ basis (coordinates included), checkpoint_lr.md
-# per level: sweep name, methods, target, extra arguments
+# per cell: methods, target of a level, extra arguments (ALQ's target: the model's stored bits per basis)
 CELLS = {
-    "edges8": ("csq,bsq,uniform", lambda level: level, EDGES),
-    "bmpq": ("bmpq", lambda level: level + 1, [*EDGES, "--set", "act_follow_weights=false"]),
-    "alq": ("alq", lambda level: round((level + 1) / ALQ_STORED_PER_BASIS, 2), EDGES),
-    "uniform-noedges": ("uniform", lambda level: level, []),
+    "edges8": ("csq,bsq,uniform", lambda level, model: level, EDGES),
+    "bmpq": ("bmpq", lambda level, model: level + 1, [*EDGES, "--set", "act_follow_weights=false"]),
+    "alq": ("alq", lambda level, model: round((level + 1) / MODELS[model]["alq_per_basis"], 2), EDGES),
+    "uniform-noedges": ("uniform", lambda level, model: level, []),
     # issue 32, part 3: CSQ with the budget step's screen against the exact probe, paired by seed
-    "csq-screen": ("csq", lambda level: level, [*EDGES, "--budget-probe", "screen"]),
+    "csq-screen": ("csq", lambda level, model: level, [*EDGES, "--budget-probe", "screen"]),
 }
 TRANSPLANT_FROM = ("csq", "bsq")
-SCREEN_CELL = {"levels": (2,), "seeds": (0, 1, 2)}  # where the screen rows run: enough for a 3-seed interval
+SCREEN_SEEDS = (0, 1, 2)  # the screen rows run at the model's screen level: enough for a 3-seed interval
 LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "csq-screen": (" (budget screen)", "-screen")}
 # (row, reference row): a paired difference of test top-1 shown under each level's table
 PAIRS = [("csq (budget screen)", "csq")]
@@ -80,8 +100,9 @@ PAIRS = [("csq (budget screen)", "csq")]
 
 def common(args) -> list[str]:
     return [
-        "--model", "resnet20", "--checkpoint", REFERENCE, "--data", "cifar10", "--data-dir", args.data_dir,
-        "--val-split", "5000", "--epochs", str(args.epochs), "--probe-batches", "2", *args.extra.split(),
+        "--model", args.model, "--checkpoint", MODELS[args.model]["reference"], *MODELS[args.model]["options"],
+        "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000", "--epochs", str(args.epochs),
+        "--probe-batches", "2", *(["--device", args.device] if args.device else []), *args.extra.split(),
     ]  # fmt: skip
 
 
@@ -110,7 +131,7 @@ def run_row(args, out: Path, records: Path, level: int, seed: int, cell: str, me
     if path.is_file():
         return
     sweep = out / f"L{level}" / f"{cell}-{method}-seed{seed}"
-    command = ["sweep", "--method", method, "--target-bits", f"{target(level):g}", *extra, *common(args)]
+    command = ["sweep", "--method", method, "--target-bits", f"{target(level, args.model):g}", *extra, *common(args)]
     command += ["--seeds", str(seed), "--out", str(sweep)]
     row, why = sweep_row(command, sweep, log)
     if row is None:
@@ -153,16 +174,27 @@ def run_transplant(args, out: Path, records: Path, level: int, seed: int, method
     )
 
 
-def run_sweeps(args, out: Path, records: Path, log: list[str]) -> None:
+def run_sweeps(args, out: Path, records: Path) -> None:
+    """Seed by seed (every finished seed is a complete pairing); with ``--jobs N`` (a GPU machine), every method row
+    at once, N at a time, then the transplants, which read the CSQ and BSQ rows' schemes."""
+    rows, transplants = [], []
     for level, seeds in parse_schedule(args.schedule):
-        for seed in seeds:  # seed by seed: every finished seed is a complete pairing
+        for seed in seeds:
             for cell, (methods, _, _) in CELLS.items():
-                if cell == "csq-screen" and (level not in SCREEN_CELL["levels"] or seed not in SCREEN_CELL["seeds"]):
+                screen = level == MODELS[args.model]["screen_level"] and seed in SCREEN_SEEDS
+                if cell == "csq-screen" and not screen:
                     continue
-                for method in methods.split(","):
-                    run_row(args, out, records, level, seed, cell, method, log)
-            for method in TRANSPLANT_FROM:
-                run_transplant(args, out, records, level, seed, method, log)
+                rows += [(level, seed, cell, method) for method in methods.split(",")]
+            transplants += [(level, seed, method) for method in TRANSPLANT_FROM]
+            if args.jobs <= 1:  # in order, seed by seed
+                for row in rows:
+                    run_row(args, out, records, *row, [])
+                for transplant in transplants:
+                    run_transplant(args, out, records, *transplant, [])
+                rows, transplants = [], []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # threads: each waits on its own process
+        list(pool.map(lambda row: run_row(args, out, records, *row, []), rows))
+        list(pool.map(lambda t: run_transplant(args, out, records, *t, []), transplants))
 
 
 def rows_of(records: Path, level: int) -> dict[str, dict[int, dict]]:
@@ -176,8 +208,8 @@ def rows_of(records: Path, level: int) -> dict[str, dict[int, dict]]:
     return found
 
 
-def level_table(level: int, found: dict[str, dict[int, dict]]) -> list[str]:
-    lines = [f"## resnet20, {level} bits + sign", ""]
+def level_table(title: str, level: int, found: dict[str, dict[int, dict]]) -> list[str]:
+    lines = [f"## {title}, {level} bits + sign", ""]
     uniforms = {k: v for k, v in found.items() if k in ("uniform", "uniform (no edges)")}
     if not found:
         return [*lines, "No row has finished yet.", ""]
@@ -263,28 +295,42 @@ def health_table(found: dict[str, dict[int, dict]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20", choices=list(MODELS))
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data"))
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", default="runs/evidence/resnet20", help="run directories (scratch)")
-    parser.add_argument("--records", default="benchmarks/results/evidence/resnet20", help="kept rows (commit them)")
-    parser.add_argument("--page", default="benchmarks/results/evidence.md")
-    parser.add_argument("--schedule", default=SCHEDULE, help="LEVEL:SEEDS;... in the order they run")
+    parser.add_argument("--out", default=None, help="run directories (scratch; default runs/evidence/MODEL)")
+    parser.add_argument("--records", default=None, help="kept rows (default benchmarks/results/evidence/MODEL)")
+    parser.add_argument("--page", default=None, help="default: the model's page")
+    parser.add_argument("--schedule", default=None, help="LEVEL:SEEDS;... in the order they run (default: the model's)")
+    parser.add_argument("--device", default=None, help="passed to every command (default: mpq's, auto)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows at once (on a GPU machine: several)")
     parser.add_argument("--extra", default="", help="more search options, for a smoke run of this script")
     parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
     args = parser.parse_args()
-    out, records = (Path(p) if Path(p).is_absolute() else ROOT / p for p in (args.out, args.records))
-    log: list[str] = []
+    spec = MODELS[args.model]
+    args.schedule = args.schedule or spec["schedule"]
+    out = Path(args.out or f"runs/evidence/{args.model}")
+    records = Path(args.records or f"benchmarks/results/evidence/{args.model}")
+    out, records = (p if p.is_absolute() else ROOT / p for p in (out, records))
     if not args.only_report:
-        run_sweeps(args, out, records, log)
-    lines = ["# Evidence: mixed precision against the strong uniform, over seeds", ""]
+        run_sweeps(args, out, records)
+    lines = [f"# Evidence ({spec['title']}): mixed precision against the strong uniform, over seeds", ""]
+    if args.model == "mobilenet_v2":
+        lines += [
+            "MobileNetV2: the protocol below from `benchmarks/references/mobilenet_v2-cifar10.safetensors` (90.11 % "
+            "test) at 96 px, batch 64 (704 steps an epoch), at 3 and 4 bits + sign; ALQ at (L + 1) / 1.25 bases per "
+            "weight (its stored bits per basis on this network). Made for a GPU machine "
+            "(`--device cuda --jobs N`): on 2 CPU cores a row is hours.",
+            "",
+        ]
     lines += [__doc__[__doc__.index("Protocol") :].strip(), ""]
-    for level in sorted({level for level, _ in parse_schedule(args.schedule)}):
-        lines += level_table(level, rows_of(records, level))
     levels = sorted({level for level, _ in parse_schedule(args.schedule)})
+    for level in levels:
+        lines += level_table(spec["title"], level, rows_of(records, level))
     commands = [row["command"] for level in levels for by in rows_of(records, level).values() for row in by.values()]
     lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```"]
     lines += [*sorted(commands), "```"]
-    write_results(args.page, lines)
+    write_results(args.page or spec["page"], lines)
 
 
 if __name__ == "__main__":
