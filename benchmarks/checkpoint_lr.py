@@ -6,6 +6,7 @@ in the background, an hour or more on 2 cores per model:
 
     nice .venv/bin/python benchmarks/checkpoint_lr.py                        # benchmarks/results/checkpoint_lr.md
     nice .venv/bin/python benchmarks/checkpoint_lr.py --model mobilenet_v2   # .../checkpoint_lr_mobilenet_v2.md
+    python benchmarks/checkpoint_lr.py --model mobilenet_v2 --device cuda --jobs 11   # on a GPU machine: minutes
 
 Every finished run is kept as `benchmarks/results/checkpoint_lr/MODEL/METHOD-LR.json` (its summary, or the error
 of a run that failed: diverged, collapsed): commit them, and a later run, on another machine too, runs only the
