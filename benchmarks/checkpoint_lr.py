@@ -54,7 +54,7 @@ the method's existing default is kept (uniform: 0.01 against 0.003), and between
 that lands nearer its budget by itself (CSQ: 0.003, 2.10 bits before the budget step, against 0.01's
 2.21). BMPQ's best is the grid's lowest lr: lower ones are untried. Superseded for uniform by the two-reference
 rule of benchmarks/results/checkpoint_lr_mobilenet_v2.md (the best mean hold-out top-1 over resnet20 and
-MobileNetV2): uniform 0.003; CSQ keeps 0.003 (0.01, best there, collapsed a two-epoch resnet20 search).""",
+MobileNetV2): uniform 0.003; CSQ keeps 0.003 (0.01 was best there; two-epoch searches collapsed at both).""",
     },
     "mobilenet_v2": {
         "reference": "benchmarks/references/mobilenet_v2-cifar10.safetensors",
@@ -84,8 +84,8 @@ Rule: each method's `--recipe checkpoint` lr is the one with the best mean hold-
 references (both grids hold it), unless it fails a longer search. From these rows: uniform 0.003 (86.68 and
 89.50 %, against 0.01's 86.64 and 87.88 %) replaces 0.01; BSQ keeps 0.1 (84.40 and 77.08 % against 0.01's
 82.98 and 78.20 %: means 80.74 and 80.59). CSQ's best here is 0.01 (85.36 and 85.60 %, against 0.003's
-85.44 and 80.72 %), but at 0.01 the evidence page's two-epoch resnet20 search (2 bits, seed 0) collapsed
-seven layers to all-zero codes, so CSQ keeps 0.003 until two-epoch searches are screened too. BMPQ and ALQ
+85.44 and 80.72 %), but the evidence page's two-epoch resnet20 searches (2 bits) collapsed layers to all-zero
+codes at 0.01 (seed 0) and at 0.003 (seed 1) alike: CSQ keeps 0.003 until its two-epoch search is fixed. BMPQ and ALQ
 collapsed at every lr in the GPU run (BMPQ 12.16 and 11.62 %, ALQ 16.72 and 16.64 %) for reasons other than
 the lr: BMPQ's one epoch was too short for an assignment during training (its scheme was assigned at the end,
 untrained), and ALQ's one epoch pruned from 8 bases to 2 with no recovery (resnet20's 6-basis runs survived
