@@ -184,8 +184,8 @@ def run_sweeps(args, out: Path, records: Path) -> None:
                 screen = level == MODELS[args.model]["screen_level"] and seed in SCREEN_SEEDS
                 if cell == "csq-screen" and not screen:
                     continue
-                rows += [(level, seed, cell, method) for method in methods.split(",")]
-            transplants += [(level, seed, method) for method in TRANSPLANT_FROM]
+                rows += [(level, seed, cell, m) for m in methods.split(",") if m in (args.methods or m).split(",")]
+            transplants += [(level, seed, m) for m in TRANSPLANT_FROM if m in (args.methods or m).split(",")]
             if args.jobs <= 1:  # in order, seed by seed
                 for row in rows:
                     run_row(args, out, records, *row, [])
@@ -304,6 +304,9 @@ def main() -> None:
     parser.add_argument("--schedule", default=None, help="LEVEL:SEEDS;... in the order they run (default: the model's)")
     parser.add_argument("--device", default=None, help="passed to every command (default: mpq's, auto)")
     parser.add_argument("--jobs", type=int, default=1, help="rows at once (on a GPU machine: several)")
+    parser.add_argument(
+        "--methods", default=None, help="run only these methods' rows (comma list; default: every method)"
+    )
     parser.add_argument("--extra", default="", help="more search options, for a smoke run of this script")
     parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
     args = parser.parse_args()
