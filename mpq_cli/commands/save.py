@@ -121,6 +121,7 @@ def save_quantized_run(
             )
             + f" (probe loss change alone {c['probe_loss_change_alone']:+.4f}"
             + (", estimated by the screen)" if c.get("measured_alone") is False else ")")
+            + (" — its search had dropped every bit; lifted off 0 first" if c.get("lifted_from_zero") else "")
             for c in changes
         ]
         notes.append(

@@ -450,12 +450,13 @@ class Method(ABC):
         ``candidates`` per searchable layer (those within the config's ``budget_span`` of the current bits,
         :func:`mpq_cli.budget.narrow_candidates`) and ``apply(name, bits)`` returning its undo."""
         target, tol = self.config.target_bits, self.config.budget_tolerance
-        if in_window(self.budget_average(), target, tol):
-            return []
         names = list(self.layers)
+        never_zero = self._never_zero(names)
+        lifted = self._lift_from_zero(current, candidates, apply, never_zero)
+        if in_window(self.budget_average(), target, tol):
+            return lifted
         params = [self.layers[n].params for n in names]
         now = [current[n] for n in names]
-        never_zero = self._never_zero(names)
         span = getattr(self.config, "budget_span", 0)
         probe = self._require_probe()
         step = budget_step
@@ -471,12 +472,49 @@ class Method(ABC):
         top1_before = top1() if callable(top1) else None
         started = time.perf_counter()
         changes = self._run_step(step, apply, names, params, now, candidates, probe, never_zero, span)
+        for lift in lifted:  # a lifted layer's change counts from 0 bits; one the step left at its lift is added
+            moved = next((c for c in changes if c["layer"] == lift["layer"]), None)
+            if moved is None:
+                changes.append(lift)
+            else:
+                moved.update(bits_before=0, lifted_from_zero=True)
         # what the step cost, for the search's health (in training steps of the same run). Kept off the method's
         # state: its digest must agree between torchrun's ranks, whose clocks do not
         self.budget_step_seconds = round(time.perf_counter() - started, 3)
         if changes and top1_before is not None:  # the exact model's top-1 on the probe, around the step
             changes[0]["probe_top1_before"], changes[0]["probe_top1_after"] = top1_before, top1()
         return changes
+
+    def _lift_from_zero(self, current: dict[str, int], candidates, apply, never_zero: list[str]) -> list[dict]:
+        """Put every searched layer that may not be at 0 bits but is there (its search dropped all its bits) at
+        its fewest nonzero candidate bits, in ``current`` too, before the budget step measures anything: a layer
+        left at 0 would end the run as a collapse, and while several are at 0 the model every option is probed
+        in is dead (each option alone changes nothing, and the integer program chooses blind). Returns one
+        change record per lifted layer, its probe loss change measured in turn."""
+        zero = [n for n in never_zero if current.get(n) == 0 and any(b > 0 for b in candidates.get(n, ()))]
+        if not zero:
+            return []
+        probe = self._require_probe()
+        records, loss = [], probe()
+        for name in zero:
+            bits = min(b for b in candidates[name] if b > 0)
+            apply(name, bits)  # kept: its undo is dropped
+            current[name] = bits
+            after = probe()
+            records.append(
+                {
+                    "layer": name,
+                    "bits_before": 0,
+                    "bits_after": bits,
+                    "probe_loss_change_alone": after - loss,
+                    "probe_loss_before": loss,
+                    "probe_loss_after": after,
+                    "passes": 1,
+                    "lifted_from_zero": True,
+                }
+            )
+            loss = after
+        return records
 
     def _run_step(self, step, apply, names, params, now, candidates, probe, never_zero, span) -> list[dict]:
         """The budget step over the near options (every option's stored bits measured under --budget-on stored)."""
