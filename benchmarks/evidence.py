@@ -182,7 +182,7 @@ def run_sweeps(args, out: Path, records: Path) -> None:
         for seed in seeds:
             for cell, (methods, _, _) in CELLS.items():
                 screen = level == MODELS[args.model]["screen_level"] and seed in SCREEN_SEEDS
-                if cell == "csq-screen" and not screen:
+                if cell == "csq-screen" and not screen or cell not in (args.cells or cell).split(","):
                     continue
                 rows += [(level, seed, cell, m) for m in methods.split(",") if m in (args.methods or m).split(",")]
             transplants += [(level, seed, m) for m in TRANSPLANT_FROM if m in (args.methods or m).split(",")]
@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", default=None, help="run only these methods' rows (comma list; default: every method)"
     )
+    parser.add_argument("--cells", default=None, help=f"run only these cells (comma list of {', '.join(CELLS)})")
     parser.add_argument("--extra", default="", help="more search options, for a smoke run of this script")
     parser.add_argument("--only-report", action="store_true", help="write the page from the finished runs only")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ def _csq(model, loss_probe=None, **cfg):
 
 def test_reconstruction_matches_eq5_bit_by_bit():
     torch.manual_seed(0)
-    q = CSQWeight(torch.randn(4, 3), CSQConfig(), None)
+    q = CSQWeight(torch.randn(4, 3), CSQConfig(straight_through_masks=False), None)
     with torch.no_grad():
         q.bit_logits_pos.normal_()
         q.bit_logits_neg.normal_()
@@ -35,6 +35,35 @@ def test_reconstruction_matches_eq5_bit_by_bit():
         / gain
     )
     assert torch.allclose(q.train_weight(), expected, atol=1e-6)
+
+
+def test_straight_through_masks_forward_the_hard_mask_and_backward_the_sigmoid():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3)
+    masks = torch.tensor([-0.3, 0.2, -0.05, 0.4, 0.1, -0.2, 0.3, 0.5])
+    layers = {}
+    for ste in (True, False):
+        q = layers[ste] = CSQWeight(weight, CSQConfig(straight_through_masks=ste), None)
+        with torch.no_grad():
+            q.mask_logits.copy_(masks)
+        q.temperature = 3.0
+    hard, soft = layers[True], layers[False]
+    f = lambda m: torch.sigmoid(3.0 * m)  # noqa: E731
+    gain = float(f(torch.tensor(1.0)) - f(torch.tensor(-1.0)))  # no mask factor: a kept bit's gate is 1
+    assert hard.gate_gain() == pytest.approx(gain, rel=1e-6)
+    digits = f(hard.bit_logits_pos) - f(hard.bit_logits_neg)
+    expected = (digits * 2 ** torch.arange(8) * (masks >= 0)).sum(-1) * hard.scale / 255 / gain
+    assert torch.allclose(hard.train_weight(), expected, atol=1e-6)  # forward: Eq. 5 with the hard mask
+    # backward: d/dm_B is the soft form's, up to the gate-gain factor the two forms divide by
+    upstream = torch.randn(4, 3)
+    (hard.train_weight() * upstream).sum().backward()
+    (soft.train_weight() * upstream).sum().backward()
+    soft_gate = f(masks)
+    # the soft form's gradient per gate, d/df_b, with its own gain; the hard form's d/df_b is the same sum over
+    # weights with its gain, and both then multiply by f'(m_b) = 3 f (1 - f)
+    d_df = ((digits * 2 ** torch.arange(8)) * (upstream * hard.scale / 255).unsqueeze(-1)).sum((0, 1))
+    assert torch.allclose(hard.mask_logits.grad, d_df / gain * 3 * soft_gate * (1 - soft_gate), atol=1e-5)
+    assert not torch.allclose(hard.mask_logits.grad, soft.mask_logits.grad, atol=1e-5)  # a different forward
 
 
 def test_hard_gate_weights_are_scale_over_levels_times_integer(tiny):
@@ -192,7 +221,7 @@ def test_search_reaches_beta_max_at_the_projection_then_rewinds(tiny):
     from mpq_cli.engine import loss_probe
 
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
-    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, project_at=0.5, ramp_to_projection=True)
+    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, project_at=0.5)  # the default ramp
     tiny.train()
     seen, phases = _betas_over_a_projected_run(method)
     # Alg. 1: the search stage (steps 0-4) ends at beta_max with the gates hard; fine-tuning (5-9) ramps again
@@ -200,12 +229,12 @@ def test_search_reaches_beta_max_at_the_projection_then_rewinds(tiny):
     assert seen == pytest.approx([200.0 ** (i / 4) for i in range(5)] * 2, rel=1e-9)
 
 
-def test_default_and_saved_configs_before_version_5_keep_one_ramp_over_the_run(tiny):
+def test_saved_configs_before_version_6_keep_one_ramp_over_the_run(tiny):
     from mpq_cli.engine import loss_probe
 
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
-    assert CSQConfig().ramp_to_projection is False
-    cfg = CSQConfig.from_dict({"version": 4, "target_bits": 3, "project_at": 0.5})
+    assert CSQConfig().ramp_to_projection is True  # Alg. 1's, the default since version 6
+    cfg = CSQConfig.from_dict({"version": 5, "target_bits": 3, "project_at": 0.5})
     assert cfg.ramp_to_projection is False
     method = get_method("csq")(cfg)
     method.prepare(tiny, loss_probe=loss_probe(tiny, batches, 1))
@@ -272,6 +301,20 @@ def test_budget_step_never_zeroes_the_output_layer():
     assert info.budget_met and method.layer_bits()["1"] > 0  # never the output layer, even when allowed
 
 
+def test_budget_step_lifts_a_layer_whose_search_dropped_every_bit():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    method = _csq(model, loss_probe=lambda: 1.0 + 0.1 * sum(method.layer_bits().values()), target_bits=2.0)
+    with torch.no_grad():  # the search left layer "0" at 0 bits and "1" at 4: inside [1.9, 2], yet collapsed
+        method.layers["0"].weight_quantizer.mask_logits.fill_(-0.5)
+        method.layers["1"].weight_quantizer.mask_logits.copy_(torch.tensor([-0.5] * 4 + [0.5] * 4))
+    info = method.finalize()
+    bits = method.layer_bits()
+    assert info.budget_met and bits["0"] > 0 and 1.9 - 1e-9 <= method.average_bits() <= 2.0 + 1e-9
+    lift = next(c for c in info.budget_changes if c["layer"] == "0")
+    assert lift["bits_before"] == 0 and lift["lifted_from_zero"] and lift["bits_after"] == bits["0"]
+
+
 def test_projection_meets_budget_then_fixes_scheme(tiny):
     from mpq_cli.engine import loss_probe
 
@@ -330,7 +373,9 @@ def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (5, True, "fixed", False)
+    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (6, True, "fixed", True)
+    five = CSQConfig.from_dict({"version": 5})  # before Alg. 1's ramp became the default
+    assert not new.straight_through_masks and not five.ramp_to_projection and not five.straight_through_masks
 
 
 def test_config_round_trip_and_validation():
