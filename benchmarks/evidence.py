@@ -245,7 +245,9 @@ def level_table(title: str, level: int, found: dict[str, dict[int, dict]]) -> li
                 interval = f"[{d.low:+.2f}, {d.high:+.2f}]"
                 p_text = f"{d.p:.3f} ({d.p_min:.3f})"
                 base_stored = spread([best[s]["avg_stored_bits"] for s in shared]).mean
-                if d.low > 0 and stored <= base_stored + 1e-9:
+                if len(shared) < 3:  # the protocol's minimum: a verdict needs 3 seeds (and the p floor 2/2^n < 0.5)
+                    verdict = "needs 3 seeds"
+                elif d.low > 0 and stored <= base_stored + 1e-9:
                     verdict = "**better**"
                 elif d.high < 0:
                     verdict = "worse"
