@@ -110,7 +110,7 @@ class SweepCell:
     stored_bits_std: float | None = None
     # stats.PairedDifference's fields, the paired seeds, and both sides' mean stored bits over them
     vs_uniform: dict | None = None
-    verdict: str | None = None  # baseline, better, more bits, worse, tie; None with fewer than two pairs
+    verdict: str | None = None  # baseline, better, more bits, worse, tie; None with fewer than three pairs
     better: bool = False  # the interval lies above zero and the stored bits are at or under uniform's
 
 
@@ -148,9 +148,13 @@ def seed_cells(rows: list[SweepRow], baseline: str = BASELINE) -> list[SweepCell
     return cells
 
 
+MIN_VERDICT_PAIRS = 3  # two pairs give an interval, but their sign-flip p cannot go below 0.5: no verdict
+
+
 def _verdict(diff, bits_at_or_under: bool) -> str | None:
-    """better only where the interval lies above zero at no more stored bits than uniform's; none from one pair."""
-    if diff.low is None:
+    """better only where the interval lies above zero at no more stored bits than uniform's; none from fewer
+    than three pairs."""
+    if diff.low is None or diff.n < MIN_VERDICT_PAIRS:
         return None
     if diff.low > 0:
         return "better" if bits_at_or_under else "more bits"
@@ -390,7 +394,7 @@ def _cells_markdown(result: dict) -> list[str]:
         "are normal). p: exact two-sided sign-flip test; with n pairs no p below 2/2^n can occur (3 seeds: "
         "0.25, 5: 0.0625), shown after it, so a p at that floor is not evidence by itself. **better**: the "
         f"interval lies above zero and the mean stored bits are at or under {base}'s; tie: it includes zero. "
-        "One seed: no interval, no verdict.",
+        "Fewer than three seeds paired: no verdict (two give an interval, shown, but a p of 0.5 at best).",
         "",
     ]
     if not any(c["method"] == base for c in result["cells"]):

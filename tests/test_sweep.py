@@ -71,6 +71,9 @@ def test_seed_cells_pair_by_seed_and_give_no_verdict_from_one_pair():
     one = cells[("csq", 3.0)]
     assert one.vs_uniform["mean"] == pytest.approx(1.0) and one.vs_uniform["low"] is None
     assert one.verdict is None and not one.better and one.top1_std is None
+    two = cells[("csq", 2.0)]  # two pairs, both +1: an interval that excludes zero, yet no verdict (p >= 0.5)
+    assert two.vs_uniform["low"] is not None and two.vs_uniform["low"] > 0 and two.vs_uniform["p_min"] == 0.5
+    assert two.verdict is None and not two.better
 
 
 def test_sweep_runs_exports_evaluates_and_resumes(fp_run, tmp_path):
