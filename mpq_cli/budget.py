@@ -174,9 +174,12 @@ def _measure(names, current, candidates, apply, loss_probe, never_zero, counted=
             if bits == 0 and name in never_zero:
                 continue
             undo = apply(name, bits)
-            layer_options.append((counted(name) if counted else bits, loss_probe() - base_loss))
-            layer_nominal.append(bits)
+            change, count = loss_probe() - base_loss, counted(name) if counted else bits
             undo()
+            if not math.isfinite(change):  # an option that breaks the model (inf or nan loss) is no option
+                continue
+            layer_options.append((count, change))
+            layer_nominal.append(bits)
         options.append(layer_options)
         nominal.append(layer_nominal)
     return base_loss, options, nominal

@@ -30,6 +30,7 @@ a bounded handful, so such a cache would save little of the step's time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,6 +44,7 @@ from .budget import INTERACTION_SHARE, INTERACTION_SLACK, choose_under_ceiling, 
 # grow with layers x options.
 FINALIST_PROBES = 24
 FINALIST_ROUNDS = 3
+BROKEN_OPTION_COST = 1e6  # a finalist whose probe loss is inf or nan: far above any real loss change
 HUTCHINSON_SEED = 0  # the Rademacher vectors are the same in every run and on every rank
 
 
@@ -178,8 +180,11 @@ def _settle(names, params, options, nominal, apply, loss_probe, base_loss, targe
                 if len(measured) >= max_probes:
                     break
                 undo = apply(names[i], nominal[i][k])
-                measured[(i, k)] = loss_probe() - base_loss
+                change = loss_probe() - base_loss
                 undo()
+                # an option that breaks the model (inf or nan loss): a cost no choice within reach pays, finite for
+                # the integer program
+                measured[(i, k)] = change if math.isfinite(change) else BROKEN_OPTION_COST
         pairs = [(options[i][k][1], m) for (i, k), m in measured.items()]
         norm = sum(e * e for e, _ in pairs)
         fit = sum(e * m for e, m in pairs) / norm if norm > 0 else 0.0

@@ -152,6 +152,16 @@ def test_when_layers_interact_the_step_measures_again_and_keeps_the_better_schem
     assert all(c["probe_loss_after"] == scheme.probe() for c in changes)
 
 
+def test_an_option_whose_probe_loss_is_not_finite_is_never_chosen():
+    class Broken(_Scheme):
+        def probe(self):  # c at 7 bits breaks the model (its loss would otherwise be the cheapest change)
+            return float("inf") if self.bits["c"] == 7 else super().probe() - 0.5 * (8 - self.bits["c"])
+
+    scheme = Broken(pair_penalty=0.0)
+    changes = _step(scheme)
+    assert scheme.bits == {"a": 7, "b": 7, "c": 8} and all(c["layer"] != "c" for c in changes)
+
+
 def test_additive_layers_keep_the_first_choice():
     scheme = _Scheme(pair_penalty=0.0)
     changes = _step(scheme)

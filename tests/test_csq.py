@@ -301,18 +301,35 @@ def test_budget_step_never_zeroes_the_output_layer():
     assert info.budget_met and method.layer_bits()["1"] > 0  # never the output layer, even when allowed
 
 
-def test_budget_step_lifts_a_layer_whose_search_dropped_every_bit():
+@pytest.mark.parametrize("beta, straight_through", [(1.0, False), (200.0, False), (1.0, True)])
+def test_budget_step_lifts_a_layer_whose_search_dropped_every_bit(beta, straight_through):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
-    method = _csq(model, loss_probe=lambda: 1.0 + 0.1 * sum(method.layer_bits().values()), target_bits=2.0)
+    weight = model[0].weight.detach().clone()
+    losses = []
+
+    def probe():  # every bit counts, and a dead layer (all-zero codes) costs most
+        dead = sum(int(not q.exact_codes()[0].any()) for q in method.quantizers().values())
+        losses.append(1.0 + 5.0 * dead + 0.1 * sum(method.layer_bits().values()))
+        return losses[-1]
+
+    method = _csq(model, loss_probe=probe, target_bits=2.0, straight_through_masks=straight_through)
     with torch.no_grad():  # the search left layer "0" at 0 bits and "1" at 4: inside [1.9, 2], yet collapsed
         method.layers["0"].weight_quantizer.mask_logits.fill_(-0.5)
         method.layers["1"].weight_quantizer.mask_logits.copy_(torch.tensor([-0.5] * 4 + [0.5] * 4))
+    for q in method.quantizers().values():
+        q.temperature = beta  # 200: a search's end, where a dropped plane's relaxed weight is ~0
     info = method.finalize()
-    bits = method.layer_bits()
+    bits, lifted = method.layer_bits(), method.layers["0"].weight_quantizer
     assert info.budget_met and bits["0"] > 0 and 1.9 - 1e-9 <= method.average_bits() <= 2.0 + 1e-9
-    lift = next(c for c in info.budget_changes if c["layer"] == "0")
-    assert lift["bits_before"] == 0 and lift["lifted_from_zero"] and lift["bits_after"] == bits["0"]
+    codes, step = lifted.exact_codes()
+    # lifted from what its bit logits hold (its planes, mask ignored), not from its masked weight (about 0)
+    assert codes.count_nonzero() > codes.numel() // 4
+    assert torch.corrcoef(torch.stack([(codes * step).flatten(), weight.flatten()]))[0, 1] > 0.7
+    first = info.budget_changes[0]
+    assert (first["layer"], first["bits_before"], first["lifted_from_zero"]) == ("0", 0, True)
+    assert first["bits_after"] == bits["0"]
+    assert first["probe_loss_before"] == losses[0] > first["probe_loss_after"]  # from before the lift
 
 
 def test_projection_meets_budget_then_fixes_scheme(tiny):

@@ -444,40 +444,63 @@ class Method(ABC):
         current: dict[str, int],
         candidates: dict[str, Sequence[int]],
         apply: Callable[[str, int], Callable[[], None]],
+        lift: Callable[[str, int], object] | None = None,
     ) -> list[dict]:
         """Move the scheme into ``[target - budget_tolerance, target]`` at the least measured loss, or do
         nothing if it is there: :func:`mpq_cli.budget.budget_step` over every layer, with ``current`` bits,
         ``candidates`` per searchable layer (those within the config's ``budget_span`` of the current bits,
-        :func:`mpq_cli.budget.narrow_candidates`) and ``apply(name, bits)`` returning its undo."""
+        :func:`mpq_cli.budget.narrow_candidates`) and ``apply(name, bits)`` returning its undo. First every
+        layer that may not be at 0 bits but is gets ``lift(name, bits)`` (default ``apply``) to its fewest
+        nonzero candidate bits (:meth:`_lift_from_zero`). The records' probe loss and top-1 before are the
+        model's before the lift, after the step's end."""
         target, tol = self.config.target_bits, self.config.budget_tolerance
         names = list(self.layers)
         never_zero = self._never_zero(names)
-        lifted = self._lift_from_zero(current, candidates, apply, never_zero)
-        if in_window(self.budget_average(), target, tol):
-            return lifted
-        params = [self.layers[n].params for n in names]
-        now = [current[n] for n in names]
-        span = getattr(self.config, "budget_span", 0)
+        zero = [n for n in never_zero if current.get(n) == 0 and any(b > 0 for b in candidates.get(n, ()))]
+        if not zero and in_window(self.budget_average(), target, tol):
+            return []
         probe = self._require_probe()
-        step = budget_step
-        if self.config.budget_probe == "screen" and callable(getattr(probe, "losses", None)):
-            # a probe that gives its batches' losses to differentiate (engine.LossProbe); a plain callable
-            # (a user's probe given to prepare) can only be called, so its step probes every option
-            step = functools.partial(
-                screened_budget_step,
-                weight=self._exact_weight,
-                sensitivity=lambda: layer_sensitivity(probe, self.layers),
+        started = time.perf_counter()
+        start_loss = probe()
+        if not math.isfinite(start_loss):  # every option would measure nan too, and the integer program refuse it
+            raise MpqError(
+                f"training diverged before the budget step (its probe loss is {start_loss}): lower --lr and start "
+                "a new run"
             )
         top1 = getattr(probe, "top1", None)  # engine.LossProbe measures it; a user's plain probe does not
         top1_before = top1() if callable(top1) else None
-        started = time.perf_counter()
-        changes = self._run_step(step, apply, names, params, now, candidates, probe, never_zero, span)
-        for lift in lifted:  # a lifted layer's change counts from 0 bits; one the step left at its lift is added
-            moved = next((c for c in changes if c["layer"] == lift["layer"]), None)
-            if moved is None:
-                changes.append(lift)
-            else:
-                moved.update(bits_before=0, lifted_from_zero=True)
+        lifted = self._lift_from_zero(zero, current, candidates, lift or apply, probe)
+        changes = []
+        if not in_window(self.budget_average(), target, tol):
+            params = [self.layers[n].params for n in names]
+            now = [current[n] for n in names]
+            span = getattr(self.config, "budget_span", 0)
+            step = budget_step
+            if self.config.budget_probe == "screen" and callable(getattr(probe, "losses", None)):
+                # a probe that gives its batches' losses to differentiate (engine.LossProbe); a plain callable
+                # (a user's probe given to prepare) can only be called, so its step probes every option
+                step = functools.partial(
+                    screened_budget_step,
+                    weight=self._exact_weight,
+                    sensitivity=lambda: layer_sensitivity(probe, self.layers),
+                )
+            changes = self._run_step(step, apply, names, params, now, candidates, probe, never_zero, span)
+        if lifted:  # a lifted layer's change counts from 0 bits, its lift's loss change included
+            final_loss = changes[0]["probe_loss_after"] if changes else lifted[-1]["probe_loss_after"]
+            moved = {c["layer"]: c for c in changes}
+            for lift_record in lifted:
+                step_record = moved.pop(lift_record["layer"], None)
+                if step_record is not None:
+                    lift_record.update(
+                        bits_after=step_record["bits_after"],
+                        probe_loss_change_alone=lift_record["probe_loss_change_alone"]
+                        + step_record["probe_loss_change_alone"],
+                        passes=step_record.get("passes", 1),
+                    )
+            start_loss = lifted[0]["probe_loss_before"]
+            changes = [*lifted, *moved.values()]
+            for record in changes:
+                record.update(probe_loss_before=start_loss, probe_loss_after=final_loss)
         # what the step cost, for the search's health (in training steps of the same run). Kept off the method's
         # state: its digest must agree between torchrun's ranks, whose clocks do not
         self.budget_step_seconds = round(time.perf_counter() - started, 3)
@@ -485,22 +508,26 @@ class Method(ABC):
             changes[0]["probe_top1_before"], changes[0]["probe_top1_after"] = top1_before, top1()
         return changes
 
-    def _lift_from_zero(self, current: dict[str, int], candidates, apply, never_zero: list[str]) -> list[dict]:
-        """Put every searched layer that may not be at 0 bits but is there (its search dropped all its bits) at
-        its fewest nonzero candidate bits, in ``current`` too, before the budget step measures anything: a layer
-        left at 0 would end the run as a collapse, and while several are at 0 the model every option is probed
-        in is dead (each option alone changes nothing, and the integer program chooses blind). Returns one
-        change record per lifted layer, its probe loss change measured in turn."""
-        zero = [n for n in never_zero if current.get(n) == 0 and any(b > 0 for b in candidates.get(n, ()))]
+    def _lift_from_zero(self, zero: list[str], current: dict[str, int], candidates, lift, probe) -> list[dict]:
+        """Put every layer of ``zero`` (searched layers that may not be at 0 bits but are: their search dropped
+        all their bits) at its fewest nonzero candidate bits, in ``current`` too, before the budget step
+        measures anything: a layer left at 0 would end the run as a collapse, and while several are at 0 the
+        model every option is probed in is dead (each option alone changes nothing, and the integer program
+        chooses blind). ``lift(name, bits)`` sets it for good. Returns one change record per lifted layer, its
+        probe loss change measured in turn."""
         if not zero:
             return []
-        probe = self._require_probe()
         records, loss = [], probe()
         for name in zero:
             bits = min(b for b in candidates[name] if b > 0)
-            apply(name, bits)  # kept: its undo is dropped
+            lift(name, bits)
             current[name] = bits
             after = probe()
+            if not math.isfinite(after):  # what its bit logits hold is no weight: the search diverged
+                raise MpqError(
+                    f"training diverged before the budget step (lifting {name} off 0 bits gave a probe loss of "
+                    f"{after}): lower --lr and start a new run"
+                )
             records.append(
                 {
                     "layer": name,

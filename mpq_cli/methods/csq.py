@@ -239,16 +239,16 @@ class CSQWeight(WeightQuantizer):
             return self.fixed_mask
         return (self.mask_logits >= 0).to(self.fixed_mask.dtype)
 
-    def gate_gain(self) -> float:
+    def gate_gain(self, masked: bool = True) -> float:
         """What the gates multiply an unmoved bit by at the current temperature.
 
         ``sigmoid(beta c) - sigmoid(-beta c) = tanh(beta c / 2)`` for a bit at its initial
-        logit ``+-c``, times ``sigmoid(beta m_B0)`` for a soft mask still being searched. It
-        tends to 1 as beta grows.
+        logit ``+-c``, times ``sigmoid(beta m_B0)`` for a soft mask still being searched (not with
+        ``masked=False``: the weight without the mask). It tends to 1 as beta grows.
         """
         beta = self.temperature
         gain = math.tanh(beta * self.init_bit_logit / 2)
-        if not self.host("mask_is_fixed") and not self.straight_through_masks:
+        if masked and not self.host("mask_is_fixed") and not self.straight_through_masks:
             gain /= 1 + math.exp(-beta * self.init_mask_logit)
         return gain
 
@@ -276,14 +276,18 @@ class CSQWeight(WeightQuantizer):
             if logits.grad is not None:
                 logits.grad.mul_(inverse)
 
-    def train_weight(self) -> torch.Tensor:
+    def train_weight(self, masked: bool = True) -> torch.Tensor:
+        """Eq. 5's relaxed weight; with ``masked=False`` every bit plane selected (what the bit logits still
+        hold where the mask dropped their planes)."""
+        mask = self.soft_mask() if masked else torch.ones_like(self.fixed_mask)
+        gain = self.gate_gain(masked)
         if self.scale.dim():
             # per output channel, Eq. 5 with s_c: the plane sum in units of s, then times each channel's s
-            plane_weights = self.bit_values * self.soft_mask() / (self.levels * self.gate_gain())
+            plane_weights = self.bit_values * mask / (self.levels * gain)
             units = gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
             return units * self.scale
-        step = self.scale / (self.levels * self.gate_gain())
-        plane_weights = self.bit_values * self.soft_mask() * step  # (n,): what each relaxed digit is worth
+        step = self.scale / (self.levels * gain)
+        plane_weights = self.bit_values * mask * step  # (n,): what each relaxed digit is worth
         return gated_plane_sum(self.bit_logits_pos, self.bit_logits_neg, plane_weights, self.temperature)
 
     def exact_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,18 +353,22 @@ class CSQWeight(WeightQuantizer):
         self.scale.copy_(step * self.levels)
 
     @torch.no_grad()
-    def requantized(self, bits: int, relaxed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def requantized(
+        self, bits: int, relaxed: bool = False, masked: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, step, mask)``: the layer rounded onto ``bits`` contiguous bits of its lattice.
 
         The source is the exact weight, or with ``relaxed`` the relaxed weight of Eq. 5 at
-        the current temperature (which carries what the soft bits learned). The block of
+        the current temperature (which carries what the soft bits learned); ``masked=False`` (with
+        ``relaxed``) reads every plane, the mask ignored: a layer whose mask dropped every bit has a
+        relaxed weight of about 0 at a high beta, but its bit logits still hold a weight. The block of
         bits is placed where the rounding error (squared, clipping included) is least, at
         or below the highest bit the codes use; dropped low bits are rounded, not truncated.
         """
         codes, step = self.exact_codes()
         if relaxed:
             limit = self.levels
-            codes = torch.clamp(torch.round(self.train_weight() / step), -limit, limit).to(torch.int32)
+            codes = torch.clamp(torch.round(self.train_weight(masked) / step), -limit, limit).to(torch.int32)
         mask = torch.zeros(self.n_bits, device=codes.device)
         # per output channel, a channel's error in codes counts by its squared step (the error in weights)
         weights = step.reshape(-1).pow(2) if step.dim() else None
@@ -578,8 +586,13 @@ class CSQ(Method):
                 lambda: q.mask_logits.requires_grad_(True),
             )
 
+        def lift(name: str, bits: int) -> None:  # a layer at 0 bits: from what its bit logits hold, mask ignored
+            q = self.layers[name].weight_quantizer
+            q.load_codes(*q.requantized(bits, relaxed=True, masked=False), fixed=True)
+
         current = {n: q.nominal_bits() for n, q in self.quantizers().items()}
-        return self._budget_step(current, {n: range(q.n_bits + 1) for n, q in self.searchable().items()}, apply)
+        candidates = {n: range(q.n_bits + 1) for n, q in self.searchable().items()}
+        return self._budget_step(current, candidates, apply, lift)
 
     # -- fine-tuning (Alg. 1, optional second stage) ----------------------------------------------
     def start_finetune(self) -> None:
