@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,13 @@ def common(args) -> list[str]:
         "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000", "--epochs", str(args.epochs),
         "--probe-batches", "2", *(["--device", args.device] if args.device else []), *args.extra.split(),
     ]  # fmt: skip
+
+
+def in_repository(command: str) -> str:
+    """A kept command with its paths relative to the repository root, where it runs (a row kept from another
+    checkout, e.g. a worktree, names that checkout's absolute paths; the shared data as the default names it)."""
+    command = re.sub(r"--data-dir /\S*?/shared/data\b", "--data-dir ../shared/data", command)  # the default's
+    return re.sub(r"/\S*?/(?=(benchmarks|runs)/)", "", command)
 
 
 def label_of(cell: str, method: str) -> str:
@@ -333,7 +341,8 @@ def main() -> None:
     levels = sorted({level for level, _ in parse_schedule(args.schedule)})
     for level in levels:
         lines += level_table(spec["title"], level, rows_of(records, level))
-    commands = [row["command"] for level in levels for by in rows_of(records, level).values() for row in by.values()]
+    kept = [row for level in levels for by in rows_of(records, level).values() for row in by.values()]
+    commands = [in_repository(row["command"]) for row in kept]
     lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```"]
     lines += [*sorted(commands), "```"]
     write_results(args.page or spec["page"], lines)
