@@ -81,3 +81,12 @@ def partial_note(rows: list[dict]) -> str:
     every partial measurement says so."""
     partial = [r for r in rows if (r.get("samples") or 0) < (r.get("split_samples") or 0)]
     return f" (on {partial[0]['samples']:,} of {partial[0]['split_samples']:,} test images)" if partial else ""
+
+
+def require_reference(relative: str) -> None:
+    """Stop with one line when a trained reference is missing (MobileNetV2's is not in the repository)."""
+    if not (ROOT / relative).is_file():
+        sys.exit(
+            f"{relative} is missing: build it with `.venv/bin/python benchmarks/references.py --only "
+            f"{Path(relative).name.split('-')[0]}` and compare its sha256 with benchmarks/results/references.md"
+        )

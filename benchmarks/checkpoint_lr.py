@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import ROOT, keep_record, run, write_results
+from _common import ROOT, keep_record, require_reference, run, write_results
 
 # Per model: the reference, the search's data options, each method's target (2 or 3 bits + sign; BMPQ counts the
 # sign; ALQ in binary bases per weight), each method's lr grid (its `--recipe checkpoint` lr first) and the text of
@@ -137,6 +137,7 @@ def main() -> None:
     spec = MODELS[args.model]
     out = (Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out) / args.model
     records = Path(args.records) if args.records else ROOT / "benchmarks/results/checkpoint_lr" / args.model
+    require_reference(spec["reference"])
     methods = [m for m in (args.methods or ",".join(spec["grid"])).split(",") if m]
     # every method's default lr first (does any default fail?), then the neighbours (does one beat it?)
     order = sorted(((i, m, lr) for m in methods for i, lr in enumerate(spec["grid"][m])), key=lambda t: t[0])

@@ -8,7 +8,8 @@ still missing (an interrupted row restarts; the run directories under `runs/` ar
 
     nice .venv/bin/python benchmarks/evidence.py                 # benchmarks/results/evidence.md
     nice .venv/bin/python benchmarks/evidence.py --only-report   # the page from the kept rows alone
-    python benchmarks/evidence.py --model mobilenet_v2 --device cuda --jobs 8   # on a GPU machine (its own page)
+    python benchmarks/evidence.py --model mobilenet_v2 --device cuda --jobs 8   # on a GPU machine (its own page;
+    # its reference is not in git: build it with benchmarks/references.py, and carry it to the machine)
 
 Protocol (resnet20 on the shared CIFAR-10 JPEGs; `--model mobilenet_v2` as its page says):
 
@@ -46,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, keep_record, partial_note, run, sweep_row, write_results  # noqa: E402
+from _common import ROOT, keep_record, partial_note, require_reference, run, sweep_row, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
@@ -327,6 +328,7 @@ def main() -> None:
     records = Path(args.records or f"benchmarks/results/evidence/{args.model}")
     out, records = (p if p.is_absolute() else ROOT / p for p in (out, records))
     if not args.only_report:
+        require_reference(spec["reference"])
         run_sweeps(args, out, records)
     lines = [f"# Evidence ({spec['title']}): mixed precision against the strong uniform, over seeds", ""]
     if args.model == "mobilenet_v2":
