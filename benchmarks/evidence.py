@@ -51,6 +51,7 @@ from _common import ROOT, keep_record, partial_note, require_reference, run, swe
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
+from mpq_cli.sweep import MIN_VERDICT_PAIRS  # noqa: E402
 
 # Per model: the reference, its data options, the (level, seeds) schedule in the order rows run (every cell at 3
 # seeds first, then the closest cells to 5), ALQ's stored bits per basis there (its target follows the others'
@@ -254,8 +255,8 @@ def level_table(title: str, level: int, found: dict[str, dict[int, dict]]) -> li
                 interval = f"[{d.low:+.2f}, {d.high:+.2f}]"
                 p_text = f"{d.p:.3f} ({d.p_min:.3f})"
                 base_stored = spread([best[s]["avg_stored_bits"] for s in shared]).mean
-                if len(shared) < 3:  # the protocol's minimum: a verdict needs 3 seeds (and the p floor 2/2^n < 0.5)
-                    verdict = "needs 3 seeds"
+                if len(shared) < MIN_VERDICT_PAIRS:  # mpq sweep's rule: two pairs' p cannot go below 0.5
+                    verdict = f"needs {MIN_VERDICT_PAIRS} seeds"
                 elif d.low > 0 and stored <= base_stored + 1e-9:
                     verdict = "**better**"
                 elif d.high < 0:

@@ -469,7 +469,7 @@ class Method(ABC):
             )
         top1 = getattr(probe, "top1", None)  # engine.LossProbe measures it; a user's plain probe does not
         top1_before = top1() if callable(top1) else None
-        lifted = self._lift_from_zero(zero, current, candidates, lift or apply, probe)
+        lifted = self._lift_from_zero(zero, current, candidates, lift or apply, probe, start_loss)
         changes = []
         if not in_window(self.budget_average(), target, tol):
             params = [self.layers[n].params for n in names]
@@ -508,16 +508,16 @@ class Method(ABC):
             changes[0]["probe_top1_before"], changes[0]["probe_top1_after"] = top1_before, top1()
         return changes
 
-    def _lift_from_zero(self, zero: list[str], current: dict[str, int], candidates, lift, probe) -> list[dict]:
+    def _lift_from_zero(
+        self, zero: list[str], current: dict[str, int], candidates, lift, probe, loss: float
+    ) -> list[dict]:
         """Put every layer of ``zero`` (searched layers that may not be at 0 bits but are: their search dropped
         all their bits) at its fewest nonzero candidate bits, in ``current`` too, before the budget step
         measures anything: a layer left at 0 would end the run as a collapse, and while several are at 0 the
         model every option is probed in is dead (each option alone changes nothing, and the integer program
-        chooses blind). ``lift(name, bits)`` sets it for good. Returns one change record per lifted layer, its
-        probe loss change measured in turn."""
-        if not zero:
-            return []
-        records, loss = [], probe()
+        chooses blind). ``lift(name, bits)`` sets it for good; ``loss`` is the probe loss before. Returns one
+        change record per lifted layer, its probe loss change measured in turn."""
+        records = []
         for name in zero:
             bits = min(b for b in candidates[name] if b > 0)
             lift(name, bits)
