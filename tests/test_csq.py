@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpq_cli.errors import MpqError
 from mpq_cli.methods import get_method
 from mpq_cli.methods.base import Phase
 from mpq_cli.methods.csq import CSQConfig, CSQWeight
@@ -377,20 +378,30 @@ def test_finetune_fixes_the_scheme(tiny):
 def test_fix_bits_keeps_top_bits(tiny):
     from mpq_cli.layers import LayerSelection
 
-    method = get_method("csq")(CSQConfig(target_bits=2), LayerSelection(fix_bits={"conv": 3}))
+    cfg = CSQConfig(target_bits=2, fixed_scheme_training="bits")  # Alg. 1's form: codes on the 8-bit lattice
+    method = get_method("csq")(cfg, LayerSelection(fix_bits={"conv": 3}))
     method.prepare(tiny)
     q = method.quantizers()["conv"]
     assert q.nominal_bits() == 3 and bool(q.mask_is_fixed)
     assert "conv" not in method.searchable()
-    codes, _ = q.exact_codes()
+    codes, step = q.exact_codes()
     assert (codes % 32 == 0).all()
+    # the default LSQ form holds the same weights as codes on a 3-bit grid with a 32x step
+    from conftest import TinyNet
+
+    torch.manual_seed(0)  # the fixture's weights
+    lsq = get_method("csq")(CSQConfig(target_bits=2), LayerSelection(fix_bits={"conv": 3}))
+    lsq.prepare(TinyNet())
+    lsq_codes, lsq_step = lsq.quantizers()["conv"].exact_codes()
+    assert torch.equal(lsq_codes * 32, codes) and torch.equal(lsq_step, step * 32)
 
 
 def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (6, True, "fixed", True)
+    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (7, True, "fixed", True)
+    assert (new.fixed_scheme_training, new.project_at) == ("lsq", 0.25)
     five = CSQConfig.from_dict({"version": 5})  # before Alg. 1's ramp became the default
     assert not new.straight_through_masks and not five.ramp_to_projection and not five.straight_through_masks
 
@@ -414,7 +425,8 @@ def _fit_teacher(mode: str) -> tuple[float, float]:
 
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(32, 8))
-    method = get_method("csq")(CSQConfig(target_bits=2, precondition=mode), LayerSelection(fix_bits={"0": 2}))
+    cfg = CSQConfig(target_bits=2, precondition=mode, fixed_scheme_training="bits")  # the bit logits' form
+    method = get_method("csq")(cfg, LayerSelection(fix_bits={"0": 2}))
     method.prepare(student)
     method.on_epoch_start(0, 1, 10**6)  # beta stays at 1
     q = method.quantizers()["0"]
@@ -444,7 +456,9 @@ def test_preconditioned_bits_learn_a_teacher_better_than_plain_ones():
 
 # -- a budget met in nominal bits is met in the file (issue 13) ---------------------------------------------
 def _gapped(tiny, contiguous: bool):
-    method = _csq(tiny, loss_probe=lambda: 0.0, target_bits=2, contiguous_bits=contiguous)
+    # gaps survive only in Alg. 1's form (the LSQ second stage needs contiguous bits)
+    form = "lsq" if contiguous else "bits"
+    method = _csq(tiny, loss_probe=lambda: 0.0, target_bits=2, contiguous_bits=contiguous, fixed_scheme_training=form)
     with torch.no_grad():
         for q in method.quantizers().values():  # bits 0 and 7 selected: 2 nominal bits, codes up to 129
             q.mask_logits.copy_(torch.tensor([1.0, -1, -1, -1, -1, -1, -1, 1]))
@@ -508,3 +522,108 @@ def test_masks_move_at_a_fine_tuning_lr(mask_lr):
     fit(model, train, val, TrainConfig(epochs=3, lr=0.002), hooks=method)
     bits = method.average_bits()
     assert bits < 7 if mask_lr else bits == 8
+
+
+# -- the second stage in LSQ's form (fixed_scheme_training=lsq) ----------------------------------------------------
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_lsq_form_keeps_the_codes_at_the_switch(granularity):
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3)
+    q = CSQWeight(w, CSQConfig(target_bits=2, fixed_scheme_training="lsq", granularity=granularity), None)
+    codes, step, mask = q.requantized(3)  # 3 contiguous bits at the top of the 8 (a shift of 5)
+    assert mask.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    q.load_codes(codes, step, mask, fixed=True, target=w)
+    exact = q.exact_weight()
+    q.to_latent(w)
+    assert q.latent_form_bits() == 3 and q.nominal_bits() == 3
+    lsq_codes, lsq_step = q.exact_codes()
+    assert lsq_codes.abs().max() <= 7  # a 3-bit grid, no longer multiples of 2^5 on the 8-bit lattice
+    assert torch.equal(lsq_step, (step * 32).reshape(lsq_step.shape))
+    assert torch.equal(q.exact_weight(), exact)  # the switch changes no weight of the exact model
+    q.train()
+    assert torch.allclose(q.train_weight(), exact, atol=1e-6)  # nor of the training one
+    # the latent keeps the relaxed weight (within half a step of its code), and only it and its step train
+    assert ((q.latent - exact).abs() <= 0.49 * lsq_step.reshape(-1, *[1] * 3) + 1e-6).all()
+    assert not ((q.latent - exact).abs() < 1e-9).all()
+    trainable = {n for n, p in q.named_parameters() if p.requires_grad}
+    assert trainable == {"latent", "latent_step"}
+
+
+def test_lsq_second_stage_trains_the_latent_under_the_projected_scheme(tiny):
+    from mpq_cli.engine import loss_probe
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), target_bits=3, fixed_scheme_training="lsq")
+    tiny.train()
+    opt = torch.optim.SGD(method.param_groups(tiny, 0.0), lr=0.05)
+    method.on_epoch_start(0, 1, 10)
+    for step in range(10):
+        x, y = batches[0]
+        loss = F.cross_entropy(tiny(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.on_step_end()
+        if step == 4:  # the projection: every layer with bits now trains in LSQ's form
+            assert method.phase is Phase.FINETUNE
+            scheme = method.layer_bits()
+            forms = {n: q.latent_form_bits() for n, q in method.quantizers().items()}
+            assert forms == {n: (b or None) for n, b in scheme.items()}
+            latent = {n: q.latent.detach().clone() for n, q in method.quantizers().items()}
+            if method.wants_optimizer_reset():
+                opt.state.clear()
+    assert method.layer_bits() == scheme  # the scheme stays fixed
+    moved = [n for n, q in method.quantizers().items() if not torch.equal(q.latent, latent[n])]
+    assert moved and all(forms[n] for n in moved)
+    for q in method.quantizers().values():  # no bit logit trains in the second stage
+        assert q.bit_logits_pos.grad is None or q.latent_form_bits() is None
+        codes, _ = q.exact_codes()
+        assert codes.abs().max() <= 2 ** q.nominal_bits() - 1
+    assert method.finalize().budget_met
+
+
+def test_lsq_form_survives_a_state_dict_round_trip(tiny):
+    from mpq_cli.layers import LayerSelection
+
+    cfg = CSQConfig(target_bits=2, fixed_scheme_training="lsq")
+    method = get_method("csq")(cfg, LayerSelection(fix_bits={"*": 3}))  # fixed from the start: LSQ's form at once
+    method.prepare(tiny)
+    assert all(q.latent_form_bits() == 3 for q in method.quantizers().values())
+    with torch.no_grad():
+        for q in method.quantizers().values():
+            q.latent.add_(0.01 * torch.randn_like(q.latent))
+    state, method_state = tiny.state_dict(), method.state_dict()
+    torch.manual_seed(5)
+    other = type(tiny)()
+    again = get_method("csq")(cfg, LayerSelection(fix_bits={"*": 3}))
+    again.prepare(other)
+    other.load_state_dict(state)
+    again.load_state_dict(method_state)
+    for name, q in again.quantizers().items():
+        assert q.latent_form_bits() == 3 and q.latent.requires_grad and not q.bit_logits_pos.requires_grad
+        assert torch.equal(q.exact_weight(), method.quantizers()[name].exact_weight())
+
+
+def test_lsq_form_config():
+    six = CSQConfig.from_dict({"version": 6})  # runs before version 7 keep Alg. 1's stage 2 and their projection
+    assert (six.fixed_scheme_training, six.project_at) == ("bits", 0.5)
+    with pytest.raises(MpqError, match="contiguous_bits"):
+        CSQConfig(fixed_scheme_training="lsq", contiguous_bits=False)
+    with pytest.raises(MpqError, match="fixed_scheme_training"):
+        CSQConfig(fixed_scheme_training="latent")
+
+
+def test_lsq_form_run_exports_evaluates_and_finetunes_exactly(fp_run, tmp_path):
+    from conftest import SMALL, run_json
+
+    out = tmp_path / "csq"
+    args = ["--method", "csq", "--target-bits", "2", "--model", "lenet5", "--set", "fixed_scheme_training=lsq"]
+    summary = run_json("search", *args, "--checkpoint", fp_run[0], *SMALL, "--epochs", "2", "--out", out)
+    run_json("export", out, "-o", tmp_path / "f.safetensors")
+    assert run_json("eval", tmp_path / "f.safetensors")["top1"] == summary["top1"]
+    assert run_json("inspect", tmp_path / "f.safetensors")["avg_stored_bits"] == summary["avg_stored_bits"]
+    tuned = run_json("finetune", out, "--epochs", "1", "--out", tmp_path / "ft")
+    assert tuned["avg_bits"] == summary["avg_bits"]
+    run_json("export", tmp_path / "ft", "-o", tmp_path / "ft.safetensors")
+    assert run_json("eval", tmp_path / "ft.safetensors")["top1"] == tuned["top1"]
