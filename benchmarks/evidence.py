@@ -98,7 +98,11 @@ TRANSPLANT_FROM = ("csq", "bsq")
 SCREEN_SEEDS = (0, 1, 2)  # the screen rows run at the model's screen level: enough for a 3-seed interval
 LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "csq-screen": (" (budget screen)", "-screen")}
 # (row, reference row): a paired difference of test top-1 shown under each level's table
-PAIRS = [("csq (budget screen)", "csq"), ("csq (budget screen, config v6)", "csq (config v6)")]
+PAIRS = [
+    ("csq (budget screen)", "csq"),
+    ("csq (budget screen, config v6)", "csq (config v6)"),
+    ("csq", "csq (config v6)"),
+]
 
 
 def common(args) -> list[str]:

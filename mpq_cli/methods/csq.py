@@ -33,12 +33,14 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
   of rounding the layer's relaxed weight onto 0..n contiguous bits, and an exact
   integer program picks the per-layer bit counts with the least summed loss that land
   in the window (see :mod:`mpq_cli.budget`). The scheme is
-  then fixed and the rest of the search is Alg. 1's fine-tuning stage: logits restart
-  from the exact codes, beta rewinds and rises to beta_max again.
+  then fixed and the rest of the search is the second stage: since config version 7 each
+  layer's contiguous selected bits train as a uniform grid in LSQ's form (a latent weight,
+  a learned step: ``fixed_scheme_training``); before, Alg. 1's fine-tuning stage (logits
+  restart from the exact codes, beta rewinds and rises to beta_max again).
 - Residuals across restarts: re-made logits put each weight's rounding residual into
   its lowest selected bit, so the relaxed model does not jump at the projection and a
   weight near a rounding threshold has a logit near 0 (a latent weight's position).
-- Preconditioned bit logits: a logit's gradient is the weight's times ``kappa_b beta
+- Preconditioned bit logits (the bit-logit form of a fixed scheme): a logit's gradient is the weight's times ``kappa_b beta
   f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``, 1e-7..1e-5 in lenet5's FC layer, where
   the paper's SGD never flips a bit in a short search from a checkpoint. Once a layer's
   scheme is fixed its logit gradients are divided by ``kappa_b^2``: at a logit's start its
