@@ -627,3 +627,36 @@ def test_lsq_form_run_exports_evaluates_and_finetunes_exactly(fp_run, tmp_path):
     assert tuned["avg_bits"] == summary["avg_bits"]
     run_json("export", tmp_path / "ft", "-o", tmp_path / "ft.safetensors")
     assert run_json("eval", tmp_path / "ft.safetensors")["top1"] == tuned["top1"]
+
+
+@pytest.mark.parametrize("form", ["lsq", "bits"])
+def test_a_lifted_layer_restarts_from_what_its_bit_logits_hold(form):
+    """The projection's restart carries each layer's relaxed weight; for a layer the budget step lifted off 0 bits
+    that is the weight its bit logits hold (mask ignored), not its masked weight (about 0), which would start every
+    one of its weights up to 0.49 of a step toward 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
+    def probe():  # a dead layer (all-zero codes) costs most
+        dead = sum(int(not q.exact_codes()[0].any()) for q in method.quantizers().values())
+        return 1.0 + 5.0 * dead + 0.1 * sum(method.layer_bits().values())
+
+    method = _csq(model, loss_probe=probe, target_bits=2.0, fixed_scheme_training=form, straight_through_masks=True)
+    method.on_epoch_start(0, 1, 10)
+    q = method.layers["0"].weight_quantizer
+    with torch.no_grad():  # the search dropped every bit of layer "0"
+        q.mask_logits.fill_(-0.5)
+        method.layers["1"].weight_quantizer.mask_logits.copy_(torch.tensor([-0.5] * 4 + [0.5] * 4))
+        held = q.train_weight(masked=False).clone()
+        assert q.train_weight().abs().max() == 0
+    method.project()
+    assert method.budget_changes[0]["lifted_from_zero"] and method.layer_bits()["0"] > 0
+    exact = q.exact_weight()
+    with torch.no_grad():
+        if form == "lsq":
+            restart, unit = q.latent, q.exact_codes()[1]
+        else:
+            low = int(torch.nonzero(q.fixed_mask).flatten()[0])
+            restart, unit = q.train_weight(), q.exact_codes()[1] * 2**low
+    expected = exact + torch.minimum(torch.maximum(held - exact, -0.49 * unit), 0.49 * unit)
+    assert torch.allclose(restart, expected, atol=1e-4 * float(unit.max()))

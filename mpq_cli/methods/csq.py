@@ -40,11 +40,12 @@ Decisions where the paper or its public code leaves room (see docs/methods/csq.m
 - Residuals across restarts: re-made logits put each weight's rounding residual into
   its lowest selected bit, so the relaxed model does not jump at the projection and a
   weight near a rounding threshold has a logit near 0 (a latent weight's position).
-- Preconditioned bit logits (the bit-logit form of a fixed scheme): a logit's gradient is the weight's times ``kappa_b beta
-  f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``, 1e-7..1e-5 in lenet5's FC layer, where
-  the paper's SGD never flips a bit in a short search from a checkpoint. Once a layer's
-  scheme is fixed its logit gradients are divided by ``kappa_b^2``: at a logit's start its
-  weight then moves as plain SGD moves a latent weight, and bits still harden with beta.
+- Preconditioned bit logits (the bit-logit form of a fixed scheme): a logit's gradient is the
+  weight's times ``kappa_b beta f'(beta m)`` with ``kappa_b = s 2^b / ((2^n - 1) g)``,
+  1e-7..1e-5 in lenet5's FC layer, where the paper's SGD never flips a bit in a short search
+  from a checkpoint. Once a layer's scheme is fixed its logit gradients are divided by
+  ``kappa_b^2``: at a logit's start its weight then moves as plain SGD moves a latent weight,
+  and bits still harden with beta.
 - Weight decay on bit logits and the rest of the model as in the paper; none on
   ``m_B`` (the budget term alone drives it) or on ``s``.
 """
@@ -340,7 +341,7 @@ class CSQWeight(WeightQuantizer):
         """Divide the bit logits' gradients by ``kappa_b^2`` in place (when ``precondition`` is on). Run
         after gradient clipping, which so measures the loss's own gradients: clipping the
         preconditioned ones, ~100x the rest, scaled every other parameter down by ~1e-4."""
-        if not self.precondition:
+        if not self.precondition or self.latent_form_bits() is not None:  # LSQ's form: its bit logits do not train
             return
         # kappa_b^2 can be ~1e-4 (a 2-bit FC layer) to ~1e-10 (the low bits of 8): floor it far below either
         inverse = self.bit_weights().pow(2).clamp(min=1e-24).reciprocal()
@@ -555,8 +556,11 @@ class CSQ(Method):
         self.avg_bits_before_projection = self.average_bits()
         relaxed = None
         if self.config.carry_residual:
-            with torch.no_grad():  # what the soft bits learned, carried across the restart as residuals
-                relaxed = {name: q.train_weight() for name, q in self.quantizers().items()}
+            # what the soft bits learned, carried across the restart as residuals. A layer whose mask dropped
+            # every bit has a masked weight of about 0; the budget step lifts it from its bit logits (mask
+            # ignored), so that is its target too, or its restart would pull every weight toward 0
+            with torch.no_grad():
+                relaxed = {name: q.train_weight(masked=q.nominal_bits() > 0) for name, q in self.quantizers().items()}
         self.made_contiguous = self._make_contiguous()
         self.budget_changes = self._meet_budget()
         self._ramp_start = self._step
@@ -664,9 +668,10 @@ class CSQ(Method):
 
         def apply(name: str, bits: int):
             q = self.layers[name].weight_quantizer
+            masked = q.nominal_bits() > 0  # from 0 bits (a layer that may be at 0), as a lift: from its bit logits
             return trial(
                 q,
-                lambda: q.load_codes(*q.requantized(bits, relaxed=True), fixed=True),
+                lambda: q.load_codes(*q.requantized(bits, relaxed=True, masked=masked), fixed=True),
                 lambda: q.mask_logits.requires_grad_(True),
             )
 
