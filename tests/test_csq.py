@@ -660,3 +660,43 @@ def test_a_lifted_layer_restarts_from_what_its_bit_logits_hold(form):
             restart, unit = q.train_weight(), q.exact_codes()[1] * 2**low
     expected = exact + torch.minimum(torch.maximum(held - exact, -0.49 * unit), 0.49 * unit)
     assert torch.allclose(restart, expected, atol=1e-4 * float(unit.max()))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_second_stage_from_the_checkpoint_restarts_every_searched_layer_as_uniform_starts(tiny, granularity):
+    """``second_stage_start=checkpoint``: at the projection each searched layer's latent is the weight it was loaded
+    with (the search trained the bit logits, not the latent) and its step the least-squares clip at its fixed bits,
+    what ``uniform`` starts from; the scheme is the search's."""
+    from mpq_cli.engine import loss_probe
+    from mpq_cli.quant.primitives import least_squares_scale, max_code
+
+    torch.manual_seed(0)
+    loaded = {n: m.weight.detach().clone() for n, m in tiny.named_modules() if hasattr(m, "weight")}
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    cfg = {"target_bits": 3, "second_stage_start": "checkpoint", "granularity": granularity}
+    method = _csq(tiny, loss_probe=loss_probe(tiny, batches, 1), **cfg)
+    tiny.train()
+    opt = torch.optim.SGD(method.param_groups(tiny, 5e-4), lr=0.05)
+    method.on_epoch_start(0, 1, 10)
+    while method.phase is Phase.SEARCH:  # the search stage trains the bit logits, up to the projection
+        x, y = batches[0]
+        opt.zero_grad()
+        F.cross_entropy(tiny(x), y).backward()
+        opt.step()
+        method.on_step_end()
+    assert method._step == 3
+    for name, q in method.quantizers().items():
+        bits = q.latent_form_bits()
+        assert bits == method.layer_bits()[name] and bits > 0
+        assert torch.equal(q.latent, loaded[name])
+        clip = least_squares_scale(loaded[name], bits, granularity=granularity)
+        assert torch.equal(q.latent_step, clip.reshape(q.latent_step.shape) / max_code(bits))
+        assert q.latent.requires_grad and not q.bit_logits_pos.requires_grad
+
+
+def test_second_stage_start_config():
+    assert CSQConfig().second_stage_start == "search"
+    with pytest.raises(MpqError, match="second_stage_start"):
+        CSQConfig(second_stage_start="reference")
+    with pytest.raises(MpqError, match="fixed_scheme_training=lsq"):
+        CSQConfig(second_stage_start="checkpoint", fixed_scheme_training="bits")

@@ -62,11 +62,12 @@ from ..budget import AVERAGE_SLACK, trial
 from ..errors import MpqError
 from ..packing.encodings import plan_codes
 from ..quant.bits import bit_values, gated_plane_sum, round_to_bits, to_bit_planes
-from ..quant.primitives import lsq_quantize, max_code, per_channel_max, quantize_codes
+from ..quant.primitives import least_squares_scale, lsq_quantize, max_code, per_channel_max, quantize_codes
 from .base import FinalizeResult, Method, MethodConfig, Phase, WeightQuantizer, register
 
 PRECONDITION = ("none", "fixed", "always")
 FIXED_SCHEME_TRAINING = ("bits", "lsq")
+SECOND_STAGE_START = ("search", "checkpoint")
 
 
 @dataclass
@@ -134,6 +135,11 @@ class CSQConfig(MethodConfig):
             straight-through round with that step learned as in LSQ (Esser et al. 2020), as ``uniform`` trains.
             The scheme, and every weight the file can hold, are the same; only the second stage's
             parametrisation differs. ``lsq`` since config version 7 (docs/methods/csq.md, "The second stage").
+        second_stage_start: *ours*, with ``fixed_scheme_training=lsq``: where a layer's latent weight starts when its
+            scheme is fixed. ``search``: the relaxed weight the search ended with (its codes unchanged at the
+            switch). ``checkpoint``: the weight the layer was loaded with, its step set by least-squares clipping
+            at the layer's fixed bits (uniform's start): the search chooses the scheme, the second stage trains
+            from the checkpoint under it, as uniform trains under a transplanted scheme.
     """
 
     # 2: carry_residual, precondition; 3: contiguous_bits; 4: mask_lr; 5: ramp_to_projection;
@@ -157,6 +163,7 @@ class CSQConfig(MethodConfig):
     contiguous_bits: bool = True
     straight_through_masks: bool = False
     fixed_scheme_training: str = "lsq"
+    second_stage_start: str = "search"
 
     @classmethod
     def from_dict(cls, d: dict) -> CSQConfig:
@@ -209,6 +216,12 @@ class CSQConfig(MethodConfig):
                 f"fixed_scheme_training must be one of {', '.join(FIXED_SCHEME_TRAINING)}, "
                 f"got {self.fixed_scheme_training!r}"
             )
+        if self.second_stage_start not in SECOND_STAGE_START:
+            raise MpqError(
+                f"second_stage_start must be one of {', '.join(SECOND_STAGE_START)}, got {self.second_stage_start!r}"
+            )
+        if self.second_stage_start == "checkpoint" and self.fixed_scheme_training != "lsq":
+            raise MpqError("second_stage_start=checkpoint needs fixed_scheme_training=lsq (a latent weight to restart)")
         if self.fixed_scheme_training == "lsq" and not self.contiguous_bits:
             raise MpqError("fixed_scheme_training=lsq needs contiguous_bits=true (a uniform grid of contiguous bits)")
 
@@ -234,6 +247,7 @@ class CSQWeight(WeightQuantizer):
         self.temperature = cfg.beta_start  # beta, set by the method every step
         self.precondition = False  # divide the bit logits' gradients by kappa_b^2; set by the method
         self.trains_latent_when_fixed = cfg.fixed_scheme_training == "lsq"
+        self.latent_from_checkpoint = cfg.second_stage_start == "checkpoint"
         if self.trains_latent_when_fixed:  # the second stage's LSQ form (frozen until the scheme is fixed)
             self.latent = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
             self.latent_step = nn.Parameter(torch.ones_like(max_abs), requires_grad=False)
@@ -267,8 +281,10 @@ class CSQWeight(WeightQuantizer):
         """With ``fixed_scheme_training=lsq``, move a fixed layer into the LSQ form: its ``k`` contiguous selected
         bits from ``low`` hold codes ``c 2^low``, ``|c| <= 2^k - 1``, i.e. a ``k``-bit grid with step
         ``s 2^low / (2^n - 1)``. The latent weight starts at ``target`` (the relaxed weight the codes came from),
-        clipped to 0.49 of that step around the codes, so the exact codes do not change at the switch. A layer at
-        0 bits keeps the bit form: it has nothing to train (every code 0)."""
+        clipped to 0.49 of that step around the codes, so the exact codes do not change at the switch. With
+        ``second_stage_start=checkpoint`` the latent keeps what it holds until the switch, the checkpoint's weight,
+        and the step is its least-squares clip at ``k`` bits. A layer at 0 bits keeps the bit form: it has nothing
+        to train (every code 0)."""
         if not self.trains_latent_when_fixed or not self.host("mask_is_fixed") or self.latent_form_bits() is not None:
             return
         selected = torch.nonzero(self.fixed_mask).flatten().tolist()
@@ -277,6 +293,12 @@ class CSQWeight(WeightQuantizer):
         low, bits = selected[0], len(selected)
         if selected[-1] - low + 1 != bits:
             raise MpqError("fixed_scheme_training=lsq met a layer whose bits are not contiguous")
+        if self.latent_from_checkpoint:  # the latent has not trained yet: it holds the weight the layer was loaded with
+            clip = least_squares_scale(self.latent, bits, granularity=self.granularity)
+            self.latent_step.copy_(clip.reshape(self.scale.shape) / max_code(bits))
+            self.set_host("latent_bits", bits)
+            self.train_form()
+            return
         codes, step = self.exact_codes()
         unit = (step * 2**low).reshape(self.scale.shape)  # the k-bit grid's step, 0-d or per output channel
         base = torch.div(codes, 2**low, rounding_mode="trunc").to(unit.dtype) * unit  # exact: codes are multiples
