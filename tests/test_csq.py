@@ -700,3 +700,19 @@ def test_second_stage_start_config():
         CSQConfig(second_stage_start="reference")
     with pytest.raises(MpqError, match="fixed_scheme_training=lsq"):
         CSQConfig(second_stage_start="checkpoint", fixed_scheme_training="bits")
+
+
+def test_param_groups_decay_weights_and_latents_not_steps_or_masks(tiny):
+    """Weight decay (the paper's 5e-4) on bit logits, latents and the rest of the model; none on a step (``s``, the
+    latent's step) or a mask logit, which train in their own groups; every parameter in exactly one group."""
+    method = _csq(tiny, target_bits=3)
+    groups = method.param_groups(tiny, 5e-4)
+    where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(where) == len(list(tiny.parameters()))
+    for q in method.quantizers().values():
+        for decayed in (q.bit_logits_pos, q.bit_logits_neg, q.latent):
+            assert groups[where[id(decayed)]]["weight_decay"] == 5e-4
+        for free in (q.scale, q.latent_step):
+            assert groups[where[id(free)]]["weight_decay"] == 0.0 and "sgd_peak_lr" not in groups[where[id(free)]]
+        masks = groups[where[id(q.mask_logits)]]
+        assert masks["weight_decay"] == 0.0 and masks["sgd_peak_lr"] == 0.1
