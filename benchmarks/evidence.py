@@ -101,7 +101,8 @@ LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "csq-screen": ("
 PAIRS = [
     ("csq (budget screen)", "csq"),
     ("csq (budget screen, config v6)", "csq (config v6)"),
-    ("csq", "csq (config v6)"),
+    ("csq", "csq (config v7)"),
+    ("csq (config v7)", "csq (config v6)"),
 ]
 
 

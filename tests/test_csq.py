@@ -386,11 +386,12 @@ def test_fix_bits_keeps_top_bits(tiny):
     assert "conv" not in method.searchable()
     codes, step = q.exact_codes()
     assert (codes % 32 == 0).all()
-    # the default LSQ form holds the same weights as codes on a 3-bit grid with a 32x step
+    # the LSQ form (version 7's start) holds the same weights as codes on a 3-bit grid with a 32x step
     from conftest import TinyNet
 
     torch.manual_seed(0)  # the fixture's weights
-    lsq = get_method("csq")(CSQConfig(target_bits=2), LayerSelection(fix_bits={"conv": 3}))
+    lsq_cfg = CSQConfig(target_bits=2, second_stage_start="search")  # version 7's start: the same codes
+    lsq = get_method("csq")(lsq_cfg, LayerSelection(fix_bits={"conv": 3}))
     lsq.prepare(TinyNet())
     lsq_codes, lsq_step = lsq.quantizers()["conv"].exact_codes()
     assert torch.equal(lsq_codes * 32, codes) and torch.equal(lsq_step, step * 32)
@@ -400,8 +401,8 @@ def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (7, True, "fixed", True)
-    assert (new.fixed_scheme_training, new.project_at) == ("lsq", 0.25)
+    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (8, True, "fixed", True)
+    assert (new.fixed_scheme_training, new.project_at, new.second_stage_start) == ("lsq", 0.25, "checkpoint")
     five = CSQConfig.from_dict({"version": 5})  # before Alg. 1's ramp became the default
     assert not new.straight_through_masks and not five.ramp_to_projection and not five.straight_through_masks
 
@@ -529,7 +530,8 @@ def test_masks_move_at_a_fine_tuning_lr(mask_lr):
 def test_lsq_form_keeps_the_codes_at_the_switch(granularity):
     torch.manual_seed(0)
     w = torch.randn(6, 3, 3, 3)
-    q = CSQWeight(w, CSQConfig(target_bits=2, fixed_scheme_training="lsq", granularity=granularity), None)
+    cfg = CSQConfig(target_bits=2, fixed_scheme_training="lsq", second_stage_start="search", granularity=granularity)
+    q = CSQWeight(w, cfg, None)
     codes, step, mask = q.requantized(3)  # 3 contiguous bits at the top of the 8 (a shift of 5)
     assert mask.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
     q.load_codes(codes, step, mask, fixed=True, target=w)
@@ -641,7 +643,14 @@ def test_a_lifted_layer_restarts_from_what_its_bit_logits_hold(form):
         dead = sum(int(not q.exact_codes()[0].any()) for q in method.quantizers().values())
         return 1.0 + 5.0 * dead + 0.1 * sum(method.layer_bits().values())
 
-    method = _csq(model, loss_probe=probe, target_bits=2.0, fixed_scheme_training=form, straight_through_masks=True)
+    method = _csq(
+        model,
+        loss_probe=probe,
+        target_bits=2.0,
+        fixed_scheme_training=form,
+        second_stage_start="search",  # the relaxed weight carried into the latent (version 7)
+        straight_through_masks=True,
+    )
     method.on_epoch_start(0, 1, 10)
     q = method.layers["0"].weight_quantizer
     with torch.no_grad():  # the search dropped every bit of layer "0"
@@ -695,11 +704,12 @@ def test_second_stage_from_the_checkpoint_restarts_every_searched_layer_as_unifo
 
 
 def test_second_stage_start_config():
-    assert CSQConfig().second_stage_start == "search"
+    assert CSQConfig().second_stage_start == "checkpoint"  # version 8
+    seven = CSQConfig.from_dict({"version": 7})  # runs of version 7 keep the latent from the search
+    assert (seven.second_stage_start, seven.fixed_scheme_training) == ("search", "lsq")
+    assert CSQConfig.from_dict({"version": 6}).fixed_scheme_training == "bits"  # and older ones the bit logits
     with pytest.raises(MpqError, match="second_stage_start"):
         CSQConfig(second_stage_start="reference")
-    with pytest.raises(MpqError, match="fixed_scheme_training=lsq"):
-        CSQConfig(second_stage_start="checkpoint", fixed_scheme_training="bits")
 
 
 def test_param_groups_decay_weights_and_latents_not_steps_or_masks(tiny):
