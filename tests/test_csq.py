@@ -402,7 +402,7 @@ def test_version_1_configs_keep_their_behaviour():
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
     assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (8, True, "fixed", True)
-    assert (new.fixed_scheme_training, new.project_at, new.second_stage_start) == ("lsq", 0.25, "checkpoint")
+    assert (new.fixed_scheme_training, new.project_at, new.second_stage_start) == ("lsq", 0.25, "search")
     five = CSQConfig.from_dict({"version": 5})  # before Alg. 1's ramp became the default
     assert not new.straight_through_masks and not five.ramp_to_projection and not five.straight_through_masks
 
@@ -704,7 +704,12 @@ def test_second_stage_from_the_checkpoint_restarts_every_searched_layer_as_unifo
 
 
 def test_second_stage_start_config():
-    assert CSQConfig().second_stage_start == "checkpoint"  # version 8
+    assert CSQConfig().second_stage_start == "search"  # from scratch the loaded weights are random
+    csq = get_method("csq")  # version 8: from trained weights the second stage restarts from them
+    assert csq.recipe_fields("checkpoint", {"target_bits": 2})["second_stage_start"] == "checkpoint"
+    assert "second_stage_start" not in csq.recipe_fields("paper", {"target_bits": 2})
+    given = {"second_stage_start": "search"}
+    assert csq.recipe_fields("checkpoint", given)["second_stage_start"] == "search"
     seven = CSQConfig.from_dict({"version": 7})  # runs of version 7 keep the latent from the search
     assert (seven.second_stage_start, seven.fixed_scheme_training) == ("search", "lsq")
     assert CSQConfig.from_dict({"version": 6}).fixed_scheme_training == "bits"  # and older ones the bit logits

@@ -56,8 +56,14 @@ def test_a_search_from_a_checkpoint_uses_the_checkpoint_recipe_and_paper_stays_a
     # still records the settings it was started with
     paper = invoke(*common, "--recipe", "paper", "--out", tmp_path / "paper", "--json")
     assert paper.exit_code == 0 or "diverged" in paper.output
-    lr = {k: json.loads((tmp_path / k / "config.json").read_text())["train"]["lr"] for k in ("auto", "paper")}
-    assert lr == {"auto": csq.checkpoint_defaults["lr"], "paper": csq.training_defaults["lr"]}
+    configs = {k: json.loads((tmp_path / k / "config.json").read_text()) for k in ("auto", "paper")}
+    assert {k: c["train"]["lr"] for k, c in configs.items()} == {
+        "auto": csq.checkpoint_defaults["lr"],
+        "paper": csq.training_defaults["lr"],
+    }
+    # and its method fields: from trained weights CSQ's second stage restarts from them
+    starts = {k: c["method_config"]["second_stage_start"] for k, c in configs.items()}
+    assert starts == {"auto": "checkpoint", "paper": "search"}
     # an explicit --lr is the user's, whatever the recipe
     given = run_json(*common, "--lr", "0.005", "--out", tmp_path / "given")
     assert json.loads((tmp_path / "given" / "config.json").read_text())["train"]["lr"] == 0.005
@@ -71,3 +77,5 @@ def test_methods_lists_both_recipes():
     assert "training, --recipe checkpoint:" in result.output
     listing = json.loads(invoke("methods", "--json").output)
     assert listing["csq"]["checkpoint_defaults"] == METHODS["csq"].checkpoint_defaults
+    assert listing["csq"]["checkpoint_fields"] == {"second_stage_start": "checkpoint"}
+    assert "fields, --recipe checkpoint (unless given): second_stage_start=checkpoint" in result.output

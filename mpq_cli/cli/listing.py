@@ -34,6 +34,9 @@ def methods(as_json: JsonOpt = False):
                 f"  training, --recipe {label}: " + ", ".join(f"{k}={v}" for k, v in entry[key].items()),
                 highlight=False,
             )
+        if entry["checkpoint_fields"]:
+            fields = ", ".join(f"{k}={v}" for k, v in entry["checkpoint_fields"].items())
+            out_console.print(f"  fields, --recipe checkpoint (unless given): {fields}", highlight=False)
 
 
 def print_model_layers(model: str, found: dict) -> None:

@@ -26,5 +26,6 @@ def method_listing() -> dict:
             },
             "training_defaults": cls.training_defaults,  # --recipe paper
             "checkpoint_defaults": cls.recipe_defaults("checkpoint"),  # --recipe checkpoint (auto from trained weights)
+            "checkpoint_fields": cls.checkpoint_fields,  # method fields --recipe checkpoint sets unless given
         }
     return listing

@@ -67,7 +67,8 @@ class SearchOptions:
 
     Args:
         method: registered method name.
-        method_config: fields of the method's config (``target_bits``, ``act_bits``, ...).
+        method_config: fields of the method's config (``target_bits``, ``act_bits``, ...), over those
+            ``--recipe checkpoint`` sets (``Method.checkpoint_fields``).
         selection: FP layers and fixed bits.
         probe_batches: batches the loss-aware final steps measure: the hold-out's first ones with
             ``DataConfig.val_split``, else a fixed set of training batches.
@@ -110,8 +111,8 @@ def search(
     if options.probe_batches < 1:
         raise MpqError("--probe-batches must be >= 1")
     method_cls = get_method(options.method)
-    method_cfg = method_cls.config_class.from_dict(options.method_config)
     recipe = resolve_recipe(options.recipe, model)
+    method_cfg = method_cls.config_class.from_dict(method_cls.recipe_fields(recipe, options.method_config))
     train_cfg = training(train_cfg, {"epochs": SEARCH_EPOCHS, **method_cls.recipe_defaults(recipe)})
     ctx = setup(model, data, train_cfg, reporter)
     fp_top1 = None

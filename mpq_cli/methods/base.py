@@ -333,6 +333,8 @@ class Method(ABC):
     # --checkpoint or pretrained --weights): measured from trained references (issue 27; docs/cli.md says
     # where); ``None``: the paper's.
     checkpoint_defaults: ClassVar[dict | None] = None
+    # Method fields ``--recipe checkpoint`` sets unless the command line gives them (measured as above).
+    checkpoint_fields: ClassVar[dict] = {}
     finetune_defaults: ClassVar[dict] = {}
 
     @classmethod
@@ -341,6 +343,11 @@ class Method(ABC):
         if recipe == "checkpoint" and cls.checkpoint_defaults is not None:
             return cls.checkpoint_defaults
         return cls.training_defaults
+
+    @classmethod
+    def recipe_fields(cls, recipe: str, given: dict) -> dict:
+        """The method fields of a search under ``recipe``: ``given`` over the recipe's own (``checkpoint_fields``)."""
+        return {**cls.checkpoint_fields, **given} if recipe == "checkpoint" else dict(given)
 
     def __init__(self, config: MethodConfig, selection: LayerSelection | None = None):
         self.config = config

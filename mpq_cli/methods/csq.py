@@ -137,8 +137,9 @@ class CSQConfig(MethodConfig):
             The scheme, and every weight the file can hold, are the same; only the second stage's
             parametrisation differs. ``lsq`` since config version 7 (docs/methods/csq.md, "The second stage").
         second_stage_start: *ours*, with ``fixed_scheme_training=lsq`` (the bit-logit form ignores it): where a
-            layer's latent weight starts when its scheme is fixed. ``search``: the relaxed weight the search ended
-            with (its codes unchanged at the switch; version 7). ``checkpoint`` (since version 8): the weight the
+            layer's latent weight starts when its scheme is fixed. ``search`` (the default, from scratch): the
+            relaxed weight the search ended with (its codes unchanged at the switch; version 7). ``checkpoint``
+            (what ``--recipe checkpoint``, the default from trained weights, sets since version 8): the weight the
             layer was loaded with, its step set by least-squares clipping at the layer's fixed bits (uniform's
             start; ``--fix-bits`` and ``--edge-bits`` layers from the start too): the search chooses the scheme,
             the second stage trains from the checkpoint under it, as uniform trains under a transplanted scheme.
@@ -148,7 +149,7 @@ class CSQConfig(MethodConfig):
 
     # 2: carry_residual, precondition; 3: contiguous_bits; 4: mask_lr; 5: ramp_to_projection;
     # 6: straight_through_masks, ramp_to_projection on; 7: fixed_scheme_training lsq, project_at 0.25;
-    # 8: second_stage_start checkpoint
+    # 8: second_stage_start checkpoint under --recipe checkpoint
     version: int = 8
     target_bits: float = 3.0
     max_bits: int = 8
@@ -168,7 +169,7 @@ class CSQConfig(MethodConfig):
     contiguous_bits: bool = True
     straight_through_masks: bool = False
     fixed_scheme_training: str = "lsq"
-    second_stage_start: str = "checkpoint"
+    second_stage_start: str = "search"
 
     @classmethod
     def from_dict(cls, d: dict) -> CSQConfig:
@@ -497,6 +498,9 @@ class CSQ(Method):
     # 0.003 seed 1), a fault of the one-ramp beta schedule, not of the rate (issue 31): with Alg. 1's ramp (config
     # version 6) the seed-1 search at 0.003 ended at 85.46 % hold-out. 0.01 is not yet re-measured under it
     checkpoint_defaults = {"optimizer": "sgd", "lr": 0.003, "weight_decay": 5e-4, "schedule": "cosine"}
+    # from trained weights the second stage restarts from them under the searched scheme (config version 8); from
+    # scratch the loaded weights are random, so the search's own weights carry on (``search``, the field's default)
+    checkpoint_fields = {"second_stage_start": "checkpoint"}
     finetune_defaults = checkpoint_defaults  # fine-tuning starts from a trained state too
 
     def __init__(self, config: CSQConfig, selection=None):
