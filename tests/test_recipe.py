@@ -79,3 +79,17 @@ def test_methods_lists_both_recipes():
     assert listing["csq"]["checkpoint_defaults"] == METHODS["csq"].checkpoint_defaults
     assert listing["csq"]["checkpoint_fields"] == {"second_stage_start": "checkpoint"}
     assert "fields, --recipe checkpoint (unless given): second_stage_start=checkpoint" in result.output
+    assert listing["bmpq"]["checkpoint_fields"] == {"act_follow_weights": False}
+
+
+def test_a_checkpoint_recipe_sets_its_method_fields_unless_given(fp_run, tmp_path):
+    """BMPQ from trained weights quantizes weights only (its paper's PACT inputs are a from-scratch recipe); the paper
+    recipe keeps them, and a field the command line gives wins over either."""
+    common = ["search", "--method", "bmpq", "--target-bits", "4", "--checkpoint", fp_run[0], *SMALL, "--epochs", "1"]
+    cases = {"auto": [], "paper": ["--recipe", "paper"], "given": ["--set", "act_follow_weights=true"]}
+    follows = {}
+    for name, extra in cases.items():
+        run_json(*common, "--lr", "0.003", *extra, "--out", tmp_path / name)
+        follows[name] = json.loads((tmp_path / name / "config.json").read_text())["method_config"]["act_follow_weights"]
+    assert follows == {"auto": False, "paper": True, "given": True}
+    assert METHODS["uniform"].recipe_fields("checkpoint", {"target_bits": 2}) == {"target_bits": 2}
