@@ -25,7 +25,9 @@ Protocol (resnet20 on the shared CIFAR-10 JPEGs; `--model mobilenet_v2` as its p
   the better uniform of the two, chosen on the hold-out.
 - Training: each method's `--recipe checkpoint` defaults (the lr measured from this reference,
   benchmarks/checkpoint_lr.py), `--epochs` (2) epochs of 352 steps of batch 128, 2 probe batches for the budget
-  step (of the hold-out), the same for every row.
+  step (of the hold-out), the same for every row. The budget step probes every option exactly (`--budget-probe
+  exact`) in the CSQ and BSQ rows; the rows "csq (budget screen)" and "bsq (budget screen)" use the screen
+  (CSQ's default since its config version 9), paired with "csq" and "bsq" by seed.
 - Seeds: 0, 1, 2 at both levels, then 3 and 4 at 2 bits (the closest cells). Each (method, seed) is paired with
   uniform's run of the same seed: the mean difference of test top-1, its 95 % Student t interval and the exact
   sign-flip p (floor 2/2^n). A method is marked **better** only where the interval lies above zero and its mean
@@ -87,19 +89,22 @@ def parse_schedule(text: str) -> list[tuple[int, list[int]]]:
 EDGES = ["--edge-bits", "8"]
 # per cell: methods, target of a level, extra arguments (ALQ's target: the model's stored bits per basis)
 CELLS = {
-    "edges8": ("csq,bsq,uniform", lambda level, model: level, EDGES),
+    # the exact probe pinned: CSQ's rows were measured with it (the default before CSQ config version 9), and
+    # the screen, CSQ's default since, has its own rows
+    "edges8": ("csq,bsq,uniform", lambda level, model: level, [*EDGES, "--budget-probe", "exact"]),
     "bmpq": ("bmpq", lambda level, model: level + 1, [*EDGES, "--set", "act_follow_weights=false"]),
     "alq": ("alq", lambda level, model: round((level + 1) / MODELS[model]["alq_per_basis"], 2), EDGES),
     "uniform-noedges": ("uniform", lambda level, model: level, []),
-    # issue 32, part 3: CSQ with the budget step's screen against the exact probe, paired by seed
-    "csq-screen": ("csq", lambda level, model: level, [*EDGES, "--budget-probe", "screen"]),
+    # issue 32, part 3: CSQ and BSQ with the budget step's screen against the exact probe, paired by seed
+    "screen": ("csq,bsq", lambda level, model: level, [*EDGES, "--budget-probe", "screen"]),
 }
 TRANSPLANT_FROM = ("csq", "bsq")
 SCREEN_SEEDS = (0, 1, 2)  # the screen rows run at the model's screen level: enough for a 3-seed interval
-LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "csq-screen": (" (budget screen)", "-screen")}
+LABEL_SUFFIX = {"uniform-noedges": (" (no edges)", "-noedges"), "screen": (" (budget screen)", "-screen")}
 # (row, reference row): a paired difference of test top-1 shown under each level's table
 PAIRS = [
     ("csq (budget screen)", "csq"),
+    ("bsq (budget screen)", "bsq"),
     ("csq (budget screen, config v6)", "csq (config v6)"),
     ("csq", "csq (config v7)"),
     ("csq (config v7)", "csq (config v6)"),
@@ -197,7 +202,7 @@ def run_sweeps(args, out: Path, records: Path) -> None:
         for seed in seeds:
             for cell, (methods, _, _) in CELLS.items():
                 screen = level == MODELS[args.model]["screen_level"] and seed in SCREEN_SEEDS
-                if cell == "csq-screen" and not screen or cell not in (args.cells or cell).split(","):
+                if cell == "screen" and not screen or cell not in (args.cells or cell).split(","):
                     continue
                 rows += [(level, seed, cell, m) for m in methods.split(",") if m in (args.methods or m).split(",")]
             transplants += [(level, seed, m) for m in TRANSPLANT_FROM if m in (args.methods or m).split(",")]

@@ -267,14 +267,28 @@ def test_the_screens_forward_passes_do_not_grow_with_layers_and_options(layers):
 
 # -- the setting: recorded, defaults out of saved configs, exact as before --------------------------------------
 def test_budget_probe_defaults_out_of_saved_configs_and_is_checked():
-    for method in ("csq", "bsq", "uniform"):
+    for method in ("bsq", "uniform"):
         cfg = get_method(method).config_class
-        assert cfg().budget_probe == "exact"  # the screen is opt-in until measured over seeds (issue 32)
+        assert cfg().budget_probe == "exact"
         assert "budget_probe" not in cfg.from_dict({"target_bits": 2}).to_dict()  # old runs keep fingerprints
         assert "budget_probe" not in cfg.from_dict({"target_bits": 2, "budget_probe": "exact"}).to_dict()
         assert cfg.from_dict({"target_bits": 2, "budget_probe": "screen"}).to_dict()["budget_probe"] == "screen"
     with pytest.raises(MpqError, match="--budget-probe must be one of screen, exact"):
         get_method("csq").config_class.from_dict({"target_bits": 2, "budget_probe": "fast"})
+
+
+def test_csq_screens_by_default_since_version_9_and_older_runs_probe_exactly():
+    """The screen became CSQ's default once measured over seeds (config version 9); a run saved by version 8 or
+    earlier, whose config leaves the probe out because exact was the default then, reads back as exact, and an
+    explicit exact survives a round trip (it is no longer the default, so it cannot be left out)."""
+    cfg = get_method("csq").config_class
+    assert cfg().budget_probe == "screen" and cfg().version == 9
+    assert cfg.from_dict({"target_bits": 2}).budget_probe == "screen"  # the command line: today's version
+    assert cfg.from_dict({"target_bits": 2, "version": 8}).budget_probe == "exact"
+    exact = cfg.from_dict({"target_bits": 2, "budget_probe": "exact"})
+    assert exact.to_dict()["budget_probe"] == "exact"
+    assert cfg.from_dict(exact.to_dict()).budget_probe == "exact"
+    assert cfg.from_dict(cfg.from_dict({"target_bits": 2}).to_dict()).budget_probe == "screen"
 
 
 @pytest.mark.parametrize("method_name", ["csq", "bsq"])
@@ -315,14 +329,14 @@ def test_a_search_records_the_probe_and_each_change_says_whether_it_was_measured
     runs = {}
     for mode in ("screen", "exact"):
         out = tmp_path / mode
-        args = ["--budget-probe", mode] if mode == "screen" else []
+        args = ["--budget-probe", mode] if mode == "exact" else []  # CSQ's default is the screen
         runs[mode] = run_json(
             "search", "--method", "csq", "--target-bits", "2", "--model", "lenet5", "--checkpoint", fp_run[0],
             *SMALL, "--epochs", "1", "--lr", "0.01", *args, "--out", out,
         )  # fmt: skip
         assert runs[mode]["budget_met"] is True
     saved = {m: json.loads((tmp_path / m / "config.json").read_text()) for m in runs}
-    assert "budget_probe" not in saved["exact"]["method_config"]  # the default, left out
+    assert saved["exact"]["method_config"]["budget_probe"] == "exact"  # not CSQ's default: recorded
     assert saved["screen"]["method_config"]["budget_probe"] == "screen"
     changes = json.loads((tmp_path / "screen" / "summary.json").read_text())["budget_changes"]
     assert changes and all(isinstance(c["measured_alone"], bool) for c in changes)

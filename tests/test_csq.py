@@ -401,8 +401,9 @@ def test_version_1_configs_keep_their_behaviour():
     old = CSQConfig.from_dict({"version": 1, "target_bits": 2.0})  # a run saved before residuals and preconditioning
     assert (old.carry_residual, old.precondition, old.contiguous_bits) == (False, "none", False)
     new = CSQConfig.from_dict({"target_bits": 2.0})  # command-line options carry no version: today's defaults
-    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (8, True, "fixed", True)
+    assert (new.version, new.carry_residual, new.precondition, new.ramp_to_projection) == (9, True, "fixed", True)
     assert (new.fixed_scheme_training, new.project_at, new.second_stage_start) == ("lsq", 0.25, "search")
+    assert (new.budget_probe, old.budget_probe) == ("screen", "exact")
     five = CSQConfig.from_dict({"version": 5})  # before Alg. 1's ramp became the default
     assert not new.straight_through_masks and not five.ramp_to_projection and not five.straight_through_masks
 

@@ -93,8 +93,9 @@ class MethodConfig:
         budget_probe: *ours*: how the loss-aware budget step (CSQ, BSQ) measures each layer's options:
             ``screen`` estimates every option's loss change from a few backward passes on the probe batches
             (gradient and Hutchinson curvature) and probes exactly only the finalists and the chosen scheme;
-            ``exact`` (the default) probes every option of every layer with a full forward pass. ``screen`` stays
-            opt-in until its schemes are shown as good as the exact probe's over seeds (issue 32).
+            ``exact`` probes every option of every layer with a full forward pass. The default is the method's:
+            ``screen`` for CSQ since its config version 9 (measured over seeds, docs/methods/csq.md), ``exact``
+            elsewhere.
         granularity: *ours*: one step per layer (``tensor``, the papers' form) or one per output
             channel (``channel``, as torchao, ONNX Runtime and TensorRT quantize weights), initialised and
             learned per channel as each method does per layer (methods whose form is not integer codes times a
@@ -129,8 +130,8 @@ class MethodConfig:
         d = asdict(self)
         if d.get("budget_on") == "nominal":  # the default is left out: runs written before it keep their fingerprints
             del d["budget_on"]
-        if d.get("budget_probe") == "exact":  # likewise: runs before the option probed exactly, as the default does
-            del d["budget_probe"]
+        if d.get("budget_probe") == "exact" == _field_default(type(self), "budget_probe"):
+            del d["budget_probe"]  # likewise: runs before the option probed exactly, as this default does
         if d.get("granularity") == "tensor":  # likewise: every run before the option had one step per layer
             del d["granularity"]
         return d
@@ -144,6 +145,10 @@ class MethodConfig:
         if unknown:
             raise MpqError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def _field_default(config_class: type, name: str):
+    return next(f.default for f in fields(config_class) if f.name == name)
 
 
 def field_help(config_class: type) -> dict[str, str]:

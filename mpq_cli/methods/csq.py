@@ -149,8 +149,8 @@ class CSQConfig(MethodConfig):
 
     # 2: carry_residual, precondition; 3: contiguous_bits; 4: mask_lr; 5: ramp_to_projection;
     # 6: straight_through_masks, ramp_to_projection on; 7: fixed_scheme_training lsq, project_at 0.25;
-    # 8: second_stage_start checkpoint under --recipe checkpoint
-    version: int = 8
+    # 8: second_stage_start checkpoint under --recipe checkpoint; 9: budget_probe screen
+    version: int = 9
     target_bits: float = 3.0
     max_bits: int = 8
     reg_strength: float = 0.01
@@ -170,6 +170,7 @@ class CSQConfig(MethodConfig):
     straight_through_masks: bool = False
     fixed_scheme_training: str = "lsq"
     second_stage_start: str = "search"
+    budget_probe: str = "screen"
 
     @classmethod
     def from_dict(cls, d: dict) -> CSQConfig:
@@ -189,6 +190,8 @@ class CSQConfig(MethodConfig):
             d = {"fixed_scheme_training": "bits", "project_at": 0.5, **d}
         if isinstance(version, int) and version < 8:
             d = {"second_stage_start": "search", **d}
+        if isinstance(version, int) and version < 9:
+            d = {"budget_probe": "exact", **d}
         return super().from_dict(d)
 
     def __post_init__(self) -> None:
