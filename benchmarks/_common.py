@@ -68,9 +68,15 @@ def keep_record(path: Path, record: dict) -> None:
 
 def sweep_row(command: list[str], sweep: Path, log: list[str]) -> tuple[dict | None, str]:
     """Run a one-row ``mpq sweep`` (its ``--out`` is ``sweep``): ``(row, "")``, or ``(None, why)`` when the
-    command, the run or the file's evaluation failed."""
+    command, the run or the file's evaluation failed, or the run missed its budget (a row over its ceiling is
+    not at the bits it is compared at)."""
     result = run(command, log, check=False)
     rows = json.loads((sweep / "sweep.json").read_text())["rows"] if (sweep / "sweep.json").is_file() else []
+    if rows and rows[0].get("status") == "over budget":
+        return (
+            None,
+            f"over budget: {rows[0].get('avg_stored_bits')} stored bits for a target of {rows[0].get('target_bits')}",
+        )
     if "error" in result or not rows or rows[0].get("top1") is None:
         return None, result.get("error") or (rows[0].get("error") or rows[0].get("status") if rows else "no sweep.json")
     return rows[0], ""

@@ -388,3 +388,26 @@ def test_a_scheme_found_at_the_time_limit_is_used_with_a_warning(monkeypatch):
     monkeypatch.setattr(scipy.optimize, "milp", at_the_limit)
     with pytest.warns(UserWarning, match="120 s limit"):
         assert choose_options_within(options, params, 0, high) == optimum
+
+
+def test_under_a_stored_ceiling_the_budget_step_counts_each_layer_at_its_full_width(monkeypatch):
+    """An option that adds bits without changing the codes yet is not free: the training after the step fills
+    the width (CSQ's second stage trains on the whole k-bit grid). A 3-bit layer whose codes use 1 bit stores
+    about 2 bits now and is counted at 3 + sign by the step; the final check still measures the codes."""
+    from conftest import TinyNet
+
+    from mpq_cli.layers import LayerSelection
+    from mpq_cli.methods.base import get_method
+
+    cfg = get_method("csq").config_class.from_dict({"target_bits": 3, "budget_on": "stored"})
+    method = get_method("csq")(cfg, LayerSelection(fix_bits={"conv": 3}))
+    method.prepare(TinyNet())
+    q = method.quantizers()["conv"]
+    codes, step = q.exact_codes()
+    assert method.layer_bits()["conv"] == 3
+    assert method.full_width_stored_bits("conv") == pytest.approx(method.stored_bits("conv"))  # already full
+    small = codes.sign()
+    assert small.abs().max() == 1
+    monkeypatch.setattr(q, "exact_codes", lambda: (small, step))
+    now, counted = method.stored_bits("conv"), method.full_width_stored_bits("conv")
+    assert counted - now == pytest.approx(2, abs=0.2)  # fields of 3 + sign against 1 + sign, the same step
