@@ -36,7 +36,7 @@ from ..budget_screen import layer_sensitivity, screened_budget_step
 from ..errors import MpqError
 from ..forms import FORMS, LayerCodes  # noqa: F401  (LayerCodes re-exported)
 from ..layers import LayerSelection, QuantizedLayer, module_paths, quantizable_layers, quantized_layers, replace_module
-from ..packing.encodings import plan_codes
+from ..packing.encodings import CodesPlan, plan_codes
 from ..quant.act import PACT
 from ..quant.basis import BasisForm
 from ..quant.host import HostMirrored
@@ -639,10 +639,9 @@ class Method(ABC):
         if self.bits_convention != SIGN_EXCLUDED or not bits:
             return now
         codes, step = self.layers[name].weight_quantizer.exact_codes()
-        top = 2 ** int(bits) - 1
+        # codes filling -(2^bits - 1)..2^bits - 1 are int fields of bits + 1 (no table can beat them): their plan
         count = codes.numel()
-        full = torch.arange(count) % (2 * top + 1) - top  # every code of the width, -top first: no shared factor
-        wide = 8 * plan_codes(full, steps=step.numel()).payload_bytes(count) / max(count, 1)
+        wide = 8 * CodesPlan("int", int(bits) + 1, 0, steps=step.numel()).payload_bytes(count) / max(count, 1)
         return max(now, wide)
 
     def average_bits(self) -> float:
