@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,6 +88,19 @@ def partial_note(rows: list[dict]) -> str:
     every partial measurement says so."""
     partial = [r for r in rows if (r.get("samples") or 0) < (r.get("split_samples") or 0)]
     return f" (on {partial[0]['samples']:,} of {partial[0]['split_samples']:,} test images)" if partial else ""
+
+
+def in_repository(command: str) -> str:
+    """A kept command with its paths relative to the repository root, where it runs (a row kept from another
+    checkout, e.g. a worktree, names that checkout's absolute paths; the shared data as the default names it)."""
+    command = re.sub(r"--data-dir /\S*?/shared/data\b", "--data-dir ../shared/data", command)  # the default's
+    return re.sub(r"/\S*?/(?=(benchmarks|runs)/)", "", command)
+
+
+def reference_top1(name: str) -> float | None:
+    """Test top-1 of a recorded FP32 reference (benchmarks/results/references/NAME.json), or None."""
+    path = ROOT / "benchmarks/results/references" / f"{name}.json"
+    return json.loads(path.read_text())["top1"] if path.is_file() else None
 
 
 def require_reference(relative: str) -> None:

@@ -42,14 +42,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, keep_record, partial_note, require_reference, run, sweep_row, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    in_repository,
+    keep_record,
+    partial_note,
+    reference_top1,
+    require_reference,
+    run,
+    sweep_row,
+    write_results,
+)
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
@@ -117,13 +126,6 @@ def common(args) -> list[str]:
         "--data", "cifar10", "--data-dir", args.data_dir, "--val-split", "5000", "--epochs", str(args.epochs),
         "--probe-batches", "2", *(["--device", args.device] if args.device else []), *args.extra.split(),
     ]  # fmt: skip
-
-
-def in_repository(command: str) -> str:
-    """A kept command with its paths relative to the repository root, where it runs (a row kept from another
-    checkout, e.g. a worktree, names that checkout's absolute paths; the shared data as the default names it)."""
-    command = re.sub(r"--data-dir /\S*?/shared/data\b", "--data-dir ../shared/data", command)  # the default's
-    return re.sub(r"/\S*?/(?=(benchmarks|runs)/)", "", command)
 
 
 def label_of(cell: str, method: str) -> str:
@@ -228,7 +230,7 @@ def rows_of(records: Path, level: int) -> dict[str, dict[int, dict]]:
     return found
 
 
-def level_table(title: str, level: int, found: dict[str, dict[int, dict]]) -> list[str]:
+def level_table(title: str, level: int, found: dict[str, dict[int, dict]], fp32_top1: float | None = None) -> list[str]:
     lines = [f"## {title}, {level} bits + sign", ""]
     uniforms = {k: v for k, v in found.items() if k in ("uniform", "uniform (no edges)")}
     if not found:
@@ -277,6 +279,15 @@ def level_table(title: str, level: int, found: dict[str, dict[int, dict]]) -> li
             f"| {label} | {len(seeds)} | {cell} | {val.mean:.2f} | {nominal:.3f} | {stored:.3f} | {diff_text} | "
             f"{interval} | {p_text} | {verdict} |"
         )
+    if best and fp32_top1 is not None:
+        # what any method can gain over uniform here without beating the FP32 model it started from
+        base = spread([r["top1"] for r in best.values()]).mean
+        lines += [
+            "",
+            f"Headroom: the FP32 reference scores {fp32_top1:.2f} % test, {fp32_top1 - base:.2f} points above "
+            f"**{best_label}** at {base:.2f} %: a method beats uniform here by more than that only by beating the "
+            "unquantized model it started from.",
+        ]
     for row, reference in PAIRS:
         shared = sorted(set(found.get(row, {})) & set(found.get(reference, {})))
         if shared:
@@ -353,7 +364,7 @@ def main() -> None:
     lines += [__doc__[__doc__.index("Protocol") :].strip(), ""]
     levels = sorted({level for level, _ in parse_schedule(args.schedule)})
     for level in levels:
-        lines += level_table(spec["title"], level, rows_of(records, level))
+        lines += level_table(spec["title"], level, rows_of(records, level), reference_top1(args.model))
     kept = [row for level in levels for by in rows_of(records, level).values() for row in by.values()]
     commands = [in_repository(row["command"]) for row in kept]
     lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```"]

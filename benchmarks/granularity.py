@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, keep_record, partial_note, sweep_row, write_results  # noqa: E402
+from _common import ROOT, in_repository, keep_record, partial_note, sweep_row, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from mpq_cli.stats import paired_difference, spread  # noqa: E402
@@ -86,8 +86,8 @@ def kept_rows(records: Path, level: int, method: str, granularity: str) -> dict[
 def table(records: Path) -> list[str]:
     lines = [
         "| level | method | granularity | seeds | test top-1 % (mean ± std) | hold-out % | stored bits | "
-        "channel − tensor | 95 % interval | p (floor) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "channel − tensor | 95 % interval | p (floor) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in LEVELS:
         for method in METHODS:
@@ -101,7 +101,7 @@ def table(records: Path) -> list[str]:
                 stored = spread([r["avg_stored_bits"] for r in rows.values()]).mean
                 cell = f"{top1.mean:.2f}" + (f" ± {top1.std:.2f}" if top1.std is not None else "")
                 cell += partial_note(list(rows.values()))
-                diff = interval = p = ""
+                diff = interval = p = verdict = ""
                 shared = sorted(set(found["channel"]) & set(found["tensor"]))
                 if granularity == "channel" and shared:
                     d = paired_difference(
@@ -110,9 +110,11 @@ def table(records: Path) -> list[str]:
                     diff = f"{d.mean:+.2f}"
                     if d.low is not None:
                         interval, p = f"[{d.low:+.2f}, {d.high:+.2f}]", f"{d.p:.3f} ({d.p_min:.3f})"
+                        ahead = "channel ahead" if d.low > 0 else "tensor ahead" if d.high < 0 else None
+                        verdict = ahead or "no difference shown"
                 lines.append(
                     f"| {level} | {method} | {granularity} | {len(rows)} | {cell} | {val:.2f} | {stored:.3f} | "
-                    f"{diff} | {interval} | {p} |"
+                    f"{diff} | {interval} | {p} | {verdict} |"
                 )
     return lines
 
@@ -131,7 +133,7 @@ def main() -> None:
         run_rows(args, out, records, log)
     lines = ["# Steps per output channel against one per layer (resnet20, CIFAR-10)", ""]
     lines += [__doc__[__doc__.index("Protocol:") :].strip(), "", *table(records), ""]
-    commands = sorted(json.loads(p.read_text())["command"] for p in records.glob("L*/*-seed*.json"))
+    commands = sorted(in_repository(json.loads(p.read_text())["command"]) for p in records.glob("L*/*-seed*.json"))
     lines += ["Commands (one per kept row; each sweep also exports and evaluates its file):", "", "```", *commands]
     write_results("benchmarks/results/granularity.md", [*lines, "```"])
 
