@@ -17,6 +17,7 @@ quantized model whose codes the run saves.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import functools
 import math
@@ -143,7 +144,12 @@ class MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise MpqError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+            # a typo in --set FIELD=VALUE gets the nearest field, as an unknown option gets the nearest option
+            hints = [
+                f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1)) else name
+                for name in sorted(unknown)
+            ]
+            raise MpqError(f"{cls.__name__}: unknown fields {', '.join(hints)} (`mpq methods` lists them)")
         return cls(**d)
 
 
