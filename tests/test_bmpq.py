@@ -399,3 +399,25 @@ def test_search_from_a_checkpoint(fp_run, tmp_path):
     )
     assert summary["fp_top1"] == pytest.approx(fp_run[1]["top1"]) and summary["budget_met"]
     assert summary["assignments"] == 1
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_a_stored_bits_ceiling_pays_for_the_steps(granularity):
+    """Under --budget-on stored the program's budget is what remains after each layer's steps and padding: the
+    file's stored bits (as budget_average measures the codes) stay under the ceiling, where counting the codes
+    alone let one float32 step per output channel go over it (version 1)."""
+    torch.manual_seed(0)
+    model = resnet20(10, 3, (8, 8))
+    ceiling = 3.05
+    method = BMPQ(BMPQConfig(bits=[2, 3, 4], target_bits=ceiling, budget_on="stored", granularity=granularity))
+    method.prepare(model)
+    codes_only = BMPQ(BMPQConfig(bits=[2, 3, 4], target_bits=ceiling, granularity=granularity))
+    codes_only.prepare(resnet20(10, 3, (8, 8)))
+    overhead = codes_only.budget_bits - method.budget_bits
+    layers = method.layers.values()
+    steps = sum(q.weight_quantizer.shape[0] for q in layers) if granularity == "channel" else len(method.layers)
+    assert overhead == 32 * steps + 7 * len(method.layers)
+    _train_steps(model, method, shape=(4, 3, 8, 8))
+    result = method.finalize()
+    assert result.budget_met
+    assert method.budget_average() <= ceiling

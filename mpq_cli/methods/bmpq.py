@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..budget import assign_bits
+from ..budget import AVERAGE_SLACK, assign_bits
 from ..errors import MpqError
 from ..layers import quantizable_layers
 from ..quant.act import PACT
@@ -170,7 +170,9 @@ class BMPQConfig(MethodConfig):
         ties: extra tie groups, each a glob or a list of globs (``["layer1.*", ["fc1", "fc2"]]``).
     """
 
-    version: int = 1
+    # 2: under --budget-on stored the budget also pays for what the file stores besides the codes (version 1
+    # counted the codes alone, so steps per output channel went over a stored-bits ceiling)
+    version: int = 2
     target_bits: float | None = None
     budget_bytes: float | None = None
     bits: list[int] = field(default_factory=lambda: [2, 4])
@@ -355,10 +357,21 @@ class BMPQ(Method):
 
     @property
     def budget_bits(self) -> float:
-        """``C`` of Eq. 9 in bits of weight codes."""
+        """``C`` of Eq. 9 in bits of weight codes. Under ``--budget-on stored`` the ceiling is on what the file
+        stores, so each layer's other stored bits come off it first: its float32 steps (one, or one per output
+        channel) and up to 7 bits of byte padding. The program's widths then keep the file's stored bits under
+        the ceiling whatever the codes turn out to be (a layer's codes never need more than its width)."""
         if self.config.budget_bytes is not None:
-            return 8.0 * self.config.budget_bytes
-        return self.config.target_bits * sum(self.params.values())
+            budget = 8.0 * self.config.budget_bytes
+        else:
+            budget = self.config.target_bits * sum(self.params.values())
+        if self.config.budget_on == "stored":
+            budget -= sum(self._stored_overhead_bits(name) for name in self.layers)
+        return budget
+
+    def _stored_overhead_bits(self, name: str) -> int:
+        steps = self.layers[name].weight_quantizer.shape[0] if self.config.granularity == "channel" else 1
+        return 32 * steps + 7
 
     def fixed_widths(self) -> dict[str, int]:
         """Layers outside the integer program: the edges and ``--fix-bits``."""
@@ -513,8 +526,11 @@ class BMPQ(Method):
             q.recording = False
         self.phase = Phase.FINAL
         total = sum(self.params.values())
+        met = self._weight_bits() <= self.budget_bits
+        if self.config.budget_on == "stored" and self.config.target_bits is not None:  # and as the file measures it
+            met = met and self.budget_average() <= self.config.target_bits + AVERAGE_SLACK
         return FinalizeResult(
-            budget_met=self._weight_bits() <= self.budget_bits,
+            budget_met=met,
             facts={
                 "budget_bits": self.budget_bits,
                 "budget_avg_bits": self.budget_bits / total,
