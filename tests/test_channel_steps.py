@@ -214,3 +214,19 @@ def test_each_method_searches_exports_and_evaluates_per_channel_exactly(method, 
     inspected = run_json("inspect", tmp_path / "f.safetensors")
     assert inspected["avg_stored_bits"] == summary["avg_stored_bits"]
     assert {row["granularity"] for row in inspected["layers"]} == {"channel"}
+    # ONNX: each weight a per-axis DequantizeLinear (axis 0, a scale per output channel), checked in onnxruntime
+    import onnx
+    from onnx import numpy_helper
+
+    exported = run_json("export", out, "--format", "onnx", "-o", tmp_path / "m.onnx")
+    assert exported["top1_agreement"] == 1.0 and exported["max_relative_difference"] <= 1e-4
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".dq")]
+    # codes wider than 8 bits (BMPQ's 16-bit edges) stay FP32 in ONNX, as its report says
+    integer = [name for name, kind in exported["weights"].items() if not kind.startswith("FP32")]
+    assert integer and sorted(n.name for n in nodes) == sorted(f"{name}.dq" for name in integer)
+    for node in nodes:
+        name = node.name[: -len(".dq")]
+        assert [(a.name, a.i) for a in node.attribute] == [("axis", 0)], name
+        assert numpy_helper.to_array(inits[node.input[1]]).shape == (codes[f"{name}.codes"].shape[0],), name
