@@ -230,3 +230,47 @@ def test_each_method_searches_exports_and_evaluates_per_channel_exactly(method, 
         name = node.name[: -len(".dq")]
         assert [(a.name, a.i) for a in node.attribute] == [("axis", 0)], name
         assert numpy_helper.to_array(inits[node.input[1]]).shape == (codes[f"{name}.codes"].shape[0],), name
+
+
+def test_uniform_on_a_one_channel_layer_the_channel_form_is_the_tensor_form():
+    """Uniform's per-channel start (each channel's least-squares clip) and LSQ's gradient (scaled by a channel's
+    weights) reduce to the per-tensor ones when the layer has one output channel."""
+    from torch import nn
+
+    from mpq_cli.methods.uniform import Uniform
+
+    weights = {}
+    for granularity in ("tensor", "channel"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.Flatten(), nn.Linear(36, 1))
+        method = Uniform(UniformConfig(target_bits=2, granularity=granularity))
+        method.prepare(model)
+        q = method.layers["0"].weight_quantizer
+        q.train()
+        w = q.train_weight()
+        w.backward(torch.arange(w.numel(), dtype=w.dtype).reshape(w.shape).sin())
+        weights[granularity] = (w.detach(), q.learned_step().grad.reshape(-1), q.weight.grad, *q.exact_codes())
+    tensor, channel = weights["tensor"], weights["channel"]
+    assert torch.allclose(tensor[0], channel[0], rtol=1e-6, atol=1e-8)
+    assert torch.allclose(tensor[1], channel[1], rtol=1e-5, atol=1e-9)  # the step's LSQ gradient
+    assert torch.allclose(tensor[2], channel[2])  # the latent weight's straight-through gradient
+    assert torch.equal(tensor[3], channel[3])
+    assert tensor[4].dim() == 0 and channel[4].shape == (1, 1, 1, 1)
+    assert torch.equal(tensor[4].reshape(1), channel[4].reshape(1))
+
+
+def test_bsq_on_a_one_channel_layer_requantization_is_the_per_tensor_one():
+    """Sec. 3.3's re-quantization per channel (each channel drops its own zero LSBs) is the layer's rule when the
+    layer has one channel: same codes, precision and step."""
+    codes = torch.tensor([[4, -12, 8, 0, 20, -4]], dtype=torch.int32)  # a shared factor of 4: 2 LSBs to drop
+    results = {}
+    for granularity in ("tensor", "channel"):
+        q = BSQWeight(_weight((1, 6)), 6, 8, fixed=False, granularity=granularity)
+        step = torch.tensor(0.05) if granularity == "tensor" else torch.tensor([[0.05]])
+        q.load_codes(codes, step, 6)
+        info = q.requantize()
+        results[granularity] = (info["bits_after"], q.bits_after_requantization(), *q.exact_codes())
+    (bits_t, projected_t, codes_t, step_t), (bits_c, projected_c, codes_c, step_c) = results.values()
+    assert bits_t == bits_c == projected_t == projected_c == 3  # |codes| / 4 <= 5: 3 magnitude bits
+    assert torch.equal(codes_t, codes_c) and codes_t.abs().max() == 5
+    assert torch.equal(step_t.reshape(1), step_c.reshape(1)) and torch.allclose(step_t, torch.tensor(0.2))
