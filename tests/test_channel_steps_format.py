@@ -351,3 +351,22 @@ def test_a_per_channel_run_becomes_per_axis_dequantize_linear(channel_run, tmp_p
         got = torch.from_numpy(np.ascontiguousarray(session.run(None, {})[0]))
         expected = dequantize(codes[f"{name}.codes"], codes[f"{name}.step"])
         assert torch.equal(got, expected), name  # equal values (a -0.0 equals +0.0)
+
+
+def test_a_per_channel_step_edited_in_the_file_is_refused_by_its_digest(channel_export, tmp_path):
+    """The per-channel steps are payload like the codes: one channel's step changed without re-signing fails the
+    tensor digest, so a file cannot silently rescale one channel."""
+    _, out = channel_export
+    steps = [k for k, v in load_file(str(out)).items() if k.endswith("step") and v.numel() > 1]
+    assert steps  # one float32 per output channel, stored as its own tensor
+
+    def double_one_channel(tensors):
+        tensors[steps[0]] = tensors[steps[0]].clone()
+        tensors[steps[0]][0] *= 2
+
+    bad = tmp_path / "bad.safetensors"
+    rewrite_packed(out, bad, edit_tensors=double_one_channel, resign=False)
+    with pytest.raises(MpqError, match="SHA-256"):
+        mpq_cli.load_packed(bad)
+    result = invoke("eval", bad)
+    assert result.exit_code == 2 and "corrupt" in result.output
